@@ -1,0 +1,53 @@
+"""The contract every platform adapter meets.
+
+An adapter only translates: platform events into `bot.events` dataclasses (handed to `on_event`), and
+outbox rows into platform API calls. It holds no conversation state and no model; triggers, access
+rules, cooldowns and commands live in `bot/` and apply to every platform alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from bot.events import ChannelRef, Outgoing, PlatformEvent
+
+
+@dataclass
+class DispatchResult:
+    """What the runtime did with an event, so the adapter can show it the platform's way."""
+
+    notice: str | None = None  # a command's answer or a cooldown notice, not part of the conversation
+    job_ids: list[int] = field(default_factory=list)  # reply jobs queued for this event
+    stored: bool = False  # False for duplicates, commands and ignored events
+    ignored: str | None = None  # why nothing happened (blocked user, own message, ...)
+
+
+EventHandler = Callable[[PlatformEvent], Awaitable[DispatchResult]]
+
+
+@runtime_checkable
+class PlatformAdapter(Protocol):
+    """What every adapter offers the runtime."""
+
+    platform: str
+
+    async def start(self, on_event: EventHandler) -> None:
+        """Connect and begin passing events to `on_event`; returns once connected."""
+
+    async def deliver(self, reply: Outgoing) -> list[str]:
+        """Post a reply (split to the platform's limit); returns the platform ids of every chunk.
+
+        `reply.delivered_ids` holds chunks an interrupted earlier attempt already posted; those chunks
+        are skipped and their ids returned first.
+        """
+
+    async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
+        """Replace the text of a message the bot posted (streaming)."""
+
+    async def typing(self, channel: ChannelRef) -> None:
+        """Show that a reply is being written."""
+
+    async def stop(self) -> None:
+        """Stop taking events and disconnect."""

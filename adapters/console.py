@@ -1,0 +1,96 @@
+"""The terminal adapter: one console channel, stdin in, stdout out.
+
+With a terminal it shows a prompt and prints replies as they stream; with piped stdin it prints only
+the replies, one block per input line, so it can be scripted.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sys
+import uuid
+from typing import TextIO
+
+from adapters.base import DispatchResult, EventHandler
+from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, Outgoing
+
+PLATFORM = "console"
+
+
+class ConsoleAdapter:
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        channel_id: str = "local",
+        *,
+        user: str | None = None,
+        stdout: TextIO | None = None,
+        interactive: bool | None = None,
+    ) -> None:
+        self.stdout = stdout or sys.stdout
+        self.interactive = sys.stdin.isatty() if interactive is None else interactive
+        self.channel = ChannelRef(PLATFORM, channel_id, ChannelKind.DIRECT, title="terminal")
+        name = user or getpass.getuser()
+        self.author = AuthorRef(PLATFORM, name, name)
+        self._on_event: EventHandler | None = None
+        self._session = uuid.uuid4().hex[:12]
+        self._count = 0
+        self._blocks = 0
+        self._streamed = ""
+
+    async def start(self, on_event: EventHandler) -> None:
+        self._on_event = on_event
+
+    async def send(self, text: str) -> DispatchResult:
+        """Hand one line the user typed to the runtime."""
+        assert self._on_event is not None, "start() first"
+        self._count += 1
+        return await self._on_event(
+            Incoming(
+                platform=PLATFORM,
+                channel=self.channel,
+                author=self.author,
+                text=text,
+                platform_message_id=f"{self._session}-{self._count}",
+            )
+        )
+
+    def show(self, text: str) -> None:
+        """Print one block: a reply or a command's answer."""
+        if not self.interactive and self._blocks:
+            self.stdout.write("\n")
+        self._blocks += 1
+        self.stdout.write(text.rstrip("\n") + "\n")
+        self.stdout.flush()
+
+    def on_partial(self, _index: int, text: str) -> None:
+        """Streamed text so far; printed as it grows when a person is watching."""
+        if not self.interactive:
+            return
+        if text.startswith(self._streamed):
+            self.stdout.write(text[len(self._streamed) :])
+            self.stdout.flush()
+            self._streamed = text
+
+    async def deliver(self, reply: Outgoing) -> list[str]:
+        if reply.delivered_ids:
+            return list(reply.delivered_ids)
+        if self.interactive and self._streamed:
+            # Already on screen token by token; finish the line.
+            rest = reply.text[len(self._streamed) :] if reply.text.startswith(self._streamed) else ""
+            self.stdout.write(rest + "\n")
+            self.stdout.flush()
+        else:
+            self.show(reply.text)
+        self._streamed = ""
+        return [f"console-{reply.outbox_id}"]
+
+    async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
+        return None  # the terminal shows streamed text as it arrives instead
+
+    async def typing(self, channel: ChannelRef) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self._on_event = None

@@ -1,0 +1,84 @@
+"""`personabot chat`: a conversation in the terminal through the same path as every platform.
+
+Each line goes through the dispatcher into the store, the worker answers the reply job, and the outbox
+pump delivers the reply to the console adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import TextIO
+
+from adapters.console import ConsoleAdapter
+from bot.config import Settings
+from bot.delivery import OutboxPump
+from bot.dispatch import Dispatcher
+from bot.runtime import load_backend, load_registry, open_store
+from bot.store import conversations
+from bot.store.models import ReplyJob
+from bot.worker import Worker
+
+
+async def run_chat(
+    settings: Settings,
+    *,
+    persona: str | None = None,
+    channel: str = "local",
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    interactive: bool | None = None,
+) -> None:
+    stdin = stdin or sys.stdin
+    registry = load_registry(settings)
+    if persona is not None:
+        registry.get(persona)  # an unknown persona fails here, before anything is written
+    backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
+    store = await open_store(settings)
+    try:
+        adapter = ConsoleAdapter(channel, stdout=stdout, interactive=interactive)
+        dispatcher = Dispatcher(settings, store, registry)
+        worker = Worker(settings, store, registry, backend, on_text=adapter.on_partial)
+        pump = OutboxPump(store, adapter)
+        await adapter.start(dispatcher.handle)
+        if persona is not None:
+            async with store.transaction() as session:
+                channel_id = await conversations.upsert_channel(session, adapter.channel)
+                await conversations.bind_persona(session, channel_id, persona, bound_by=adapter.author.key)
+        await _loop(adapter, worker, pump, store, stdin, settings)
+    finally:
+        await store.close()
+
+
+async def _loop(adapter, worker, pump, store, stdin, settings) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        if adapter.interactive:
+            adapter.stdout.write("you> ")
+            adapter.stdout.flush()
+        line = await asyncio.to_thread(stdin.readline)
+        if not line:
+            return
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        result = await adapter.send(text)
+        if result.notice:
+            adapter.show(result.notice)
+        for job_id in result.job_ids:
+            await _wait_for_job(worker, store, job_id, settings.worker.poll_seconds)
+        await pump.flush()
+        for job_id in result.job_ids:
+            async with store.transaction() as session:
+                job = await session.get(ReplyJob, job_id)
+            if job is not None and job.status == "failed":
+                adapter.show(f"(no reply: {job.error})")
+
+
+async def _wait_for_job(worker: Worker, store, job_id: int, poll: float) -> None:  # type: ignore[no-untyped-def]
+    while True:
+        async with store.transaction() as session:
+            job = await session.get(ReplyJob, job_id)
+        if job is None or job.status in ("done", "failed"):
+            return
+        if await worker.run_once() == 0:
+            await asyncio.sleep(poll)

@@ -1,0 +1,204 @@
+"""Configuration: `personabot.toml` plus `PERSONABOT_*` environment variables.
+
+The file comes from `--config`, else `$PERSONABOT_CONFIG`, else `./personabot.toml` when it exists.
+Environment variables override the file; nested keys use a double underscore
+(`PERSONABOT_WORKER__MAX_BATCH=8`). Bot tokens are read from `DISCORD_TOKEN` / `TELEGRAM_TOKEN`, the
+config, or a token file, and are held as `SecretStr` so they never show up in a repr, a log line or an
+error message.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bot.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "personabot.toml"
+CONFIG_ENV = "PERSONABOT_CONFIG"
+
+
+class Section(BaseModel):
+    """A config table: unknown keys are an error, so typos are caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(Section):
+    path: Path | None = Field(
+        default=None,
+        description="A local Hugging Face model folder or a .gguf file. Unset: the pulled default model.",
+    )
+    name: str = Field(default="SmolLM2-135M-Instruct", description="Name recorded in adapter manifests.")
+    device: Literal["auto", "cpu", "cuda"] | str = Field(default="auto", description="auto, cpu or cuda[:N].")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    auto_pull: bool = Field(default=True, description="Pull the default model on first use when missing.")
+
+
+class AccessSettings(Section):
+    """Who may talk to the bot and who may run admin commands, on every platform alike.
+
+    Identities are written `platform:id` (`discord:1234`, `telegram:42`); roles `discord:role:ID`;
+    channels `platform:channel_id`.
+    """
+
+    admins: list[str] = Field(default_factory=list)
+    allowed_users: list[str] = Field(default_factory=list, description="Empty: everyone not blocked.")
+    blocked_users: list[str] = Field(default_factory=list)
+    allowed_roles: list[str] = Field(default_factory=list)
+    blocked_roles: list[str] = Field(default_factory=list)
+    allowed_channels: list[str] = Field(default_factory=list)
+    blocked_channels: list[str] = Field(default_factory=list)
+    ignore_bots: bool = True
+    user_cooldown_per_minute: float = Field(default=20.0, ge=0, description="0 turns the cooldown off.")
+    channel_cooldown_per_minute: float = Field(default=60.0, ge=0)
+
+
+class TokenSettings(Section):
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    def resolve_token(self, env_var: str) -> SecretStr | None:
+        """The token from the environment, the config, or the token file, in that order."""
+        if os.environ.get(env_var):
+            return SecretStr(os.environ[env_var].strip())
+        if self.token is not None and self.token.get_secret_value():
+            return self.token
+        if self.token_file is not None:
+            try:
+                return SecretStr(self.token_file.read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ConfigError(f"cannot read token file {self.token_file}: {exc.strerror}") from None
+        return None
+
+
+class DiscordSettings(TokenSettings):
+    command_prefix: str = "!"
+    sharded: bool = False
+    shard_count: int | None = None
+    streaming: bool = False
+
+
+class TelegramSettings(TokenSettings):
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None
+    webhook_listen: str = "0.0.0.0"
+    webhook_port: int = 8443
+    webhook_secret: SecretStr | None = None
+    streaming: bool = False
+    base_url: str | None = Field(default=None, description="Bot API base URL (a local Bot API server).")
+
+
+class WorkerSettings(Section):
+    enabled: bool = Field(default=True, description="Run the worker inside `personabot run`.")
+    max_batch: int = Field(default=16, ge=1)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    metrics_port: int | None = None
+
+
+class SchedulerSettings(Section):
+    enabled: bool = True
+    retention_days: float | None = Field(default=None, description="Prune messages older than this.")
+    retrain_min_conversations: int = Field(default=50, ge=1)
+    retrain_check_hours: float = Field(default=24.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything personabot reads from its config file and environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONABOT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default=Path(".personabot"), description="SQLite file, model, trained LoRAs.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<data_dir>/personabot.db"
+    )
+    default_persona: str = "assistant"
+    personas_dir: Path | None = Field(default=None, description="A folder of your own personas.")
+    log_level: str = "INFO"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+
+    # Where the values came from, for messages; not a setting.
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first, then the TOML file (passed as init kwargs by load_settings).
+        return env_settings, init_settings
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'personabot.db').resolve()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def loras_dir(self) -> Path:
+        return self.data_dir / "loras"
+
+
+def find_config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The config file to read: `--config`, then `$PERSONABOT_CONFIG`, then `./personabot.toml`."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_NAME)
+    return default if default.exists() else None
+
+
+def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the configuration; any problem is one `ConfigError` naming file and key."""
+    path = find_config_path(config)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data.update(overrides)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, str(path) if path else "environment")) from None
+    settings.config_path = path
+    return settings
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, `source: dotted.key: message`; input values are left out (secrets)."""
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{source}: {key}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,79 @@
+"""Delivering the outbox through an adapter: claim, post, record the platform ids, retry on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from adapters.base import PlatformAdapter
+from bot.store import Store, outbox
+from bot.worker import worker_id
+
+log = logging.getLogger(__name__)
+
+
+class OutboxPump:
+    """Posts a platform's pending replies; a crash mid-way leaves them pending for the next pump."""
+
+    def __init__(
+        self,
+        store: Store,
+        adapter: PlatformAdapter,
+        *,
+        batch: int = 16,
+        lease_seconds: float = 60.0,
+        max_attempts: int = 8,
+        backoff_seconds: float = 2.0,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self.store = store
+        self.adapter = adapter
+        self.batch = batch
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.poll_seconds = poll_seconds
+        self.owner = f"{worker_id()}:{adapter.platform}"
+
+    async def flush(self) -> int:
+        """Deliver everything due now; returns how many replies were posted."""
+        posted = 0
+        while True:
+            async with self.store.transaction() as session:
+                due = await outbox.claim(
+                    session,
+                    platform=self.adapter.platform,
+                    owner=self.owner,
+                    limit=self.batch,
+                    lease_seconds=self.lease_seconds,
+                )
+            if not due:
+                return posted
+            for reply in due:
+                try:
+                    ids = await self.adapter.deliver(reply)
+                except Exception as exc:
+                    log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
+                    async with self.store.transaction() as session:
+                        await outbox.mark_failed(
+                            session,
+                            reply.outbox_id,
+                            error=f"{type(exc).__name__}: {exc}",
+                            max_attempts=self.max_attempts,
+                            backoff_seconds=self.backoff_seconds,
+                        )
+                    continue
+                async with self.store.transaction() as session:
+                    await outbox.mark_delivered(session, reply.outbox_id, ids)
+                posted += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("outbox pump for %s failed; retrying", self.adapter.platform)
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass

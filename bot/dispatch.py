@@ -1,0 +1,123 @@
+"""The runtime's side of every adapter: access rules, commands, storing, triggers, reply jobs."""
+
+from __future__ import annotations
+
+import logging
+
+from adapters.base import DispatchResult
+from bot.access import AccessPolicy, Cooldowns
+from bot.commands import CommandContext, CommandHandler, parse_command
+from bot.config import Settings
+from bot.events import Deleted, Edited, Incoming, PlatformEvent
+from bot.store import Store, conversations, jobs
+from bot.triggers import responders
+from personas.registry import PersonaRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Turns normalized platform events into stored messages, command answers and reply jobs."""
+
+    def __init__(self, settings: Settings, store: Store, registry: PersonaRegistry) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.access = AccessPolicy(settings.access)
+        self.cooldowns = Cooldowns(
+            settings.access.user_cooldown_per_minute, settings.access.channel_cooldown_per_minute
+        )
+        self.commands: dict[str, CommandHandler] = {
+            "persona": self._cmd_persona,
+            "personas": self._cmd_personas,
+            "reset": self._cmd_reset,
+            "help": self._cmd_help,
+        }
+
+    def command_prefixes(self, platform: str) -> str:
+        return "/" + (self.settings.discord.command_prefix if platform == "discord" else "")
+
+    async def handle(self, event: PlatformEvent) -> DispatchResult:
+        if isinstance(event, Edited):
+            async with self.store.transaction() as session:
+                stored = await conversations.apply_edit(session, event)
+            return DispatchResult(stored=stored)
+        if isinstance(event, Deleted):
+            async with self.store.transaction() as session:
+                stored = await conversations.apply_delete(session, event)
+            return DispatchResult(stored=stored)
+        return await self._handle_message(event)
+
+    async def _handle_message(self, event: Incoming) -> DispatchResult:
+        refusal = self.access.refusal(event.author, event.channel)
+        if refusal is not None:
+            log.info("ignored %s message: %s", event.platform, refusal)
+            return DispatchResult(ignored=refusal)
+        command = parse_command(event.text, self.command_prefixes(event.platform))
+        if command is not None and command.name in self.commands:
+            async with self.store.transaction() as session:
+                channel_id = await conversations.upsert_channel(session, event.channel)
+                await conversations.upsert_user(session, event.author)
+                ctx = CommandContext(
+                    event, command.args, session, channel_id, self.access.is_admin(event.author)
+                )
+                notice = await self.commands[command.name](ctx)
+            return DispatchResult(notice=notice)
+        if not event.text.strip():
+            return DispatchResult(ignored="empty message")
+
+        async with self.store.transaction() as session:
+            stored = await conversations.ingest(session, event)
+            if not stored.created:
+                return DispatchResult(ignored="duplicate event")
+            bound = await conversations.bound_personas(session, stored.channel_id)
+            answering = responders(
+                event, bound=bound, default=self.settings.default_persona, registry=self.registry
+            )
+            if not answering:
+                return DispatchResult(stored=True)
+            allowed, notify = self.cooldowns.check(event.author, event.channel)
+            if not allowed:
+                notice = "Slow down a little, please; I'll answer again in a moment." if notify else None
+                return DispatchResult(stored=True, notice=notice, ignored="cooldown")
+            job_ids = []
+            for persona in answering:
+                job_id = await jobs.enqueue(
+                    session,
+                    channel_id=stored.channel_id,
+                    persona=persona.slug,
+                    dedupe_key=f"msg:{stored.message_id}:{persona.slug}",
+                    trigger_message_id=stored.message_id,
+                )
+                if job_id is not None:
+                    job_ids.append(job_id)
+        return DispatchResult(stored=True, job_ids=job_ids)
+
+    # -- commands -------------------------------------------------------------------------------
+
+    async def _cmd_persona(self, ctx: CommandContext) -> str:
+        slug = ctx.args.split()[0].lower() if ctx.args else ""
+        if not slug:
+            bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
+            current = bound[0] if bound else self.settings.default_persona
+            return f"This channel talks to {current}. Use /persona SLUG to change it; /personas lists them."
+        if slug not in self.registry:
+            return f"Unknown persona {slug!r}. Available: {', '.join(p.slug for p in self.registry.all())}."
+        if not ctx.event.is_direct and not ctx.is_admin:
+            return "Only admins can change the persona in a group channel."
+        await conversations.bind_persona(ctx.session, ctx.channel_id, slug, bound_by=ctx.event.author.key)
+        return f"{self.registry.get(slug).spec.name} ({slug}) now answers in this channel."
+
+    async def _cmd_personas(self, ctx: CommandContext) -> str:
+        lines = [
+            f"{p.slug}: {p.spec.name}" + (f" — {p.spec.description}" if p.spec.description else "")
+            for p in self.registry.all()
+        ]
+        return "Available personas:\n" + "\n".join(lines)
+
+    async def _cmd_reset(self, ctx: CommandContext) -> str:
+        await conversations.reset_context(ctx.session, ctx.channel_id)
+        return "Context cleared: I'll start fresh from here (history is kept)."
+
+    async def _cmd_help(self, ctx: CommandContext) -> str:
+        return "Commands: " + ", ".join(f"/{name}" for name in sorted(self.commands))

@@ -1,0 +1,41 @@
+"""Building the runtime's parts from settings: store, persona registry, generation backend."""
+
+from __future__ import annotations
+
+import logging
+
+from bot.basemodel import MARKER, default_model_dir, pull_default_model, resolve_model
+from bot.config import Settings
+from bot.generation.local import LocalBackend
+from bot.store import Store
+from personas.registry import PersonaRegistry
+
+log = logging.getLogger(__name__)
+
+
+async def open_store(settings: Settings) -> Store:
+    """Open the configured database and apply pending migrations."""
+    store = Store(settings.resolved_database_url)
+    try:
+        await store.upgrade()
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+def load_registry(settings: Settings) -> PersonaRegistry:
+    return PersonaRegistry.discover(settings.personas_dir)
+
+
+def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBackend:
+    """The local backend on the configured model; pulls the default model first when allowed."""
+    if (
+        allow_pull
+        and settings.model.path is None
+        and settings.model.auto_pull
+        and not (default_model_dir(settings) / MARKER).is_file()
+    ):
+        log.warning("the default model is not pulled yet; pulling it once now")
+        pull_default_model(settings)
+    return LocalBackend(resolve_model(settings), settings.model.device, settings.model.dtype)

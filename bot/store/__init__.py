@@ -1,0 +1,49 @@
+"""The conversation store: one SQLAlchemy database that is also the job queue and the outbox.
+
+Queries are plain async functions that take a session (`conversations`, `jobs`, `outbox`), so
+several of them compose into one transaction:
+
+    async with store.transaction() as session:
+        stored = await conversations.ingest(session, event)
+        await jobs.enqueue(session, channel_id=stored.channel_id, ...)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.store import conversations, jobs, outbox
+from bot.store.engine import create_engine, normalize_url
+
+__all__ = ["Store", "conversations", "jobs", "outbox"]
+
+
+class Store:
+    """An open database: the engine plus a session factory."""
+
+    def __init__(self, url: str, **engine_kwargs: object) -> None:
+        self.url = normalize_url(url).render_as_string(hide_password=False)
+        self.engine: AsyncEngine = create_engine(self.url, **engine_kwargs)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session in one transaction: committed on success, rolled back on any error."""
+        async with self._sessions() as session, session.begin():
+            yield session
+
+    async def upgrade(self) -> None:
+        """Bring the schema to the newest migration (Alembic)."""
+        from bot.migrate import upgrade
+
+        await upgrade(self.engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()

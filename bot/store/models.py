@@ -1,0 +1,245 @@
+"""SQLAlchemy models of the conversation store.
+
+Every hop of a message is a row: the user's message, the reply job it triggers, the assistant's reply
+and the outbox row that delivers it. Alembic migrations in `migrations/` create exactly this schema (a
+test runs autogenerate against a migrated database and expects no difference).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Stable constraint names, so migrations are the same on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite's INTEGER PRIMARY KEY is its rowid; BIGINT elsewhere.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Channel(Base):
+    """A conversation: a platform channel, DM, thread or forum topic."""
+
+    __tablename__ = "channels"
+    __table_args__ = (UniqueConstraint("platform", "external_id", "thread_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    thread_id: Mapped[str] = mapped_column(String(128), default="")
+    kind: Mapped[str] = mapped_column(String(16))  # direct | group
+    title: Mapped[str] = mapped_column(String(256), default="")
+    # `/reset`: prompts only see messages with a larger id; history itself is kept.
+    context_floor_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("platform", "external_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    external_id: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str] = mapped_column(String(256), default="")
+    is_bot: Mapped[bool] = mapped_column(Boolean, default=False)
+    # `/optin` / `/optout`: may this user's conversations be exported for retraining?
+    training_opt_in: Mapped[bool] = mapped_column(Boolean, default=False)
+    opt_in_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        # A redelivered platform event is stored once (NULL ids, e.g. undelivered replies, never clash).
+        UniqueConstraint("channel_id", "platform_message_id"),
+        Index("ix_messages_channel_id_id", "channel_id", "id"),
+        Index("ix_messages_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    role: Mapped[str] = mapped_column(String(16))  # user | assistant | system
+    persona: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    text: Mapped[str] = mapped_column(Text)
+    platform_message_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    reply_to: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    edited_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ReplyJob(Base):
+    """A request for one persona to post one reply in one channel; claimed by workers with a lease."""
+
+    __tablename__ = "reply_jobs"
+    __table_args__ = (Index("ix_reply_jobs_status_available_at", "status", "available_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # Makes enqueueing idempotent: `msg:<message id>:<persona>` or `cron:<job>:<occurrence>`.
+    dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    trigger_message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), nullable=True
+    )
+    persona: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16), default="reply")  # reply | scheduled
+    # Extra instruction for scheduled posts ("Greet the channel good morning").
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reply_message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class OutboxDelivery(Base):
+    """An assistant message waiting to be posted (or posted) on its platform."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_platform_status_available_at", "platform", "status", "available_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    platform: Mapped[str] = mapped_column(String(32))
+    reply_to: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Platform ids of the chunks posted so far, so a retried delivery never posts a chunk twice.
+    delivered_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AdapterVersion(Base):
+    """A trained LoRA adapter of a persona; at most one per persona is active."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (UniqueConstraint("persona", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    persona: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))
+    base_model_sha256: Mapped[str] = mapped_column(String(64), default="")
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ChannelPersona(Base):
+    """A persona bound to a channel with `/persona`; several may share a channel."""
+
+    __tablename__ = "channel_personas"
+
+    channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"), primary_key=True)
+    persona: Mapped[str] = mapped_column(String(64), primary_key=True)
+    bound_by: Mapped[str | None] = mapped_column(String(160), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class ScheduledRun(Base):
+    """One occurrence of a scheduled job; the unique key makes each occurrence run once."""
+
+    __tablename__ = "scheduled_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_key: Mapped[str] = mapped_column(String(255), unique=True)
+    job_id: Mapped[str] = mapped_column(String(191), index=True)
+    scheduled_for: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running|ok|error
+    owner: Mapped[str] = mapped_column(String(128), default="")
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Heartbeat(Base):
+    """A running component (adapter, worker, scheduler) says it is alive; `personabot status` reads it."""
+
+    __tablename__ = "heartbeats"
+
+    component: Mapped[str] = mapped_column(String(191), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+class Erasure(Base):
+    """A `/forget` request, kept so exports written before it can be scrubbed too."""
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    user_external_id: Mapped[str] = mapped_column(String(128))
+    channel_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the personabot store (installed as `bot.migrations`)."""
