@@ -109,3 +109,7 @@ class Outgoing:
     reply_to: str | None = None
     # Chunks of this reply already posted by an earlier, interrupted delivery; they are not posted again.
     delivered_ids: tuple[str, ...] = ()
+    job_id: int | None = None  # the reply job that wrote it (None for scheduled notices and commands)
+    # A message already on the platform showing this reply while it streamed: the adapter edits it to
+    # the final first chunk instead of posting a new one.
+    streamed_id: str | None = None

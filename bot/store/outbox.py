@@ -8,7 +8,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
-from bot.store.models import Channel, Message, OutboxDelivery
+from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
 
 
 async def claim(
@@ -50,9 +50,10 @@ async def claim(
     if not ids:
         return []
     rows = await session.execute(
-        select(OutboxDelivery, Message.text, Message.persona, Channel)
+        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id)
         .join(Message, Message.id == OutboxDelivery.message_id)
         .join(Channel, Channel.id == OutboxDelivery.channel_id)
+        .outerjoin(ReplyJob, ReplyJob.reply_message_id == OutboxDelivery.message_id)
         .where(OutboxDelivery.id.in_(ids))
         .order_by(OutboxDelivery.id)
     )
@@ -70,8 +71,9 @@ async def claim(
             persona=persona,
             reply_to=delivery.reply_to,
             delivered_ids=tuple(delivery.delivered_ids or ()),
+            job_id=job_id,
         )
-        for delivery, text, persona, channel in rows
+        for delivery, text, persona, channel, job_id in rows
     ]
 
 
