@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from adapters.base import PlatformAdapter
 from bot.store import Store, outbox
+from bot.streaming import StreamingRelay
 from bot.worker import worker_id
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,10 @@ class OutboxPump:
         max_attempts: int = 8,
         backoff_seconds: float = 2.0,
         poll_seconds: float = 0.5,
+        relay: StreamingRelay | None = None,
     ) -> None:
         self.store = store
+        self.relay = relay
         self.adapter = adapter
         self.batch = batch
         self.lease_seconds = lease_seconds
@@ -50,6 +54,8 @@ class OutboxPump:
             if not due:
                 return posted
             for reply in due:
+                if self.relay is not None and reply.streamed_id is None:
+                    reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
                 try:
                     ids = await self.adapter.deliver(reply)
                 except Exception as exc:

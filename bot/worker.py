@@ -7,15 +7,17 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from bot.config import Settings
 from bot.conversation import history_to_turns
+from bot.events import ChannelKind, ChannelRef
 from bot.generation.base import GenerationBackend, GenerationRequest
 from bot.prompting import ChatRenderer, Turn
 from bot.store import Store, conversations, jobs
 from bot.store.jobs import ClaimedJob
 from bot.store.models import Channel
+from bot.streaming import ActiveReply, ReplyObserver
 from personas.registry import PersonaRegistry
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Worker:
         *,
         owner: str | None = None,
         on_text: Callable[[int, str], None] | None = None,
+        observers: Sequence[ReplyObserver] = (),
     ) -> None:
         self.settings = settings
         self.store = store
@@ -44,6 +47,7 @@ class Worker:
         self.backend = backend
         self.owner = owner or worker_id()
         self.on_text = on_text
+        self.observers = list(observers)
         self._renderers: dict[str, ChatRenderer] = {}
 
     def renderer(self, template: str) -> ChatRenderer:
@@ -107,7 +111,8 @@ class Worker:
                 stop_ids=tuple(renderer.end_of_turn_ids),
             )
             started = time.perf_counter()
-            (result,) = await asyncio.to_thread(self.backend.generate, [request], self.on_text)
+            active = ActiveReply(job.id, _channel_ref(channel), persona.slug)
+            result = await self._generate_observed(request, active)
             log.info(
                 "job %s: %d tokens in %.2fs (%s)",
                 job.id,
@@ -121,6 +126,7 @@ class Worker:
                 )
             if written is None:
                 log.warning("job %s: lease lost; another worker answered it", job.id)
+            await self._notify("on_end", active, True)
         except Exception as exc:  # one failing job must not take the worker down
             log.exception("job %s failed", job.id)
             async with self.store.transaction() as session:
@@ -131,3 +137,38 @@ class Worker:
                     max_attempts=w.max_attempts,
                     backoff_seconds=w.retry_backoff_seconds,
                 )
+
+    async def _notify(self, event: str, *args: object) -> None:
+        for observer in self.observers:
+            try:
+                await getattr(observer, event)(*args)
+            except Exception:
+                log.exception("reply observer %s.%s failed", type(observer).__name__, event)
+
+    async def _generate_observed(self, request: GenerationRequest, active: ActiveReply):  # type: ignore[no-untyped-def]
+        """Generate in a thread, passing partial text to the observers on the event loop."""
+        loop = asyncio.get_running_loop()
+        await self._notify("on_start", active)
+
+        def on_text(index: int, text: str) -> None:
+            if self.on_text is not None:
+                self.on_text(index, text)
+            if self.observers:
+                asyncio.run_coroutine_threadsafe(self._notify("on_text", active, text), loop)
+
+        try:
+            (result,) = await asyncio.to_thread(self.backend.generate, [request], on_text)
+        except BaseException:
+            await self._notify("on_end", active, False)
+            raise
+        return result
+
+
+def _channel_ref(channel: Channel) -> ChannelRef:
+    return ChannelRef(
+        platform=channel.platform,
+        external_id=channel.external_id,
+        kind=ChannelKind(channel.kind),
+        thread_id=channel.thread_id,
+        title=channel.title,
+    )

@@ -1,0 +1,125 @@
+"""Watching replies while they are generated: typing indicators and streamed partial text.
+
+The worker tells every `ReplyObserver` when a job starts, as its text grows, and when it ends. In
+`personabot run` a `StreamingRelay` per adapter turns that into typing indicators and, where the
+persona's platform config enables streaming, a message edited as tokens arrive. When the final reply
+is delivered from the outbox, the relay hands the adapter the streamed message's id (`streamed_id`) so
+it edits that message instead of posting a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from bot.events import ChannelRef, Outgoing
+
+if TYPE_CHECKING:
+    from adapters.base import PlatformAdapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ActiveReply:
+    job_id: int
+    channel: ChannelRef
+    persona: str
+
+
+class ReplyObserver(Protocol):
+    async def on_start(self, reply: ActiveReply) -> None: ...
+
+    async def on_text(self, reply: ActiveReply, text: str) -> None:
+        """The reply's text so far (the whole of it, not a delta)."""
+
+    async def on_end(self, reply: ActiveReply, ok: bool) -> None: ...
+
+
+class StreamingRelay:
+    """Typing indicators and streamed edits for one adapter's channels.
+
+    While a reply for one of the adapter's channels is being generated, the typing indicator is
+    refreshed every `typing_interval` seconds. With `streaming` on, the first partial text is posted
+    and then edited as it grows, at most once per `min_interval` seconds and only after it grew by
+    `min_growth` characters, ending in `marker` until the final reply replaces it.
+    """
+
+    def __init__(
+        self,
+        adapter: PlatformAdapter,
+        *,
+        streaming: bool = False,
+        min_interval: float = 1.0,
+        min_growth: int = 1,
+        typing_interval: float = 5.0,
+        marker: str = " …",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.adapter = adapter
+        self.streaming = streaming
+        self.min_interval = min_interval
+        self.min_growth = min_growth
+        self.typing_interval = typing_interval
+        self.marker = marker
+        self.clock = clock
+        self._typing: dict[int, asyncio.Task[None]] = {}
+        self._posted: dict[int, str] = {}  # job id -> platform id of the streamed message
+        self._shown: dict[int, tuple[float, int]] = {}  # job id -> (time, length) of the last edit
+        self._finished: dict[int, str] = {}  # streamed ids of ended jobs, until the outbox takes them
+
+    def _mine(self, reply: ActiveReply) -> bool:
+        return reply.channel.platform == self.adapter.platform
+
+    async def on_start(self, reply: ActiveReply) -> None:
+        if self._mine(reply):
+            self._typing[reply.job_id] = asyncio.create_task(self._keep_typing(reply))
+
+    async def _keep_typing(self, reply: ActiveReply) -> None:
+        while True:
+            try:
+                await self.adapter.typing(reply.channel)
+            except Exception as exc:  # a typing indicator is cosmetic; never fail a reply over it
+                log.debug("typing in %s failed: %s", reply.channel.key, type(exc).__name__)
+            await asyncio.sleep(self.typing_interval)
+
+    async def on_text(self, reply: ActiveReply, text: str) -> None:
+        if not (self.streaming and self._mine(reply) and text.strip()):
+            return
+        now = self.clock()
+        try:
+            if reply.job_id not in self._posted:
+                outgoing = Outgoing(outbox_id=0, channel=reply.channel, text=text + self.marker, persona=reply.persona)
+                ids = await self.adapter.deliver(outgoing)
+                if ids:
+                    self._posted[reply.job_id] = ids[0]
+                    self._shown[reply.job_id] = (now, len(text))
+                return
+            last_time, last_len = self._shown[reply.job_id]
+            if now - last_time >= self.min_interval and len(text) - last_len >= self.min_growth:
+                await self.adapter.edit(reply.channel, self._posted[reply.job_id], text + self.marker)
+                self._shown[reply.job_id] = (now, len(text))
+        except Exception as exc:  # streaming is best effort; the outbox delivers the final text anyway
+            log.warning("streaming to %s failed: %s", reply.channel.key, type(exc).__name__)
+
+    async def on_end(self, reply: ActiveReply, ok: bool) -> None:
+        task = self._typing.pop(reply.job_id, None)
+        if task is not None:
+            task.cancel()
+        self._shown.pop(reply.job_id, None)
+        posted = self._posted.pop(reply.job_id, None)
+        if posted is not None:
+            if ok:
+                self._finished[reply.job_id] = posted
+            else:
+                with contextlib.suppress(Exception):
+                    await self.adapter.edit(reply.channel, posted, "(no reply: generation failed)")
+
+    def take_streamed(self, job_id: int | None) -> str | None:
+        """The streamed message of a finished job, which its final delivery edits in place."""
+        return None if job_id is None else self._finished.pop(job_id, None)
