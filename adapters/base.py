@@ -49,5 +49,8 @@ class PlatformAdapter(Protocol):
     async def typing(self, channel: ChannelRef) -> None:
         """Show that a reply is being written."""
 
+    async def stop_receiving(self) -> None:
+        """Stop taking new events; delivering, editing and typing keep working until `stop()`."""
+
     async def stop(self) -> None:
-        """Stop taking events and disconnect."""
+        """Disconnect (after `stop_receiving`, or instead of it)."""

@@ -92,5 +92,8 @@ class ConsoleAdapter:
     async def typing(self, channel: ChannelRef) -> None:
         return None
 
+    async def stop_receiving(self) -> None:
+        self._on_event = None
+
     async def stop(self) -> None:
         self._on_event = None
