@@ -25,7 +25,8 @@ async def open_store(settings: Settings) -> Store:
 
 
 def load_registry(settings: Settings) -> PersonaRegistry:
-    return PersonaRegistry.discover(settings.personas_dir)
+    """Builtin personas, the user's folder (`personas_dir`, default `<data_dir>/personas`), entry points."""
+    return PersonaRegistry.from_settings(settings)
 
 
 def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBackend:

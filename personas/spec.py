@@ -9,13 +9,17 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.errors import PersonaError
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+CHANNEL_KEY = re.compile(r"^[a-z][a-z0-9_]*:[^\s/]+(/\S+)?$")
+# The chat templates bot.prompting renders; a typo is caught when the persona loads, not at reply time.
+TEMPLATES = ("model", "llama2", "chatml")
 
 
 class _Strict(BaseModel):
@@ -47,6 +51,13 @@ class Triggers(_Strict):
     name: bool = Field(default=True, description="Messages that start with or @-mention its slug or name.")
     keywords: list[str] = Field(default_factory=list)
 
+    @field_validator("keywords")
+    @classmethod
+    def _no_blank_keywords(cls, value: list[str]) -> list[str]:
+        if any(not k.strip() for k in value):
+            raise ValueError("keywords must not be empty strings")
+        return value
+
 
 class ScheduledPost(_Strict):
     cron: str = Field(description="Five-field crontab expression, e.g. '0 9 * * *'.")
@@ -65,6 +76,23 @@ class ScheduledPost(_Strict):
             CronTrigger.from_crontab(value)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {value!r}: {exc}") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _channel_keys(cls, value: list[str]) -> list[str]:
+        for key in value:
+            if not CHANNEL_KEY.match(key):
+                raise ValueError(f"{key!r} is not a `platform:id` channel")
         return value
 
 
@@ -91,12 +119,12 @@ class TrainingSettings(_Strict):
 
 
 class PersonaSpec(_Strict):
-    slug: str = Field(pattern=SLUG_PATTERN)
+    slug: str = Field(description="Lowercase letters, digits, '-' and '_'; the folder name by default.")
     name: str = Field(min_length=1, max_length=128, description="Display name.")
     description: str = ""
     system_prompt: str = ""
     greeting: str = ""
-    template: str = Field(
+    template: Literal["model", "llama2", "chatml"] = Field(
         default="model", description="'model' (the tokenizer's own chat template), 'llama2' or 'chatml'."
     )
     context_window: int | None = Field(default=None, ge=64, description="Unset: the model's own.")
@@ -110,35 +138,83 @@ class PersonaSpec(_Strict):
         default=None, description="Automatic style score used by `personabot train` reports."
     )
 
+    @field_validator("slug")
+    @classmethod
+    def _slug_shape(cls, value: str) -> str:
+        if not re.match(SLUG_PATTERN, value):
+            raise ValueError(
+                "must be 1-64 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("dialogues")
+    @classmethod
+    def _relative_dialogues(cls, value: list[str]) -> list[str]:
+        for rel in value:
+            if not rel.strip():
+                raise ValueError("dialogue paths must not be empty")
+        return value
+
     @model_validator(mode="after")
     def _context_fits_reply(self) -> PersonaSpec:
         if self.context_window is not None and self.sampling.max_new_tokens >= self.context_window:
-            raise ValueError("sampling.max_new_tokens must be smaller than context_window")
+            raise ValueError(
+                f"context_window: must be larger than sampling.max_new_tokens ({self.sampling.max_new_tokens})"
+            )
         return self
 
 
+def display_path(path: Path) -> str:
+    """`personas/pirate/persona.toml` when under the working directory, else the absolute path."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def describe_errors(exc: ValidationError, source: str) -> str:
+    """`source: dotted.field: message` for each problem, joined on one line; input values left out."""
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(p) for p in err["loc"])
+        message = re.sub(r"^(Value|Assertion) error, ", "", err["msg"])
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        problems.append(f"{source}: {key}: {message}" if key else f"{source}: {message}")
+    return "; ".join(problems)
+
+
 def load_spec(path: Path, *, check_files: bool = True) -> PersonaSpec:
-    """Read and validate one `persona.toml`; every problem is a `PersonaError` naming file and field."""
+    """Read and validate one `persona.toml`; every problem is a `PersonaError` naming file and field.
+
+    The slug defaults to the folder's name. With `check_files`, every dialogue path must exist.
+    """
+    shown = display_path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PersonaError(f"{path}: not found") from None
+        raise PersonaError(f"{shown}: not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaError(f"{path}: cannot read: {exc}") from None
+        raise PersonaError(f"{shown}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise PersonaError(f"{path}: invalid TOML: {exc}") from None
+        raise PersonaError(f"{shown}: invalid TOML: {exc}") from None
     data.setdefault("slug", path.parent.name)
+    return validate_spec(data, shown, folder=path.parent if check_files else None)
+
+
+def validate_spec(data: dict[str, Any], source: str, *, folder: Path | None = None) -> PersonaSpec:
+    """Validate a persona given as a mapping (a parsed TOML, or a third-party package's dict).
+
+    `folder` set: the dialogue paths, relative to it, must exist.
+    """
     try:
         spec = PersonaSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_input=False, include_url=False):
-            key = ".".join(str(p) for p in err["loc"]) or "(root)"
-            message = re.sub(r"^Value error, ", "", err["msg"])
-            problems.append(f"{path}: {key}: {message}")
-        raise PersonaError("; ".join(problems)) from None
-    if check_files:
+        raise PersonaError(describe_errors(exc, source)) from None
+    if folder is not None:
         for index, rel in enumerate(spec.dialogues):
-            if not (path.parent / rel).is_file():
-                raise PersonaError(f"{path}: dialogues.{index}: file not found: {path.parent / rel}")
+            if not (folder / rel).is_file():
+                raise PersonaError(
+                    f"{source}: dialogues.{index}: file not found: {display_path(folder / rel)}"
+                )
     return spec
