@@ -95,22 +95,81 @@ class Dispatcher:
 
     # -- commands -------------------------------------------------------------------------------
 
+    async def _bound_here(self, ctx: CommandContext) -> list[str]:
+        """The personas answering in this channel, first one first: the bound ones, or the default."""
+        bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
+        return [s for s in bound if s in self.registry] or [self.settings.default_persona]
+
     async def _cmd_persona(self, ctx: CommandContext) -> str:
-        slug = ctx.args.split()[0].lower() if ctx.args else ""
-        if not slug:
-            bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
-            current = bound[0] if bound else self.settings.default_persona
-            return f"This channel talks to {current}. Use /persona SLUG to change it; /personas lists them."
-        if slug not in self.registry:
-            return f"Unknown persona {slug!r}. Available: {', '.join(p.slug for p in self.registry.all())}."
+        """`/persona` says who answers here; `/persona SLUG [SLUG ...]` binds (replacing the others);
+        `/persona add SLUG` and `/persona remove SLUG` share a channel; `/persona default` unbinds all.
+
+        Anyone may change it in a DM, only admins in a group channel.
+        """
+        words = ctx.args.lower().replace(",", " ").split()
+        if not words:
+            here = await self._bound_here(ctx)
+            others = f"; name the others to talk to them ({', '.join(here[1:])})" if len(here) > 1 else ""
+            return (
+                f"This channel talks to {here[0]}{others}. Use /persona SLUG to change it; "
+                "/personas lists them."
+            )
+        action = "set"
+        if words[0] in ("add", "remove") and len(words) > 1:
+            action, words = words[0], words[1:]
+        elif words == ["default"] and "default" not in self.registry:
+            action, words = "clear", []
+        unknown = next((w.lstrip("@") for w in words if w.lstrip("@") not in self.registry), None)
+        if unknown is not None:
+            return (
+                f"Unknown persona {unknown!r}. Available: {', '.join(p.slug for p in self.registry.all())}."
+            )
+        slugs = list(dict.fromkeys(w.lstrip("@") for w in words))
         if not ctx.event.is_direct and not ctx.is_admin:
             return "Only admins can change the persona in a group channel."
-        await conversations.bind_persona(ctx.session, ctx.channel_id, slug, bound_by=ctx.event.author.key)
-        return f"{self.registry.get(slug).spec.name} ({slug}) now answers in this channel."
+        who = ctx.event.author.key
+        if action == "clear":
+            await conversations.unbind_persona(ctx.session, ctx.channel_id)
+            return f"Back to the default persona, {self.settings.default_persona}."
+        if action == "remove":
+            for slug in slugs:
+                await conversations.unbind_persona(ctx.session, ctx.channel_id, slug)
+            here = await self._bound_here(ctx)
+            return (
+                f"{', '.join(slugs)} no longer answer{'s' if len(slugs) == 1 else ''} here; {here[0]} does."
+            )
+        if action == "add":
+            if not await conversations.bound_personas(ctx.session, ctx.channel_id):
+                # Sharing a channel that used the default: the default keeps answering as before.
+                await conversations.bind_persona(
+                    ctx.session, ctx.channel_id, self.settings.default_persona, bound_by=who, exclusive=False
+                )
+            for slug in slugs:
+                await conversations.bind_persona(
+                    ctx.session, ctx.channel_id, slug, bound_by=who, exclusive=False
+                )
+            return (
+                f"{', '.join(slugs)} joined this channel; talk to {'it' if len(slugs) == 1 else 'them'} "
+                f"by name ({slugs[0]}, ... or @{slugs[0]})."
+            )
+        for index, slug in enumerate(slugs):
+            await conversations.bind_persona(
+                ctx.session, ctx.channel_id, slug, bound_by=who, exclusive=index == 0
+            )
+        first = self.registry.get(slugs[0]).spec
+        if len(slugs) == 1:
+            return f"{first.name} ({slugs[0]}) now answers in this channel."
+        return (
+            f"{first.name} ({slugs[0]}) now answers in this channel; {', '.join(slugs[1:])} answer "
+            "when named."
+        )
 
     async def _cmd_personas(self, ctx: CommandContext) -> str:
+        here = await self._bound_here(ctx)
         lines = [
-            f"{p.slug}: {p.spec.name}" + (f" — {p.spec.description}" if p.spec.description else "")
+            f"{p.slug}: {p.spec.name}"
+            + (f" — {p.spec.description}" if p.spec.description else "")
+            + (" (answers here)" if p.slug in here else "")
             for p in self.registry.all()
         ]
         return "Available personas:\n" + "\n".join(lines)

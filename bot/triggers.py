@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from bot.events import Incoming
 from personas.registry import Persona, PersonaRegistry
+
+log = logging.getLogger(__name__)
 
 
 def _names(persona: Persona) -> list[str]:
@@ -41,15 +44,22 @@ def responders(
 ) -> list[Persona]:
     """The personas that should reply to `event` (usually one, or none).
 
-    A persona named in the message answers. Otherwise the channel's persona (the first bound one, or
-    the default) answers a DM, a mention, a reply to the bot, a keyword, or any message in a bound
-    channel, each as its `triggers` allow.
+    A persona named in the message answers. Otherwise a persona of the channel (the bound ones, or the
+    default) whose keyword the message holds answers; else the channel's first persona answers a DM, a
+    mention, a reply to the bot, or any message in a bound channel, each as its `triggers` allow.
     """
     named = named_persona(event.text, registry)
     if named is not None:
         return [named]
-    slugs = [s for s in bound if s in registry] or [default]
+    slugs = [s for s in bound if s in registry] or ([default] if default in registry else [])
+    if not slugs:  # a misconfigured default_persona must not turn every message into a crash
+        log.warning("no persona answers in %s: default persona %r is unknown", event.channel.key, default)
+        return []
     candidates = [registry.get(s) for s in slugs]
+    # A keyword picks the persona that owns it, also among the several personas sharing a channel.
+    keyword = keyword_persona(event.text, candidates)
+    if keyword is not None:
+        return [keyword]
     primary = candidates[0]
     t = primary.spec.triggers
     if event.is_direct and t.direct_messages:
@@ -60,5 +70,4 @@ def responders(
         return [primary]
     if bound and t.bound_channels:
         return [primary]
-    keyword = keyword_persona(event.text, candidates)
-    return [keyword] if keyword is not None else []
+    return []

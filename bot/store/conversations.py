@@ -217,3 +217,11 @@ async def bind_persona(
         .values(channel_id=channel_id, persona=persona, bound_by=bound_by, created_at=utcnow())
         .on_conflict_do_nothing(index_elements=["channel_id", "persona"])
     )
+
+
+async def unbind_persona(session: AsyncSession, channel_id: int, persona: str | None = None) -> None:
+    """Unbind `persona` from the channel, or every persona (None): the default persona answers again."""
+    query = delete(ChannelPersona).where(ChannelPersona.channel_id == channel_id)
+    if persona is not None:
+        query = query.where(ChannelPersona.persona == persona)
+    await session.execute(query)
