@@ -27,6 +27,15 @@ class DispatchResult:
 EventHandler = Callable[[PlatformEvent], Awaitable[DispatchResult]]
 
 
+class PartialDelivery(Exception):
+    """`deliver()` failed after posting some chunks; the outbox records them so a retry skips them."""
+
+    def __init__(self, delivered_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"{len(delivered_ids)} chunk(s) posted, then {type(cause).__name__}: {cause}")
+        self.delivered_ids = list(delivered_ids)
+        self.cause = cause
+
+
 @runtime_checkable
 class PlatformAdapter(Protocol):
     """What every adapter offers the runtime."""
@@ -40,7 +49,8 @@ class PlatformAdapter(Protocol):
         """Post a reply (split to the platform's limit); returns the platform ids of every chunk.
 
         `reply.delivered_ids` holds chunks an interrupted earlier attempt already posted; those chunks
-        are skipped and their ids returned first.
+        are skipped and their ids returned first. A failure after some chunks were posted raises
+        `PartialDelivery` with their ids, so the retry does not post them again.
         """
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:

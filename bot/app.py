@@ -39,8 +39,15 @@ class BotApp:
         self.registry = registry
         self.adapters = list(adapters)
         self.dispatcher = Dispatcher(settings, store, registry)
+        # An adapter may ask for its platform's edit pace (`stream_min_interval`, `stream_min_growth`).
         self.relays = [
-            StreamingRelay(a, streaming=bool(getattr(a, "streaming", False))) for a in self.adapters
+            StreamingRelay(
+                a,
+                streaming=bool(getattr(a, "streaming", False)),
+                min_interval=float(getattr(a, "stream_min_interval", 1.0)),
+                min_growth=int(getattr(a, "stream_min_growth", 1)),
+            )
+            for a in self.adapters
         ]
         self.pumps = [OutboxPump(store, a, relay=r) for a, r in zip(self.adapters, self.relays, strict=True)]
         self.worker = (

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from dataclasses import replace
 
-from adapters.base import PlatformAdapter
+from adapters.base import PartialDelivery, PlatformAdapter
 from bot.store import Store, outbox
 from bot.streaming import StreamingRelay
 from bot.worker import worker_id
@@ -61,6 +61,8 @@ class OutboxPump:
                 except Exception as exc:
                     log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
                     async with self.store.transaction() as session:
+                        if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
+                            await outbox.record_progress(session, reply.outbox_id, exc.delivered_ids)
                         await outbox.mark_failed(
                             session,
                             reply.outbox_id,

@@ -9,7 +9,7 @@ from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
 from bot.config import Settings
 from bot.events import Deleted, Edited, Incoming, PlatformEvent
-from bot.store import Store, conversations, jobs
+from bot.store import Store, conversations, jobs, privacy
 from bot.triggers import responders
 from personas.registry import PersonaRegistry
 
@@ -32,6 +32,8 @@ class Dispatcher:
             "personas": self._cmd_personas,
             "reset": self._cmd_reset,
             "help": self._cmd_help,
+            "start": self._cmd_start,
+            "forget": self._cmd_forget,
         }
 
     def command_prefixes(self, platform: str) -> str:
@@ -180,3 +182,28 @@ class Dispatcher:
 
     async def _cmd_help(self, ctx: CommandContext) -> str:
         return "Commands: " + ", ".join(f"/{name}" for name in sorted(self.commands))
+
+    async def _cmd_start(self, ctx: CommandContext) -> str:
+        """The greeting of the persona that answers here (Telegram sends /start when a chat opens)."""
+        bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
+        slug = next((s for s in bound if s in self.registry), self.settings.default_persona)
+        spec = self.registry.get(slug).spec
+        return spec.greeting.strip() or f"Hi, I'm {spec.name}. Send /help to see what I can do."
+
+    async def _cmd_forget(self, ctx: CommandContext) -> str:
+        """Erase the caller's messages here and the replies to them; asks for `/forget confirm` first."""
+        if ctx.args.strip().lower() != "confirm":
+            return (
+                "This erases everything I store of you in this chat: your messages and my replies to "
+                "them, also from future training data. It cannot be undone. To go ahead, send: "
+                "/forget confirm"
+            )
+        done = await privacy.forget_user(ctx.session, ctx.event.author, ctx.event.channel)
+        log.info(
+            "erased %d messages, %d replies and %d jobs of a user in %s",
+            done.messages,
+            done.replies,
+            done.jobs,
+            ctx.event.channel.platform,
+        )
+        return f"Done: I erased {done.messages} of your messages and {done.replies} of my replies here."

@@ -1,0 +1,601 @@
+"""The Telegram adapter, on python-telegram-bot's `Application`.
+
+It translates Bot API updates (long polling by default, or a webhook) into `bot.events` and delivers
+outbox rows with `sendMessage` / `editMessageText`; triggers, access rules, cooldowns and commands are
+the dispatcher's. Flood control (429 with `retry_after`) is honoured by PTB's `AIORateLimiter`;
+connection errors and 5xx answers are retried here with exponential backoff.
+
+Telegram's quirks handled here, in one place:
+- texts are measured in UTF-16 code units (4,096 per message) and so are entity offsets;
+- a forum topic is its own conversation (`message_thread_id`), but a plain reply thread is not;
+- a message in a topic "replies" to the topic's creation message unless it replies to something else;
+- a group command may name another bot (`/start@OtherBot`): that one is not for us.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr
+from telegram import Message, MessageEntity, ReplyParameters, Update
+from telegram.constants import ChatAction, ChatType
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+    TimedOut,
+)
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
+from telegram.request import HTTPXRequest
+
+from adapters.base import DispatchResult, EventHandler, PartialDelivery
+from adapters.splitting import split_text, utf16_len
+from bot.errors import ConfigError, PersonabotError
+from bot.events import AuthorRef, ChannelKind, ChannelRef, Edited, Incoming, Outgoing, PlatformEvent
+from bot.logs import RedactingFilter, redact, register_secret
+
+if TYPE_CHECKING:
+    from bot.config import Settings
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "telegram"
+MESSAGE_LIMIT = 4096  # UTF-16 code units, after entity parsing; we send plain text
+DEFAULT_BASE_URL = "https://api.telegram.org/bot"
+TOKEN_ENV = "TELEGRAM_TOKEN"
+# BotFather tokens: the bot's numeric id, a colon, then a 35-character secret.
+_TOKEN_SHAPE = re.compile(r"^\d{3,}:[A-Za-z0-9_-]{30,}$")
+_SECRET_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # what setWebhook accepts as secret_token
+ALLOWED_UPDATES = ["message", "edited_message"]
+
+T = TypeVar("T")
+
+
+class TelegramAdapter:
+    """Telegram through the Bot API; one instance per bot token."""
+
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        token: str | SecretStr | None,
+        *,
+        mode: Literal["polling", "webhook"] = "polling",
+        webhook_url: str | None = None,
+        webhook_listen: str = "0.0.0.0",
+        webhook_port: int = 8443,
+        webhook_secret: str | SecretStr | None = None,
+        streaming: bool = False,
+        base_url: str | None = None,
+        base_file_url: str | None = None,
+        poll_timeout: float = 10.0,
+        flood_retries: int = 3,
+        network_retries: int = 3,
+        retry_backoff: float = 1.0,
+        request_timeout: float = 10.0,
+        stream_min_interval: float = 1.0,
+        stream_min_growth: int = 40,
+    ) -> None:
+        self._token = token.get_secret_value() if isinstance(token, SecretStr) else (token or "")
+        self._token = self._token.strip()
+        register_secret(self._token)  # before anything can log a request URL
+        secret = (
+            webhook_secret.get_secret_value() if isinstance(webhook_secret, SecretStr) else webhook_secret
+        )
+        self._webhook_secret = secret or None
+        register_secret(self._webhook_secret)
+        _guard_loggers()
+        self.mode = mode
+        self.webhook_url = webhook_url
+        self.webhook_listen = webhook_listen
+        self.webhook_port = webhook_port
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.base_file_url = base_file_url or _file_url_for(self.base_url)
+        self.poll_timeout = poll_timeout
+        self.flood_retries = flood_retries
+        self.network_retries = network_retries
+        self.retry_backoff = retry_backoff
+        self.request_timeout = request_timeout
+        # Read by BotApp's StreamingRelay: Telegram allows about one edit a second per chat, and a
+        # group's messages (edits included) are limited to 20 a minute, so edits wait for real growth.
+        self.streaming = streaming
+        self.stream_min_interval = stream_min_interval
+        self.stream_min_growth = stream_min_growth
+        self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self._on_event: EventHandler | None = None
+        self._bot_id: int | None = None
+        self._bot_username = ""
+        self._receiving = False
+        # Update ids seen lately: a redelivered update (webhook retry) is dropped before it reaches the
+        # store, which would also dedupe it by message id; this also covers commands, never stored.
+        self._recent: deque[int] = deque(maxlen=2048)
+        self._recent_set: set[int] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TelegramAdapter:
+        """The adapter `personabot run` starts: token from TELEGRAM_TOKEN, `telegram.token` or its file."""
+        t = settings.telegram
+        return cls(
+            t.resolve_token(TOKEN_ENV),
+            mode=t.mode,
+            webhook_url=t.webhook_url,
+            webhook_listen=t.webhook_listen,
+            webhook_port=t.webhook_port,
+            webhook_secret=t.webhook_secret,
+            streaming=t.streaming,
+            base_url=t.base_url,
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def _check_config(self) -> None:
+        if not self._token:
+            raise ConfigError(
+                f"telegram: no bot token; set {TOKEN_ENV}, telegram.token or telegram.token_file"
+            )
+        if not _TOKEN_SHAPE.match(self._token):
+            raise ConfigError(
+                "telegram: the bot token is malformed; BotFather's tokens look like 123456789:AAE... "
+                f"(check {TOKEN_ENV}, telegram.token or telegram.token_file)"
+            )
+        if self.mode == "webhook":
+            parts = urlsplit(self.webhook_url or "")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    "telegram.webhook_url: a public https:// URL is required when telegram.mode is 'webhook'"
+                )
+            if not self._webhook_secret or not _SECRET_SHAPE.match(self._webhook_secret):
+                raise ConfigError(
+                    "telegram.webhook_secret: required in webhook mode, 1-256 characters of A-Z, a-z, "
+                    "0-9, _ and -"
+                )
+
+    async def start(self, on_event: EventHandler) -> None:
+        """Connect (getMe), then receive updates by long polling or on the webhook."""
+        self._check_config()
+        self._on_event = on_event
+        requests = (
+            HTTPXRequest(
+                connection_pool_size=16,
+                connect_timeout=self.request_timeout,
+                read_timeout=self.request_timeout,
+                write_timeout=self.request_timeout,
+                pool_timeout=self.request_timeout,
+            ),
+            # getUpdates holds its connection for the long poll; PTB adds poll_timeout to read_timeout.
+            HTTPXRequest(connection_pool_size=1, read_timeout=self.request_timeout),
+        )
+        app = (
+            ApplicationBuilder()
+            .token(self._token)
+            .base_url(self.base_url)
+            .base_file_url(self.base_file_url)
+            .request(requests[0])
+            .get_updates_request(requests[1])
+            .rate_limiter(_RateLimiter(max_retries=self.flood_retries))
+            .job_queue(None)
+            .build()
+        )
+        app.add_handler(TypeHandler(Update, self._on_update))
+        app.add_error_handler(self._on_error)
+        try:
+            await self._retrying("getMe", app.initialize, idempotent=True)
+        except InvalidToken:
+            await _close(requests)
+            raise PersonabotError(
+                f"telegram: the Bot API rejected the bot token (check {TOKEN_ENV}, telegram.token or "
+                "telegram.token_file)"
+            ) from None
+        except TelegramError as exc:
+            await _close(requests)
+            raise PersonabotError(
+                f"telegram: cannot reach the Bot API at {_origin(self.base_url)}: {self._safe(exc)}"
+            ) from None
+        self._app = app
+        self._bot_id = app.bot.id
+        self._bot_username = app.bot.username or ""
+        self._receiving = True  # from here on, stop() has something to stop
+        try:
+            if self.mode == "webhook":
+                assert self.webhook_url is not None
+                await app.updater.start_webhook(  # type: ignore[union-attr]
+                    listen=self.webhook_listen,
+                    port=self.webhook_port,
+                    url_path=urlsplit(self.webhook_url).path.strip("/"),
+                    webhook_url=self.webhook_url,
+                    secret_token=self._webhook_secret,
+                    allowed_updates=ALLOWED_UPDATES,
+                    bootstrap_retries=self.network_retries,
+                )
+            else:
+                await app.updater.start_polling(  # type: ignore[union-attr]
+                    timeout=int(self.poll_timeout),
+                    allowed_updates=ALLOWED_UPDATES,
+                    bootstrap_retries=self.network_retries,
+                    error_callback=self._on_poll_error,
+                )
+            await app.start()
+        except (TelegramError, OSError) as exc:
+            await self.stop()
+            where = (
+                f"the webhook on {self.webhook_listen}:{self.webhook_port}"
+                if self.mode == "webhook"
+                else "long polling"
+            )
+            raise PersonabotError(f"telegram: cannot start {where}: {self._safe(exc)}") from None
+        log.info("telegram: connected as @%s (%s)", self._bot_username, self.mode)
+
+    async def stop_receiving(self) -> None:
+        """Stop polling / the webhook; updates already fetched are still dispatched."""
+        app = self._app
+        if app is None or not self._receiving:
+            return
+        self._receiving = False
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if app.running:
+            await app.stop()
+
+    async def stop(self) -> None:
+        await self.stop_receiving()
+        app, self._app = self._app, None
+        if app is not None:
+            await app.shutdown()
+        self._on_event = None
+
+    # -- receiving ---------------------------------------------------------------------------------
+
+    def _on_poll_error(self, exc: TelegramError) -> None:
+        # PTB retries polling itself; say so without the token or a traceback per retry.
+        log.warning("telegram: polling failed (%s); retrying", self._safe(exc))
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("telegram: handling an update failed: %s", self._safe(context.error))
+
+    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        if update.update_id in self._recent_set:
+            log.debug("telegram: update %s delivered again; dropped", update.update_id)
+            return
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(update.update_id)
+        self._recent_set.add(update.update_id)
+        try:
+            event = self.translate(update)
+        except Exception:  # a malformed update must not stop the bot
+            log.exception("telegram: could not read update %s; skipped", update.update_id)
+            return
+        if event is None or self._on_event is None:
+            return
+        result = await self._on_event(event)
+        if result.notice and isinstance(event, Incoming):
+            await self._answer(event, result)
+
+    async def _answer(self, event: Incoming, result: DispatchResult) -> None:
+        """A command's answer or a cooldown notice: posted at once, not through the outbox."""
+        reply_to = None if event.is_direct else event.platform_message_id
+        try:
+            for index, chunk in enumerate(split_text(result.notice or "", MESSAGE_LIMIT, measure=utf16_len)):
+                await self._send(event.channel, chunk, reply_to if index == 0 else None)
+        except TelegramError as exc:
+            log.warning("telegram: could not answer in %s: %s", event.channel.key, self._safe(exc))
+
+    def translate(self, update: Update) -> PlatformEvent | None:
+        """The normalized event for an update, or None when it is nothing the bot handles."""
+        if update.edited_message is not None:
+            msg = update.edited_message
+            text = self._text_of(msg)
+            if not text.strip():
+                return None
+            return Edited(
+                platform=PLATFORM,
+                channel=self._channel(msg),
+                platform_message_id=str(msg.message_id),
+                text=text,
+                edited_at=_aware(msg.edit_date),
+            )
+        msg = update.message
+        if msg is None:
+            return None
+        author = self._author(msg)
+        if author is None or self._for_another_bot(msg):
+            return None
+        reply = msg.reply_to_message
+        if reply is not None and reply.forum_topic_created is not None:
+            reply = None  # in a forum topic every message "replies" to the topic's first message
+        return Incoming(
+            platform=PLATFORM,
+            channel=self._channel(msg),
+            author=author,
+            text=self._text_of(msg),
+            platform_message_id=str(msg.message_id),
+            reply_to=str(reply.message_id) if reply is not None else None,
+            mentions_bot=self._mentions_bot(msg),
+            sent_at=_aware(msg.date),
+            replies_to_bot=bool(
+                reply is not None and reply.from_user is not None and reply.from_user.id == self._bot_id
+            ),
+        )
+
+    def _channel(self, msg: Message) -> ChannelRef:
+        chat = msg.chat
+        direct = chat.type == ChatType.PRIVATE
+        # Only forum topics are separate conversations; replies in plain supergroups carry a
+        # message_thread_id too, which must not split the chat.
+        thread = str(msg.message_thread_id) if msg.is_topic_message and msg.message_thread_id else ""
+        return ChannelRef(
+            platform=PLATFORM,
+            external_id=str(chat.id),
+            kind=ChannelKind.DIRECT if direct else ChannelKind.GROUP,
+            thread_id=thread,
+            title=_clean(chat.title or chat.full_name or chat.username or "")[:256],
+        )
+
+    def _author(self, msg: Message) -> AuthorRef | None:
+        # Anonymous admins, channels and linked-channel posts speak as a chat, not as a user.
+        if msg.sender_chat is not None:
+            sender = msg.sender_chat
+            name = sender.title or sender.full_name or sender.username or str(sender.id)
+            return AuthorRef(PLATFORM, str(sender.id), _clean(name)[:256])
+        user = msg.from_user
+        if user is None:
+            return None
+        name = user.full_name or user.username or str(user.id)
+        return AuthorRef(PLATFORM, str(user.id), _clean(name)[:256], is_bot=user.is_bot)
+
+    def _entities(self, msg: Message) -> tuple[str, tuple[MessageEntity, ...]]:
+        if msg.text is not None:
+            return msg.text, msg.entities
+        return msg.caption or "", msg.caption_entities
+
+    def _text_of(self, msg: Message) -> str:
+        """The message's text, or its caption; our own @mention at either end is dropped."""
+        text, _ = self._entities(msg)
+        text = _clean(text)
+        if self._bot_username:
+            name = re.escape(self._bot_username)
+            text = re.sub(rf"^\s*@{name}\b[\s,:]*", "", text, flags=re.IGNORECASE)
+            text = re.sub(rf"[\s,]*@{name}\s*$", "", text, flags=re.IGNORECASE)
+        return text.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+
+    def _entity_texts(self, msg: Message, kinds: set[str]) -> list[tuple[MessageEntity, str]]:
+        """(entity, its text) for entities of `kinds`; offsets past the end are clamped, not trusted."""
+        text, entities = self._entities(msg)
+        units = _clean(text).encode("utf-16-le")
+        found = []
+        for entity in entities:
+            if entity.type not in kinds:
+                continue
+            start = max(0, entity.offset) * 2
+            end = max(start, (entity.offset + entity.length) * 2)
+            found.append((entity, units[start:end].decode("utf-16-le", "replace")))
+        return found
+
+    def _mentions_bot(self, msg: Message) -> bool:
+        own = "@" + self._bot_username.lower()
+        for entity, text in self._entity_texts(msg, {MessageEntity.MENTION, MessageEntity.TEXT_MENTION}):
+            if entity.type == MessageEntity.TEXT_MENTION:
+                if entity.user is not None and entity.user.id == self._bot_id:
+                    return True
+            elif self._bot_username and text.lower() == own:
+                return True
+        return False
+
+    def _for_another_bot(self, msg: Message) -> bool:
+        """`/cmd@OtherBot` at the start of the message: a command meant for another bot."""
+        for entity, text in self._entity_texts(msg, {MessageEntity.BOT_COMMAND}):
+            if entity.offset == 0 and "@" in text:
+                return text.split("@", 1)[1].lower() != self._bot_username.lower()
+        return False
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    async def deliver(self, reply: Outgoing) -> list[str]:
+        chunks = split_text(reply.text, MESSAGE_LIMIT, measure=utf16_len)
+        if reply.outbox_id == 0:
+            chunks = chunks[:1]  # a streaming preview is one message, edited as the reply grows
+        ids = list(reply.delivered_ids)
+        if not chunks and reply.streamed_id is not None:
+            await self._delete(reply.channel, reply.streamed_id)  # an empty reply leaves no preview behind
+        reply_to = None if reply.channel.is_direct else reply.reply_to
+        for index in range(len(ids), len(chunks)):
+            try:
+                if index == 0 and reply.streamed_id is not None:
+                    if await self._replace(reply.channel, reply.streamed_id, chunks[0]):
+                        ids.append(reply.streamed_id)
+                        continue
+                ids.append(await self._send(reply.channel, chunks[index], reply_to if index == 0 else None))
+            except Exception as exc:
+                if len(ids) > len(reply.delivered_ids):
+                    raise PartialDelivery(ids, exc) from exc
+                raise
+        return ids
+
+    async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
+        chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
+        if chunks:  # a streamed reply past the limit shows its first message; the rest is posted at the end
+            await self._replace(channel, platform_message_id, chunks[0], missing_ok=False)
+
+    async def typing(self, channel: ChannelRef) -> None:
+        bot = self._bot()
+        await self._retrying(
+            "sendChatAction",
+            lambda: bot.send_chat_action(
+                chat_id=int(channel.external_id),
+                action=ChatAction.TYPING,
+                message_thread_id=_thread(channel),
+            ),
+            idempotent=True,
+        )
+
+    async def _send(self, channel: ChannelRef, text: str, reply_to: str | None) -> str:
+        bot = self._bot()
+        chat_id = int(channel.external_id)
+        reply_parameters = (
+            ReplyParameters(message_id=int(reply_to), allow_sending_without_reply=True)
+            if reply_to and reply_to.isdigit()
+            else None
+        )
+
+        def call() -> Awaitable[Message]:
+            return bot.send_message(
+                chat_id=chat_id,
+                text=text,
+                message_thread_id=_thread(channel),
+                reply_parameters=reply_parameters,
+            )
+
+        try:
+            # A read timeout may mean Telegram posted it: not retried here, so nothing is posted twice.
+            msg = await self._retrying("sendMessage", call, idempotent=False)
+        except ChatMigrated as exc:  # the group became a supergroup with a new id
+            chat_id = int(exc.new_chat_id)
+            msg = await self._retrying("sendMessage", call, idempotent=False)
+        return str(msg.message_id)
+
+    async def _replace(
+        self, channel: ChannelRef, platform_message_id: str, text: str, *, missing_ok: bool = True
+    ) -> bool:
+        """Edit a message of ours to `text`; False when it is gone (deleted) and `missing_ok`."""
+        bot = self._bot()
+        try:
+            await self._retrying(
+                "editMessageText",
+                lambda: bot.edit_message_text(
+                    text=text, chat_id=int(channel.external_id), message_id=int(platform_message_id)
+                ),
+                idempotent=True,
+            )
+        except BadRequest as exc:
+            reason = str(exc).lower()
+            if "not modified" in reason:
+                return True  # it already shows this text
+            if missing_ok and ("not found" in reason or "can't be edited" in reason):
+                return False
+            raise
+        return True
+
+    async def _delete(self, channel: ChannelRef, platform_message_id: str) -> None:
+        bot = self._bot()
+        try:
+            await self._retrying(
+                "deleteMessage",
+                lambda: bot.delete_message(
+                    chat_id=int(channel.external_id), message_id=int(platform_message_id)
+                ),
+                idempotent=True,
+            )
+        except BadRequest:
+            pass  # already gone
+
+    def _bot(self) -> Any:
+        if self._app is None:
+            raise RuntimeError("the Telegram adapter is not started")
+        return self._app.bot
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]], *, idempotent: bool) -> T:
+        """Retry connection errors and 5xx answers with exponential backoff.
+
+        429s are the rate limiter's (it waits `retry_after`); 4xx answers are final.
+        """
+        delay = self.retry_backoff
+        for attempt in range(self.network_retries + 1):
+            try:
+                return await call()
+            except (BadRequest, Forbidden, InvalidToken, RetryAfter, ChatMigrated):
+                raise
+            except TimedOut:
+                if not idempotent or attempt == self.network_retries:
+                    raise
+                exc_name = "timed out"
+            except NetworkError as exc:
+                if attempt == self.network_retries:
+                    raise
+                exc_name = self._safe(exc)
+            log.warning("telegram: %s failed (%s); retrying in %.1fs", what, exc_name, delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _safe(self, exc: BaseException | None) -> str:
+        """An exception as one line, without the token (httpx errors may carry the request URL)."""
+        text = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        return redact(" ".join(text.split()), [s for s in (self._token, self._webhook_secret) if s])
+
+
+class _RateLimiter(AIORateLimiter):
+    """PTB's flood control, except that typing indicators do not use up a group's 20 messages a minute."""
+
+    async def process_request(
+        self,
+        callback: Callable[..., Any],
+        args: Any,
+        kwargs: dict[str, Any],
+        endpoint: str,
+        data: dict[str, Any],
+        rate_limit_args: int | None,
+    ) -> Any:
+        if endpoint == "sendChatAction":
+            return await callback(*args, **kwargs)
+        return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+
+def _guard_loggers() -> None:
+    """Redact secrets at the loggers that see request URLs (httpx) or may echo the token (PTB).
+
+    `setup_logging` redacts at its handler; this also covers handlers added by someone else (a test's
+    caplog, an operator's own logging config).
+    """
+    names = ["httpx", "httpcore"] + [n for n in logging.root.manager.loggerDict if n.startswith("telegram")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
+def _clean(text: str) -> str:
+    """Lone UTF-16 surrogates (invalid JSON escapes Telegram can pass on) become U+FFFD.
+
+    One code unit each way, so entity offsets still line up.
+    """
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _thread(channel: ChannelRef) -> int | None:
+    return int(channel.thread_id) if channel.thread_id.isdigit() else None
+
+
+def _aware(value: datetime | None) -> datetime:
+    if value is None:
+        return datetime.now(UTC)
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _file_url_for(base_url: str) -> str:
+    """`https://host/bot` -> `https://host/file/bot`, the Bot API's file endpoint beside it."""
+    head, sep, tail = base_url.rpartition("/bot")
+    return f"{head}/file/bot{tail}" if sep else base_url + "/file"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+
+
+async def _close(requests: tuple[HTTPXRequest, ...]) -> None:
+    for request in requests:
+        try:
+            await request.shutdown()
+        except Exception:  # closing a client that never connected; nothing to lose
+            log.debug("closing a Telegram HTTP client failed", exc_info=True)
