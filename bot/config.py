@@ -105,11 +105,71 @@ class WorkerSettings(Section):
     metrics_port: int | None = None
 
 
+class ScheduledPostSettings(Section):
+    """A scheduled post written in personabot.toml (`[[scheduler.posts]]`) rather than in persona.toml.
+
+    `cron` and `persona` are checked when the scheduler starts, not here: one bad entry is reported in
+    the log and in `personabot status`, and the other jobs keep running.
+    """
+
+    persona: str = Field(description="Slug of the persona that writes the post.")
+    cron: str = Field(description="Five-field crontab expression, e.g. '0 9 * * *'.")
+    prompt: str = Field(description="What the persona is asked to write.")
+    timezone: str = Field(default="UTC", description="Time zone the cron expression is read in.")
+    channels: list[str] = Field(
+        default_factory=list, description="`platform:id` channels; empty: the channels bound to the persona."
+    )
+
+
 class SchedulerSettings(Section):
-    enabled: bool = True
-    retention_days: float | None = Field(default=None, description="Prune messages older than this.")
-    retrain_min_conversations: int = Field(default=50, ge=1)
-    retrain_check_hours: float = Field(default=24.0, gt=0)
+    enabled: bool = Field(default=True, description="Run the scheduler inside `personabot run`.")
+    misfire_grace_seconds: float = Field(
+        default=900.0,
+        gt=0,
+        description="An occurrence missed while no process ran is still run this late; older ones are skipped.",
+    )
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Prune messages older than this many days (unset: keep them)."
+    )
+    retention_channels: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-channel retention in days, keyed `platform:id` (or `platform:id/thread`); "
+        "overrides retention_days for that channel.",
+    )
+    retention_check_minutes: float = Field(default=60.0, gt=0, description="How often retention runs.")
+    retrain: bool = Field(default=True, description="Retrain personas on opted-in conversations.")
+    retrain_min_conversations: int = Field(
+        default=50, ge=1, description="New opted-in conversations a persona needs before it is retrained."
+    )
+    retrain_check_hours: float = Field(default=24.0, gt=0, description="How often retraining is checked.")
+    retrain_command: list[str] | None = Field(
+        default=None,
+        description="Training command with {persona}, {data}, {version} and {python} placeholders; "
+        "unset: `{python} -m bot.cli train {persona} --data {data} --version {version}`.",
+    )
+    retrain_timeout_hours: float = Field(
+        default=6.0, gt=0, description="A training run is stopped after this."
+    )
+    conversation_gap_minutes: float = Field(
+        default=30.0, gt=0, description="Silence that splits a channel's history into separate conversations."
+    )
+    posts: list[ScheduledPostSettings] = Field(
+        default_factory=list, description="Scheduled posts besides those in each persona.toml."
+    )
+
+
+class RunSettings(Section):
+    """`personabot run`: liveness and shutdown."""
+
+    heartbeat_seconds: float = Field(
+        default=15.0, gt=0, description="How often each component writes its heartbeat row."
+    )
+    stop_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="On SIGTERM, how long in-flight reply jobs get to finish."
+    )
+    flush_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="On SIGTERM, how long the outbox gets to deliver what is pending."
+    )
 
 
 class Settings(BaseSettings):
@@ -132,6 +192,7 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
 
     # Where the values came from, for messages; not a setting.
     config_path: Path | None = Field(default=None, exclude=True)
