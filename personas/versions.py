@@ -368,11 +368,6 @@ async def activate(
         chosen = next((r for r in rows if r.version == version), None)
         if chosen is None:
             raise _unknown(persona, version, rows)
-        if chosen.base_model_sha256 and chosen.base_model_sha256 != base_model_sha256:
-            raise AdapterRefused(
-                f"{persona} {version}: registered for base model sha256 {chosen.base_model_sha256[:12]}…, "
-                f"but the configured base model's is {base_model_sha256[:12]}…"
-            )
         check_adapter(
             Path(chosen.path),
             base_model_sha256=base_model_sha256,
@@ -381,6 +376,13 @@ async def activate(
             version=version,
             base_vocab_size=base_vocab_size,
         )
+        if chosen.base_model_sha256 and chosen.base_model_sha256 != base_model_sha256:
+            # The files match the base model but the row does not: the folder was replaced after
+            # registration. Register it again (personabot persona activate does) to accept it.
+            raise AdapterRefused(
+                f"{persona} {version}: registered for base model sha256 {chosen.base_model_sha256[:12]}…, "
+                f"but its manifest and the configured base model say {base_model_sha256[:12]}…"
+            )
         now = utcnow()
         await session.execute(
             update(AdapterVersion)

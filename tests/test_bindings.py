@@ -67,7 +67,9 @@ async def test_unbound_group_channel_uses_the_default_persona_when_addressed(
     assert await job_personas(store, mentioned.job_ids) == ["assistant"]
 
 
-async def test_non_admin_cannot_bind_in_a_group_and_nothing_changes(dispatcher: Dispatcher, store: Store) -> None:
+async def test_non_admin_cannot_bind_in_a_group_and_nothing_changes(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     result = await dispatcher.handle(say("/persona pirate"))
     assert result.notice == "Only admins can change the persona in a group channel."
     assert not result.stored
@@ -76,7 +78,9 @@ async def test_non_admin_cannot_bind_in_a_group_and_nothing_changes(dispatcher: 
     assert await job_personas(store, reply.job_ids) == ["assistant"]
 
 
-async def test_admin_binds_a_persona_which_then_answers_every_message(dispatcher: Dispatcher, store: Store) -> None:
+async def test_admin_binds_a_persona_which_then_answers_every_message(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     result = await dispatcher.handle(say("/persona pirate", author=ADMIN))
     assert result.notice == "Captain Saltbeard (pirate) now answers in this channel."
     assert await bound(store, GROUP) == ["pirate"]
@@ -98,13 +102,17 @@ async def test_anyone_binds_in_a_dm(dispatcher: Dispatcher, store: Store) -> Non
     assert await job_personas(store, reply.job_ids) == ["poet"]
 
 
-async def test_unknown_persona_is_refused_and_lists_the_available_ones(dispatcher: Dispatcher, store: Store) -> None:
+async def test_unknown_persona_is_refused_and_lists_the_available_ones(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     result = await dispatcher.handle(say("/persona kraken", channel=DM))
     assert result.notice == "Unknown persona 'kraken'. Available: assistant, pirate, poet."
     assert await bound(store, DM) == []
 
 
-async def test_several_personas_share_a_channel_and_answer_when_named(dispatcher: Dispatcher, store: Store) -> None:
+async def test_several_personas_share_a_channel_and_answer_when_named(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     await dispatcher.handle(say("/persona pirate", author=ADMIN))
     added = await dispatcher.handle(say("/persona add poet", author=ADMIN))
     assert added.notice is not None and "poet joined this channel" in added.notice
@@ -136,7 +144,9 @@ async def test_several_personas_share_a_channel_and_answer_when_named(dispatcher
     assert await job_personas(store, after.job_ids) == ["poet"]
 
 
-async def test_add_to_a_default_channel_keeps_the_default_answering(dispatcher: Dispatcher, store: Store) -> None:
+async def test_add_to_a_default_channel_keeps_the_default_answering(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     await dispatcher.handle(say("/persona add poet", channel=DM))
     assert await bound(store, DM) == ["assistant", "poet"]
     reply = await dispatcher.handle(say("hi", channel=DM))
@@ -169,7 +179,9 @@ async def test_reset_starts_a_fresh_context_and_keeps_history(dispatcher: Dispat
     async with store.transaction() as s:
         channel_id = await conversations.find_channel(s, DM)
         visible = [m.text for m in await conversations.history(s, channel_id)]
-        floor = (await s.execute(select(Channel.context_floor_id).where(Channel.id == channel_id))).scalar_one()
+        floor = (
+            await s.execute(select(Channel.context_floor_id).where(Channel.id == channel_id))
+        ).scalar_one()
     assert visible == ["what is my name?"]
     assert floor is not None
     # The binding survives a reset.
@@ -186,7 +198,9 @@ async def test_a_bound_persona_that_disappeared_falls_back_to_the_default(
     assert await job_personas(store, reply.job_ids) == ["assistant"]
 
 
-async def test_commands_typed_by_users_are_never_stored_as_turns(dispatcher: Dispatcher, store: Store) -> None:
+async def test_commands_typed_by_users_are_never_stored_as_turns(
+    dispatcher: Dispatcher, store: Store
+) -> None:
     await dispatcher.handle(say("/persona pirate", channel=DM))
     await dispatcher.handle(say("/personas", channel=DM))
     async with store.transaction() as s:

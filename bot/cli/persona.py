@@ -211,7 +211,7 @@ def _base(settings: Settings) -> Any:
 async def _activate_async(settings: Settings, slug: str, version: str) -> Any:
     from bot.runtime import open_store
     from personas.manifest import adapter_dir
-    from personas.versions import activate, get_version, register_folder
+    from personas.versions import activate, get_version, list_versions, register_folder
 
     base = _base(settings)
     store = await open_store(settings)
@@ -219,8 +219,16 @@ async def _activate_async(settings: Settings, slug: str, version: str) -> Any:
         async with store.transaction() as session:
             if await get_version(session, slug, version) is None:
                 folder = adapter_dir(settings, slug, version)
-                if folder.is_dir():  # trained but never registered (e.g. copied from another machine)
-                    await register_folder(session, folder)
+                if not folder.is_dir():
+                    registered = {v.version for v in await list_versions(session, slug)}
+                    trained = {p.parent.name for p in folder.parent.glob("*/manifest.json")}
+                    known = ", ".join(sorted(registered | trained)) or "none; train one with personabot train"
+                    raise PersonaError(
+                        f"persona {slug!r} has no adapter version {version!r} (known: {known})"
+                    )
+                # Trained but never registered (e.g. copied from another machine): register it now; a
+                # refused activation rolls the registration back with it.
+                await register_folder(session, folder)
             return await activate(
                 session,
                 slug,

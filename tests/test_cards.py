@@ -1,0 +1,325 @@
+"""Character cards: V1, V2 and V3, as JSON and inside PNGs; import, export and the round trip."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from bot.cli import main
+from bot.errors import PersonaError
+from personas.cards import export_card, import_card, parse_examples, persona_to_card, read_card
+from personas.registry import PersonaRegistry, load_folder
+
+MES_EXAMPLE = (
+    "<START>\n"
+    "{{user}}: Hi Aqua, who are you?\n"
+    "{{char}}: I'm Aqua, goddess of water! Worship me, {{user}}.\n"
+    "{{user}}: Why would I?\n"
+    "{{char}}: Because I'm *amazing*.\n"
+    "I can even purify lakes.\n"
+    "<START>\n"
+    "{{User}}: Can you help me?\n"
+    "{{Char}}: Of course, {{user}}!\n"
+    "<START>\n"
+    "{{user}}: this block has no reply\n"
+)
+
+
+def v2_card(**changes: Any) -> dict[str, Any]:
+    data = {
+        "name": "Aqua",
+        "description": "{{char}} is the goddess of water. She is cheerful but lazy.",
+        "personality": "cheerful, vain, kind",
+        "scenario": "{{user}} meets {{char}} at the guild hall.",
+        "first_mes": "Hello {{user}}! I'm {{char}}, the goddess you've been waiting for.",
+        "mes_example": MES_EXAMPLE,
+        "creator_notes": "A goddess who needs your help.\nSecond line.",
+        "system_prompt": "Write {{char}}'s next reply in a fictional chat. {{original}}",
+        "post_history_instructions": "Stay in character as {{char}}.",
+        "alternate_greetings": ["Hi again, {{user}}!"],
+        "character_book": {
+            "name": "Lore",
+            "entries": [{"keys": ["guild"], "content": "The guild is in Axel."}],
+        },
+        "tags": ["goddess", "comedy"],
+        "creator": "someone",
+        "character_version": "1.2",
+        "extensions": {"talkativeness": "0.5", "fav": False, "depth_prompt": {"prompt": "x", "depth": 4}},
+        "some_future_field": {"kept": [1, 2, 3]},
+    }
+    data.update(changes)
+    return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data, "create_date": "2024-1-1"}
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def write_png(path: Path, chunks: dict[str, Any]) -> Path:
+    """A real PNG image (Pillow) with the given text chunks, JSON values base64-encoded."""
+    info = PngInfo()
+    for key, value in chunks.items():
+        text = value if isinstance(value, str) else base64.b64encode(json.dumps(value).encode()).decode()
+        info.add_text(key, text)
+    Image.new("RGB", (32, 48), (10, 120, 200)).save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def test_v2_card_becomes_a_persona(tmp_path: Path) -> None:
+    card = write_json(tmp_path / "aqua.json", v2_card())
+    persona = import_card(card, tmp_path / "personas", user="Kazuma")
+    spec = persona.spec
+    assert persona.slug == "aqua" and spec.name == "Aqua"
+    assert spec.system_prompt == (
+        "Write Aqua's next reply in a fictional chat.\n\n"
+        "Aqua is the goddess of water. She is cheerful but lazy.\n\n"
+        "Aqua's personality: cheerful, vain, kind\n\n"
+        "Scenario: Kazuma meets Aqua at the guild hall.\n\n"
+        "Stay in character as Aqua."
+    )
+    assert spec.greeting == "Hello Kazuma! I'm Aqua, the goddess you've been waiting for."
+    assert spec.description == "A goddess who needs your help."
+    rows = [json.loads(line) for line in (persona.folder / "dialogues.jsonl").read_text().splitlines()]
+    assert rows == [
+        {
+            "messages": [
+                {"role": "user", "content": "Hi Aqua, who are you?"},
+                {"role": "assistant", "content": "I'm Aqua, goddess of water! Worship me, Kazuma."},
+                {"role": "user", "content": "Why would I?"},
+                {"role": "assistant", "content": "Because I'm *amazing*.\nI can even purify lakes."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "Can you help me?"},
+                {"role": "assistant", "content": "Of course, Kazuma!"},
+            ]
+        },
+    ]
+    # The imported persona is found like any other user persona.
+    registry = PersonaRegistry.discover(tmp_path / "personas", entry_points=False)
+    assert registry.get("aqua").source.startswith("user:")
+
+
+def test_v2_round_trip_gives_an_equivalent_card(tmp_path: Path) -> None:
+    original = v2_card()
+    persona = import_card(write_json(tmp_path / "aqua.json", original), tmp_path / "personas")
+    assert persona_to_card(persona) == original  # unknown fields, extensions and lorebook included
+
+
+def test_round_trip_carries_later_edits(tmp_path: Path) -> None:
+    persona = import_card(write_json(tmp_path / "aqua.json", v2_card()), tmp_path / "personas")
+    toml = persona.folder / "persona.toml"
+    text = toml.read_text().replace("Hello User!", "Greetings, mortal User!")
+    toml.write_text(text)
+    edited = load_folder(persona.folder, "user:test")
+    card = persona_to_card(edited)
+    assert card["data"]["first_mes"] == edited.spec.greeting
+    assert card["data"]["description"] == v2_card()["data"]["description"]  # untouched fields stay
+    assert card["data"]["extensions"] == v2_card()["data"]["extensions"]
+    # New dialogues change mes_example.
+    with (persona.folder / "dialogues.jsonl").open("a") as fh:
+        fh.write(
+            json.dumps(
+                {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
+            )
+        )
+        fh.write("\n")
+    card = persona_to_card(load_folder(persona.folder, "user:test"))
+    assert card["data"]["mes_example"].endswith("<START>\n{{user}}: Q\n{{char}}: A")
+
+
+def test_v1_flat_card(tmp_path: Path) -> None:
+    v1 = {
+        "name": "Old Timer",
+        "description": "{{char}} remembers the old days.",
+        "personality": "grumpy",
+        "scenario": "",
+        "first_mes": "Back in my day, <USER>...",
+        "mes_example": "<START>\n<USER>: Hello\n<BOT>: Hmph. Hello.",
+        "metadata": {"source": "tavern"},
+    }
+    persona = import_card(write_json(tmp_path / "old.json", v1), tmp_path / "personas", user="Kid")
+    assert persona.slug == "old-timer"
+    assert (
+        persona.spec.system_prompt == "Old Timer remembers the old days.\n\nOld Timer's personality: grumpy"
+    )
+    assert persona.spec.greeting == "Back in my day, Kid..."
+    card = persona_to_card(persona)
+    assert card["spec"] == "chara_card_v2"
+    data = card["data"]
+    assert {k: data[k] for k in v1} == v1  # every V1 field, the unknown one too
+    assert data["alternate_greetings"] == [] and data["extensions"] == {}
+
+
+def test_pygmalion_style_field_names(tmp_path: Path) -> None:
+    card = read_card(
+        write_json(
+            tmp_path / "p.json",
+            {"char_name": "Pyg", "char_persona": "shy", "char_greeting": "hi", "example_dialogue": "You: a"},
+        )
+    )
+    assert (card.name, card.data["personality"], card.data["first_mes"]) == ("Pyg", "shy", "hi")
+
+
+def test_v3_card_in_png_wins_over_chara(tmp_path: Path) -> None:
+    v3 = {
+        "spec": "chara_card_v3",
+        "spec_version": "3.0",
+        "data": {
+            **v2_card()["data"],
+            "name": "Aqua Three",
+            "nickname": "Aq",
+            "group_only_greetings": [],
+            "assets": [{"type": "icon", "uri": "ccdefault:", "name": "main", "ext": "png"}],
+        },
+    }
+    png = write_png(tmp_path / "aqua.png", {"chara": v2_card(), "ccv3": v3})
+    persona = import_card(png, tmp_path / "personas")
+    assert persona.slug == "aqua-three"
+    assert (persona.folder / "avatar.png").read_bytes() == png.read_bytes()
+    card = persona_to_card(persona)
+    assert card["spec"] == "chara_card_v2"
+    assert card["data"]["nickname"] == "Aq" and card["data"]["assets"] == v3["data"]["assets"]
+
+
+def test_png_with_only_chara_chunk_and_export_back_to_png(tmp_path: Path) -> None:
+    original = v2_card()
+    png = write_png(tmp_path / "aqua.png", {"chara": original, "Software": "paint"})
+    persona = import_card(png, tmp_path / "personas", slug="goddess")
+    assert persona.slug == "goddess"
+    out = tmp_path / "out.png"
+    export_card(persona, out)
+    with Image.open(out) as image:  # still a valid image, with one card chunk
+        assert image.size == (32, 48)
+        assert image.text["Software"] == "paint"
+    assert read_card(out).data == original["data"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is { not json", "not a character card: invalid JSON at line 1 column 1"),
+        (b'["a", "list"]', "not a character card (expected a JSON object)"),
+        (b'{"spec": "chara_card_v9", "data": {}}', "spec: unknown card spec 'chara_card_v9'"),
+        (b'{"spec": "chara_card_v2", "data": "x"}', "data: expected an object in a chara_card_v2 card"),
+        (b'{"spec": "chara_card_v2", "data": {"name": ""}}', "data.name: missing or empty"),
+        (b'{"name": "X", "description": 5}', "description: expected a string, got int"),
+        (b'{"name": "X", "tags": "a,b"}', "tags: expected a list of strings"),
+    ],
+)
+def test_bad_json_cards_are_one_error_naming_the_file(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "card.json"
+    path.write_bytes(content)
+    with pytest.raises(PersonaError) as info:
+        import_card(path, tmp_path / "personas")
+    assert str(info.value).startswith(f"{path}: {message}"), str(info.value)
+    assert not (tmp_path / "personas").exists()
+
+
+def test_png_without_card_chunk(tmp_path: Path) -> None:
+    png = write_png(tmp_path / "plain.png", {"Comment": "just a picture"})
+    with pytest.raises(PersonaError) as info:
+        read_card(png)
+    assert str(info.value) == f"{png}: PNG holds no character card (no 'chara' or 'ccv3' text chunk)"
+    bad = write_png(tmp_path / "bad.png", {"chara": "!!not base64 json!!"})
+    with pytest.raises(PersonaError, match="PNG chunk 'chara' is not base64-encoded JSON"):
+        read_card(bad)
+
+
+def test_mes_example_edge_cases() -> None:
+    text = (
+        "preamble without speaker\n"
+        "<start>\n"
+        "Aqua: I speak first.\n"
+        "Kazuma: then me\n"
+        "Kazuma: twice\n"
+        "{{ char }}:no space after colon\n"
+        "\n"
+        "<START>\n"
+        "{{char}}:   \n"
+    )
+    assert parse_examples(text, "Aqua", "Kazuma") == [
+        [
+            {"role": "assistant", "content": "I speak first."},
+            {"role": "user", "content": "then me\ntwice"},
+            {"role": "assistant", "content": "no space after colon"},
+        ]
+    ]
+    # A user called "Charlie" is still the user.
+    assert parse_examples("<START>\nCharlie: hi\n{{char}}: yo", "Bot", "Charlie")[0][0]["role"] == "user"
+
+
+def _cli(*args: str) -> int:
+    return main(["persona", *args])
+
+
+def test_cli_import_and_export(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    original = v2_card()
+    write_json(tmp_path / "aqua.json", original)
+    assert _cli("import-card", "aqua.json") == 0
+    out = capsys.readouterr().out
+    assert "imported Aqua as persona 'aqua'" in out and "2 example dialogues" in out
+    assert (tmp_path / "data" / "personas" / "aqua" / "persona.toml").is_file()
+    assert _cli("list") == 0
+    assert "aqua" in capsys.readouterr().out
+    assert _cli("export-card", "aqua", "--out", "back.json") == 0
+    assert json.loads((tmp_path / "back.json").read_text()) == original
+    # Importing again without --force is refused; with it, replaced.
+    assert _cli("import-card", "aqua.json") == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert _cli("import-card", "aqua.json", "--force") == 0
+
+
+def test_cli_refuses_a_slug_taken_by_a_builtin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = write_json(tmp_path / "p.json", v2_card(name="Pirate"))
+    assert _cli("import-card", str(card)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("personabot: error: persona 'pirate' already exists (builtin,")
+    assert err.endswith("choose another with --slug") and "\n" not in err
+    assert not (tmp_path / "data" / "personas").exists()
+
+
+def test_cli_bad_card_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert _cli("import-card", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"personabot: error: {bad}: not a character card")
+    png = write_png(tmp_path / "plain.png", {})
+    assert _cli("import-card", str(png)) == 2
+    assert "PNG holds no character card" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "personas").exists()
+
+
+def test_builtin_persona_exports_and_reimports_with_its_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pirate.png"
+    assert _cli("export-card", "pirate", "--out", str(out), "--examples", "3") == 0
+    card = read_card(out)
+    data = card.data
+    assert data["name"] == "Captain Saltbeard" and data["mes_example"].count("<START>") == 3
+    assert data["extensions"]["personabot"]["sampling"]["top_k"] == 50
+    with Image.open(io.BytesIO(out.read_bytes())) as image:
+        assert image.format == "PNG"
+    registry = PersonaRegistry.discover(entry_points=False)
+    persona = import_card(out, tmp_path / "personas", slug="pirate2")
+    original = registry.get("pirate").spec
+    assert persona.spec.system_prompt == original.system_prompt
+    assert persona.spec.greeting == original.greeting
+    assert persona.spec.sampling == original.sampling and persona.spec.triggers == original.triggers
+    assert persona.spec.schedule == original.schedule
