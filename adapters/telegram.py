@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -121,6 +121,9 @@ class TelegramAdapter:
         # store, which would also dedupe it by message id; this also covers commands, never stored.
         self._recent: deque[int] = deque(maxlen=2048)
         self._recent_set: set[int] = set()
+        # The text last shown in messages we edit, so a streamed reply that has outgrown one message
+        # does not send an edit per token that Telegram would refuse as "not modified".
+        self._shown: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TelegramAdapter:
@@ -469,6 +472,9 @@ class TelegramAdapter:
     ) -> bool:
         """Edit a message of ours to `text`; False when it is gone (deleted) and `missing_ok`."""
         bot = self._bot()
+        key = (channel.external_id, platform_message_id)
+        if self._shown.get(key) == text:
+            return True
         try:
             await self._retrying(
                 "editMessageText",
@@ -484,6 +490,9 @@ class TelegramAdapter:
             if missing_ok and ("not found" in reason or "can't be edited" in reason):
                 return False
             raise
+        self._shown[key] = text
+        while len(self._shown) > 256:
+            self._shown.popitem(last=False)
         return True
 
     async def _delete(self, channel: ChannelRef, platform_message_id: str) -> None:

@@ -72,6 +72,9 @@ class StreamingRelay:
         self._posted: dict[int, str] = {}  # job id -> platform id of the streamed message
         self._shown: dict[int, tuple[float, int]] = {}  # job id -> (time, length) of the last edit
         self._finished: dict[int, str] = {}  # streamed ids of ended jobs, until the outbox takes them
+        # One post or edit in flight per reply: partials arriving meanwhile are skipped (the next one
+        # carries their text too), so a slow platform never gets two previews of one reply.
+        self._busy: dict[int, asyncio.Lock] = {}
 
     def _mine(self, reply: ActiveReply) -> bool:
         return reply.channel.platform == self.adapter.platform
@@ -89,8 +92,16 @@ class StreamingRelay:
             await asyncio.sleep(self.typing_interval)
 
     async def on_text(self, reply: ActiveReply, text: str) -> None:
-        if not (self.streaming and self._mine(reply) and text.strip()):
+        # Only between on_start and on_end: a partial delivered late must not post a second preview.
+        if not (self.streaming and reply.job_id in self._typing and text.strip()):
             return
+        lock = self._busy.setdefault(reply.job_id, asyncio.Lock())
+        if lock.locked():
+            return
+        async with lock:
+            await self._show(reply, text)
+
+    async def _show(self, reply: ActiveReply, text: str) -> None:
         now = self.clock()
         try:
             if reply.job_id not in self._posted:
@@ -111,6 +122,10 @@ class StreamingRelay:
         task = self._typing.pop(reply.job_id, None)
         if task is not None:
             task.cancel()
+        lock = self._busy.pop(reply.job_id, None)
+        if lock is not None:
+            async with lock:  # let a preview being posted finish, so its id is known below
+                pass
         self._shown.pop(reply.job_id, None)
         posted = self._posted.pop(reply.job_id, None)
         if posted is not None:

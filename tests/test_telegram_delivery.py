@@ -1,0 +1,227 @@
+"""Delivering replies on Telegram: splitting, streaming edits, flood control, retries, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.events import ChannelKind, ChannelRef, Outgoing
+from bot.store import Store
+from bot.store.models import OutboxDelivery
+from bot.streaming import ActiveReply, StreamingRelay
+from tests.fakes.backend import ScriptedBackend
+from tests.fakes.telegram_harness import running_bot
+from tests.fakes.telegram_server import FakeBotAPI, FakeChat, FakeUser, utf16_len
+
+ADA = FakeUser(42, "Ada", "ada")
+CHAT = FakeChat.private(ADA)
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeBotAPI]:
+    server = FakeBotAPI()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    await store.upgrade()
+    yield store
+    await store.close()
+
+
+def long_reply() -> str:
+    """About 9,600 UTF-16 units in paragraphs; emoji count twice, as Telegram counts them."""
+    paragraph = " ".join(f"Sentence {i} of this paragraph 🙂 goes on a little." for i in range(20))
+    return "\n\n".join(f"{n}. {paragraph}" for n in range(9))
+
+
+async def test_long_replies_are_split_under_4096_utf16_units(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    text = long_reply()
+    backend = ScriptedBackend(lambda prompt: text)
+    async with running_bot(sqlite_store, api, tmp_path, backend=backend) as bot:
+        api.send(CHAT, ADA, "tell me a long story")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+        posted = [m["text"] for m in api.bot_messages(CHAT.id)]
+    assert len(posted) == 3
+    assert all(utf16_len(p) <= 4096 for p in posted)
+    assert all(len(p) < 4096 for p in posted) and max(utf16_len(p) for p in posted) > 3500
+    assert "\n\n".join(posted) == text  # cut at paragraph boundaries, nothing lost
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.delivered_ids == [str(m["message_id"]) for m in api.bot_messages(CHAT.id)]
+
+
+async def test_streaming_edits_one_message_throttled_by_growth_and_time(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    words = [f"word{i}" for i in range(60)]
+    text = " ".join(words)
+    backend = ScriptedBackend(lambda prompt: text, delay=0.01)
+    async with running_bot(
+        sqlite_store,
+        api,
+        tmp_path,
+        backend=backend,
+        streaming=True,
+        stream_min_interval=0.03,
+        stream_min_growth=60,
+    ) as bot:
+        api.send(CHAT, ADA, "stream it")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+        sends, edits = api.calls_of("sendMessage"), api.calls_of("editMessageText")
+        # One message: the first partial was posted, then edited, ending in the final text.
+        ((msg,),) = [api.bot_messages(CHAT.id)]
+        assert msg["text"] == text
+        assert len([c for c in sends if c.int("chat_id") == CHAT.id]) == 1
+        assert sends[0].params["text"].endswith(" …")
+        assert edits and all(c.int("message_id") == msg["message_id"] for c in edits)
+        # Throttled: far fewer edits than words; each streamed edit grew by at least 60 characters.
+        streamed = [c.params["text"] for c in edits[:-1]]
+        assert len(edits) <= len(text) // 60 + 2
+        shown = [len(sends[0].params["text"])] + [len(t) for t in streamed]
+        assert all(b - a >= 60 for a, b in itertools.pairwise(shown))
+        assert edits[-1].params["text"] == text  # the marker is gone at the end
+        assert api.calls_of("sendChatAction"), "typing is shown while generating"
+
+
+async def test_streamed_reply_longer_than_a_message_edits_then_continues(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    text = long_reply()
+    backend = ScriptedBackend(lambda prompt: text)
+    async with running_bot(
+        sqlite_store,
+        api,
+        tmp_path,
+        backend=backend,
+        streaming=True,
+        stream_min_interval=0.0,
+        stream_min_growth=1500,
+    ) as bot:
+        api.send(CHAT, ADA, "a long one, streamed")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+        posted = api.bot_messages(CHAT.id)
+    assert "\n\n".join(m["text"] for m in posted) == text
+    assert len(posted) == 3
+    sends = api.calls_of("sendMessage")
+    assert len(sends) == 3  # one preview (however fast the tokens came), then chunks 2 and 3
+    assert sends[0].params["text"].endswith(" …")  # the preview became the first chunk
+    assert posted[0]["message_id"] == 1 + 1  # Ada's message is 1; the preview is the bot's first
+
+
+async def test_flood_control_429_is_waited_out_and_posted_once(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    api.fail("sendMessage", 429, retry_after=1)
+    async with running_bot(sqlite_store, api, tmp_path) as bot:
+        api.send(CHAT, ADA, "hello under flood control")
+        await bot.reply_in(CHAT.id)
+        await bot.settle()
+    sends = [c for c in api.calls_of("sendMessage") if c.int("chat_id") == CHAT.id]
+    assert len(sends) == 2  # the 429, then the retry
+    assert sends[1].at - sends[0].at >= 1.0  # retry_after was honoured
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: hello under flood control"]
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.status == "delivered" and row.attempts == 1
+
+
+async def test_5xx_answers_are_retried_with_backoff(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    api.fail("sendMessage", 502, times=2, description="Bad Gateway")
+    async with running_bot(sqlite_store, api, tmp_path) as bot:
+        api.send(CHAT, ADA, "through a flaky gateway")
+        await bot.reply_in(CHAT.id)
+    assert len(api.calls_of("sendMessage")) == 3
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: through a flaky gateway"]
+
+
+async def test_a_chunk_posted_before_a_failure_is_not_posted_again(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    text = long_reply()
+    backend = ScriptedBackend(lambda prompt: text)
+    # The second chunk fails past the adapter's retries; the outbox retries the row later.
+    api.fail("sendMessage", 500, after=1, times=4)
+    async with running_bot(sqlite_store, api, tmp_path, backend=backend, network_retries=3) as bot:
+        api.send(CHAT, ADA, "long, over a bad line")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+        posted = api.bot_messages(CHAT.id)
+    assert "\n\n".join(m["text"] for m in posted) == text and len(posted) == 3
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 2
+    assert row.delivered_ids == [str(m["message_id"]) for m in posted]
+
+
+async def test_an_undelivered_reply_is_sent_once_after_a_restart(
+    store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    # First run: Telegram is down for sending; the reply stays in the outbox.
+    api.fail("sendMessage", 500, times=10**6)
+    async with running_bot(store, api, tmp_path, network_retries=0) as bot:
+        api.send(CHAT, ADA, "are you there?")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery), 1)
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.status == "pending" and row.attempts >= 1
+    assert api.bot_messages(CHAT.id) == []
+
+    # Second run: Telegram is back; the reply goes out once, and a third run posts nothing more.
+    api.clear_failures()
+    async with running_bot(store, api, tmp_path) as bot:
+        await bot.reply_in(CHAT.id)
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+    async with running_bot(store, api, tmp_path) as bot:
+        await bot.settle()
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: are you there?"]
+    assert len(await bot.user_messages(CHAT.id)) == 1  # the update was not fetched twice either
+
+
+class SlowAdapter:
+    """Posting takes a while, as it does on a real network."""
+
+    platform = "telegram"
+
+    def __init__(self) -> None:
+        self.posted: list[str] = []
+        self.edits: list[str] = []
+
+    async def deliver(self, reply: Outgoing) -> list[str]:
+        await asyncio.sleep(0.05)
+        self.posted.append(reply.text)
+        return [str(len(self.posted))]
+
+    async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
+        await asyncio.sleep(0.05)
+        self.edits.append(text)
+
+    async def typing(self, channel: ChannelRef) -> None:
+        return None
+
+
+async def test_streaming_posts_one_preview_however_fast_tokens_arrive() -> None:
+    adapter = SlowAdapter()
+    relay = StreamingRelay(adapter, streaming=True, min_interval=0.0, min_growth=1)  # type: ignore[arg-type]
+    reply = ActiveReply(1, ChannelRef("telegram", "42", ChannelKind.DIRECT), "parrot")
+    await relay.on_start(reply)
+    words = [f"w{i}" for i in range(50)]
+    # Partials arrive faster than the platform answers, as the worker schedules them.
+    await asyncio.gather(*(relay.on_text(reply, " ".join(words[: n + 1])) for n in range(len(words))))
+    await relay.on_end(reply, True)
+    await relay.on_text(reply, "a partial delivered after the end")
+    assert len(adapter.posted) == 1
+    assert relay.take_streamed(1) == "1"
