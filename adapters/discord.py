@@ -1,8 +1,9 @@
 """The Discord adapter, on discord.py: gateway events in, outbox replies out.
 
 It only translates. Messages, edits and deletes become `Incoming`, `Edited` and `Deleted`; slash
-commands (`/persona`, `/personas`, `/reset`, `/help`) become `Incoming` commands whose answer is the
-interaction response; replies are split under 2,000 characters and posted through the REST API.
+commands (`/persona`, `/personas`, `/reset`, `/help`, `/forget`) become `Incoming` commands whose
+answer is the interaction response; replies are split under 2,000 characters and posted through the
+REST API.
 Triggers, access rules, cooldowns and commands are decided in `bot/`.
 
 Channels: a guild text channel or a DM is `ChannelRef(external_id=<channel id>)`. A thread or a forum
@@ -33,7 +34,7 @@ import yarl
 from discord import app_commands
 from pydantic import SecretStr
 
-from adapters.base import DispatchResult, EventHandler
+from adapters.base import DispatchResult, EventHandler, PartialDelivery
 from adapters.splitting import split_text
 from bot.config import DiscordSettings, Settings
 from bot.errors import PersonabotError
@@ -54,6 +55,7 @@ SLASH_COMMANDS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "personas": ("List the available personas", None),
     "reset": ("Start the conversation afresh (history is kept)", None),
     "help": ("What this bot understands", None),
+    "forget": ("Erase what the bot stores of you in this channel", ("confirm", "Type confirm to go ahead")),
 }
 # A slash command's answer is due within 3 s; after this long the bot defers and answers in a follow-up.
 INTERACTION_DEFER_AFTER = 2.0
@@ -108,6 +110,8 @@ class DiscordAdapter:
     """A persona bot on Discord. Build it with `from_settings`; `start()` connects and returns when ready."""
 
     platform = PLATFORM
+    # Streaming edits at most once a second: Discord allows about five edits per 5 s per channel.
+    stream_min_interval = 1.0
 
     def __init__(
         self,
@@ -201,6 +205,7 @@ class DiscordAdapter:
             "allowed_mentions": _NO_PINGS,
             "max_messages": 1000,
         }
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False  # no voice: no warning
         client: discord.Client
         if self.sharded:
             client = discord.AutoShardedClient(shard_count=self.shard_count, **options)
@@ -593,15 +598,20 @@ class DiscordAdapter:
             reference = discord.MessageReference(
                 message_id=int(reply.reply_to), channel_id=target.id, fail_if_not_exists=False
             )
-        for index in range(len(ids), len(chunks)):
-            nonce = f"pb{reply.outbox_id}.{index}" if reply.outbox_id else None
-            sent = await target.send(
-                chunks[index],
-                nonce=nonce,  # type: ignore[arg-type]
-                reference=reference if index == 0 else None,  # type: ignore[arg-type]
-                allowed_mentions=_NO_PINGS,
-            )
-            ids.append(str(sent.id))
+        try:
+            for index in range(len(ids), len(chunks)):
+                nonce = f"pb{reply.outbox_id}.{index}" if reply.outbox_id else None
+                sent = await target.send(
+                    chunks[index],
+                    nonce=nonce,  # type: ignore[arg-type]
+                    reference=reference if index == 0 else None,  # type: ignore[arg-type]
+                    allowed_mentions=_NO_PINGS,
+                )
+                ids.append(str(sent.id))
+        except Exception as exc:
+            if len(ids) > len(reply.delivered_ids):  # the retry must not post these chunks again
+                raise PartialDelivery(ids, exc) from exc
+            raise
         return ids
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:

@@ -8,153 +8,37 @@ The main conversation test runs on SQLite and PostgreSQL (`store`); the others u
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 
-from adapters.discord import DiscordAdapter
-from bot.app import BotApp
-from bot.config import Settings, load_settings
+from bot.config import load_settings
 from bot.store import Store
-from bot.store.models import Channel, Message, OutboxDelivery
-from personas.registry import Persona, PersonaRegistry
-from personas.spec import PersonaSpec
-from tests.fakes.backend import ScriptedBackend, last_user_text
-from tests.fakes.discord_server import FakeDiscord, Json
-from tests.tiny import byte_level_tokenizer
-
-
-def test_registry() -> PersonaRegistry:
-    """Two personas on the ChatML template the scripted backend reads."""
-    specs = [
-        PersonaSpec(
-            slug="assistant", name="Assistant", system_prompt="Be helpful.", template="chatml", dialogues=[]
-        ),
-        PersonaSpec(
-            slug="pirate", name="Pirate", system_prompt="Talk like a pirate.", template="chatml", dialogues=[]
-        ),
-    ]
-    return PersonaRegistry([Persona(spec, Path("."), "test") for spec in specs])
-
-
-test_registry.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
-@functools.cache
-def shared_tokenizer() -> Any:
-    """Built once per run: training the tiny tokenizer takes longer than a whole Discord test."""
-    return byte_level_tokenizer()
-
-
-def scripted(reply_fn: Callable[[str], str] | None = None, *, delay: float = 0.0) -> ScriptedBackend:
-    return ScriptedBackend(reply_fn or echo_last_line, tokenizer=shared_tokenizer(), delay=delay)
-
-
-def echo_last_line(prompt: str) -> str:
-    """`echo: <the newest user line>` (group prompts prefix lines with the author's name)."""
-    return "echo: " + last_user_text(prompt).splitlines()[-1]
-
-
-@dataclass
-class Bot:
-    fake: FakeDiscord
-    app: BotApp
-    adapter: DiscordAdapter
-    backend: ScriptedBackend
-    store: Store
-
-    async def stop(self) -> None:
-        await self.app.stop(flush_timeout=2.0)
-
-    async def replies(self, channel: Json, count: int, timeout: float = 10.0) -> list[Json]:
-        """Wait for the bot to have posted `count` messages in `channel`; returns them."""
-        await self.fake.wait_until(lambda: len(self.fake.posted(channel)) >= count, timeout)
-        return self.fake.posted(channel)
-
-    async def delivered(self, count: int, timeout: float = 10.0) -> list[OutboxDelivery]:
-        """Wait until `count` outbox rows are delivered; returns them."""
-        async with asyncio.timeout(timeout):
-            while len(rows := await self.rows(OutboxDelivery, OutboxDelivery.status == "delivered")) < count:
-                await asyncio.sleep(0.02)
-        return rows
-
-    async def rows(self, model: Any, *where: Any) -> list[Any]:
-        async with self.store.transaction() as session:
-            return list((await session.execute(select(model).where(*where).order_by(model.id))).scalars())
-
-
-async def start_bot(
-    store: Store,
-    fake: FakeDiscord,
-    *,
-    settings: Settings | None = None,
-    backend: ScriptedBackend | None = None,
-    **adapter_options: Any,
-) -> Bot:
-    settings = settings or load_settings(worker={"poll_seconds": 0.05})
-    backend = backend or scripted()
-    options: dict[str, Any] = {
-        "api_base": fake.api_base,
-        "gateway_url": fake.gateway_url,
-        "guild_ready_timeout": 0.05,
-        "ready_timeout": 10.0,
-    }
-    options.update(adapter_options)
-    adapter = DiscordAdapter.from_settings(settings, **options)
-    app = BotApp(settings, store, test_registry(), [adapter], backend)
-    for pump in app.pumps:  # quick polling and retries, so each test takes about a second
-        pump.poll_seconds = 0.05
-        pump.backoff_seconds = 0.05
-    await app.start()
-    return Bot(fake, app, adapter, backend, store)
+from bot.store.models import Channel, Message
+from tests.fakes.discord_harness import (
+    build_world,
+    fake_discord,
+    mention,
+    scripted,
+    sqlite_store_in,
+    start_bot,
+)
+from tests.fakes.discord_server import FakeDiscord
 
 
 @pytest.fixture
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
-    server = await FakeDiscord().start()
-    monkeypatch.setenv("DISCORD_TOKEN", server.token)
-    try:
+    async with fake_discord(monkeypatch) as server:
         yield server
-    finally:
-        await server.close()
 
 
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'discord.db'}")
-    await s.upgrade()
-    try:
+    async with sqlite_store_in(tmp_path) as s:
         yield s
-    finally:
-        await s.close()
-
-
-def mention(user: Json) -> str:
-    return f"<@{user['id']}>"
-
-
-@dataclass
-class World:
-    guild: Json
-    general: Json
-    alice: Json
-    bob: Json
-
-
-def build_world(fake: FakeDiscord) -> World:
-    guild = fake.add_guild("Test Guild")
-    general = fake.add_channel(guild, "general")
-    alice = fake.add_user("alice", global_name="Alice")
-    bob = fake.add_user("bob", global_name="Bob")
-    fake.add_member(guild, alice)
-    fake.add_member(guild, bob, nick="Bobby")
-    return World(guild, general, alice, bob)
 
 
 async def test_guild_mentions_dms_replies_and_threads(store: Store, fake: FakeDiscord) -> None:

@@ -60,6 +60,7 @@ class Failure:
     path: re.Pattern[str]
     status: int
     retry_after: float = 0.0
+    skip: int = 0  # matching requests to let through first
 
 
 @dataclass
@@ -103,10 +104,13 @@ class FakeDiscord:
         self.typing: list[str] = []  # channel ids
         self.sessions: dict[str, Session] = {}
         self.identify_count = 0
+        self.gateway_paths: list[str] = []  # every gateway connection attempt, by URL path
+        self.gateway_down = False  # True: refuse new gateway connections (an outage)
         self.resume_count = 0
         self.shard_count = 1  # answered by GET /gateway/bot
         self._failures: list[Failure] = []
         self._holds: list[tuple[str, re.Pattern[str], asyncio.Event]] = []
+        self._held: list[asyncio.Event] = []  # every hold ever made, released on close
         self._nonces: dict[tuple[str, str], str] = {}
         self._interaction_waiters: dict[str, asyncio.Future[Json]] = {}
         self._changed = asyncio.Event()
@@ -130,7 +134,7 @@ class FakeDiscord:
         return self
 
     async def close(self) -> None:
-        for _, _, event in self._holds:
+        for event in self._held:
             event.set()
         for session in self.sessions.values():
             if session.ws is not None:
@@ -311,16 +315,20 @@ class FakeDiscord:
             return result
 
     def fail_next(
-        self, method: str, path: str, status: int, *, retry_after: float = 0.0, times: int = 1
+        self, method: str, path: str, status: int, *, retry_after: float = 0.0, times: int = 1, skip: int = 0
     ) -> None:
-        """The next `times` matching requests get `status` (429 carries `retry_after` as Discord does)."""
-        for _ in range(times):
-            self._failures.append(Failure(method, re.compile(path), status, retry_after))
+        """After `skip` matching requests, the next `times` get `status` (a 429 carries `retry_after`
+        and the `Via` header, as Discord's do)."""
+        for n in range(times):
+            self._failures.append(
+                Failure(method, re.compile(path), status, retry_after, skip if n == 0 else 0)
+            )
 
     def hold_next(self, method: str, path: str) -> asyncio.Event:
         """The next matching request is carried out but not answered until the event is set."""
         event = asyncio.Event()
         self._holds.append((method, re.compile(path), event))
+        self._held.append(event)
         return event
 
     # -- users acting ---------------------------------------------------------------------------
@@ -481,7 +489,11 @@ class FakeDiscord:
     def _session_of(self, ws: web.WebSocketResponse) -> Session | None:
         return next((s for s in self.sessions.values() if s.ws is ws), None)
 
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        self.gateway_paths.append(request.path)
+        self._changed.set()
+        if self.gateway_down:
+            return web.Response(status=503, text="gateway unavailable")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": self.heartbeat_ms}}))
@@ -567,6 +579,9 @@ class FakeDiscord:
             return _error(401, 0, "401: Unauthorized")
         for failure in self._failures:
             if failure.method == request.method and failure.path.fullmatch(path):
+                if failure.skip:
+                    failure.skip -= 1
+                    break
                 self._failures.remove(failure)
                 if failure.status == 429:
                     return _json(

@@ -1,0 +1,180 @@
+"""The Discord adapter when Discord misbehaves: rate limits, outages, reconnects, redelivered events,
+a crash mid-delivery, and sharding."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from bot.config import load_settings
+from bot.events import utcnow
+from bot.store import Store
+from bot.store.models import Message, OutboxDelivery
+from tests.fakes.discord_harness import (
+    build_world,
+    fake_discord,
+    mention,
+    scripted,
+    sqlite_store_in,
+    start_bot,
+)
+from tests.fakes.discord_server import FakeDiscord
+
+
+@pytest.fixture
+async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
+    async with fake_discord(monkeypatch) as server:
+        yield server
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with sqlite_store_in(tmp_path) as s:
+        yield s
+
+
+async def test_429_and_5xx_during_delivery_are_retried_and_posted_once(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    w = build_world(fake)
+    messages = rf"/channels/{w.general['id']}/messages"
+    bot = await start_bot(sqlite_store, fake)
+    try:
+        # Rate limited: discord.py waits Discord's retry_after and posts again.
+        fake.fail_next("POST", messages, 429, retry_after=0.2)
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} first", mentions=[fake.bot])
+        await bot.delivered(1)
+        assert len(fake.calls("POST", messages)) == 2
+        assert [m["content"] for m in fake.posted(w.general)] == ["echo: Alice: first"]
+
+        # An outage (503) fails the delivery; the outbox retries it with backoff.
+        fake.fail_next("POST", messages, 503)
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} second", mentions=[fake.bot])
+        await bot.delivered(2)
+        assert len(fake.calls("POST", messages)) == 4
+        assert [m["content"] for m in fake.posted(w.general)][1:] == ["echo: Alice: second"]
+        (failed_once,) = await bot.rows(OutboxDelivery, OutboxDelivery.attempts == 2)
+        assert failed_once.status == "delivered"
+    finally:
+        await bot.stop()
+
+
+async def test_a_failure_between_chunks_never_reposts_the_first(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    w = build_world(fake)
+    messages = rf"/channels/{w.general['id']}/messages"
+    long_reply = "First part of the answer. " * 100 + "\n\n" + "Second part. " * 100
+    bot = await start_bot(sqlite_store, fake, backend=scripted(lambda _: long_reply.strip()))
+    try:
+        fake.fail_next("POST", messages, 403, skip=1)  # the second chunk is refused once
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} tell me", mentions=[fake.bot])
+        (row,) = await bot.delivered(1)
+        posted = fake.posted(w.general)
+        assert len(posted) == 2 and row.delivered_ids == [m["id"] for m in posted]
+        assert len(fake.calls("POST", messages)) == 3  # chunk 1, chunk 2 refused, chunk 2 again
+    finally:
+        await bot.stop()
+
+
+async def test_gateway_reconnect_and_outage_resume_the_session(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    w = build_world(fake)
+    bot = await start_bot(sqlite_store, fake)
+    try:
+        # op 7 RECONNECT: the client reconnects to resume_gateway_url and RESUMEs, no new IDENTIFY.
+        await fake.reconnect()
+        await fake.wait_until(lambda: fake.resume_count == 1)
+        assert fake.gateway_paths == ["/gateway", "/resume-gateway"]
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} after reconnect", mentions=[fake.bot])
+        await bot.replies(w.general, 1)
+
+        # An outage: the socket drops and reconnecting fails for a while. A message sent meanwhile is
+        # replayed when the session resumes, and answered.
+        fake.gateway_down = True
+        await fake.drop_connections()
+        await fake.say(w.general, w.bob, f"{mention(fake.bot)} during the outage", mentions=[fake.bot])
+        await fake.wait_until(lambda: len(fake.gateway_paths) >= 3)  # a refused attempt
+        fake.gateway_down = False
+        replies = await bot.replies(w.general, 2, timeout=15)
+        assert replies[1]["content"] == "echo: Bobby: during the outage"
+        assert fake.resume_count == 2 and fake.identify_count == 1
+    finally:
+        await bot.stop()
+
+
+async def test_a_duplicated_message_create_is_stored_and_answered_once(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    w = build_world(fake)
+    bot = await start_bot(sqlite_store, fake)
+    try:
+        message = await fake.say(w.general, w.alice, f"{mention(fake.bot)} once", mentions=[fake.bot])
+        await fake.dispatch("MESSAGE_CREATE", message)  # Discord may deliver an event twice
+        await fake.say(w.general, w.bob, f"{mention(fake.bot)} next", mentions=[fake.bot])
+        await bot.delivered(2)
+        await asyncio.sleep(0.2)  # time for a wrongly queued third reply to show up
+        assert [m["content"] for m in fake.posted(w.general)] == ["echo: Alice: once", "echo: Bobby: next"]
+        stored = await bot.rows(Message, Message.role == "user")
+        assert [m.text for m in stored] == ["once", "next"]
+    finally:
+        await bot.stop()
+
+
+async def test_restart_delivers_an_undelivered_reply_exactly_once(store: Store, fake: FakeDiscord) -> None:
+    """The bot crashes after Discord created its reply but before the answer arrived; after the
+    restart the outbox row is delivered again, Discord dedupes it by nonce, and its id is recorded."""
+    w = build_world(fake)
+    messages = rf"/channels/{w.general['id']}/messages"
+    first = await start_bot(store, fake)
+    fake.hold_next("POST", messages)
+    await fake.say(w.general, w.alice, f"{mention(fake.bot)} are you there?", mentions=[fake.bot])
+    (created,) = await first.replies(w.general, 1)
+    # Crash: no flush, no goodbye; the outbox row stays leased to the dead process.
+    for task in first.app._tasks:
+        task.cancel()
+    await asyncio.gather(*first.app._tasks, return_exceptions=True)
+    await first.adapter.stop()
+    (row,) = await first.rows(OutboxDelivery)
+    assert row.status == "sending" and row.delivered_ids == []
+    async with store.transaction() as session:  # the dead process's lease runs out
+        await session.execute(update(OutboxDelivery).values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+
+    second = await start_bot(store, fake)
+    try:
+        (row,) = await second.delivered(1)
+        assert fake.posted(w.general) == [created]
+        assert row.delivered_ids == [created["id"]]
+        (reply,) = await second.rows(Message, Message.role == "assistant")
+        assert reply.platform_message_id == created["id"]
+        nonces = [body["nonce"] for _, _, body in fake.calls("POST", messages)]
+        assert len(nonces) == 2 and nonces[0] == nonces[1]
+    finally:
+        await second.stop()
+
+
+async def test_sharded_client_from_one_setting(sqlite_store: Store, fake: FakeDiscord) -> None:
+    fake.shard_count = 2  # what GET /gateway/bot recommends
+    guilds = [fake.add_guild(f"guild {n}", guild_id=str((0x51000 + n) << 22 | 7)) for n in range(2)]
+    alice = fake.add_user("alice", global_name="Alice")
+    channels = []
+    for guild in guilds:
+        fake.add_member(guild, alice)
+        channels.append(fake.add_channel(guild, "general"))
+    settings = load_settings(worker={"poll_seconds": 0.05}, discord={"sharded": True})
+    bot = await start_bot(sqlite_store, fake, settings=settings, identify_delay=0.0)
+    try:
+        assert sorted(s.shard for s in fake.sessions.values()) == [(0, 2), (1, 2)]
+        for channel in channels:
+            await fake.say(channel, alice, f"{mention(fake.bot)} hi shard", mentions=[fake.bot])
+        for channel in channels:
+            (reply,) = await bot.replies(channel, 1)
+            assert reply["content"] == "echo: Alice: hi shard"
+    finally:
+        await bot.stop()
