@@ -23,6 +23,7 @@ import re
 import shutil
 import struct
 import tempfile
+import tomllib
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -33,7 +34,7 @@ import tomli_w
 
 from bot.errors import PersonaError
 from personas.registry import Persona, load_folder
-from personas.spec import SLUG_PATTERN, display_path
+from personas.spec import SLUG_PATTERN, display_path, validate_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_FILE = "card.json"
@@ -400,6 +401,8 @@ def import_card(
     if target.exists() and not force:
         raise PersonaError(f"{display_path(target)} already exists; pass --force to replace it")
     files = card_to_persona_files(card, slug, user)
+    # Check the persona (settings carried in extensions included) against the card, before writing.
+    validate_spec(tomllib.loads(files["persona.toml"].decode("utf-8")), f"{display_path(path)} as persona")
     dest_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest_root, prefix=f".import-{slug}-"))
     try:

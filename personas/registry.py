@@ -61,7 +61,8 @@ class Persona:
 def _folders(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if (p / "persona.toml").is_file())
+    # Hidden folders are skipped: `.import-*` staging folders of an interrupted card import among them.
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / "persona.toml").is_file())
 
 
 def load_folder(folder: Path, source: str) -> Persona:

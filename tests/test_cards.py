@@ -225,6 +225,26 @@ def test_bad_json_cards_are_one_error_naming_the_file(tmp_path: Path, content: b
     assert not (tmp_path / "personas").exists()
 
 
+def test_a_card_that_makes_an_invalid_persona_writes_nothing(tmp_path: Path) -> None:
+    card = v2_card()
+    card["data"]["extensions"]["personabot"] = {"sampling": {"top_p": 5}}
+    path = write_json(tmp_path / "aqua.json", card)
+    with pytest.raises(PersonaError) as info:
+        import_card(path, tmp_path / "personas")
+    assert str(info.value) == f"{path} as persona: sampling.top_p: must be in (0, 1]"
+    assert not (tmp_path / "personas").exists()
+
+
+def test_a_leftover_staging_folder_is_not_a_persona(tmp_path: Path) -> None:
+    """An import killed half way leaves `.import-*`; discovery skips it and the import can be redone."""
+    import_card(write_json(tmp_path / "aqua.json", v2_card()), tmp_path / "personas")
+    leftover = tmp_path / "personas" / ".import-aqua-x"
+    leftover.mkdir()
+    (leftover / "persona.toml").write_text((tmp_path / "personas" / "aqua" / "persona.toml").read_text())
+    registry = PersonaRegistry.discover(tmp_path / "personas", entry_points=False)
+    assert "aqua" in registry
+
+
 def test_png_without_card_chunk(tmp_path: Path) -> None:
     png = write_png(tmp_path / "plain.png", {"Comment": "just a picture"})
     with pytest.raises(PersonaError) as info:

@@ -188,7 +188,7 @@ def _validate(args: argparse.Namespace) -> int:
             known = ", ".join(sorted(p.slug for p in personas))
             raise PersonaError(f"unknown persona {args.slug!r}; available: {known}")
         personas = chosen
-        problems = [m for m in problems if args.slug in m]
+        problems = [m for m in problems if f"/{args.slug}/" in m or f"'{args.slug}'" in m]
     for persona in personas:
         facts, found = validate_persona(persona)
         status = "ok" if not found else "FAILED"
