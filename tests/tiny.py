@@ -6,6 +6,7 @@
   `<unk>` and Llama-2's chat template.
 - `tiny_llama(tokenizer)`: a randomly initialised 2-layer Llama sized to the tokenizer.
 - `save_tiny_model(folder)`: both, saved as a model folder `model.path` can point at.
+- `with_special_tokens(tokenizer, *tokens)`: a tokenizer with extra special tokens added.
 """
 
 from __future__ import annotations
@@ -145,3 +146,11 @@ def save_tiny_model(folder: Path, *, tokenizer: Any | None = None, seed: int = 0
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def with_special_tokens(tokenizer: Any, *tokens: str) -> Any:
+    """`tokenizer` with `tokens` added as special tokens (e.g. `<s>` on the byte-level one, for llama2)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    return tokenizer

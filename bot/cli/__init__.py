@@ -15,7 +15,7 @@ from bot import __version__
 from bot.errors import PersonabotError
 
 # Modules that add sub-commands, in the order `--help` lists them.
-COMMAND_MODULES = ["bot.cli.chat", "bot.cli.db", "bot.cli.model", "bot.cli.persona"]
+COMMAND_MODULES = ["bot.cli.chat", "bot.cli.db", "bot.cli.model", "bot.cli.persona", "bot.cli.prompt"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -380,7 +380,7 @@ class ChatRenderer:
             raise PromptError("the conversation has no user turn")
         if body[0].role != "user":
             raise PromptError(
-                f"turn {offset + 1}: the conversation starts with a {body[0].role} turn; "
+                f"turn {offset + 1}: the conversation starts with role {body[0].role!r}; "
                 f"template {self.template!r} needs a user turn first"
             )
         for index in range(1, len(body)):
@@ -640,9 +640,13 @@ class ChatRenderer:
         """The text an assistant turn's trained tokens spell: its content as the template writes it,
         then the template text through the end-of-turn token (for mask audits)."""
         form = self._forms["assistant"]
-        slot = form.slots[0]
-        tail = form.statics[-1].ids[: form.trained_tail]
-        return slot.text(content) + self.tokenizer.decode(list(tail), skip_special_tokens=False)
+        after = form.statics[-1]
+        tail = ""
+        if form.trained_tail:
+            names = {i: name for name, i in self.structural.items()}
+            token = names[after.ids[form.trained_tail - 1]]
+            tail = after.text[: after.text.index(token) + len(token)]
+        return form.slots[0].text(content) + tail
 
     # ------------------------------------------------------------------------------------ helpers
 
