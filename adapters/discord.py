@@ -57,8 +57,6 @@ SLASH_COMMANDS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "help": ("What this bot understands", None),
     "forget": ("Erase what the bot stores of you in this channel", ("confirm", "Type confirm to go ahead")),
 }
-# A slash command's answer is due within 3 s; after this long the bot defers and answers in a follow-up.
-INTERACTION_DEFER_AFTER = 2.0
 
 _MENTION = re.compile(r"<(?P<kind>@!?|@&|#)(?P<id>\d+)>|<a?:(?P<emoji>\w+):\d+>|</(?P<command>[\w -]+):\d+>")
 _NO_PINGS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=False)
@@ -112,6 +110,9 @@ class DiscordAdapter:
     platform = PLATFORM
     # Streaming edits at most once a second: Discord allows about five edits per 5 s per channel.
     stream_min_interval = 1.0
+    # A slash command's answer is due within 3 s; after this long the bot defers and answers in a
+    # follow-up message instead.
+    interaction_defer_after = 2.0
 
     def __init__(
         self,
@@ -405,8 +406,9 @@ class DiscordAdapter:
             return f"#{getattr(channel, 'name', None) or 'unknown-channel'}"
 
         text = _MENTION.sub(replace, clean_text(message.content))
+        # "Hi <@bot>, you" -> "Hi, you"; "<@bot> hello" -> "hello".
+        text = re.sub(r"[ \t]*\x00[ \t]*(?=[,.!?;:])", "", text)
         text = re.sub(r"[ \t]*\x00[ \t]*", " ", text)
-        text = re.sub(r" (?=[,.!?;:])", "", text) if mentioned else text
         extras = [f"[attachment: {clean_text(a.filename)}]" for a in message.attachments]
         extras += [f"[sticker: {clean_text(s.name)}]" for s in message.stickers]
         text = "\n".join(part for part in [text.strip(), " ".join(extras)] if part)
@@ -552,7 +554,7 @@ class DiscordAdapter:
             sent_at=interaction.created_at,
         )
         task = asyncio.ensure_future(self._handle(event))
-        done, _ = await asyncio.wait({task}, timeout=INTERACTION_DEFER_AFTER)
+        done, _ = await asyncio.wait({task}, timeout=self.interaction_defer_after)
         deferred = not done
         if deferred:
             await interaction.response.defer(thinking=True)

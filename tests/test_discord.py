@@ -144,6 +144,9 @@ async def test_streaming_edits_one_message_at_most_once_a_second(
         (row,) = await bot.delivered(1)
         (message,) = fake.posted(w.general)  # one message, edited: never a second post
         assert message["content"] == final and row.delivered_ids == [message["id"]]
+        # Discord echoes every edit of the bot's message; none of them touches the stored reply.
+        (stored,) = await bot.rows(Message, Message.role == "assistant")
+        assert stored.text == final and stored.platform_message_id == message["id"]
         posts = fake.calls("POST", rf"/channels/{w.general['id']}/messages")
         assert len(posts) == 1 and posts[0][2]["content"].endswith(" …")
         edits = [
