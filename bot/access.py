@@ -35,17 +35,18 @@ class AccessPolicy:
         if self.is_admin(author):
             return None
         roles = _role_keys(author)
-        channel_key = f"{channel.platform}:{channel.external_id}"
+        # A rule for a channel covers its threads / topics; `platform:id/thread` names one of them.
+        channel_keys = {f"{channel.platform}:{channel.external_id}", channel.key}
         if author.key in s.blocked_users:
             return "blocked user"
         if roles & set(s.blocked_roles):
             return "blocked role"
-        if channel_key in s.blocked_channels:
+        if channel_keys & set(s.blocked_channels):
             return "blocked channel"
         if s.allowed_users or s.allowed_roles:
             if author.key not in s.allowed_users and not roles & set(s.allowed_roles):
                 return "user not allowed"
-        if s.allowed_channels and not channel.is_direct and channel_key not in s.allowed_channels:
+        if s.allowed_channels and not channel.is_direct and not channel_keys & set(s.allowed_channels):
             return "channel not allowed"
         return None
 
