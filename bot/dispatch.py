@@ -9,7 +9,7 @@ from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
 from bot.config import Settings
 from bot.events import Deleted, Edited, Incoming, PlatformEvent
-from bot.store import Store, conversations, jobs, privacy
+from bot.store import Store, consent, conversations, jobs, privacy
 from bot.triggers import responders
 from personas.registry import PersonaRegistry
 
@@ -34,6 +34,8 @@ class Dispatcher:
             "help": self._cmd_help,
             "start": self._cmd_start,
             "forget": self._cmd_forget,
+            "optin": self._cmd_optin,
+            "optout": self._cmd_optout,
         }
 
     def command_prefixes(self, platform: str) -> str:
@@ -207,3 +209,24 @@ class Dispatcher:
             ctx.event.channel.platform,
         )
         return f"Done: I erased {done.messages} of your messages and {done.replies} of my replies here."
+
+    async def _cmd_optin(self, ctx: CommandContext) -> str:
+        """Let this user's conversations from now on be used to retrain the personas."""
+        changed = await consent.set_training_opt_in(ctx.session, ctx.event.author, True)
+        if not changed:
+            return "You are already opted in. /optout stops it at any time."
+        return (
+            "Thank you! From now on, your conversations with the personas may be used to train them. "
+            "Only messages you send while opted in are used. /optout stops it at any time; "
+            "/forget confirm erases what I store of you in this chat."
+        )
+
+    async def _cmd_optout(self, ctx: CommandContext) -> str:
+        """Keep this user's conversations out of every later training export."""
+        changed = await consent.set_training_opt_in(ctx.session, ctx.event.author, False)
+        if not changed:
+            return "You are not opted in: your conversations are not used for training."
+        return (
+            "Done: your conversations will not be used for training any more, including the ones "
+            "from before. /optin turns it back on."
+        )

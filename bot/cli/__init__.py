@@ -15,7 +15,17 @@ from bot import __version__
 from bot.errors import PersonabotError
 
 # Modules that add sub-commands, in the order `--help` lists them.
-COMMAND_MODULES = ["bot.cli.chat", "bot.cli.db", "bot.cli.model", "bot.cli.persona", "bot.cli.prompt"]
+COMMAND_MODULES = [
+    "bot.cli.chat",
+    "bot.cli.db",
+    "bot.cli.model",
+    "bot.cli.persona",
+    "bot.cli.prompt",
+    "bot.cli.run",
+    "bot.cli.status",
+    "bot.cli.schedule",
+    "bot.cli.export",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,91 @@
+"""Heartbeats: each running component keeps one row of `heartbeats` fresh, so `personabot status`
+can tell what runs, what stopped cleanly, and what went silent (crashed, or its machine is gone).
+
+A component is named `<kind>:<name>@<host>:<pid>` (`adapter:telegram@bot1:4242`, `worker@bot1:4242`);
+its `detail` says its state (`running`, `stopped`) and beat interval, from which status derives
+"stale": not seen for three intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from bot.events import utcnow
+from bot.store import Store
+from bot.store.conversations import _insert_for
+from bot.store.models import Heartbeat
+from bot.worker import worker_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Component:
+    kind: str  # adapter | worker | scheduler
+    name: str  # the platform for adapters; empty otherwise
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def key(self, owner: str) -> str:
+        label = f"{self.kind}:{self.name}" if self.name else self.kind
+        return f"{label}@{owner}"
+
+
+async def beat(store: Store, component: str, kind: str, detail: dict[str, Any]) -> None:
+    """Insert or refresh one component's row."""
+    now = utcnow()
+    async with store.transaction() as session:
+        insert = _insert_for(session)(Heartbeat).values(
+            component=component, kind=kind, detail=detail, started_at=now, seen_at=now
+        )
+        await session.execute(
+            insert.on_conflict_do_update(
+                index_elements=["component"], set_={"detail": insert.excluded.detail, "seen_at": now}
+            )
+        )
+
+
+class Heartbeats:
+    """Beats for the components of one process, every `interval` seconds until stopped."""
+
+    def __init__(
+        self, store: Store, components: list[Component], *, interval: float, owner: str | None = None
+    ):
+        self.store = store
+        self.components = components
+        self.interval = interval
+        self.owner = owner or worker_id()
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    async def beat_all(self, state: str = "running") -> None:
+        for c in self.components:
+            detail = c.detail | {"state": state, "interval": self.interval, "owner": self.owner}
+            await beat(self.store, c.key(self.owner), c.kind, detail)
+
+    async def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.beat_all()
+            except Exception:  # a busy or unreachable store must not stop the bot; the next beat retries
+                log.warning("could not write heartbeats", exc_info=True)
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.interval)
+            except TimeoutError:
+                pass
+
+    async def start(self) -> None:
+        await self.beat_all()  # the first beat before anything else, so status sees the process at once
+        self._task = asyncio.create_task(self._loop(), name="heartbeats")
+
+    async def stop(self) -> None:
+        """Last beat: `stopped`, so status tells a clean stop from a crash."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        try:
+            await self.beat_all("stopped")
+        except Exception:
+            log.warning("could not record the stop in heartbeats", exc_info=True)

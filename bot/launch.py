@@ -1,0 +1,209 @@
+"""`personabot run`: every configured part in one process, until SIGTERM or SIGINT.
+
+It applies migrations, starts each platform adapter that has credentials (the console only when asked),
+the worker unless `worker.enabled` is false, and the scheduler unless `scheduler.enabled` is false.
+One line per part says what started, and what was skipped and why. The first SIGTERM / SIGINT stops it
+gracefully (see `BotApp.stop`) and it exits 0; a second one stops it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import TextIO
+
+from adapters.base import PlatformAdapter
+from adapters.console import ConsoleAdapter
+from bot.app import BotApp
+from bot.config import Settings
+from bot.errors import ConfigError
+from bot.runtime import load_backend, load_registry, open_store
+from bot.store import Store, conversations
+from bot.store.models import OutboxDelivery, ReplyJob
+from personas.registry import PersonaRegistry
+from personas.versions import active_version
+
+Say = Callable[[str], None]
+
+
+def _platform_adapters(settings: Settings, say: Say) -> list[PlatformAdapter]:
+    """Adapters with credentials; the others are reported as skipped, with the reason."""
+    adapters: list[PlatformAdapter] = []
+    if settings.telegram.resolve_token("TELEGRAM_TOKEN") is None:
+        say("telegram: skipped: no TELEGRAM_TOKEN (nor telegram.token or telegram.token_file)")
+    else:
+        from adapters.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter.from_settings(settings))
+    if settings.discord.resolve_token("DISCORD_TOKEN") is None:
+        say("discord: skipped: no DISCORD_TOKEN (nor discord.token or discord.token_file)")
+    else:
+        from adapters.discord import DiscordAdapter
+
+        adapters.append(DiscordAdapter.from_settings(settings))
+    return adapters
+
+
+async def _persona_lines(store: Store, registry: PersonaRegistry, say: Say) -> None:
+    async with store.transaction() as session:
+        for persona in registry.all():
+            active = await active_version(session, persona.slug)
+            if active is None:
+                say(f"persona {persona.slug}: answering with the base model (no adapter active)")
+            else:
+                loss = f"{active.heldout_loss:.4f}" if active.heldout_loss is not None else "not measured"
+                say(f"persona {persona.slug}: answering with adapter {active.version} (held-out loss {loss})")
+
+
+class ConsoleInput:
+    """Lines from stdin for the console adapter; a daemon thread reads, so shutdown never waits on it."""
+
+    def __init__(self, adapter: ConsoleAdapter, store: Store, stdin: TextIO, on_end: Callable[[], None]):
+        self.adapter = adapter
+        self.store = store
+        self.stdin = stdin
+        self.on_end = on_end
+        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def start(self) -> asyncio.Task[None]:
+        loop = asyncio.get_running_loop()
+
+        def read() -> None:
+            for line in self.stdin:
+                loop.call_soon_threadsafe(self._lines.put_nowait, line)
+            loop.call_soon_threadsafe(self._lines.put_nowait, None)
+
+        threading.Thread(target=read, name="console-stdin", daemon=True).start()
+        return asyncio.create_task(self._run(), name="console-input")
+
+    async def _run(self) -> None:
+        while (line := await self._lines.get()) is not None:
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            result = await self.adapter.send(text)
+            if result.notice:
+                self.adapter.show(result.notice)
+        # End of input (piped stdin): stop once every reply to the console has been delivered.
+        await self._wait_until_answered()
+        self.on_end()
+
+    async def _wait_until_answered(self) -> None:
+        from sqlalchemy import func, select
+
+        while True:
+            async with self.store.transaction() as session:
+                channel_id = await conversations.find_channel(session, self.adapter.channel)
+                if channel_id is None:
+                    return
+                busy = (
+                    await session.execute(
+                        select(func.count())
+                        .select_from(ReplyJob)
+                        .where(ReplyJob.channel_id == channel_id, ReplyJob.status.in_(("pending", "running")))
+                    )
+                ).scalar_one() + (
+                    await session.execute(
+                        select(func.count())
+                        .select_from(OutboxDelivery)
+                        .where(
+                            OutboxDelivery.channel_id == channel_id,
+                            OutboxDelivery.status.in_(("pending", "sending")),
+                        )
+                    )
+                ).scalar_one()
+            if not busy:
+                return
+            await asyncio.sleep(0.2)
+
+
+async def run_bot(
+    settings: Settings,
+    *,
+    console: bool = False,
+    console_channel: str = "local",
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    say: Say | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run until `stop` is set or a signal arrives; returns the exit code (0 after a clean stop)."""
+    from bot.scheduler import JobScheduler
+
+    if say is None:
+        stream = sys.stderr if console else sys.stdout
+
+        def say(line: str) -> None:
+            print(line, file=stream, flush=True)
+
+    stop = stop or asyncio.Event()
+    registry = load_registry(settings)
+    store = await open_store(settings)
+    try:
+        say(f"database: {store.engine.url.render_as_string(hide_password=True)} (migrations applied)")
+        adapters = _platform_adapters(settings, say)
+        console_adapter = None
+        if console:
+            console_adapter = ConsoleAdapter(console_channel, stdout=stdout, interactive=False)
+            adapters.append(console_adapter)
+        else:
+            say("console: skipped: not asked for (--console)")
+        backend = None
+        if settings.worker.enabled:
+            backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
+        scheduler = JobScheduler(settings, store, registry) if settings.scheduler.enabled else None
+        if not adapters and backend is None and scheduler is None:
+            raise ConfigError(
+                "nothing to run: no adapter has a token, worker.enabled and scheduler.enabled are false "
+                "(set TELEGRAM_TOKEN or DISCORD_TOKEN, or use --console)"
+            )
+        app = BotApp(settings, store, registry, adapters, backend, scheduler=scheduler, heartbeats=True)
+        await app.start()
+        try:
+            for adapter in adapters:
+                extra = f" (channel {console_channel})" if adapter is console_adapter else ""
+                say(f"{adapter.platform}: started{extra}")
+            if not adapters:
+                say("adapters: none started; this process only works the queue and the schedule")
+            await _persona_lines(store, registry, say)
+            if backend is not None:
+                say(f"worker: started ({settings.model.name}, max batch {settings.worker.max_batch})")
+            else:
+                say(
+                    "worker: skipped: worker.enabled is false (separate `personabot worker` processes answer)"
+                )
+            if scheduler is not None:
+                say(
+                    f"scheduler: started with {len(scheduler.jobs)} job(s): {', '.join(sorted(scheduler.by_id)) or '-'}"
+                )
+                for problem in scheduler.problems:
+                    say(f"scheduler: {problem.job_id}: not scheduled: {problem.message}")
+            else:
+                say("scheduler: skipped: scheduler.enabled is false")
+            loop = asyncio.get_running_loop()
+
+            def on_signal(signum: int) -> None:
+                say(f"{signal.Signals(signum).name}: stopping (again to stop at once)")
+                for s in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(s)
+                stop.set()
+
+            for s in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(s, on_signal, s)
+            reader = None
+            if console_adapter is not None:
+                reader = ConsoleInput(console_adapter, store, stdin or sys.stdin, stop.set).start()
+            await stop.wait()
+            if reader is not None:
+                reader.cancel()
+        finally:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().remove_signal_handler(s)
+            await app.stop()
+        say("stopped")
+        return 0
+    finally:
+        await store.close()

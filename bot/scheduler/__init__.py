@@ -1,0 +1,7 @@
+"""Periodic work: retention, scheduled posts and retraining, on APScheduler with a shared job store."""
+
+from bot.scheduler.errors import ScheduleError
+from bot.scheduler.jobs import JobDef, JobProblem, plan_jobs
+from bot.scheduler.service import JobScheduler, RunResult
+
+__all__ = ["JobDef", "JobProblem", "JobScheduler", "RunResult", "ScheduleError", "plan_jobs"]

@@ -1,0 +1,288 @@
+"""Retraining: a persona learns from its conversations with users who opted in.
+
+When a persona has at least `scheduler.retrain_min_conversations` new conversations (ended since the
+last retrain) from opted-in users, the `retrain:<persona>` job
+
+1. scrubs earlier exports of users who opted out or used `/forget` since;
+2. exports every exportable conversation of the persona to `<data_dir>/exports/<persona>/<version>.jsonl`;
+3. trains a new adapter version on the bundled dialogues plus that export, as a background subprocess
+   (`personabot train`, or `scheduler.retrain_command`), logging to `<data_dir>/logs/`;
+4. measures the held-out loss of the new version and of the active one (the base model when none is
+   active) on the same held-out set;
+5. activates the new version only when its held-out loss is not worse. Both numbers are logged and
+   recorded in the run, which `personabot status` shows.
+
+Training, evaluation and activation are injectable, so tests swap in fast fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings
+from bot.export import collect_conversations, exports_dir, scrub_exports, write_jsonl
+from bot.scheduler import runs
+from bot.scheduler.errors import ScheduleError
+from bot.scheduler.jobs import JobOutcome
+from bot.store import Store
+from personas import versions
+from personas.registry import PersonaRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    persona: str
+    data: Path  # the export; the trainer adds the persona's bundled dialogues itself
+    version: str
+    log_path: Path
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    persona: str
+    data: Path  # the export the new version was trained on (with the bundled dialogues)
+    adapters: tuple[Path | None, ...]  # None: the base model alone
+    log_path: Path
+
+
+TrainFn = Callable[[TrainRequest], Awaitable[None]]
+EvalFn = Callable[[EvalRequest], Awaitable[list[float]]]
+ActivateFn = Callable[[str, str], Awaitable[None]]
+
+
+def _fill(template: Sequence[str], values: dict[str, str]) -> list[str]:
+    filled = [part.format(**values) for part in template]
+    return [part for part in filled if part != ""]
+
+
+def train_command(settings: Settings, request: TrainRequest) -> list[str]:
+    """The training command line: `scheduler.retrain_command`, or `personabot train` in this Python."""
+    config = str(settings.config_path) if settings.config_path else ""
+    values = {
+        "python": sys.executable,
+        "persona": request.persona,
+        "data": str(request.data),
+        "version": request.version,
+        "config": config,
+    }
+    if settings.scheduler.retrain_command:
+        try:
+            return _fill(settings.scheduler.retrain_command, values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ScheduleError(f"scheduler.retrain_command: bad placeholder {exc}") from None
+    base = [sys.executable, "-m", "bot.cli"] + (["--config", config] if config else [])
+    return [*base, "train", request.persona, "--data", str(request.data), "--version", request.version]
+
+
+def eval_command(settings: Settings, request: EvalRequest) -> list[str]:
+    config = ["--config", str(settings.config_path)] if settings.config_path else []
+    adapters = [arg for a in request.adapters for arg in ("--adapter", str(a) if a is not None else "base")]
+    return [
+        sys.executable,
+        "-m",
+        "bot.scheduler.evaluate",
+        *config,
+        request.persona,
+        str(request.data),
+        *adapters,
+    ]
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line), "")
+
+
+async def run_logged(command: list[str], log_path: Path, *, timeout: float, what: str) -> None:
+    """Run `command` in the background, its output appended to `log_path`; ScheduleError on failure.
+
+    It runs in its own session, so a Ctrl-C at the terminal reaches personabot, which stops it.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as out:
+        out.write(f"$ {' '.join(command)}\n".encode())
+        out.flush()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ScheduleError(f"{what}: cannot start {command[0]!r}: {exc.strerror or exc}") from None
+        try:
+            code = await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            await _stop(proc)
+            raise ScheduleError(f"{what}: stopped after {timeout / 3600:g} hours; log: {log_path}") from None
+        except asyncio.CancelledError:
+            await _stop(proc)
+            raise
+    if code != 0:
+        reason = _last_line(log_path) or "no output"
+        raise ScheduleError(f"{what} failed (exit {code}): {reason} (log: {log_path})")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), 10)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+
+class Retrainer:
+    """The body of the `retrain:<persona>` jobs; one training at a time per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: PersonaRegistry,
+        *,
+        train: TrainFn | None = None,
+        evaluate: EvalFn | None = None,
+        activate: ActivateFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.train = train or self._train_subprocess
+        self.evaluate = evaluate or self._evaluate_subprocess
+        self.activate = activate or self._activate
+        self._lock = asyncio.Lock()
+
+    @property
+    def _timeout(self) -> float:
+        return self.settings.scheduler.retrain_timeout_hours * 3600
+
+    async def _train_subprocess(self, request: TrainRequest) -> None:
+        command = train_command(self.settings, request)
+        log.info("retrain %s: training %s in the background: %s", request.persona, request.version, command)
+        await run_logged(command, request.log_path, timeout=self._timeout, what=f"training {request.persona}")
+
+    async def _evaluate_subprocess(self, request: EvalRequest) -> list[float]:
+        out = request.log_path.with_suffix(".eval.json")
+        command = [*eval_command(self.settings, request), "--out", str(out)]
+        await run_logged(
+            command, request.log_path, timeout=self._timeout, what=f"evaluating {request.persona}"
+        )
+        try:
+            losses = json.loads(out.read_text(encoding="utf-8"))["losses"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ScheduleError(f"evaluating {request.persona}: no result in {out}: {exc}") from None
+        return [float(x) for x in losses]
+
+    async def _activate(self, persona: str, version: str) -> None:
+        facts = await asyncio.to_thread(versions.base_model_facts, self.settings)
+        await versions.activate(
+            self.store,
+            persona,
+            version,
+            base_model_sha256=facts.sha256,
+            tokenizer=facts.tokenizer,
+            base_vocab_size=facts.vocab_size,
+        )
+
+    async def run(self, persona: str, now: datetime, *, force: bool = False) -> JobOutcome:
+        s = self.settings.scheduler
+        slug = self.registry.get(persona).slug  # PersonaError for a persona that is gone
+        root = exports_dir(self.settings.data_dir)
+        scrubbed = await scrub_exports(self.store, root)
+        async with self.store.transaction() as session:
+            found = await collect_conversations(
+                session, slug, conversation_gap=timedelta(minutes=s.conversation_gap_minutes)
+            )
+            previous = await runs.last_run(session, f"retrain:{slug}", status="ok")
+        mark = previous.detail.get("exported_until") if previous else None
+        watermark = datetime.fromisoformat(mark) if isinstance(mark, str) else None
+        new = [c for c in found if watermark is None or (c.ended_at and c.ended_at > watermark)]
+        counts: dict[str, Any] = {
+            "conversations": len(found),
+            "new_conversations": len(new),
+            "needed": s.retrain_min_conversations,
+            "scrubbed_export_lines": scrubbed,
+        }
+        if not found:
+            raise ScheduleError(
+                f"retrain {slug}: no conversations from opted-in users to train on (users opt in with /optin)"
+            )
+        if len(new) < s.retrain_min_conversations and not force:
+            return JobOutcome(
+                "skipped",
+                counts,
+                f"too little data: {slug} has {len(new)} new conversation(s) from opted-in users; retraining "
+                f"needs {s.retrain_min_conversations} (scheduler.retrain_min_conversations)",
+            )
+
+        version = f"auto-{now:%Y%m%d-%H%M%S}"
+        export = write_jsonl(found, root / slug / f"{version}.jsonl", sources=True)
+        assert export.path is not None
+        log_path = self.settings.data_dir / "logs" / f"retrain-{slug}-{version}.log"
+        async with self._lock:
+            await self.train(TrainRequest(slug, export.path, version, log_path))
+            async with self.store.transaction() as session:
+                trained = await versions.get_version(session, slug, version)
+                active = await versions.active_version(session, slug)
+            if trained is None:
+                raise ScheduleError(
+                    f"retrain {slug}: the trainer finished but did not register version {version} (log: {log_path})"
+                )
+            baseline = Path(active.path) if active is not None else None
+            new_loss, active_loss = await self.evaluate(
+                EvalRequest(slug, export.path, (Path(trained.path), baseline), log_path)
+            )
+        active_name = active.version if active is not None else "base model"
+        activated = new_loss <= active_loss
+        log.info(
+            "retrain %s: held-out loss %.4f for the new version %s, %.4f for the active %s: %s",
+            slug,
+            new_loss,
+            version,
+            active_loss,
+            active_name,
+            "activating it" if activated else "worse, keeping the active one",
+        )
+        if activated:
+            await self.activate(slug, version)
+        ended = [c.ended_at for c in found if c.ended_at is not None]
+        detail = counts | {
+            "export": str(export.path),
+            "exported_conversations": export.conversations,
+            "exported_until": max(ended).isoformat() if ended else None,
+            "version": version,
+            "new_loss": new_loss,
+            "active_version": active_name,
+            "active_loss": active_loss,
+            "activated": activated,
+            "log": str(log_path),
+        }
+        verdict = "activated" if activated else f"not activated (worse than {active_name})"
+        return JobOutcome(
+            "ok",
+            detail,
+            f"{version}: held-out loss {new_loss:.4f} vs {active_loss:.4f} ({active_name}); {verdict}",
+        )
