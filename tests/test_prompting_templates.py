@@ -219,6 +219,16 @@ def test_position_dependent_template_falls_back_to_whole_renders() -> None:
     assert prompt.text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def test_a_template_transforming_contents_is_reported_as_inexact() -> None:
+    tok = byte_level_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'].upper() + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    r = ChatRenderer(tok, "model")
+    assert any("reproduced inexactly" in note and "HELLO THERE!" in note for note in r.notes)
+
+
 def test_unknown_template_names_the_choices() -> None:
     with pytest.raises(
         PromptError, match=r"unknown chat template 'vicuna'; choose one of: model, llama2, chatml"

@@ -188,7 +188,7 @@ class ChatRenderer:
 
     @property
     def mode(self) -> str:
-        """ "segments" (incremental, turn by turn) or "full" (the whole template each time)."""
+        """Either "segments" (incremental, turn by turn) or "full" (the whole template each time)."""
         return "segments" if self.layout is not None else "full"
 
     def _jinja(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:

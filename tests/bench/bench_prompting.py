@@ -140,6 +140,18 @@ def main() -> int:
         f"full {fitted['full_ms']:.2f} ms, incremental {fitted['incremental_ms']:.3f} ms "
         f"({fitted['full_ms'] / fitted['incremental_ms']:.1f}x)"
     )
+    # The renderer's text is the model template's own, and its ids decode back to it.
+    turns = history(renderer, 4000)
+    prompt = renderer.render_prompt(turns, system=SYSTEM, max_prompt_tokens=10**9)
+    messages = [{"role": "system", "content": SYSTEM}] + [
+        {"role": t.role, "content": t.content} for t in turns
+    ]
+    if args.template == "model":
+        same = prompt.text == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        print(f"4k prompt text equals apply_chat_template's: {same}")
+    print(f"4k prompt ids decode to its text: {tokenizer.decode(prompt.input_ids) == prompt.text}")
     four = results[4000]
     ok = four["incremental_ms"] <= 5 and four["full_ms"] / four["incremental_ms"] >= 10
     print(
