@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "bot.cli.model",
     "bot.cli.persona",
     "bot.cli.prompt",
+    "bot.cli.dataset",
+    "bot.cli.train",
     "bot.cli.run",
     "bot.cli.status",
     "bot.cli.schedule",

@@ -1,0 +1,581 @@
+"""`personabot train PERSONA`: one LoRA adapter version, trained, evaluated, written and registered.
+
+The run, in order:
+
+1. read the persona's dialogues, split off the held-out conversations (seeded), render them with
+   `bot.prompting`, audit every row's mask, pack the rows;
+2. measure the base model on the held-out split: assistant-only loss, perplexity, sample replies;
+3. train a peft LoRA through the transformers `Trainer` (so `accelerate launch` / `torchrun`, bf16 on
+   GPU, gradient accumulation and checkpoints all work), with the token-weighted assistant loss;
+4. measure again, then write `<data_dir>/loras/<persona>/<version>/`: the adapter, `manifest.json`,
+   `loss_curve.png`, `report.md`; and record the version in the store (active only with `activate`).
+
+Checkpoints go to `<version>/checkpoints/` while the run lasts; Ctrl-C saves one and stops, and
+`resume` continues the newest unfinished run (or a named one) with its own settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings
+from bot.errors import PersonabotError
+from trainer.hyper import Hyperparameters, flag, from_spec, with_overrides
+
+log = logging.getLogger(__name__)
+
+RUN_STATE = "run.json"  # an unfinished run's settings; removed when the run completes
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingInterrupted(PersonabotError):
+    """Ctrl-C: a checkpoint was saved and `--resume` continues from it."""
+
+    exit_code = 130
+
+
+class ResumeError(PersonabotError):
+    """There is no run to resume, or it cannot be resumed as asked."""
+
+
+@dataclass
+class TrainRequest:
+    """What `personabot train` was asked to do."""
+
+    persona: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # Hyperparameters fields set on the CLI
+    resume: bool | str = False  # True: the newest unfinished run; a string: that version
+    activate: bool = False
+    device: str | None = None  # None: `model.device` from the config
+    version: str | None = None  # the new version's name (default: v1, v2, ...)
+    save_steps: int = 50
+    sample_tokens: int = 128  # reply length cap for before/after samples
+    style_prompts: int | None = None  # held-out prompts scored for style (None: all)
+    shown_samples: int = 5
+    progress: bool = True
+    callbacks: list[Any] = field(default_factory=list)  # extra `TrainerCallback`s
+
+
+@dataclass
+class TrainResult:
+    persona: str
+    version: str
+    folder: Path
+    metrics: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    activated: bool
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _echo(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- versions and resuming --------------------------------------------------------------------------
+
+
+def _version_numbers(names: Sequence[str]) -> list[int]:
+    return [int(m.group(1)) for n in names if (m := re.fullmatch(r"v(\d+)", n))]
+
+
+def next_version(persona_dir: Path, registered: Sequence[str] = ()) -> str:
+    """`v<N+1>` for the highest `vN` among the persona's folders and registered versions."""
+    names = [p.name for p in persona_dir.iterdir()] if persona_dir.is_dir() else []
+    return f"v{max(_version_numbers([*names, *registered]), default=0) + 1}"
+
+
+def _unfinished(persona_dir: Path) -> list[Path]:
+    """Version folders with a run state and no manifest, newest first."""
+    if not persona_dir.is_dir():
+        return []
+    found = [
+        p for p in persona_dir.iterdir() if (p / RUN_STATE).is_file() and not (p / "manifest.json").is_file()
+    ]
+    return sorted(found, key=lambda p: (p / RUN_STATE).stat().st_mtime, reverse=True)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    checkpoints = folder / CHECKPOINTS
+    if not checkpoints.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in checkpoints.iterdir()
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
+    complete = [(n, p) for n, p in found if (p / "trainer_state.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
+def find_resume(persona_dir: Path, which: bool | str) -> Path:
+    """The folder of the run to resume: the named version, or the newest unfinished one."""
+    if isinstance(which, str):
+        folder = persona_dir / which
+        if (folder / "manifest.json").is_file():
+            raise ResumeError(f"{folder}: version {which!r} already finished; nothing to resume")
+        if not (folder / RUN_STATE).is_file():
+            raise ResumeError(f"{folder}: no unfinished run of version {which!r} to resume")
+        return folder
+    runs = _unfinished(persona_dir)
+    if not runs:
+        raise ResumeError(f"no unfinished run under {persona_dir} to resume; start one without --resume")
+    return runs[0]
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    path = folder / RUN_STATE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{path}: unreadable run state ({exc})") from None
+    if not isinstance(data, dict) or "hyperparameters" not in data:
+        raise ResumeError(f"{path}: not a personabot run state")
+    return data
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    tmp = folder / (RUN_STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str), encoding="utf-8")
+    tmp.replace(folder / RUN_STATE)
+
+
+async def _registered_versions(settings: Settings, persona: str) -> list[str]:
+    from bot.runtime import open_store
+    from personas.versions import list_versions
+
+    store = await open_store(settings)
+    try:
+        async with store.transaction() as session:
+            return [v.version for v in await list_versions(session, persona)]
+    finally:
+        await store.close()
+
+
+async def _register(
+    settings: Settings,
+    persona: str,
+    version: str,
+    folder: Path,
+    base_sha256: str,
+    metrics: dict[str, Any],
+    activate_with: Any | None,
+) -> bool:
+    from bot.runtime import open_store
+    from personas.versions import activate, register_version
+
+    store = await open_store(settings)
+    try:
+        async with store.transaction() as session:
+            await register_version(session, persona, version, folder.resolve(), base_sha256, metrics)
+        if activate_with is None:
+            return False
+        tokenizer, vocab_size = activate_with
+        await activate(
+            store,
+            persona,
+            version,
+            base_model_sha256=base_sha256,
+            tokenizer=tokenizer,
+            base_vocab_size=vocab_size,
+        )
+        return True
+    finally:
+        await store.close()
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+def model_location(settings: Settings) -> Any:
+    """The configured base model, pulled first when it is the default and `model.auto_pull` allows."""
+    from bot.basemodel import MARKER, default_model_dir, pull_default_model, resolve_model
+
+    if (
+        settings.model.path is None
+        and settings.model.auto_pull
+        and not (default_model_dir(settings) / MARKER).is_file()
+    ):
+        _echo("personabot: the default model is not pulled yet; pulling it once now")
+        pull_default_model(settings)
+    return resolve_model(settings)
+
+
+def _lora_model(model: Any, hp: Hyperparameters, persona_toml: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=hp.lora_r,
+        lora_alpha=hp.lora_alpha,
+        lora_dropout=hp.lora_dropout,
+        target_modules=list(hp.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise PersonabotError(f"{persona_toml}: lora.target_modules: {exc}") from None
+
+
+def _training_arguments(hp: Hyperparameters, folder: Path, device: str, save_steps: int) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PersonabotError(f"--device {device}: CUDA is not available on this machine")
+    return TrainingArguments(
+        output_dir=str(folder / CHECKPOINTS),
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        learning_rate=hp.learning_rate,
+        warmup_steps=hp.warmup_ratio,  # a float below 1 is a share of the steps
+        weight_decay=hp.weight_decay,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=save_steps,
+        save_total_limit=2,
+        report_to="none",
+        disable_tqdm=True,
+        seed=hp.seed,
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,
+        average_tokens_across_devices=True,
+    )
+
+
+def _agree(value: str) -> str:
+    """The main process's value on every process (one value per run, e.g. the version name)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+    return value
+
+
+# -- the run -----------------------------------------------------------------------------------------
+
+
+def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None] = _echo) -> TrainResult:
+    """Train one adapter version of `request.persona`; see the module docstring."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    from bot.basemodel import model_sha256
+    from bot.generation.local import load_tokenizer
+    from bot.prompting import ChatRenderer
+    from bot.runtime import load_registry
+    from personas.manifest import check_version_name
+    from personas.spec import display_path
+    from trainer.data import dataset_sha256, read_conversations
+    from trainer.loss import AssistantLossTrainer, evaluate_loss
+    from trainer.packing import PackedCollator, PackedDataset, padding_fraction
+    from trainer.prepare import DatasetError, prepare, raise_problems
+    from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
+    from trainer.samples import Sample, generate_replies, heldout_prompts
+    from trainer.style import style_check
+
+    hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    wall_start = time.perf_counter()
+    started_at = _now()
+    persona = load_registry(settings).get(request.persona)
+    spec = persona.spec
+    slug = spec.slug
+    persona_dir = settings.loras_dir / slug
+    persona_toml = display_path(persona.folder / "persona.toml")
+    paths = persona.dialogue_paths()
+    if not paths:
+        raise DatasetError(f"{persona_toml}: persona {slug!r} has no dialogue files (dialogues = [])")
+    data_sha = dataset_sha256(paths)
+
+    # Settings and version: from the persona and the command line, or from the run being resumed.
+    state: dict[str, Any]
+    if request.resume:
+        if any(v is not None for v in request.overrides.values()) or request.version:
+            given = ", ".join(flag(k) for k, v in request.overrides.items() if v is not None) or "--version"
+            raise ResumeError(f"--resume continues with the run's own settings; drop {given}")
+        folder = find_resume(persona_dir, request.resume)
+        state = _read_state(folder)
+        if state.get("dataset_sha256") != data_sha:
+            raise ResumeError(
+                f"{folder.name}: the dialogues changed since this run started; start a new run without --resume"
+            )
+        hp = Hyperparameters.from_dict(state["hyperparameters"])
+        version = folder.name
+        started_at = datetime.fromisoformat(state["started_at"])
+    else:
+        hp = with_overrides(from_spec(spec), request.overrides)
+        version = request.version or next_version(
+            persona_dir, asyncio.run(_registered_versions(settings, slug))
+        )
+        check_version_name(version)
+        folder = persona_dir / version
+        if folder.exists() and any(folder.iterdir()):
+            raise PersonabotError(f"{folder} already exists; pick another --version or remove it")
+        state = {}
+
+    location = model_location(settings)
+    tokenizer = load_tokenizer(location)
+    renderer = ChatRenderer(tokenizer, spec.template)
+    system = spec.system_prompt or None
+    conversations, problems = read_conversations(paths)
+    raise_problems(problems, f"; run: personabot dataset check --persona {slug}")
+    data = prepare(
+        conversations,
+        renderer,
+        system=system,
+        max_seq_len=hp.max_seq_len,
+        heldout_fraction=hp.heldout_fraction,
+        seed=hp.seed,
+        packing=hp.packing,
+    )
+    args = _training_arguments(hp, folder, request.device or settings.model.device, request.save_steps)
+    main = args.process_index == 0
+    version = _agree(version)
+    device = args.device
+
+    stats = data.train_stats
+    steps_per_epoch = math.ceil(
+        len(data.train_packed) / (hp.batch_size * args.world_size * hp.gradient_accumulation_steps)
+    )
+    planned = hp.max_steps or math.ceil(steps_per_epoch * hp.epochs)
+    pad_share = padding_fraction(data.train_packed, hp.batch_size)
+    if main:
+        echo(
+            f"{slug} {version}: {stats.conversations} training / {data.heldout_stats.conversations} held-out "
+            f"conversations; {stats.tokens} tokens ({stats.trained_tokens} trained) in "
+            f"{len(data.train_packed)} rows of <= {hp.max_seq_len}; {stats.truncated} cut, {stats.dropped} dropped "
+            f"by the window; padding {pad_share:.1%}; mask audit passed"
+        )
+        echo(
+            f"{slug} {version}: {planned} steps of {hp.batch_size} x {hp.gradient_accumulation_steps} rows on {device}"
+        )
+
+    # Model: float32 master weights; the Trainer adds bf16 autocast on GPU.
+    model = AutoModelForCausalLM.from_pretrained(
+        location.folder, gguf_file=location.gguf_file, dtype=torch.float32, local_files_only=True
+    )
+    model.config.use_cache = False  # a cache would switch off packed-sequence attention masks
+    set_seed(hp.seed)  # the LoRA A matrices start random: the same seed, the same adapter
+    model = _lora_model(model, hp, persona_toml)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn_ids[0]
+    multiple = 8 if device.type == "cuda" else 1
+    eval_collate = PackedCollator(pad_id, multiple)
+
+    def heldout_batches() -> list[dict[str, Any]]:
+        rows = data.heldout_packed
+        return [eval_collate(rows[i : i + hp.batch_size]) for i in range(0, len(rows), hp.batch_size)]
+
+    check = style_check(spec.style_check)
+    prompts = heldout_prompts(data.heldout_conversations)
+    if request.style_prompts is not None:
+        prompts = prompts[: max(request.style_prompts, request.shown_samples)]
+    if not check:
+        prompts = prompts[: request.shown_samples]
+    max_new = min(spec.sampling.max_new_tokens, request.sample_tokens)
+    prompt_budget = max(16, min(spec.context_window or 2048, model.config.max_position_embeddings) - max_new)
+
+    def samples() -> list[Sample]:
+        replies = generate_replies(
+            model,
+            renderer,
+            [turns for _, turns, _ in prompts],
+            system=system,
+            sampling=spec.sampling,
+            max_new_tokens=max_new,
+            max_prompt_tokens=prompt_budget,
+            seed=hp.seed,
+            device=device,
+        )
+        return [
+            Sample(c.where, turns[-1].content, ref, reply)
+            for (c, turns, ref), reply in zip(prompts, replies, strict=True)
+        ]
+
+    # Before: the base model (the fresh adapter's B matrices are zero, so it changes nothing).
+    if "before" not in state:
+        folder.mkdir(parents=True, exist_ok=True)
+        before_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
+        before_samples = samples() if main else []
+        state = {
+            "persona": slug,
+            "version": version,
+            "hyperparameters": hp.as_dict(),
+            "dataset_sha256": data_sha,
+            "started_at": started_at.isoformat(),
+            "before": {
+                "loss": before_loss,
+                "tokens": heldout_tokens,
+                "samples": [s.__dict__ for s in before_samples],
+            },
+        }
+        if main:
+            _write_state(folder, state)
+            echo(
+                f"{slug} {version}: base model held-out loss {before_loss:.4f} (ppl {math.exp(before_loss):.2f})"
+            )
+    before_loss = float(state["before"]["loss"])
+    before_samples = [Sample(**s) for s in state["before"]["samples"]]
+
+    collator = PackedCollator(pad_id, multiple)
+    trainer = AssistantLossTrainer(
+        model=model, args=args, train_dataset=PackedDataset(data.train_packed), data_collator=collator
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    progress = ProgressBar(lambda: trainer.trained_tokens, file=sys.stderr if request.progress else _Null())
+    stopper = StopOnInterrupt()
+    trainer.add_callback(progress)
+    for callback in request.callbacks:
+        trainer.add_callback(callback)
+    trainer.add_callback(stopper)
+    checkpoint = latest_checkpoint(folder) if request.resume else None
+    if checkpoint is not None and main:
+        echo(f"{slug} {version}: resuming from {checkpoint.name}")
+    train_start = time.perf_counter()
+    with interrupt_requests(stopper):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - train_start
+    if stopper.requested and trainer.state.global_step < trainer.state.max_steps:
+        saved = latest_checkpoint(folder)
+        raise TrainingInterrupted(
+            f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint "
+            f"{saved or folder / CHECKPOINTS}; continue with: personabot train {slug} --resume"
+        )
+    if not main:
+        return TrainResult(slug, version, folder, {}, hp.as_dict(), False)
+
+    after_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
+    after_samples = samples()
+    losses = [
+        (int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e
+    ]
+    metrics: dict[str, Any] = {
+        "heldout_loss_before": before_loss,
+        "heldout_loss_after": after_loss,
+        "heldout_perplexity_before": math.exp(before_loss),
+        "heldout_perplexity_after": math.exp(after_loss),
+        "heldout_loss_drop": (before_loss - after_loss) / before_loss if before_loss else 0.0,
+        "heldout_trained_tokens": heldout_tokens,
+        "train_loss_final": losses[-1][1] if losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_conversations": stats.conversations,
+        "heldout_conversations": data.heldout_stats.conversations,
+        "train_tokens": stats.tokens,
+        "train_trained_tokens": stats.trained_tokens,
+        "truncated": stats.truncated + data.heldout_stats.truncated,
+        "dropped": stats.dropped + data.heldout_stats.dropped,
+        "rows": len(data.train_packed),
+        "padding_fraction": collator.padding_fraction,
+        "trained_tokens_per_second": progress.tokens_per_second(),
+        "train_seconds": train_seconds,
+    }
+    if check is not None:
+        metrics["style_check"] = spec.style_check
+        metrics["style_prompts"] = len(after_samples)
+        metrics["style_score_before"] = sum(check(s.reply) for s in before_samples) / max(
+            1, len(before_samples)
+        )
+        metrics["style_score_after"] = sum(check(s.reply) for s in after_samples) / max(1, len(after_samples))
+
+    # The adapter, then what describes it; the manifest is written last (it marks the run finished).
+    from personas.manifest import AdapterManifest, write_manifest
+    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+
+    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
+    base_sha = model_sha256(location)
+    title = f"{spec.name} ({slug}) {version}"
+    plot_loss_curve(
+        folder / LOSS_CURVE,
+        losses,
+        heldout_before=before_loss,
+        heldout_after=after_loss,
+        final_step=trainer.state.global_step,
+        title=title,
+    )
+    finished_at = _now()
+    metrics["wall_seconds"] = time.perf_counter() - wall_start
+    summary = {
+        "persona": slug,
+        "version": version,
+        "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
+        "template": spec.template,
+        "dialogues": ", ".join(display_path(p) for p in paths),
+        "dataset sha256": data_sha,
+        "device": str(device),
+        "started": started_at.isoformat(timespec="seconds"),
+        "finished": finished_at.isoformat(timespec="seconds"),
+    }
+    write_report(
+        folder / REPORT,
+        title=title,
+        summary=summary,
+        metrics=metrics,
+        hyperparameters=hp.as_dict(),
+        before=before_samples,
+        after=after_samples,
+        shown=request.shown_samples,
+    )
+    manifest = AdapterManifest(
+        persona=slug,
+        version=version,
+        base_model=settings.model.name,
+        base_model_sha256=base_sha,
+        template=spec.template,
+        dataset_sha256=data_sha,
+        hyperparameters=hp.as_dict(),
+        metrics=metrics,
+        started_at=started_at,
+        finished_at=finished_at,
+        tokenizer_size=len(tokenizer),
+        dataset_files=[display_path(p) for p in paths],
+        system_prompt=spec.system_prompt,
+    )
+    write_manifest(folder, manifest)
+    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+    (folder / RUN_STATE).unlink(missing_ok=True)
+    # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
+    activate_with = (tokenizer, model.config.vocab_size) if request.activate else None
+    activated = asyncio.run(_register(settings, slug, version, folder, base_sha, metrics, activate_with))
+    return TrainResult(slug, version, folder, metrics, hp.as_dict(), activated)
+
+
+class _Null:
+    """A file that swallows the progress bar (`progress=False`)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
