@@ -1,23 +1,42 @@
-"""A local transformers backend: the base model on CUDA (bf16) when present, the CPU (fp32) otherwise."""
+"""A local transformers backend: the base model on CUDA (bf16) when present, the CPU (fp32) otherwise.
+
+Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bot.basemodel import ModelLocation
-from bot.generation.base import GenerationRequest, GenerationResult, TokenCallback
+from bot.errors import ConfigError
+from bot.generation.base import GenerationCallbacks, GenerationRequest, GenerationResult, TokenCallback
+from bot.generation.engine import BatchEngine
+from bot.generation.kvcache import KVCacheLRU
+from bot.generation.lora import MultiLora
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA when present (auto), else the CPU; a requested device that is not there is a `ConfigError`."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(
+            f"model.device: {requested!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {requested!r} requested but CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"model.device: {requested!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
@@ -42,14 +61,28 @@ def load_model(location: ModelLocation, device: torch.device, dtype: torch.dtype
 
 
 class LocalBackend:
-    """Generates with `transformers` `generate`, one request at a time."""
+    """The base model once, every loaded persona's LoRA, batched generation with KV reuse across turns."""
 
-    def __init__(self, location: ModelLocation, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(
+        self,
+        location: ModelLocation,
+        device: str = "auto",
+        dtype: str = "auto",
+        *,
+        kv_cache_bytes: int = 0,
+    ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(location)
         self.model = load_model(location, self.device, self.dtype)
+        self.location = location
+        self.lora = MultiLora(self.model)
+        self.kv = KVCacheLRU(kv_cache_bytes)
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id or 0
+        self.engine = BatchEngine(self.model, self.tokenizer, lora=self.lora, kv=self.kv, pad_id=int(pad))
         log.info(
             "loaded %s on %s (%s) in %.1fs",
             location.display,
@@ -62,34 +95,32 @@ class LocalBackend:
     def context_window(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
-    @torch.inference_mode()
+    def set_kv_budget(self, budget_bytes: int) -> None:
+        """The channel KV cache's byte budget (0 turns reuse off)."""
+        self.kv.budget_bytes = budget_bytes
+        if budget_bytes <= 0:
+            self.kv.clear()
+
+    def load_adapter(self, name: str, folder: Path) -> int:
+        """Load a peft LoRA folder as `name`; `AdapterLoadError` says what is wrong with it."""
+        adapter = self.lora.load(name, folder)
+        self.kv.drop_matching(lambda key: key.endswith(f"|{name}"))
+        return adapter.nbytes
+
+    def unload_adapter(self, name: str) -> None:
+        self.lora.unload(name)
+        self.kv.drop_matching(lambda key: key.endswith(f"|{name}"))
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.lora.adapters)
+
     def generate(
         self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
     ) -> list[GenerationResult]:
-        return [self._one(req) for req in requests]
+        return self.engine.generate(requests, GenerationCallbacks(on_text=on_text))
 
-    def _one(self, req: GenerationRequest) -> GenerationResult:
-        s = req.sampling
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
-        input_ids = torch.tensor([req.prompt_ids], device=self.device)
-        greedy = s.temperature == 0
-        out = self.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=s.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else s.temperature,
-            top_p=None if greedy else s.top_p,
-            top_k=None if greedy else (s.top_k or None),
-            repetition_penalty=s.repetition_penalty,
-            eos_token_id=list(req.stop_ids) or None,
-            pad_token_id=self.tokenizer.pad_token_id or (req.stop_ids[0] if req.stop_ids else 0),
-        )
-        new = out[0, input_ids.shape[1] :].tolist()
-        finish = "length"
-        if new and new[-1] in req.stop_ids:
-            new = new[:-1]
-            finish = "stop"
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return GenerationResult(new, text.strip(), finish, prompt_tokens=len(req.prompt_ids))
+    def generate_batch(
+        self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
+    ) -> list[GenerationResult]:
+        return self.engine.generate(requests, callbacks)

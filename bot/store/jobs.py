@@ -2,8 +2,10 @@
 
 Claiming is one `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`: on PostgreSQL
 many workers claim disjoint batches; on SQLite the statement runs under its single writer lock.
-Completing a job checks the lease owner in the same transaction that writes the reply and its outbox
-row, so a job whose lease expired and was claimed again is answered by exactly one worker.
+Completing a job checks the lease (owner and attempt number) in the same transaction that writes the
+reply and its outbox row, so a job whose lease expired and was claimed again is answered by exactly one
+worker. A worker renews the leases of a long batch (`extend_leases`); a job vetoed by its persona's
+plugin is closed without a reply (`complete_without_reply`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
@@ -124,6 +126,57 @@ async def _fail_exhausted(session: AsyncSession, now: datetime, max_attempts: in
     )
 
 
+def _held(job: ClaimedJob) -> tuple[object, ...]:
+    """The job is still running under this very claim (not a later one, even by the same worker)."""
+    return (
+        ReplyJob.id == job.id,
+        ReplyJob.status == "running",
+        ReplyJob.lease_owner == job.lease_owner,
+        ReplyJob.attempts == job.attempts,
+    )
+
+
+async def extend_leases(
+    session: AsyncSession, claimed: list[ClaimedJob], *, lease_seconds: float
+) -> set[int]:
+    """Push the leases of jobs still being generated; returns the ids this worker still holds."""
+    held: set[int] = set()
+    until = utcnow() + timedelta(seconds=lease_seconds)
+    for job in claimed:
+        result = await session.execute(update(ReplyJob).where(*_held(job)).values(lease_expires_at=until))
+        if result.rowcount == 1:
+            held.add(job.id)
+    return held
+
+
+async def depth(session: AsyncSession) -> int:
+    """Jobs waiting to be claimed now: pending and due, or running under an expired lease."""
+    now = utcnow()
+    return int(
+        (
+            await session.execute(
+                select(func.count(ReplyJob.id)).where(
+                    or_(
+                        and_(ReplyJob.status == "pending", ReplyJob.available_at <= now),
+                        and_(ReplyJob.status == "running", ReplyJob.lease_expires_at < now),
+                    )
+                )
+            )
+        ).scalar_one()
+    )
+
+
+async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note: str) -> bool:
+    """Close a job with no reply (its persona's plugin vetoed it): `done`, no `reply_message_id`,
+    `error` holding `note`. Returns False when this worker no longer holds the lease."""
+    won = await session.execute(
+        update(ReplyJob)
+        .where(*_held(job))
+        .values(status="done", finished_at=utcnow(), lease_expires_at=None, error=note[:4000])
+    )
+    return won.rowcount == 1
+
+
 async def complete(
     session: AsyncSession, job: ClaimedJob, *, text: str, persona: str, platform: str
 ) -> int | None:
@@ -135,7 +188,7 @@ async def complete(
     now = utcnow()
     won = await session.execute(
         update(ReplyJob)
-        .where(ReplyJob.id == job.id, ReplyJob.status == "running", ReplyJob.lease_owner == job.lease_owner)
+        .where(*_held(job))
         .values(status="done", finished_at=now, lease_expires_at=None, error=None)
     )
     if won.rowcount != 1:
@@ -181,14 +234,17 @@ async def fail(
     backoff_seconds: float,
     retryable: bool = True,
 ) -> str:
-    """Record a failed attempt: back to pending after a backoff, or failed for good. Returns the status."""
+    """Record a failed attempt: back to pending after a backoff, or failed for good.
+
+    Returns the new status, or "lost" when this worker no longer holds the lease (nothing changed).
+    """
     now = utcnow()
     final = not retryable or job.attempts >= max_attempts
     status = "failed" if final else "pending"
     delay = backoff_seconds * (2 ** max(job.attempts - 1, 0))
-    await session.execute(
+    result = await session.execute(
         update(ReplyJob)
-        .where(ReplyJob.id == job.id, ReplyJob.lease_owner == job.lease_owner, ReplyJob.status == "running")
+        .where(*_held(job))
         .values(
             status=status,
             error=error[:4000],
@@ -198,14 +254,17 @@ async def fail(
             finished_at=now if final else None,
         )
     )
-    return status
+    return status if result.rowcount == 1 else "lost"
 
 
-async def release(session: AsyncSession, job: ClaimedJob) -> None:
-    """Give an unfinished job back to the queue at once (shutdown); the attempt is not counted."""
-    await session.execute(
+async def release(session: AsyncSession, job: ClaimedJob) -> bool:
+    """Give an unfinished job back to the queue at once (shutdown); the attempt is not counted.
+
+    Returns False when this worker no longer held the lease.
+    """
+    result = await session.execute(
         update(ReplyJob)
-        .where(ReplyJob.id == job.id, ReplyJob.lease_owner == job.lease_owner, ReplyJob.status == "running")
+        .where(*_held(job))
         .values(
             status="pending",
             attempts=ReplyJob.attempts - 1,
@@ -214,3 +273,4 @@ async def release(session: AsyncSession, job: ClaimedJob) -> None:
             available_at=utcnow(),
         )
     )
+    return result.rowcount == 1

@@ -1,34 +1,91 @@
-"""The generation worker: claims reply jobs, renders each channel's history, generates, writes replies."""
+"""The worker loop: claim a batch of reply jobs, generate them together, write each reply exactly once.
+
+One batch:
+
+1. **Claim** up to `worker.max_batch` jobs with a lease (`bot.store.jobs.claim`).
+2. **Adapters.** Load newly activated LoRA versions, unload deactivated ones (`AdapterSync`).
+3. **Prepare** each job: history → turns → the persona's `before_prompt` hook → rendered ids. A job that
+   can never be answered (unknown persona, adapter that does not load, unrenderable conversation) is
+   failed at once with the reason; the rest of the batch goes on.
+4. **Generate** all prepared jobs in one batched call in a worker thread. Tokens stream to the reply
+   observers; each job is completed as soon as its own row stops (`after_generation` hook, then the reply
+   and its outbox row in one transaction that checks the lease), so short replies do not wait for long
+   ones. Leases are renewed while the batch runs.
+5. **Faults.** An out-of-memory error splits the unfinished jobs in halves and retries each half; any
+   other generation error is bisected the same way, so one poisonous job fails alone and the others
+   still get replies. A failed attempt goes back to the queue with exponential backoff until
+   `worker.max_attempts`, then is `failed` with its error.
+6. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
+   finish; then generation is cancelled between two decode steps and unfinished jobs are released to
+   the queue (their attempt not counted). No new batch is claimed.
+
+A veto (`after_generation` returned None) closes the job as `done` with no reply message and
+`error = "vetoed by the persona's after_generation hook"`; nothing is posted.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from bot.config import Settings
-from bot.conversation import history_to_turns
-from bot.events import ChannelKind, ChannelRef
-from bot.generation.base import GenerationBackend, GenerationRequest
-from bot.prompting import ChatRenderer, Turn
-from bot.store import Store, conversations, jobs
+from bot.events import utcnow
+from bot.generation.base import (
+    GenerationBackend,
+    GenerationCallbacks,
+    GenerationCancelled,
+    GenerationResult,
+    is_out_of_memory,
+    run_generation,
+)
+from bot.metrics import WorkerMetrics
+from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
-from bot.store.models import Channel
-from bot.streaming import ActiveReply, ReplyObserver
+from bot.streaming import ReplyObserver
+from bot.worker.adapters import AdapterSync
+from bot.worker.prepare import JobRejected, Prepared, Preparer, load_inputs
+from bot.worker.stream import ObserverFanout
 from personas.registry import PersonaRegistry
 
 log = logging.getLogger(__name__)
+
+VETO_NOTE = "vetoed by the persona's after_generation hook"
 
 
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+@dataclass
+class BatchReport:
+    """What one batch did, for its log line and the metrics."""
+
+    claimed: int = 0
+    generated: int = 0
+    replied: int = 0
+    vetoed: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    lost: int = 0
+    tokens: int = 0
+    cached_tokens: int = 0
+    prompt_tokens: int = 0
+    kv_hits: int = 0
+    splits: int = 0
+    first_tokens: list[float] = field(default_factory=list)
+    adapters: set[str] = field(default_factory=set)
+    personas: set[str] = field(default_factory=set)
+
+
 class Worker:
-    """Answers reply jobs from the store with one generation backend."""
+    """Answers reply jobs from the store with one generation backend, a batch at a time."""
 
     def __init__(
         self,
@@ -40,6 +97,8 @@ class Worker:
         owner: str | None = None,
         on_text: Callable[[int, str], None] | None = None,
         observers: Sequence[ReplyObserver] = (),
+        metrics: WorkerMetrics | None = None,
+        stop_timeout: float | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -48,12 +107,57 @@ class Worker:
         self.owner = owner or worker_id()
         self.on_text = on_text
         self.observers = list(observers)
-        self._renderers: dict[str, ChatRenderer] = {}
+        self.metrics = metrics or WorkerMetrics()
+        if stop_timeout is None:
+            # Most of `run.stop_timeout_seconds`: the rest is for cancelling between two decode steps
+            # and releasing the unfinished jobs before `BotApp.stop` gives up on the worker.
+            stop_timeout = 0.8 * settings.run.stop_timeout_seconds
+        self.stop_timeout = stop_timeout
+        self.adapters = AdapterSync(backend)
+        window = int(getattr(backend, "context_window", 2048))
+        self.preparer = Preparer(registry, backend.tokenizer, window)
+        set_budget = getattr(backend, "set_kv_budget", None)
+        if set_budget is not None:
+            set_budget(settings.worker.kv_cache_bytes)
+        self._stop: asyncio.Event | None = None
+        self._stopping_since: float | None = None
 
-    def renderer(self, template: str) -> ChatRenderer:
-        if template not in self._renderers:
-            self._renderers[template] = ChatRenderer(self.backend.tokenizer, template)
-        return self._renderers[template]
+    # -- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Answer batches until `stop` is set; the batch in flight finishes or is released."""
+        self._stop = stop
+        watcher = asyncio.create_task(self._watch_stop(stop))
+        server = None
+        if self.settings.worker.metrics_port is not None:
+            server = self.metrics.serve(self.settings.worker.metrics_port)
+            log.info("worker metrics on http://0.0.0.0:%d/metrics", self.settings.worker.metrics_port)
+        try:
+            while not stop.is_set():
+                try:
+                    claimed = await self.run_once()
+                except Exception:  # a store hiccup must not end the worker; the next poll retries
+                    log.exception(
+                        "worker batch failed; retrying after %ss", self.settings.worker.poll_seconds
+                    )
+                    claimed = 0
+                if claimed == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.settings.worker.poll_seconds)
+        finally:
+            watcher.cancel()
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+
+    async def _watch_stop(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopping_since = time.monotonic()
+
+    def _should_cancel(self) -> bool:
+        """Called from the generating thread between decode steps."""
+        since = self._stopping_since
+        return since is not None and time.monotonic() - since >= self.stop_timeout
 
     async def run_once(self) -> int:
         """Claim one batch and answer it; returns how many jobs were claimed."""
@@ -66,109 +170,268 @@ class Worker:
                 lease_seconds=w.lease_seconds,
                 max_attempts=w.max_attempts,
             )
-        for job in claimed:
-            await self._answer(job)
+            self.metrics.queue_depth.set(await jobs.depth(session))
+        if not claimed:
+            return 0
+        started = time.perf_counter()
+        report = BatchReport(claimed=len(claimed))
+        renewer = asyncio.create_task(self._renew_leases(claimed))
+        try:
+            prepared = await self._prepare(claimed, report)
+            if prepared:
+                await self._generate(prepared, report)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+        self._log_batch(report, time.perf_counter() - started)
         return len(claimed)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            if await self.run_once() == 0:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.settings.worker.poll_seconds)
-                except TimeoutError:
-                    pass
+    # -- preparing ------------------------------------------------------------------------------------
 
-    async def _answer(self, job: ClaimedJob) -> None:
-        w = self.settings.worker
-        try:
-            persona = self.registry.get(job.persona)
-            async with self.store.transaction() as session:
-                channel = await session.get(Channel, job.channel_id)
-                history = await conversations.history(session, job.channel_id)
-            assert channel is not None
-            turns = history_to_turns(
-                history,
-                persona=persona.slug,
-                group=channel.kind != "direct",
-                up_to_message_id=job.trigger_message_id,
-            )
-            if job.prompt:
-                turns.append(Turn("user", job.prompt))
-            renderer = self.renderer(persona.spec.template)
-            window = persona.spec.context_window or getattr(self.backend, "context_window", 2048)
-            rendered = renderer.render_prompt(
-                turns,
-                system=persona.spec.system_prompt or None,
-                max_prompt_tokens=window - persona.spec.sampling.max_new_tokens,
-            )
-            if rendered.dropped_turns:
-                log.info(
-                    "job %s: dropped %d old turns to fit the context window", job.id, rendered.dropped_turns
-                )
-            request = GenerationRequest(
-                prompt_ids=rendered.input_ids,
-                sampling=persona.spec.sampling,
-                stop_ids=tuple(renderer.end_of_turn_ids),
-            )
-            started = time.perf_counter()
-            active = ActiveReply(job.id, _channel_ref(channel), persona.slug)
-            result = await self._generate_observed(request, active)
-            log.info(
-                "job %s: %d tokens in %.2fs (%s)",
-                job.id,
-                len(result.token_ids),
-                time.perf_counter() - started,
-                result.finish_reason,
-            )
-            async with self.store.transaction() as session:
-                written = await jobs.complete(
-                    session, job, text=result.text, persona=persona.slug, platform=channel.platform
-                )
-            if written is None:
-                log.warning("job %s: lease lost; another worker answered it", job.id)
-            await self._notify("on_end", active, True)
-        except Exception as exc:  # one failing job must not take the worker down
-            log.exception("job %s failed", job.id)
-            async with self.store.transaction() as session:
-                await jobs.fail(
-                    session,
-                    job,
-                    error=f"{type(exc).__name__}: {exc}",
-                    max_attempts=w.max_attempts,
-                    backoff_seconds=w.retry_backoff_seconds,
-                )
-
-    async def _notify(self, event: str, *args: object) -> None:
-        for observer in self.observers:
+    async def _prepare(self, claimed: list[ClaimedJob], report: BatchReport) -> list[Prepared]:
+        async with self.store.transaction() as session:
             try:
-                await getattr(observer, event)(*args)
-            except Exception:
-                log.exception("reply observer %s.%s failed", type(observer).__name__, event)
+                await self.adapters.refresh(session)
+            except Exception:  # keep serving with the adapters already loaded
+                log.exception("could not read the active adapter versions")
+            inputs = [await load_inputs(session, job) for job in claimed]
+        self.metrics.adapters_loaded.set(len(self.adapters.loaded))
+        prepared = []
+        for job, job_inputs in zip(claimed, inputs, strict=True):
+            try:
+                prepared.append(self.preparer.prepare(job, job_inputs, self.adapters))
+            except JobRejected as exc:
+                log.warning("job %s: %s", job.id, exc)
+                await self._fail(job, str(exc), exc.reason, report, retryable=False)
+            except Exception as exc:  # a bug or a plugin's import side effect: retry later
+                log.exception("job %s: preparing the prompt failed", job.id)
+                await self._fail(job, f"{type(exc).__name__}: {exc}", "prompt", report)
+        return prepared
 
-    async def _generate_observed(self, request: GenerationRequest, active: ActiveReply):  # type: ignore[no-untyped-def]
-        """Generate in a thread, passing partial text to the observers on the event loop."""
+    # -- generating -----------------------------------------------------------------------------------
+
+    async def _generate(self, prepared: list[Prepared], report: BatchReport) -> None:
         loop = asyncio.get_running_loop()
-        await self._notify("on_start", active)
+        fanout = ObserverFanout(self.observers, loop, on_text=self.on_text)
+        for item in prepared:
+            await fanout.start(item.reply)
+            report.personas.add(item.persona.slug)
+            if item.request.adapter:
+                report.adapters.add(item.request.adapter)
+        finished: dict[int, asyncio.Task[None]] = {}  # job id -> its completion
+        pending = list(prepared)
+        batches = [pending]
+        while batches:
+            batch = batches.pop(0)
+            outcome = await self._generate_once(batch, fanout, finished, report, loop)
+            if outcome is None:
+                continue
+            unfinished = [p for p in batch if p.job.id not in finished]
+            exc = outcome
+            if isinstance(exc, GenerationCancelled):
+                for item in unfinished:
+                    await self._release(item, fanout, report)
+                for rest in batches:
+                    for item in rest:
+                        await self._release(item, fanout, report)
+                break
+            if len(unfinished) > 1:
+                report.splits += 1
+                half = len(unfinished) // 2
+                why = "out of memory" if is_out_of_memory(exc) else f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "batch of %d failed (%s); retrying as %d + %d",
+                    len(unfinished),
+                    why,
+                    half,
+                    len(unfinished) - half,
+                )
+                batches[:0] = [unfinished[:half], unfinished[half:]]
+                continue
+            for item in unfinished:
+                reason = "oom" if is_out_of_memory(exc) else "generation"
+                await self._fail(item.job, f"generation failed: {type(exc).__name__}: {exc}", reason, report)
+                await fanout.end(item.reply, False)
+        if finished:
+            await asyncio.gather(*finished.values())
+
+    async def _generate_once(
+        self,
+        batch: list[Prepared],
+        fanout: ObserverFanout,
+        finished: dict[int, asyncio.Task[None]],
+        report: BatchReport,
+        loop: asyncio.AbstractEventLoop,
+    ) -> BaseException | None:
+        """Generate one (sub-)batch; returns the exception that stopped it, if any."""
+        begun = time.perf_counter()
 
         def on_text(index: int, text: str) -> None:
-            if self.on_text is not None:
-                self.on_text(index, text)
-            if self.observers:
-                asyncio.run_coroutine_threadsafe(self._notify("on_text", active, text), loop)
+            item = batch[index]
+            if item.stream_text:
+                fanout.text_from_thread(index, item.reply, text)
 
+        def on_first_token(index: int) -> None:
+            report.first_tokens.append(time.perf_counter() - begun)
+
+        def on_finish(index: int, result: GenerationResult) -> None:
+            item = batch[index]
+
+            def schedule() -> None:
+                finished[item.job.id] = loop.create_task(self._complete(item, result, fanout, report))
+
+            loop.call_soon_threadsafe(schedule)
+
+        callbacks = GenerationCallbacks(
+            on_text=on_text if fanout.wants_text else None,
+            on_first_token=on_first_token,
+            on_finish=on_finish,
+            should_stop=self._should_cancel,
+        )
+        requests = [p.request for p in batch]
+        report.generated += len(batch)
+        self.metrics.batch_size.observe(len(batch))
         try:
-            (result,) = await asyncio.to_thread(self.backend.generate, [request], on_text)
-        except BaseException:
-            await self._notify("on_end", active, False)
-            raise
-        return result
+            await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
+        except Exception as exc:
+            await asyncio.sleep(0)  # completions scheduled by the thread before it raised
+            return exc
+        await asyncio.sleep(0)
+        return None
 
+    # -- finishing a job ------------------------------------------------------------------------------
 
-def _channel_ref(channel: Channel) -> ChannelRef:
-    return ChannelRef(
-        platform=channel.platform,
-        external_id=channel.external_id,
-        kind=ChannelKind(channel.kind),
-        thread_id=channel.thread_id,
-        title=channel.title,
-    )
+    async def _complete(
+        self, item: Prepared, result: GenerationResult, fanout: ObserverFanout, report: BatchReport
+    ) -> None:
+        job, persona = item.job, item.persona
+        report.tokens += len(result.token_ids)
+        report.prompt_tokens += result.prompt_tokens
+        report.cached_tokens += result.cached_tokens
+        if item.request.cache_key is not None and hasattr(self.backend, "kv"):
+            hit = result.cached_tokens > 0
+            report.kv_hits += hit
+            self.metrics.kv_lookup(hit, result.cached_tokens)
+        self.metrics.tokens.labels(persona.slug).inc(len(result.token_ids))
+        first = result.timings.get("first_token")
+        if first is not None:
+            self.metrics.first_token.observe(first)
+            decode = result.timings.get("total", 0.0) - first
+            if decode > 0 and len(result.token_ids) > 1:
+                self.metrics.tokens_per_second.labels(persona.slug).set((len(result.token_ids) - 1) / decode)
+        text = result.text
+        plugins = self.preparer.plugins
+        if plugins is not None and item.context is not None:
+            final = plugins.run_after_generation(persona, item.context, text)
+        else:
+            final = text
+        try:
+            if final is None:
+                async with self.store.transaction() as session:
+                    held = await jobs.complete_without_reply(session, job, note=VETO_NOTE)
+                report.vetoed += held
+                self.metrics.jobs.labels("vetoed" if held else "lost").inc()
+                report.lost += not held
+                await fanout.end(item.reply, False)
+                return
+            final = final.strip()
+            if not final:
+                await self._fail(job, "the model produced an empty reply", "empty", report)
+                await fanout.end(item.reply, False)
+                return
+            async with self.store.transaction() as session:
+                written = await jobs.complete(
+                    session, job, text=final, persona=persona.slug, platform=item.channel.platform
+                )
+        except Exception as exc:
+            log.exception("job %s: writing the reply failed", job.id)
+            await self._fail(job, f"writing the reply failed: {type(exc).__name__}: {exc}", "store", report)
+            await fanout.end(item.reply, False)
+            return
+        if written is None:
+            log.warning("job %s: lease lost; another worker answers it", job.id)
+            report.lost += 1
+            self.metrics.jobs.labels("lost").inc()
+            await fanout.end(item.reply, False)
+            return
+        report.replied += 1
+        self.metrics.jobs.labels("replied").inc()
+        self.metrics.job_latency.observe((utcnow() - job.created_at).total_seconds())
+        await fanout.end(item.reply, True)
+
+    async def _fail(
+        self, job: ClaimedJob, error: str, reason: str, report: BatchReport, *, retryable: bool = True
+    ) -> None:
+        w = self.settings.worker
+        self.metrics.failures.labels(reason).inc()
+        try:
+            async with self.store.transaction() as session:
+                status = await jobs.fail(
+                    session,
+                    job,
+                    error=error,
+                    max_attempts=w.max_attempts,
+                    backoff_seconds=w.retry_backoff_seconds,
+                    retryable=retryable,
+                )
+        except Exception:  # the lease expires and the job is claimed again
+            log.exception("job %s: recording the failure failed", job.id)
+            return
+        outcome = {"pending": "retried", "failed": "failed"}.get(status, "lost")
+        setattr(report, outcome, getattr(report, outcome) + 1)
+        self.metrics.jobs.labels(outcome).inc()
+
+    async def _release(self, item: Prepared, fanout: ObserverFanout, report: BatchReport) -> None:
+        try:
+            async with self.store.transaction() as session:
+                held = await jobs.release(session, item.job)
+        except Exception:
+            log.exception("job %s: releasing it failed; its lease will expire", item.job.id)
+            held = False
+        report.released += held
+        self.metrics.jobs.labels("released" if held else "lost").inc()
+        await fanout.end(item.reply, False)
+
+    # -- leases and logs ------------------------------------------------------------------------------
+
+    async def _renew_leases(self, claimed: list[ClaimedJob]) -> None:
+        lease = self.settings.worker.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                async with self.store.transaction() as session:
+                    await jobs.extend_leases(session, claimed, lease_seconds=lease)
+            except Exception:
+                log.warning("could not renew job leases", exc_info=True)
+
+    def _log_batch(self, report: BatchReport, seconds: float) -> None:
+        kv = getattr(self.backend, "kv", None)
+        if kv is not None:
+            self.metrics.kv_bytes.set(kv.nbytes)
+        ttft = sorted(report.first_tokens)
+        median = ttft[len(ttft) // 2] if ttft else 0.0
+        log.info(
+            "batch: %d claimed, %d generated (%d personas, %d adapters%s): %d replied, %d vetoed, "
+            "%d retried, %d failed, %d released, %d lost; %d tokens in %.2fs (%.1f tok/s), "
+            "median first token %.2fs, KV reuse %d/%d jobs (%d of %d prompt tokens)",
+            report.claimed,
+            report.generated,
+            len(report.personas),
+            len(report.adapters),
+            f", {report.splits} splits" if report.splits else "",
+            report.replied,
+            report.vetoed,
+            report.retried,
+            report.failed,
+            report.released,
+            report.lost,
+            report.tokens,
+            seconds,
+            report.tokens / seconds if seconds > 0 else 0.0,
+            median,
+            report.kv_hits,
+            report.replied + report.vetoed,
+            report.cached_tokens,
+            report.prompt_tokens,
+        )

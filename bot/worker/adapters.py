@@ -1,0 +1,113 @@
+"""Keeping the backend's LoRA adapters in step with the active adapter versions in the store.
+
+Before each batch the worker reads `personas.versions.active_versions` (one small query). A newly
+activated version is loaded under the name `persona@version` before the batch runs; a version that is
+no longer active is unloaded (and its channels' KV caches dropped with it). A persona with no active
+version answers with the base model. A version whose folder fails to load is remembered with its error:
+that persona's jobs fail with the error, and loading is tried again after `retry_seconds` (the files may
+be fixed in place) or as soon as another version is activated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.generation.base import AdapterHost, GenerationBackend
+
+log = logging.getLogger(__name__)
+
+
+class AdapterUnavailable(Exception):
+    """The persona's active adapter version could not be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    path: str
+    error: str
+    at: float
+
+
+def adapter_name(persona: str, version: str) -> str:
+    return f"{persona}@{version}"
+
+
+class AdapterSync:
+    def __init__(self, backend: GenerationBackend, *, retry_seconds: float = 60.0) -> None:
+        self.backend = backend
+        self.retry_seconds = retry_seconds
+        self.supported = isinstance(backend, AdapterHost)
+        self.loaded: dict[str, tuple[str, str]] = {}  # persona -> (adapter name, path)
+        self.failed: dict[str, _Failed] = {}  # adapter name -> why it did not load
+        self.active: dict[str, tuple[str, str]] = {}  # persona -> (version, path), as last read
+        self._warned = False
+
+    async def refresh(self, session: AsyncSession) -> None:
+        """Read the active versions and load/unload adapters to match (loading runs in a thread)."""
+        from personas.versions import active_versions
+
+        self.active = await active_versions(session)
+        if not self.supported:
+            if self.active and not self._warned:
+                log.warning(
+                    "the generation backend %s cannot load LoRA adapters; personas answer with the base model",
+                    type(self.backend).__name__,
+                )
+                self._warned = True
+            return
+        host: AdapterHost = self.backend  # type: ignore[assignment]
+        for persona, (name, _path) in list(self.loaded.items()):
+            wanted = self.active.get(persona)
+            if wanted is None or adapter_name(persona, wanted[0]) != name or wanted[1] != _path:
+                await asyncio.to_thread(host.unload_adapter, name)
+                del self.loaded[persona]
+                log.info("unloaded LoRA adapter %s (no longer active)", name)
+        for persona, (version, path) in sorted(self.active.items()):
+            name = adapter_name(persona, version)
+            if persona in self.loaded:
+                continue
+            failed = self.failed.get(name)
+            if (
+                failed is not None
+                and failed.path == path
+                and time.monotonic() - failed.at < self.retry_seconds
+            ):
+                continue
+            started = time.perf_counter()
+            try:
+                size = await asyncio.to_thread(host.load_adapter, name, Path(path))
+            except Exception as exc:  # any failure is the adapter's, reported on its persona's jobs
+                error = str(exc) if str(exc) else type(exc).__name__
+                self.failed[name] = _Failed(path, error, time.monotonic())
+                log.error("persona %s: adapter version %s failed to load: %s", persona, version, error)
+                continue
+            self.failed.pop(name, None)
+            self.loaded[persona] = (name, path)
+            log.info(
+                "loaded LoRA adapter %s from %s (%.1f MiB) in %.2fs",
+                name,
+                path,
+                size / 2**20,
+                time.perf_counter() - started,
+            )
+
+    def adapter_for(self, persona: str) -> str | None:
+        """The adapter name a persona's jobs use now (None: the base model)."""
+        wanted = self.active.get(persona)
+        if wanted is None or not self.supported:
+            return None
+        loaded = self.loaded.get(persona)
+        if loaded is not None:
+            return loaded[0]
+        name = adapter_name(persona, wanted[0])
+        failed = self.failed.get(name)
+        why = failed.error if failed is not None else "not loaded"
+        raise AdapterUnavailable(
+            f"persona {persona!r}: adapter version {wanted[0]!r} ({wanted[1]}) failed to load: {why}"
+        )

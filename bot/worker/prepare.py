@@ -1,0 +1,188 @@
+"""A claimed job into a `GenerationRequest`: its channel's history, the persona's plugin, the renderer.
+
+Problems that no retry can fix raise `JobRejected` (an unknown persona, an adapter that does not load,
+a conversation the template cannot render); the worker fails those jobs at once with the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.conversation import history_to_turns
+from bot.errors import PersonaError
+from bot.events import ChannelKind, ChannelRef, utcnow
+from bot.generation.base import GenerationRequest
+from bot.prompting import ChatRenderer, PromptError, Turn
+from bot.store import conversations
+from bot.store.conversations import HistoryMessage
+from bot.store.jobs import ClaimedJob
+from bot.store.models import Channel
+from bot.streaming import ActiveReply
+from bot.worker.adapters import AdapterSync, AdapterUnavailable
+from personas.registry import Persona, PersonaRegistry
+
+log = logging.getLogger(__name__)
+
+
+class JobRejected(Exception):
+    """A job that cannot be answered however often it is tried; `reason` labels the failure metric."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Prepared:
+    job: ClaimedJob
+    persona: Persona
+    channel: ChannelRef
+    request: GenerationRequest
+    reply: ActiveReply
+    context: Any  # personas.plugins.PromptContext, handed to after_generation
+    stream_text: bool  # False when an after_generation hook may veto or rewrite the text
+    dropped_turns: int = 0
+
+
+@dataclass
+class JobInputs:
+    channel: ChannelRef
+    history: list[HistoryMessage]
+
+
+async def load_inputs(session: AsyncSession, job: ClaimedJob) -> JobInputs | None:
+    """The job's channel and visible history (None when the channel is gone)."""
+    channel = await session.get(Channel, job.channel_id)
+    if channel is None:
+        return None
+    ref = ChannelRef(
+        platform=channel.platform,
+        external_id=channel.external_id,
+        kind=ChannelKind(channel.kind),
+        thread_id=channel.thread_id,
+        title=channel.title,
+    )
+    return JobInputs(ref, await conversations.history(session, job.channel_id))
+
+
+def _plugins() -> Any:
+    try:
+        from personas import plugins
+    except ImportError:  # an install without persona plugins
+        return None
+    return plugins
+
+
+def _after_hook(plugins: Any, persona: Persona) -> bool:
+    if plugins is None:
+        return False
+    try:
+        return "after_generation" in plugins.has_hooks(persona)
+    except PersonaError:
+        return False  # a plugin that does not load is logged by the hook runner and ignored
+
+
+class Preparer:
+    """Renders jobs for one backend; keeps a renderer per template and a prompt cache per channel."""
+
+    def __init__(self, registry: PersonaRegistry, tokenizer: Any, context_window: int) -> None:
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        self._renderers: dict[str, ChatRenderer] = {}
+        self.plugins = _plugins()
+
+    def renderer(self, template: str) -> ChatRenderer:
+        renderer = self._renderers.get(template)
+        if renderer is None:
+            renderer = self._renderers[template] = ChatRenderer(self.tokenizer, template)
+        return renderer
+
+    def persona(self, slug: str) -> Persona:
+        try:
+            return self.registry.get(slug)
+        except PersonaError as exc:
+            raise JobRejected("persona", str(exc)) from None
+
+    def prepare(self, job: ClaimedJob, inputs: JobInputs | None, adapters: AdapterSync) -> Prepared:
+        persona = self.persona(job.persona)
+        if inputs is None:
+            raise JobRejected("prompt", f"channel {job.channel_id} no longer exists")
+        try:
+            adapter = adapters.adapter_for(persona.slug)
+        except AdapterUnavailable as exc:
+            raise JobRejected("adapter", str(exc)) from None
+        spec = persona.spec
+        turns = history_to_turns(
+            inputs.history,
+            persona=persona.slug,
+            group=not inputs.channel.is_direct,
+            up_to_message_id=job.trigger_message_id,
+        )
+        if job.prompt:
+            # A scheduled post's instruction speaks as the user (merged when the user spoke last).
+            if turns and turns[-1].role == "user":
+                turns[-1] = Turn("user", f"{turns[-1].content}\n{job.prompt}", turns[-1].name)
+            else:
+                turns.append(Turn("user", job.prompt))
+        context = self._context(job, persona, inputs)
+        system = spec.system_prompt or None
+        if self.plugins is not None and context is not None:
+            extra = self.plugins.run_before_prompt(persona, context)
+            if extra:
+                system = f"{system}\n\n{extra}" if system else extra
+        window = spec.context_window or self.context_window
+        try:
+            renderer = self.renderer(spec.template)
+            rendered = renderer.render_prompt(
+                turns,
+                system=system,
+                max_prompt_tokens=window - spec.sampling.max_new_tokens,
+                cache=renderer.channel_cache((job.channel_id, persona.slug)),
+            )
+        except PromptError as exc:
+            raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
+        if rendered.dropped_turns:
+            log.info("job %s: dropped %d old turns to fit the context window", job.id, rendered.dropped_turns)
+        request = GenerationRequest(
+            prompt_ids=rendered.input_ids,
+            sampling=spec.sampling,
+            stop_ids=tuple(renderer.end_of_turn_ids),
+            adapter=adapter,
+            cache_key=f"{job.channel_id}:{persona.slug}",
+        )
+        return Prepared(
+            job=job,
+            persona=persona,
+            channel=inputs.channel,
+            request=request,
+            reply=ActiveReply(job.id, inputs.channel, persona.slug),
+            context=context,
+            stream_text=not _after_hook(self.plugins, persona),
+            dropped_turns=rendered.dropped_turns,
+        )
+
+    def _context(self, job: ClaimedJob, persona: Persona, inputs: JobInputs) -> Any:
+        if self.plugins is None:
+            return None
+        last = None
+        for message in inputs.history:
+            if job.trigger_message_id is not None and message.id > job.trigger_message_id:
+                break
+            if message.role == "user":
+                last = message
+        return self.plugins.PromptContext(
+            persona=persona.slug,
+            channel=inputs.channel.key,
+            platform=inputs.channel.platform,
+            is_direct=inputs.channel.is_direct,
+            now=utcnow(),
+            last_user_text=last.text if last is not None and job.kind != "scheduled" else "",
+            channel_title=inputs.channel.title,
+            author=last.author if last is not None and job.kind != "scheduled" else "",
+            scheduled_prompt=job.prompt if job.kind == "scheduled" else None,
+        )
