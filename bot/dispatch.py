@@ -212,7 +212,7 @@ class Dispatcher:
 
     async def _cmd_optin(self, ctx: CommandContext) -> str:
         """Let this user's conversations from now on be used to retrain the personas."""
-        changed = await consent.set_training_opt_in(ctx.session, ctx.event.author, True)
+        changed = await consent.set_training_opt_in(ctx.session, ctx.event.author, True, at=ctx.event.sent_at)
         if not changed:
             return "You are already opted in. /optout stops it at any time."
         return (
@@ -223,7 +223,9 @@ class Dispatcher:
 
     async def _cmd_optout(self, ctx: CommandContext) -> str:
         """Keep this user's conversations out of every later training export."""
-        changed = await consent.set_training_opt_in(ctx.session, ctx.event.author, False)
+        changed = await consent.set_training_opt_in(
+            ctx.session, ctx.event.author, False, at=ctx.event.sent_at
+        )
         if not changed:
             return "You are not opted in: your conversations are not used for training."
         return (

@@ -119,26 +119,30 @@ async def collect_conversations(
     conversations: list[Conversation] = []
     current: Conversation | None = None
     previous_id = -1
+    previous_asked: datetime | None = None
     for row in await session.execute(query):
         (msg_id, text, asked_at, reply, replied_at, u_platform, u_id, c_platform, c_id, thread, floor) = row
         if not text.strip() or not reply.strip():
             continue
         key = _channel_key(c_platform, c_id, thread)
         reset_between = floor is not None and previous_id <= floor < msg_id
+        # Silence is measured between the user's messages: a reply written late (a long queue) does
+        # not make the next message look like a new conversation.
         if (
             current is None
             or current.channel != key
             or reset_between
-            or current.ended_at is None
-            or asked_at - current.ended_at > conversation_gap
+            or previous_asked is None
+            or asked_at - previous_asked > conversation_gap
         ):
             current = Conversation(channel=key, started_at=asked_at)
             conversations.append(current)
         current.messages.append({"role": "user", "content": text})
         current.messages.append({"role": "assistant", "content": reply})
         current.users.add(f"{u_platform}:{u_id}")
-        current.ended_at = replied_at
+        current.ended_at = max(replied_at, current.ended_at or replied_at)
         previous_id = msg_id
+        previous_asked = asked_at
     conversations.sort(key=lambda c: (c.started_at, c.channel))
     return conversations
 

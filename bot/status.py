@@ -135,7 +135,7 @@ async def _schedule(session: Any) -> list[dict[str, Any]]:
     }
     last = await runs.last_runs(session)
     jobs = []
-    for job_id in sorted(set(stored) | {j for j, r in last.items() if j in stored or r.status == "error"}):
+    for job_id in sorted(set(stored) | set(last)):
         run = last.get(job_id)
         entry: dict[str, Any] = {
             "job_id": job_id,

@@ -16,14 +16,21 @@ from bot.store.conversations import upsert_user
 from bot.store.models import User
 
 
-async def set_training_opt_in(session: AsyncSession, author: AuthorRef, opted_in: bool) -> bool:
-    """Record the user's choice; returns False when it was already that (nothing changes then)."""
+async def set_training_opt_in(
+    session: AsyncSession, author: AuthorRef, opted_in: bool, *, at: datetime | None = None
+) -> bool:
+    """Record the user's choice, made at `at` (the command's own time; default now).
+
+    Returns False when it was already that (nothing changes then).
+    """
     user_id = await upsert_user(session, author)
     current = (await session.execute(select(User.training_opt_in).where(User.id == user_id))).scalar_one()
     if bool(current) == opted_in:
         return False
     await session.execute(
-        update(User).where(User.id == user_id).values(training_opt_in=opted_in, opt_in_changed_at=utcnow())
+        update(User)
+        .where(User.id == user_id)
+        .values(training_opt_in=opted_in, opt_in_changed_at=at or utcnow())
     )
     return True
 
