@@ -461,8 +461,8 @@ class DiscordAdapter:
             if event is None:
                 return
             result = await self._handle(event)
-        if result is not None and result.notice:
-            await self._post_notice(message, result.notice)
+            if result is not None and result.notice:  # inside the lock: answers keep command order
+                await self._post_notice(message, result.notice)
 
     async def _post_notice(self, message: discord.Message, notice: str) -> None:
         """A command's answer or a cooldown notice: not part of the conversation, so not in the outbox."""

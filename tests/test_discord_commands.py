@@ -45,13 +45,15 @@ async def test_edited_and_deleted_messages_change_what_later_prompts_see(
         )
         await bot.replies(w.general, 1)
         drink = await fake.say(w.general, w.alice, "I like tea")
+        spam = [await fake.say(w.general, w.bob, f"spam {n}") for n in range(3)]
         await fake.edit(drink, "I like coffee")
         await fake.delete(secret)
+        await fake.delete_bulk(spam)
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} what do you know?", mentions=[fake.bot])
         await bot.replies(w.general, 2)
         prompt = bot.backend.prompts[-1]
         assert "I like coffee" in prompt and "what do you know?" in prompt
-        assert "hunter2" not in prompt and "tea" not in prompt
+        assert "hunter2" not in prompt and "tea" not in prompt and "spam" not in prompt
         rows = {m.platform_message_id: m for m in await bot.rows(Message, Message.role == "user")}
         assert rows[secret["id"]].text == "" and rows[secret["id"]].deleted_at is not None
         assert rows[drink["id"]].text == "I like coffee" and rows[drink["id"]].edited_at is not None

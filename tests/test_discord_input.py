@@ -15,7 +15,7 @@ from bot.config import load_settings
 from bot.events import PlatformEvent
 from bot.logs import setup_logging
 from bot.store import Store
-from bot.store.models import Message
+from bot.store.models import Channel, Message
 from tests.fakes.discord_harness import (
     build_world,
     fake_discord,
@@ -52,6 +52,7 @@ async def test_odd_messages_never_crash_the_bot(
     w = build_world(fake)
     mystery = fake.add_channel(w.guild, "mystery", type=99)  # a channel type discord.py does not know
     dm = fake.open_dm(w.alice)
+    old_thread = fake.add_thread(w.general, "old thread", announced=False)  # not in discord.py's cache
     bot = await start_bot(store, fake)
     at_bot = f"{mention(fake.bot)} "
     try:
@@ -68,6 +69,7 @@ async def test_odd_messages_never_crash_the_bot(
             w.general, w.alice, at_bot + "nul\x00byte and <@42> and <#7> <:blob:99>", mentions=[fake.bot]
         )
         await fake.say(mystery, w.alice, at_bot + "in a mystery channel", mentions=[fake.bot])
+        await fake.say(old_thread, w.alice, at_bot + "in an old thread", mentions=[fake.bot])
         await fake.say(dm, w.alice, "still there?")
         replies = [r["content"] for r in await bot.replies(dm, 5)]
         assert all(len(r) <= 2000 for r in replies)
@@ -79,6 +81,10 @@ async def test_odd_messages_never_crash_the_bot(
         assert "echo: Alice: שלום עולם, مرحبا" in general
         (in_mystery,) = await bot.replies(mystery, 1)
         assert in_mystery["content"] == "echo: Alice: in a mystery channel"
+        (in_thread,) = await bot.replies(old_thread, 1)
+        assert in_thread["content"] == "echo: Alice: in an old thread"
+        threads = await bot.rows(Channel, Channel.thread_id == old_thread["id"])
+        assert [(c.external_id, c.title) for c in threads] == [(w.general["id"], "old thread")]
 
         texts = [m.text for m in await bot.rows(Message, Message.role == "user")]
         assert "broken \ufffd surrogate" in texts

@@ -120,7 +120,8 @@ async def test_a_duplicated_message_create_is_stored_and_answered_once(
         await fake.say(w.general, w.bob, f"{mention(fake.bot)} next", mentions=[fake.bot])
         await bot.delivered(2)
         await asyncio.sleep(0.2)  # time for a wrongly queued third reply to show up
-        assert [m["content"] for m in fake.posted(w.general)] == ["echo: Alice: once", "echo: Bobby: next"]
+        replies = sorted(m["content"] for m in fake.posted(w.general))
+        assert replies == ["echo: Alice: once", "echo: Bobby: next"]
         stored = await bot.rows(Message, Message.role == "user")
         assert [m.text for m in stored] == ["once", "next"]
     finally:
@@ -137,9 +138,10 @@ async def test_restart_delivers_an_undelivered_reply_exactly_once(store: Store, 
     await fake.say(w.general, w.alice, f"{mention(fake.bot)} are you there?", mentions=[fake.bot])
     (created,) = await first.replies(w.general, 1)
     # Crash: no flush, no goodbye; the outbox row stays leased to the dead process.
-    for task in first.app._tasks:
+    tasks = [t for t in (*first.app._pump_tasks, first.app._worker_task) if t is not None]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*first.app._tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     await first.adapter.stop()
     (row,) = await first.rows(OutboxDelivery)
     assert row.status == "sending" and row.delivered_ids == []

@@ -261,8 +261,11 @@ class FakeDiscord:
         self.channels[channel["id"]] = channel
         return channel
 
-    def add_thread(self, parent: Json, name: str, *, owner: Json | None = None) -> Json:
-        """A public thread in a text channel, or a post in a forum channel."""
+    def add_thread(
+        self, parent: Json, name: str, *, owner: Json | None = None, announced: bool = True
+    ) -> Json:
+        """A public thread in a text channel, or a post in a forum channel. `announced=False`: an old
+        thread the gateway never mentioned, so the client must ask REST about it."""
         guild = self.guilds[parent["guild_id"]]
         thread = {
             "id": self.snowflake(),
@@ -283,7 +286,8 @@ class FakeDiscord:
                 "locked": False,
             },
         }
-        guild["threads"].append(thread)
+        if announced:
+            guild["threads"].append(thread)
         self.channels[thread["id"]] = thread
         return thread
 
@@ -408,6 +412,16 @@ class FakeDiscord:
         if "guild_id" in message:
             data["guild_id"] = message["guild_id"]
         await self.dispatch("MESSAGE_DELETE", data)
+
+    async def delete_bulk(self, messages: list[Json]) -> None:
+        """A moderator purges several messages of one channel at once."""
+        for message in messages:
+            self.messages.pop(message["id"], None)
+        first = messages[0]
+        data = {"ids": [m["id"] for m in messages], "channel_id": first["channel_id"]}
+        if "guild_id" in first:
+            data["guild_id"] = first["guild_id"]
+        await self.dispatch("MESSAGE_DELETE_BULK", data)
 
     async def slash(self, channel: Json, user: Json, command: str, **options: str) -> Json:
         """Run the slash command `/command`; returns the bot's interaction response."""
