@@ -263,7 +263,8 @@ class DiscordAdapter:
         ready.cancel()
         if self._ready.is_set():
             return
-        failure = self._connect_task.exception() if self._connect_task in done else None
+        task = self._connect_task
+        failure = task.exception() if task in done and not task.cancelled() else None
         await self._abort()
         if isinstance(failure, discord.PrivilegedIntentsRequired):
             raise DiscordError(
@@ -411,7 +412,7 @@ class DiscordAdapter:
         text = re.sub(r"[ \t]*\x00[ \t]*", " ", text)
         extras = [f"[attachment: {clean_text(a.filename)}]" for a in message.attachments]
         extras += [f"[sticker: {clean_text(s.name)}]" for s in message.stickers]
-        text = "\n".join(part for part in [text.strip(), " ".join(extras)] if part)
+        text = clean_text("\n".join(part for part in [text.strip(), " ".join(extras)] if part))
         return ("" if _blank(text) else text), mentioned
 
     async def _incoming(self, message: discord.Message) -> Incoming | None:
