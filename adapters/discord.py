@@ -1,10 +1,10 @@
 """The Discord adapter, on discord.py: gateway events in, outbox replies out.
 
 It only translates. Messages, edits and deletes become `Incoming`, `Edited` and `Deleted`; slash
-commands (`/persona`, `/personas`, `/reset`, `/help`, `/forget`) become `Incoming` commands whose
-answer is the interaction response; replies are split under 2,000 characters and posted through the
-REST API.
-Triggers, access rules, cooldowns and commands are decided in `bot/`.
+commands (`/persona`, `/personas`, `/reset`, `/help`, `/forget`, `/optin`, `/optout`) become
+`Incoming` commands whose answer is the interaction response; replies are split under 2,000
+characters and posted through the REST API. Triggers, access rules, cooldowns and commands are
+decided in `bot/`.
 
 Channels: a guild text channel or a DM is `ChannelRef(external_id=<channel id>)`. A thread or a forum
 post is its own conversation, `ChannelRef(external_id=<parent channel id>, thread_id=<thread id>)`,
@@ -56,6 +56,8 @@ SLASH_COMMANDS: dict[str, tuple[str, tuple[str, str] | None]] = {
     "reset": ("Start the conversation afresh (history is kept)", None),
     "help": ("What this bot understands", None),
     "forget": ("Erase what the bot stores of you in this channel", ("confirm", "Type confirm to go ahead")),
+    "optin": ("Let your conversations train the personas", None),
+    "optout": ("Stop your conversations from training the personas", None),
 }
 
 _MENTION = re.compile(r"<(?P<kind>@!?|@&|#)(?P<id>\d+)>|<a?:(?P<emoji>\w+):\d+>|</(?P<command>[\w -]+):\d+>")

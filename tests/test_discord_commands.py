@@ -107,6 +107,17 @@ async def test_persona_command_for_admins_and_others(sqlite_store: Store, fake: 
         # In a DM anyone may choose.
         in_dm = await fake.slash(dm, w.bob, "persona", name="pirate")
         assert "now answers" in in_dm["data"]["content"]
+        # Every registered slash command reaches the dispatcher.
+        assert {c["name"] for c in fake.commands} == {
+            "persona",
+            "personas",
+            "reset",
+            "help",
+            "forget",
+            "optin",
+            "optout",
+        }
+        assert "Thank you" in (await fake.slash(dm, w.bob, "optin"))["data"]["content"]
 
         # Prefix commands: the answer is posted as a reply to the command.
         command = await fake.say(w.general, w.bob, "!persona assistant")
