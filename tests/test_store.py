@@ -208,3 +208,17 @@ def test_unsupported_database_urls_are_one_clear_error(url: str) -> None:
 def test_plain_urls_use_the_async_drivers() -> None:
     assert normalize_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
     assert normalize_url("postgresql://u@h/db").drivername == "postgresql+asyncpg"
+
+
+async def test_edits_never_rewrite_the_bots_own_replies(store: Store) -> None:
+    job_id = await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        reply_id = await jobs.complete(s, job, text="as generated", persona="assistant", platform="discord")
+        (out,) = await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30)
+        await outbox.mark_delivered(s, out.outbox_id, ["bot-1"])
+    assert job_id == job.id
+    async with store.transaction() as s:
+        assert not await conversations.apply_edit(s, Edited("discord", CHANNEL, "bot-1", "streamed … edit"))
+        reply = await s.get(Message, reply_id)
+    assert reply is not None and reply.text == "as generated"

@@ -144,6 +144,8 @@ async def apply_edit(session: AsyncSession, event: Edited) -> bool:
             Message.channel_id == channel_id,
             Message.platform_message_id == event.platform_message_id,
             Message.deleted_at.is_(None),
+            # Platforms echo edits of the bot's own (streamed) messages; the stored reply stays as written.
+            Message.role == "user",
         )
         .values(text=event.text, edited_at=event.edited_at)
     )
