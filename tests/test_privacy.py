@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from sqlalchemy import func, select
 
@@ -122,12 +123,16 @@ async def test_forget_command_asks_first_and_works_on_every_platform(store: Stor
             assert len(await erasures_for(s, platform, "u1")) == 1
 
 
-async def test_start_answers_with_the_greeting_of_the_channels_persona(store: Store) -> None:
-    registry = PersonaRegistry.discover()
-    dispatcher = Dispatcher(load_settings(), store, registry)
-    channel = ChannelRef("console", "c1", ChannelKind.DIRECT)
-    result = await dispatcher.handle(
-        Incoming("console", channel, AuthorRef("console", "u", "U"), "/start", "m1")
-    )
+async def test_start_answers_with_the_greeting_of_the_channels_persona(tmp_path: Path) -> None:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    await store.upgrade()
+    try:
+        registry = PersonaRegistry.discover()
+        dispatcher = Dispatcher(load_settings(), store, registry)
+        channel = ChannelRef("console", "c1", ChannelKind.DIRECT)
+        event = Incoming("console", channel, AuthorRef("console", "u", "U"), "/start", "m1")
+        result = await dispatcher.handle(event)
+    finally:
+        await store.close()
     spec = registry.get("assistant").spec
     assert result.notice == (spec.greeting or f"Hi, I'm {spec.name}. Send /help to see what I can do.")

@@ -102,8 +102,9 @@ async def test_streaming_edits_one_message_throttled_by_growth_and_time(
 async def test_streamed_reply_longer_than_a_message_edits_then_continues(
     sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
 ) -> None:
-    text = long_reply()
-    backend = ScriptedBackend(lambda prompt: text)
+    # Three paragraphs of ~3,800 characters in long "words", streamed slowly enough to be previewed.
+    text = "\n\n".join(" ".join([letter * 95] * 40) for letter in "abc")
+    backend = ScriptedBackend(lambda prompt: text, delay=0.005)
     async with running_bot(
         sqlite_store,
         api,
@@ -122,8 +123,12 @@ async def test_streamed_reply_longer_than_a_message_edits_then_continues(
     assert len(sends) == 3  # one preview (however fast the tokens came), then chunks 2 and 3
     assert sends[0].params["text"].endswith(" …")  # the preview became the first chunk
     assert posted[0]["message_id"] == 1 + 1  # Ada's message is 1; the preview is the bot's first
+    edits = [c.params["text"] for c in api.calls_of("editMessageText")]
+    assert len(edits) >= 2 and all(utf16_len(e) <= 4096 for e in edits)  # a preview never outgrows a message
 
 
+# PTB's own RetryAfter constructor warns about its future timedelta type.
+@pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 async def test_flood_control_429_is_waited_out_and_posted_once(
     sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
 ) -> None:
@@ -149,6 +154,23 @@ async def test_5xx_answers_are_retried_with_backoff(
         await bot.reply_in(CHAT.id)
     assert len(api.calls_of("sendMessage")) == 3
     assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: through a flaky gateway"]
+
+
+async def test_a_group_upgraded_to_a_supergroup_gets_the_reply_at_its_new_id(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    group = FakeChat(-5, "group", "Old Group")
+    api.fail(
+        "sendMessage",
+        400,
+        description="Bad Request: group chat was upgraded to a supergroup chat",
+        parameters={"migrate_to_chat_id": -1005},
+    )
+    async with running_bot(sqlite_store, api, tmp_path) as bot:
+        api.send(group, ADA, "Polly, hello")
+        (reply,) = await bot.reply_in(-1005)
+    assert reply["text"] == "echo: Ada: Polly, hello"
+    assert api.bot_messages(group.id) == []
 
 
 async def test_a_chunk_posted_before_a_failure_is_not_posted_again(

@@ -91,7 +91,7 @@ class Call:
 class _Failure:
     status: int
     description: str
-    retry_after: int | None
+    parameters: dict[str, Any] | None
     times: int
     after: int  # calls of the method let through before failing
 
@@ -151,15 +151,19 @@ class FakeBotAPI:
         times: int = 1,
         after: int = 0,
         description: str | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> None:
         """After `after` more calls of `method` succeed, the next `times` answer `status`.
 
-        A 429 carries `retry_after` in its `parameters`, as Telegram's flood control does.
+        A 429 carries `retry_after` in its `parameters`, as Telegram's flood control does; a group
+        upgraded to a supergroup answers 400 with `parameters={"migrate_to_chat_id": ...}`.
         """
         text = description or {429: f"Too Many Requests: retry after {retry_after}"}.get(
             status, f"Internal Server Error ({status})"
         )
-        self._failures.setdefault(method, []).append(_Failure(status, text, retry_after, times, after))
+        if retry_after is not None:
+            parameters = {**(parameters or {}), "retry_after": retry_after}
+        self._failures.setdefault(method, []).append(_Failure(status, text, parameters, times, after))
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -261,8 +265,7 @@ class FakeBotAPI:
             failure.times -= 1
             if failure.times <= 0:
                 failures.pop(0)
-            extra = {"retry_after": failure.retry_after} if failure.retry_after is not None else None
-            return _error(failure.status, failure.description, extra)
+            return _error(failure.status, failure.description, failure.parameters)
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:
             return _error(404, "Not Found: method not found")
