@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.export import export_persona, scrub_exports
 from bot.store import Store
 from bot.store.models import Channel, Erasure, Message, OutboxDelivery, ReplyJob
 from tests.fakes.backend import ScriptedBackend
@@ -199,22 +200,28 @@ async def test_start_greets_and_commands_for_other_bots_are_ignored(
 async def test_forget_erases_the_user_in_this_chat_after_confirmation(
     store: Store, api: FakeBotAPI, tmp_path: Path
 ) -> None:
+    exports = tmp_path / "exports"
     async with running_bot(store, api, tmp_path) as bot:
-        api.send(GROUP, ADA, f"{MENTION} remember my secret: 1234", entities=[mention_entity()])
+        api.send(GROUP, ADA, "/optin")  # so her words reach a training export first
         await bot.reply_in(GROUP.id, 1)
-        api.send(GROUP, BOB, f"{MENTION} and mine is 5678", entities=[mention_entity()])
+        api.send(GROUP, ADA, f"{MENTION} remember my secret: 1234", entities=[mention_entity()])
         await bot.reply_in(GROUP.id, 2)
+        api.send(GROUP, BOB, f"{MENTION} and mine is 5678", entities=[mention_entity()])
+        await bot.reply_in(GROUP.id, 3)
         api.send(FakeChat.private(ADA), ADA, "a private note")
         await bot.reply_in(ADA.id, 1)
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 3)
+        exported = await export_persona(store, "parrot", exports / "parrot.jsonl", sources=True)
+        assert exported.conversations == 2 and "1234" in (exports / "parrot.jsonl").read_text()
 
         api.send(GROUP, ADA, "/forget")
-        replies = await bot.reply_in(GROUP.id, 3)
-        assert "/forget confirm" in replies[2]["text"]
+        replies = await bot.reply_in(GROUP.id, 4)
+        assert "/forget confirm" in replies[3]["text"]
         assert len(await bot.user_messages(GROUP.id)) == 2  # asking changes nothing
 
         api.send(GROUP, ADA, "/forget confirm")
-        replies = await bot.reply_in(GROUP.id, 4)
-        assert replies[3]["text"] == "Done: I erased 1 of your messages and 1 of my replies here."
+        replies = await bot.reply_in(GROUP.id, 5)
+        assert replies[4]["text"] == "Done: I erased 1 of your messages and 1 of my replies here."
 
         # Ada's words and the reply to them are gone from messages, jobs and the outbox; Bob's stay.
         texts = [m.text for m in await bot.rows(Message)]
@@ -226,9 +233,14 @@ async def test_forget_erases_the_user_in_this_chat_after_confirmation(
         (erasure,) = await bot.rows(Erasure)
         assert (erasure.platform, erasure.user_external_id) == ("telegram", str(ADA.id))
 
+        # The export written before is scrubbed of the group conversation; her private one stays.
+        assert await scrub_exports(store, exports) == 1
+        assert "1234" not in (exports / "parrot.jsonl").read_text()
+        assert "a private note" in (exports / "parrot.jsonl").read_text()
+
         # The next prompt in the group no longer contains Ada's message.
         api.send(GROUP, BOB, f"{MENTION} what did she say?", entities=[mention_entity()])
-        await bot.reply_in(GROUP.id, 5)
+        await bot.reply_in(GROUP.id, 6)
         assert "1234" not in bot.backend.prompts[-1]
 
 
