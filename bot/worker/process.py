@@ -48,7 +48,7 @@ async def run_worker_process(settings: Settings) -> int:
         log.info(
             "worker %s: %s on %s (%s), max batch %d",
             worker.owner,
-            settings.model.name,
+            getattr(getattr(backend, "location", None), "display", settings.model.name),
             getattr(backend, "device", "?"),
             getattr(backend, "dtype", "?"),
             settings.worker.max_batch,
