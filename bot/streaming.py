@@ -57,7 +57,7 @@ class StreamingRelay:
         streaming: bool = False,
         min_interval: float = 1.0,
         min_growth: int = 1,
-        typing_interval: float = 5.0,
+        typing_interval: float = 4.0,  # platforms show "typing" for ~5 s; refresh before it lapses
         marker: str = " …",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -222,3 +222,12 @@ async def test_edits_never_rewrite_the_bots_own_replies(store: Store) -> None:
         assert not await conversations.apply_edit(s, Edited("discord", CHANNEL, "bot-1", "streamed … edit"))
         reply = await s.get(Message, reply_id)
     assert reply is not None and reply.text == "as generated"
+
+
+async def test_nul_and_lone_surrogates_are_stored_safely(store: Store) -> None:
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message("m1", "a\x00b\ud800c"))
+        await conversations.apply_edit(s, Edited("discord", CHANNEL, "m1", "x\x00y\udfffz"))
+    async with store.transaction() as s:
+        (m,) = await conversations.history(s, stored.channel_id)
+    assert m.text == "xy\ufffdz"

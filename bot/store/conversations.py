@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,6 +32,14 @@ class HistoryMessage:
     author: str
     persona: str | None
     created_at: datetime
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """Text every backend can store: no NUL (PostgreSQL rejects it), lone surrogates as U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", ""))
 
 
 def _insert_for(session: AsyncSession):  # type: ignore[no-untyped-def]
@@ -109,7 +118,7 @@ async def ingest(session: AsyncSession, event: Incoming) -> IngestResult:
                 channel_id=channel_id,
                 user_id=user_id,
                 role="user",
-                text=event.text,
+                text=storable_text(event.text),
                 platform_message_id=event.platform_message_id,
                 reply_to=event.reply_to,
                 created_at=event.sent_at,
@@ -147,7 +156,7 @@ async def apply_edit(session: AsyncSession, event: Edited) -> bool:
             # Platforms echo edits of the bot's own (streamed) messages; the stored reply stays as written.
             Message.role == "user",
         )
-        .values(text=event.text, edited_at=event.edited_at)
+        .values(text=storable_text(event.text), edited_at=event.edited_at)
     )
     return result.rowcount > 0
 
