@@ -193,7 +193,13 @@ class JobScheduler:
         if problem is not None:
             return problem.message
         known = ", ".join(sorted(self.by_id)) or "none"
-        return f"unknown scheduled job {job_id!r} (its persona or config entry is gone?); jobs: {known}"
+        if job_id == "retention":
+            why = "retention is off: set scheduler.retention_days or scheduler.retention_channels"
+        elif job_id.startswith("retrain:") and not self.settings.scheduler.retrain:
+            why = "retraining is off: scheduler.retrain is false"
+        else:
+            why = "no such persona or config entry"
+        return f"unknown scheduled job {job_id!r} ({why}); jobs: {known}"
 
     async def run_occurrence(
         self, job_id: str, scheduled_for: datetime, *, manual: bool = False, force: bool = False
