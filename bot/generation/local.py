@@ -5,6 +5,7 @@ Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adap
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -124,3 +125,9 @@ class LocalBackend:
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:
         return self.engine.generate(requests, callbacks)
+
+    def release_memory(self) -> None:
+        """After a failed batch (out of memory): return freed blocks to the device."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

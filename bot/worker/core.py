@@ -295,6 +295,13 @@ class Worker:
         try:
             await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
         except Exception as exc:
+            if not isinstance(exc, GenerationCancelled) and not is_out_of_memory(exc):
+                log.warning("generating a batch of %d failed", len(batch), exc_info=exc)
+            # The traceback's frames hold the failed batch's tensors: drop them before a retry.
+            exc.__traceback__ = None
+            release = getattr(self.backend, "release_memory", None)
+            if release is not None:
+                await asyncio.to_thread(release)
             await asyncio.sleep(0)  # completions scheduled by the thread before it raised
             return exc
         await asyncio.sleep(0)

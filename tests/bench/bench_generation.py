@@ -1,0 +1,518 @@
+"""Generation benchmark on SmolLM2-135M-Instruct on the CPU: batching, KV reuse, batch-1 decode, memory.
+
+Every comparison is measured side by side in one run, on the same machine state:
+
+(a) 16 jobs from 16 channels across 4 personas, each persona with its own (random) LoRA adapter, 64 new
+    tokens each (greedy, no early stop). The worker's engine (one batch, gathered multi-LoRA) against
+    peft `set_adapter` + `generate` per job (sequential) and stock peft `generate(adapter_names=...)`
+    over the same 16 jobs (mixed batch). Aggregate tokens/s and ratios. Also: how many of the 16
+    greedy replies are token-for-token equal to peft's sequential ones.
+(b) Second-turn time to first token in a channel with a ~1,000-token history: the engine with the
+    channel KV cache (prefills only the new turn) against a full prefill; and the reply is the same.
+(c) Batch-1 decode tokens/s against the memory-bandwidth floor (weight bytes / copy bandwidth measured
+    in this run), with a profile of where a decode step's time goes.
+(d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
+
+    .venv/bin/python tests/bench/bench_generation.py [--threads N] [--rounds N] [--json PATH]
+
+Prints a table and writes JSON (default tests/bench/results/bench_generation.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+from bot.generation.base import GenerationRequest  # noqa: E402
+from bot.generation.engine import BatchEngine  # noqa: E402
+from bot.generation.kvcache import KVCacheLRU  # noqa: E402
+from bot.generation.lora import MultiLora  # noqa: E402
+from bot.prompting import ChatRenderer, Turn  # noqa: E402
+from personas.spec import Sampling  # noqa: E402
+
+DEFAULT_MODEL = Path("/tmp/pbdata/models/SmolLM2-135M-Instruct")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOPICS = [
+    "the tides", "sourdough bread", "black holes", "chess openings", "the Roman roads", "bees",
+    "volcanoes", "jazz", "the printing press", "glaciers", "origami", "coral reefs", "trains",
+    "the Moon", "tea", "lighthouses",
+]  # fmt: skip
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def load_model(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def make_adapters(base: Any, root: Path, count: int, r: int) -> list[Path]:
+    """Random LoRA adapters (A and B non-zero, small), saved as peft folders like trained ones."""
+    from peft import LoraConfig, get_peft_model
+
+    folders = []
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        model = get_peft_model(
+            copy.deepcopy(base),
+            LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, init_lora_weights=False),
+        )
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(0.05)  # a visible but sane change of the base model's output
+        folder = root / f"persona{i}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+        del model
+    gc.collect()
+    return folders
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    started = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - started, out
+
+
+# -- (d) memory -----------------------------------------------------------------------------------
+
+
+def bench_memory(model_path: Path, folders: list[Path]) -> dict[str, Any]:
+    gc.collect()
+    before = rss()
+    model = load_model(model_path)
+    gc.collect()
+    with_model = rss()
+    lora = MultiLora(model)
+    result: dict[str, Any] = {"base_model_rss_bytes": with_model - before, "personas": {}}
+    loaded = 0
+    adapter_bytes = 0
+    for n in (1, 4, 8):
+        while loaded < n:
+            adapter_bytes += lora.load(f"persona{loaded}", folders[loaded]).nbytes
+            loaded += 1
+        gc.collect()
+        result["personas"][n] = {
+            "rss_bytes": rss(),
+            "rss_over_base_model_bytes": rss() - with_model,
+            "adapter_bytes": adapter_bytes,
+        }
+    del lora, model
+    gc.collect()
+    return result
+
+
+# -- (a) batching ---------------------------------------------------------------------------------
+
+
+def prompts_for(tokenizer: Any, jobs: int) -> list[list[int]]:
+    renderer = ChatRenderer(tokenizer, "model")
+    out = []
+    for j in range(jobs):
+        topic = TOPICS[j % len(TOPICS)]
+        turns = [Turn("user", f"Tell me three things about {topic}, in a few sentences.")]
+        out.append(renderer.render_prompt(turns, system=None, max_prompt_tokens=1024).input_ids)
+    return out
+
+
+def bench_batching(
+    model_path: Path,
+    tokenizer: Any,
+    folders: list[Path],
+    jobs: int,
+    personas: int,
+    new_tokens: int,
+    rounds: int,
+) -> dict[str, Any]:
+    from peft import PeftModel
+
+    prompts = prompts_for(tokenizer, jobs)
+    names = [f"persona{j % personas}" for j in range(jobs)]
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
+
+    ours_model = load_model(model_path)
+    lora = MultiLora(ours_model)
+    for i in range(personas):
+        lora.load(f"persona{i}", folders[i])
+    engine = BatchEngine(ours_model, tokenizer, lora=lora)
+    requests = [GenerationRequest(p, greedy, (), adapter=n) for p, n in zip(prompts, names, strict=True)]
+    single = [GenerationRequest(p, greedy, (), adapter="persona0") for p in prompts]
+
+    peft_model = PeftModel.from_pretrained(load_model(model_path), folders[0], adapter_name="persona0")
+    for i in range(1, personas):
+        peft_model.load_adapter(folders[i], adapter_name=f"persona{i}")
+    peft_model.eval()
+    kwargs = {
+        "do_sample": False,
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "eos_token_id": None,
+    }
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def sequential() -> list[list[int]]:
+        out = []
+        with torch.inference_mode():
+            for ids, name in zip(prompts, names, strict=True):
+                peft_model.set_adapter(name)
+                x = torch.tensor([ids])
+                y = peft_model.generate(
+                    input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=pad, **kwargs
+                )
+                out.append(y[0, len(ids) :].tolist())
+        return out
+
+    def peft_mixed() -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            y = peft_model.generate(
+                input_ids=x, attention_mask=mask, adapter_names=names, pad_token_id=pad, **kwargs
+            )
+        return [row[width:].tolist() for row in y]
+
+    # Warm-up: first calls allocate and pick kernels.
+    engine.generate(requests[:2])
+    with torch.inference_mode():
+        peft_model.set_adapter("persona0")
+        x = torch.tensor([prompts[0]])
+        peft_model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            pad_token_id=pad,
+            do_sample=False,
+            max_new_tokens=4,
+        )
+
+    runs: dict[str, list[float]] = {
+        "ours": [],
+        "ours_single_adapter": [],
+        "peft_sequential": [],
+        "peft_mixed": [],
+    }
+    replies: dict[str, list[list[int]]] = {}
+    for _ in range(rounds):
+        seconds, results = timed(lambda: engine.generate(requests))
+        runs["ours"].append(seconds)
+        replies["ours"] = [r.token_ids for r in results]
+        seconds, _ = timed(lambda: engine.generate(single))
+        runs["ours_single_adapter"].append(seconds)
+        seconds, replies["peft_sequential"] = timed(sequential)
+        runs["peft_sequential"].append(seconds)
+        seconds, replies["peft_mixed"] = timed(peft_mixed)
+        runs["peft_mixed"].append(seconds)
+    tokens = jobs * new_tokens
+    assert all(len(r) == new_tokens for r in replies["ours"])
+    rate = {k: tokens / statistics.median(v) for k, v in runs.items()}
+    same_as_peft = sum(a == b for a, b in zip(replies["ours"], replies["peft_sequential"], strict=True))
+    mixed_same = sum(a == b for a, b in zip(replies["peft_mixed"], replies["peft_sequential"], strict=True))
+    return {
+        "jobs": jobs,
+        "personas": personas,
+        "new_tokens": new_tokens,
+        "prompt_tokens": [len(p) for p in prompts],
+        "seconds": runs,
+        "tokens_per_second": rate,
+        "ours_vs_sequential": rate["ours"] / rate["peft_sequential"],
+        "ours_vs_peft_mixed": rate["ours"] / rate["peft_mixed"],
+        "peft_mixed_vs_sequential": rate["peft_mixed"] / rate["peft_sequential"],
+        "ours_single_adapter_vs_sequential": rate["ours_single_adapter"] / rate["peft_sequential"],
+        "ours_replies_equal_to_peft_sequential": f"{same_as_peft}/{jobs}",
+        "peft_mixed_replies_equal_to_peft_sequential": f"{mixed_same}/{jobs}",
+    }
+
+
+# -- (b) KV reuse ---------------------------------------------------------------------------------
+
+
+def long_history(tokenizer: Any, target_tokens: int) -> list[Turn]:
+    renderer = ChatRenderer(tokenizer, "model")
+    turns: list[Turn] = []
+    n = 0
+    while True:
+        topic = TOPICS[n % len(TOPICS)]
+        turns.append(Turn("user", f"What do you know about {topic}? Please keep it to a short paragraph."))
+        turns.append(
+            Turn(
+                "assistant",
+                f"{topic.capitalize()} are a fascinating subject with a long history. People have studied "
+                f"{topic} for centuries, and there is always something new to learn about them.",
+            )
+        )
+        n += 1
+        ids = renderer.render_prompt(
+            [*turns, Turn("user", "ok")], system=None, max_prompt_tokens=8192
+        ).input_ids
+        if len(ids) >= target_tokens:
+            return turns
+
+
+def bench_kv_reuse(model_path: Path, tokenizer: Any, history_tokens: int, rounds: int) -> dict[str, Any]:
+    renderer = ChatRenderer(tokenizer, "model")
+    history = long_history(tokenizer, history_tokens)
+    model = load_model(model_path)
+    reply_sampling = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
+    stop = tuple(renderer.end_of_turn_ids)
+    turn1_turns = [*history, Turn("user", "Which of these would you visit first, and why?")]
+    turn1 = renderer.render_prompt(turn1_turns, system=None, max_prompt_tokens=4096).input_ids
+
+    def turn2_ids(reply_text: str) -> list[int]:
+        turns = [*turn1_turns, Turn("assistant", reply_text), Turn("user", "Thanks! And which one last?")]
+        return renderer.render_prompt(turns, system=None, max_prompt_tokens=4096).input_ids
+
+    cached = BatchEngine(model, tokenizer, kv=KVCacheLRU(2**30))
+    fresh = BatchEngine(model, tokenizer, kv=KVCacheLRU(0))
+    first = cached.generate([GenerationRequest(turn1, reply_sampling, stop, cache_key="chan")])[0]
+    ids2 = turn2_ids(first.text)
+    ttft: dict[str, list[float]] = {"reuse": [], "full_prefill": []}
+    reused_tokens = 0
+    one = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
+    fresh.generate([GenerationRequest(ids2[:64], one, stop)])  # warm-up
+    for _ in range(rounds):
+        # Put the turn-1 cache back (a timed turn 2 replaces it with a longer one).
+        cached.kv.clear()
+        cached.generate([GenerationRequest(turn1, reply_sampling, stop, cache_key="chan")])
+        result = cached.generate([GenerationRequest(ids2, one, stop, cache_key="chan")])[0]
+        ttft["reuse"].append(result.timings["first_token"])
+        reused_tokens = result.cached_tokens
+        result = fresh.generate([GenerationRequest(ids2, one, stop, cache_key="chan")])[0]
+        ttft["full_prefill"].append(result.timings["first_token"])
+    cached.kv.clear()
+    cached.generate([GenerationRequest(turn1, reply_sampling, stop, cache_key="chan")])
+    with_reuse = cached.generate([GenerationRequest(ids2, reply_sampling, stop, cache_key="chan")])[0]
+    without = fresh.generate([GenerationRequest(ids2, reply_sampling, stop)])[0]
+    median = {k: statistics.median(v) for k, v in ttft.items()}
+    return {
+        "turn1_prompt_tokens": len(turn1),
+        "turn2_prompt_tokens": len(ids2),
+        "reused_tokens": reused_tokens,
+        "new_tokens_prefilled": len(ids2) - reused_tokens,
+        "ttft_seconds": ttft,
+        "ttft_median_seconds": median,
+        "speedup": median["full_prefill"] / median["reuse"],
+        "same_reply_with_and_without_reuse": with_reuse.token_ids == without.token_ids,
+        "prefix_of_turn1_in_turn2": ids2[: len(turn1)] == turn1,
+    }
+
+
+# -- (c) batch-1 decode vs the bandwidth floor ------------------------------------------------------
+
+
+def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """Bytes moved per second by a large tensor copy (read + write, as STREAM counts it); best of N."""
+    src = torch.empty(megabytes * 2**20 // 4).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return 2 * src.nbytes / best  # the memory system moved read + write bytes
+
+
+def weight_bytes(model: Any) -> int:
+    seen, total = set(), 0
+    for param in model.parameters():
+        if param.data_ptr() not in seen:  # tied embedding / lm_head counted once
+            seen.add(param.data_ptr())
+            total += param.nbytes
+    return total
+
+
+def decode_rate(engine: BatchEngine, prompt: list[int], adapter: str | None, tokens: int) -> float:
+    sampling = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=tokens)
+    result = engine.generate([GenerationRequest(prompt, sampling, (), adapter=adapter)])[0]
+    return (len(result.token_ids) - 1) / (result.timings["total"] - result.timings["first_token"])
+
+
+def profile_steps(engine: BatchEngine, prompt: list[int], adapter: str | None) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    sampling = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=17)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        engine.generate([GenerationRequest(prompt, sampling, (), adapter=adapter)])
+        wall = time.perf_counter() - started
+    groups = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+            groups["matmul"] += seconds
+        elif "attention" in event.key:
+            groups["attention"] += seconds
+        elif event.key.startswith("aten::"):
+            groups["other_ops"] += seconds
+    ops = sum(groups.values())
+    shares = {k: v / wall for k, v in groups.items()}
+    shares["outside_ops_python_and_dispatch"] = max(0.0, 1 - ops / wall)
+    return shares
+
+
+def bench_decode(
+    model_path: Path, tokenizer: Any, folders: list[Path], tokens: int, rounds: int
+) -> dict[str, Any]:
+    model = load_model(model_path)
+    lora = MultiLora(model)
+    lora.load("persona0", folders[0])
+    engine = BatchEngine(model, tokenizer, lora=lora)
+    prompt = prompts_for(tokenizer, 1)[0]
+    decode_rate(engine, prompt, None, 8)  # warm-up
+    bandwidth = [copy_bandwidth() for _ in range(rounds)]
+    base = [decode_rate(engine, prompt, None, tokens) for _ in range(rounds)]
+    adapted = [decode_rate(engine, prompt, "persona0", tokens) for _ in range(rounds)]
+    hf_rates = []
+    lora.deactivate()
+    for _ in range(rounds):
+        x = torch.tensor([prompt])
+        with torch.inference_mode():
+            seconds, _ = timed(
+                lambda x=x: model.generate(
+                    input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=tokens,
+                    min_new_tokens=tokens, eos_token_id=None, pad_token_id=0,
+                )
+            )  # fmt: skip
+        hf_rates.append(tokens / seconds)
+    bw = max(bandwidth)
+    weights = weight_bytes(model)
+    floor = bw / weights  # tokens/s if every step only streamed the weights once
+    best_base = max(base)
+    return {
+        "weight_bytes": weights,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "floor_tokens_per_second": floor,
+        "decode_tokens_per_second_base": base,
+        "decode_tokens_per_second_adapter": adapted,
+        "hf_generate_tokens_per_second_incl_prefill": hf_rates,
+        "percent_of_floor_base": 100 * best_base / floor,
+        "percent_of_floor_adapter": 100 * max(adapted) / floor,
+        "step_time_shares_base": profile_steps(engine, prompt, None),
+        "step_time_shares_adapter": profile_steps(engine, prompt, "persona0"),
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def print_report(results: dict[str, Any]) -> None:
+    a, b, c, d = results["batching"], results["kv_reuse"], results["decode"], results["memory"]
+    rate = a["tokens_per_second"]
+    print(
+        f"\n(a) batching: {a['jobs']} jobs, {a['personas']} personas (LoRA r={results['config']['lora_r']}), {a['new_tokens']} new tokens each"
+    )
+    print(f"    {'method':<34}{'tokens/s':>10}{'vs sequential':>16}")
+    for key, label in (
+        ("peft_sequential", "peft set_adapter + generate, 1 by 1"),
+        ("peft_mixed", "peft generate(adapter_names=...)"),
+        ("ours", "worker engine, mixed adapters"),
+        ("ours_single_adapter", "worker engine, one adapter"),
+    ):
+        print(f"    {label:<34}{rate[key]:>10.1f}{rate[key] / rate['peft_sequential']:>15.2f}x")
+    print(
+        f"    engine vs stock peft mixed batch: {a['ours_vs_peft_mixed']:.2f}x;  greedy replies equal to peft's: {a['ours_replies_equal_to_peft_sequential']}"
+    )
+    med = b["ttft_median_seconds"]
+    print(
+        f"\n(b) KV reuse: turn-2 prompt {b['turn2_prompt_tokens']} tokens, {b['reused_tokens']} reused, {b['new_tokens_prefilled']} prefilled"
+    )
+    print(
+        f"    time to first token: full prefill {med['full_prefill']:.3f}s, reuse {med['reuse']:.3f}s -> {b['speedup']:.1f}x;  same reply: {b['same_reply_with_and_without_reuse']}"
+    )
+    print(
+        f"\n(c) batch-1 decode: weights {c['weight_bytes'] / 2**20:.0f} MiB, copy bandwidth {max(c['copy_bandwidth_bytes_per_s']) / 1e9:.1f} GB/s -> floor {c['floor_tokens_per_second']:.1f} tokens/s"
+    )
+    print(
+        f"    engine base model {max(c['decode_tokens_per_second_base']):.1f} tokens/s = {c['percent_of_floor_base']:.0f}% of floor; with a LoRA {max(c['decode_tokens_per_second_adapter']):.1f} = {c['percent_of_floor_adapter']:.0f}%"
+    )
+    print(
+        f"    HF generate (incl. prefill) {max(c['hf_generate_tokens_per_second_incl_prefill']):.1f} tokens/s"
+    )
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in c["step_time_shares_base"].items())
+    print(f"    where a base-model decode step goes: {shares}")
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in c["step_time_shares_adapter"].items())
+    print(f"    with a LoRA: {shares}")
+    print("\n(d) resident memory")
+    print(f"    base model: +{d['base_model_rss_bytes'] / 2**20:.0f} MiB")
+    for n, row in d["personas"].items():
+        print(
+            f"    {n} persona(s): RSS {row['rss_bytes'] / 2**20:.0f} MiB, +{row['rss_over_base_model_bytes'] / 2**20:.1f} MiB over the base model (adapter weights {row['adapter_bytes'] / 2**20:.1f} MiB)"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=2, help="repetitions of each measurement (median/best)")
+    parser.add_argument("--jobs", type=int, default=16)
+    parser.add_argument("--personas", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--history-tokens", type=int, default=1000)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument(
+        "--json", type=Path, default=ROOT / "tests" / "bench" / "results" / "bench_generation.json"
+    )
+    args = parser.parse_args()
+    if not (args.model / "config.json").is_file():
+        print(f"no model at {args.model}; pass --model", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    results: dict[str, Any] = {
+        "config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}},
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "load_average_start": os.getloadavg(),
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        base = load_model(args.model)
+        folders = make_adapters(base, Path(tmp), max(8, args.personas), args.lora_r)
+        del base
+        gc.collect()
+        print("measuring memory ...", file=sys.stderr)
+        results["memory"] = bench_memory(args.model, folders)
+        print("measuring batching ...", file=sys.stderr)
+        results["batching"] = bench_batching(
+            args.model, tokenizer, folders, args.jobs, args.personas, args.new_tokens, args.rounds
+        )
+        print("measuring KV reuse ...", file=sys.stderr)
+        results["kv_reuse"] = bench_kv_reuse(args.model, tokenizer, args.history_tokens, max(3, args.rounds))
+        print("measuring batch-1 decode ...", file=sys.stderr)
+        results["decode"] = bench_decode(
+            args.model, tokenizer, folders, args.decode_tokens, max(3, args.rounds)
+        )
+    results["environment"]["load_average_end"] = os.getloadavg()
+    print_report(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
