@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "bot.cli.dataset",
     "bot.cli.train",
     "bot.cli.run",
+    "bot.cli.worker",
     "bot.cli.status",
     "bot.cli.schedule",
     "bot.cli.export",
