@@ -1,8 +1,10 @@
-"""Two `personabot worker` processes on one PostgreSQL; one is SIGKILLed midway; every job is answered once."""
+"""`personabot worker` processes: two on one PostgreSQL with one SIGKILLed midway (every job answered
+once), and a clean SIGTERM in the middle of a batch."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -20,12 +22,10 @@ from tests.test_worker import lively_model, personas_dir
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = 200
 
-pytestmark = pytest.mark.postgres
 
-
-def write_config(tmp_path: Path, db_url: str) -> Path:
+def write_config(tmp_path: Path, db_url: str, stop_timeout: float = 30.0) -> Path:
     model = lively_model(tmp_path / "model")
-    personas = personas_dir(tmp_path / "personas", alpha=4)
+    personas = personas_dir(tmp_path / "personas", alpha=4, slow=900)
     config = tmp_path / "personabot.toml"
     config.write_text(
         f"""
@@ -45,6 +45,7 @@ poll_seconds = 0.05
 
 [run]
 heartbeat_seconds = 1.0
+stop_timeout_seconds = {stop_timeout}
 """
     )
     return config
@@ -71,6 +72,7 @@ async def scalar(store: Store, query: object) -> int:
         return int((await session.execute(query)).scalar_one())  # type: ignore[call-overload]
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_two_workers_one_killed_every_job_answered_once(
     store: Store, db_url: str, tmp_path: Path
@@ -133,3 +135,35 @@ async def test_two_workers_one_killed_every_job_answered_once(
     assert reclaimed and all(j.attempts >= 2 for j in reclaimed)  # the dead worker's jobs were claimed again
     log_b = (tmp_path / "b.log").read_text()
     assert "batch:" in log_b and "stopped" in log_b
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+async def test_sigterm_mid_batch_returns_jobs_and_exits_cleanly(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, db_url, stop_timeout=0.5)
+    ids = await add_jobs(store, 3, persona="slow")
+    proc = start_worker(config, tmp_path / "w.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not await orphans(store, proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "w.log").read_text()[
+                -2000:
+            ]
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # generating now
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "w.log").read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    async with store.transaction() as session:
+        jobs = (await session.execute(select(ReplyJob).where(ReplyJob.id.in_(ids)))).scalars().all()
+    # Each job either finished or went back to the queue with its attempt not counted; none is stuck.
+    assert all(
+        j.status == "done" or (j.status == "pending" and j.attempts == 0 and j.lease_owner is None)
+        for j in jobs
+    )
+    assert any(j.status == "pending" for j in jobs)  # 900 tokens each: the stop came mid-batch
+    assert re.search(r"[1-9]\d* released", (tmp_path / "w.log").read_text())
