@@ -1,5 +1,27 @@
-"""Generation backends: one base model, many persona adapters."""
+"""Generation backends: one base model, many persona adapters.
 
-from bot.generation.base import GenerationBackend, GenerationRequest, GenerationResult
+- `base`: what the worker asks of a backend (requests, results, callbacks, optional adapter loading);
+- `local.LocalBackend`: a Hugging Face model in this process, generating with `engine.BatchEngine`;
+- `engine`: the batched decode loop; `lora`: many LoRA adapters in one batch; `kvcache`: the per-batch
+  and per-channel key/value caches; `sampling`: per-row sampling; `detok`: incremental detokenization.
+"""
 
-__all__ = ["GenerationBackend", "GenerationRequest", "GenerationResult"]
+from bot.generation.base import (
+    AdapterHost,
+    GenerationBackend,
+    GenerationCallbacks,
+    GenerationCancelled,
+    GenerationRequest,
+    GenerationResult,
+    run_generation,
+)
+
+__all__ = [
+    "AdapterHost",
+    "GenerationBackend",
+    "GenerationCallbacks",
+    "GenerationCancelled",
+    "GenerationRequest",
+    "GenerationResult",
+    "run_generation",
+]
