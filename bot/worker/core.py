@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bot.config import Settings
+from bot.errors import ConfigError
 from bot.events import utcnow
 from bot.generation.base import (
     GenerationBackend,
@@ -129,9 +130,16 @@ class Worker:
         self._stop = stop
         watcher = asyncio.create_task(self._watch_stop(stop))
         server = None
-        if self.settings.worker.metrics_port is not None:
-            server = self.metrics.serve(self.settings.worker.metrics_port)
-            log.info("worker metrics on http://0.0.0.0:%d/metrics", self.settings.worker.metrics_port)
+        port = self.settings.worker.metrics_port
+        if port is not None:
+            try:
+                server = self.metrics.serve(port)
+            except OSError as exc:
+                watcher.cancel()
+                raise ConfigError(
+                    f"worker.metrics_port: cannot listen on port {port}: {exc.strerror}"
+                ) from None
+            log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
             while not stop.is_set():
                 try:
