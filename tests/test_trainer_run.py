@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +141,7 @@ def test_train_writes_a_complete_version_and_registers_it(
     assert main(["train", "tiny", "--max-steps", "1", "--sample-tokens", "2", "--no-progress"]) == 0
     assert "personabot persona activate tiny v2" in capsys.readouterr().out
     assert _versions("tiny") == {"v1": True, "v2": False}
+    assert {p.name for p in (env / "loras" / "tiny").iterdir()} == {"v1", "v2"}
 
 
 class _CtrlC(TrainerCallback):
@@ -222,3 +225,20 @@ def test_bad_hyperparameters_are_one_line_errors(env: Path, capsys: pytest.Captu
     assert "--dropout 1.5: must be in [0, 1)" in capsys.readouterr().err
     assert main(["train", "nobody"]) == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+def test_torchrun_with_two_processes_trains_one_version(env: Path, tmp_path: Path) -> None:
+    """The same command under `torchrun` (DDP over gloo on the CPU): one version, reported once."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this Python")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "bot.cli", "train", "tiny", "--max-steps", "3"]
+    command += ["--no-progress", "--sample-tokens", "2"]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("held-out loss") == 1 and "registered, not active" in done.stdout
+    assert "3 steps of 2 x 1 rows" in done.stderr
+    assert read_manifest(env / "loras" / "tiny" / "v1").metrics["steps"] == 3
+    assert _versions("tiny") == {"v1": False}

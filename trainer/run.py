@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -62,7 +63,7 @@ class TrainRequest:
     device: str | None = None  # None: `model.device` from the config
     version: str | None = None  # the new version's name (default: v1, v2, ...)
     save_steps: int = 50
-    sample_tokens: int = 128  # reply length cap for before/after samples
+    sample_tokens: int = 64  # reply length cap for before/after samples (and the style score)
     style_prompts: int | None = None  # held-out prompts scored for style (None: all)
     shown_samples: int = 5
     progress: bool = True
@@ -216,7 +217,8 @@ def model_location(settings: Settings) -> Any:
     return resolve_model(settings)
 
 
-def _lora_model(model: Any, hp: Hyperparameters, persona_toml: str) -> Any:
+def lora_model(model: Any, hp: Hyperparameters, persona_toml: str) -> Any:
+    """`model` wrapped with a fresh peft LoRA adapter (errors name `persona_toml`'s lora table)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -233,7 +235,8 @@ def _lora_model(model: Any, hp: Hyperparameters, persona_toml: str) -> Any:
         raise PersonabotError(f"{persona_toml}: lora.target_modules: {exc}") from None
 
 
-def _training_arguments(hp: Hyperparameters, folder: Path, device: str, save_steps: int) -> Any:
+def training_arguments(hp: Hyperparameters, folder: Path, device: str, save_steps: int) -> Any:
+    """The `Trainer` settings of a run: checkpoints under `folder`, bf16 on GPU, float32 on the CPU."""
     import torch
     from transformers import TrainingArguments
 
@@ -279,6 +282,13 @@ def _agree(value: str) -> str:
     return value
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 # -- the run -----------------------------------------------------------------------------------------
 
 
@@ -318,6 +328,8 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     data_sha = dataset_sha256(paths)
 
     # Settings and version: from the persona and the command line, or from the run being resumed.
+    # Under torchrun / accelerate launch only the first process picks a new version's name.
+    launched_main = int(os.environ.get("RANK", "0")) == 0
     state: dict[str, Any]
     if request.resume:
         if any(v is not None for v in request.overrides.values()) or request.version:
@@ -334,13 +346,16 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         started_at = datetime.fromisoformat(state["started_at"])
     else:
         hp = with_overrides(from_spec(spec), request.overrides)
-        version = request.version or next_version(
-            persona_dir, asyncio.run(_registered_versions(settings, slug))
-        )
-        check_version_name(version)
-        folder = persona_dir / version
-        if folder.exists() and any(folder.iterdir()):
-            raise PersonabotError(f"{folder} already exists; pick another --version or remove it")
+        version = ""
+        if launched_main:  # the others learn the name from it (`_agree`): they would race for the next one
+            version = request.version or next_version(
+                persona_dir, asyncio.run(_registered_versions(settings, slug))
+            )
+            check_version_name(version)
+            if (persona_dir / version).exists() and any((persona_dir / version).iterdir()):
+                raise PersonabotError(
+                    f"{persona_dir / version} already exists; pick another --version or remove it"
+                )
         state = {}
 
     location = model_location(settings)
@@ -358,9 +373,11 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         seed=hp.seed,
         packing=hp.packing,
     )
-    args = _training_arguments(hp, folder, request.device or settings.model.device, request.save_steps)
+    args = training_arguments(hp, persona_dir, request.device or settings.model.device, request.save_steps)
     main = args.process_index == 0
     version = _agree(version)
+    folder = persona_dir / version
+    args.output_dir = str(folder / CHECKPOINTS)
     device = args.device
 
     stats = data.train_stats
@@ -386,7 +403,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     )
     model.config.use_cache = False  # a cache would switch off packed-sequence attention masks
     set_seed(hp.seed)  # the LoRA A matrices start random: the same seed, the same adapter
-    model = _lora_model(model, hp, persona_toml)
+    model = lora_model(model, hp, persona_toml)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn_ids[0]
     multiple = 8 if device.type == "cuda" else 1
@@ -422,11 +439,12 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             for (c, turns, ref), reply in zip(prompts, replies, strict=True)
         ]
 
-    # Before: the base model (the fresh adapter's B matrices are zero, so it changes nothing).
+    # Before: the base model.
     if "before" not in state:
         folder.mkdir(parents=True, exist_ok=True)
-        before_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
-        before_samples = samples() if main else []
+        with model.disable_adapter():  # exactly the base model, whatever the adapter's initial weights
+            before_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
+            before_samples = samples() if main else []
         state = {
             "persona": slug,
             "version": version,
@@ -473,102 +491,117 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             f"{saved or folder / CHECKPOINTS}; continue with: personabot train {slug} --resume"
         )
     if not main:
+        _barrier()  # the main process evaluates and writes; the others stay in the process group till then
         return TrainResult(slug, version, folder, {}, hp.as_dict(), False)
 
-    after_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
-    after_samples = samples()
-    losses = [
-        (int(e["step"]), float(e["loss"])) for e in trainer.state.log_history if "loss" in e and "step" in e
-    ]
-    metrics: dict[str, Any] = {
-        "heldout_loss_before": before_loss,
-        "heldout_loss_after": after_loss,
-        "heldout_perplexity_before": math.exp(before_loss),
-        "heldout_perplexity_after": math.exp(after_loss),
-        "heldout_loss_drop": (before_loss - after_loss) / before_loss if before_loss else 0.0,
-        "heldout_trained_tokens": heldout_tokens,
-        "train_loss_final": losses[-1][1] if losses else None,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_conversations": stats.conversations,
-        "heldout_conversations": data.heldout_stats.conversations,
-        "train_tokens": stats.tokens,
-        "train_trained_tokens": stats.trained_tokens,
-        "truncated": stats.truncated + data.heldout_stats.truncated,
-        "dropped": stats.dropped + data.heldout_stats.dropped,
-        "rows": len(data.train_packed),
-        "padding_fraction": collator.padding_fraction,
-        "trained_tokens_per_second": progress.tokens_per_second(),
-        "train_seconds": train_seconds,
-    }
-    if check is not None:
-        metrics["style_check"] = spec.style_check
-        metrics["style_prompts"] = len(after_samples)
-        metrics["style_score_before"] = sum(check(s.reply) for s in before_samples) / max(
-            1, len(before_samples)
+    def finish() -> TrainResult:
+        after_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
+        model.merge_adapter()  # one matmul per projection while generating; the saved A and B stay as trained
+        try:
+            after_samples = samples()
+        finally:
+            model.unmerge_adapter()
+        losses = [
+            (int(e["step"]), float(e["loss"]))
+            for e in trainer.state.log_history
+            if "loss" in e and "step" in e
+        ]
+        metrics: dict[str, Any] = {
+            "heldout_loss_before": before_loss,
+            "heldout_loss_after": after_loss,
+            "heldout_perplexity_before": math.exp(before_loss),
+            "heldout_perplexity_after": math.exp(after_loss),
+            "heldout_loss_drop": (before_loss - after_loss) / before_loss if before_loss else 0.0,
+            "heldout_trained_tokens": heldout_tokens,
+            "train_loss_final": losses[-1][1] if losses else None,
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_conversations": stats.conversations,
+            "heldout_conversations": data.heldout_stats.conversations,
+            "train_tokens": stats.tokens,
+            "train_trained_tokens": stats.trained_tokens,
+            "truncated": stats.truncated + data.heldout_stats.truncated,
+            "dropped": stats.dropped + data.heldout_stats.dropped,
+            "rows": len(data.train_packed),
+            "padding_fraction": collator.padding_fraction,
+            "trained_tokens_per_second": progress.tokens_per_second(),
+            "train_seconds": train_seconds,
+        }
+        if check is not None:
+            metrics["style_check"] = spec.style_check
+            metrics["style_prompts"] = len(after_samples)
+            metrics["style_score_before"] = sum(check(s.reply) for s in before_samples) / max(
+                1, len(before_samples)
+            )
+            metrics["style_score_after"] = sum(check(s.reply) for s in after_samples) / max(
+                1, len(after_samples)
+            )
+
+        # The adapter, then what describes it; the manifest is written last (it marks the run finished).
+        from personas.manifest import AdapterManifest, write_manifest
+        from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
+        base_sha = model_sha256(location)
+        title = f"{spec.name} ({slug}) {version}"
+        plot_loss_curve(
+            folder / LOSS_CURVE,
+            losses,
+            heldout_before=before_loss,
+            heldout_after=after_loss,
+            final_step=trainer.state.global_step,
+            title=title,
         )
-        metrics["style_score_after"] = sum(check(s.reply) for s in after_samples) / max(1, len(after_samples))
+        finished_at = _now()
+        metrics["wall_seconds"] = time.perf_counter() - wall_start
+        summary = {
+            "persona": slug,
+            "version": version,
+            "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
+            "template": spec.template,
+            "dialogues": ", ".join(display_path(p) for p in paths),
+            "dataset sha256": data_sha,
+            "device": str(device),
+            "started": started_at.isoformat(timespec="seconds"),
+            "finished": finished_at.isoformat(timespec="seconds"),
+        }
+        write_report(
+            folder / REPORT,
+            title=title,
+            summary=summary,
+            metrics=metrics,
+            hyperparameters=hp.as_dict(),
+            before=before_samples,
+            after=after_samples,
+            shown=request.shown_samples,
+        )
+        manifest = AdapterManifest(
+            persona=slug,
+            version=version,
+            base_model=settings.model.name,
+            base_model_sha256=base_sha,
+            template=spec.template,
+            dataset_sha256=data_sha,
+            hyperparameters=hp.as_dict(),
+            metrics=metrics,
+            started_at=started_at,
+            finished_at=finished_at,
+            tokenizer_size=len(tokenizer),
+            dataset_files=[display_path(p) for p in paths],
+            system_prompt=spec.system_prompt,
+        )
+        write_manifest(folder, manifest)
+        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+        (folder / RUN_STATE).unlink(missing_ok=True)
+        # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
+        activate_with = (tokenizer, model.config.vocab_size) if request.activate else None
+        activated = asyncio.run(_register(settings, slug, version, folder, base_sha, metrics, activate_with))
+        return TrainResult(slug, version, folder, metrics, hp.as_dict(), activated)
 
-    # The adapter, then what describes it; the manifest is written last (it marks the run finished).
-    from personas.manifest import AdapterManifest, write_manifest
-    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
-
-    trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
-    base_sha = model_sha256(location)
-    title = f"{spec.name} ({slug}) {version}"
-    plot_loss_curve(
-        folder / LOSS_CURVE,
-        losses,
-        heldout_before=before_loss,
-        heldout_after=after_loss,
-        final_step=trainer.state.global_step,
-        title=title,
-    )
-    finished_at = _now()
-    metrics["wall_seconds"] = time.perf_counter() - wall_start
-    summary = {
-        "persona": slug,
-        "version": version,
-        "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
-        "template": spec.template,
-        "dialogues": ", ".join(display_path(p) for p in paths),
-        "dataset sha256": data_sha,
-        "device": str(device),
-        "started": started_at.isoformat(timespec="seconds"),
-        "finished": finished_at.isoformat(timespec="seconds"),
-    }
-    write_report(
-        folder / REPORT,
-        title=title,
-        summary=summary,
-        metrics=metrics,
-        hyperparameters=hp.as_dict(),
-        before=before_samples,
-        after=after_samples,
-        shown=request.shown_samples,
-    )
-    manifest = AdapterManifest(
-        persona=slug,
-        version=version,
-        base_model=settings.model.name,
-        base_model_sha256=base_sha,
-        template=spec.template,
-        dataset_sha256=data_sha,
-        hyperparameters=hp.as_dict(),
-        metrics=metrics,
-        started_at=started_at,
-        finished_at=finished_at,
-        tokenizer_size=len(tokenizer),
-        dataset_files=[display_path(p) for p in paths],
-        system_prompt=spec.system_prompt,
-    )
-    write_manifest(folder, manifest)
-    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
-    (folder / RUN_STATE).unlink(missing_ok=True)
-    # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
-    activate_with = (tokenizer, model.config.vocab_size) if request.activate else None
-    activated = asyncio.run(_register(settings, slug, version, folder, base_sha, metrics, activate_with))
-    return TrainResult(slug, version, folder, metrics, hp.as_dict(), activated)
+    try:
+        return finish()
+    finally:
+        _barrier()
 
 
 class _Null:
