@@ -137,9 +137,20 @@ def test_train_writes_a_complete_version_and_registers_it(
     assert "heldout_loss_after" in report and "**User:**" in report
 
     assert _versions("tiny") == {"v1": True}
-    # A second run is the next version, registered but not active.
-    assert main(["train", "tiny", "--max-steps", "1", "--sample-tokens", "2", "--no-progress"]) == 0
-    assert "personabot persona activate tiny v2" in capsys.readouterr().out
+    # A second run is the next version, registered but not active; extra files join the dataset.
+    extra = tmp_path / "export.jsonl"
+    extra.write_text(_dialogues(4), encoding="utf-8")
+    request = TrainRequest(
+        "tiny", overrides={"max_steps": 1}, sample_tokens=2, progress=False, extra_dialogues=[extra]
+    )
+    second = train(load_settings(), request)
+    assert second.version == "v2" and not second.activated
+    manifest = read_manifest(second.folder)
+    assert manifest.dataset_files[-1].endswith("export.jsonl")  # type: ignore[attr-defined]
+    assert manifest.dataset_sha256 == dataset_sha256(
+        [tmp_path / "personas" / "tiny" / "dialogues.jsonl", extra]
+    )
+    assert manifest.metrics["train_conversations"] + manifest.metrics["heldout_conversations"] == 24
     assert _versions("tiny") == {"v1": True, "v2": False}
     assert {p.name for p in (env / "loras" / "tiny").iterdir()} == {"v1", "v2"}
 

@@ -68,6 +68,7 @@ class TrainRequest:
     shown_samples: int = 5
     progress: bool = True
     callbacks: list[Any] = field(default_factory=list)  # extra `TrainerCallback`s
+    extra_dialogues: list[Path] = field(default_factory=list)  # files read after the persona's own
 
 
 @dataclass
@@ -322,7 +323,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     slug = spec.slug
     persona_dir = settings.loras_dir / slug
     persona_toml = display_path(persona.folder / "persona.toml")
-    paths = persona.dialogue_paths()
+    paths = [*persona.dialogue_paths(), *request.extra_dialogues]
     if not paths:
         raise DatasetError(f"{persona_toml}: persona {slug!r} has no dialogue files (dialogues = [])")
     data_sha = dataset_sha256(paths)
