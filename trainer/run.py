@@ -293,6 +293,123 @@ def _barrier() -> None:
 # -- the run -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Plan:
+    hp: Hyperparameters
+    version: str  # "" on the other processes of a new multi-process run, until `_agree`
+    state: dict[str, Any]  # the run state of the run being resumed ({} for a new run)
+    started_at: datetime | None  # when the resumed run started
+
+
+def _plan(settings: Settings, request: TrainRequest, spec: Any, persona_dir: Path, data_sha: str) -> _Plan:
+    """Settings and version: from the persona and the command line, or from the run being resumed.
+
+    Under torchrun / accelerate launch only the first process picks a new version's name.
+    """
+    from personas.manifest import check_version_name
+
+    if request.resume:
+        if any(v is not None for v in request.overrides.values()) or request.version:
+            given = ", ".join(flag(k) for k, v in request.overrides.items() if v is not None) or "--version"
+            raise ResumeError(f"--resume continues with the run's own settings; drop {given}")
+        folder = find_resume(persona_dir, request.resume)
+        state = _read_state(folder)
+        if state.get("dataset_sha256") != data_sha:
+            raise ResumeError(
+                f"{folder.name}: the dialogues changed since this run started; start a new run without --resume"
+            )
+        hp = Hyperparameters.from_dict(state["hyperparameters"])
+        return _Plan(hp, folder.name, state, datetime.fromisoformat(state["started_at"]))
+    hp = with_overrides(from_spec(spec), request.overrides)
+    version = ""
+    if int(os.environ.get("RANK", "0")) == 0:  # the others learn the name from it: they would race
+        version = request.version or next_version(
+            persona_dir, asyncio.run(_registered_versions(settings, spec.slug))
+        )
+        check_version_name(version)
+        if (persona_dir / version).exists() and any((persona_dir / version).iterdir()):
+            raise PersonabotError(
+                f"{persona_dir / version} already exists; pick another --version or remove it"
+            )
+    return _Plan(hp, version, {}, None)
+
+
+def _describe_version(
+    folder: Path,
+    *,
+    settings: Settings,
+    spec: Any,
+    version: str,
+    paths: Sequence[Path],
+    data_sha: str,
+    hp: Hyperparameters,
+    metrics: dict[str, Any],
+    losses: Sequence[tuple[int, float]],
+    before: Sequence[Any],
+    after: Sequence[Any],
+    started_at: datetime,
+    location: Any,
+    tokenizer_size: int,
+    device: str,
+    shown: int,
+) -> str:
+    """`loss_curve.png`, `report.md` and, last, `manifest.json` next to the saved adapter; the base sha256."""
+    from bot.basemodel import model_sha256
+    from personas.manifest import AdapterManifest, write_manifest
+    from personas.spec import display_path
+    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+
+    base_sha = model_sha256(location)
+    title = f"{spec.name} ({spec.slug}) {version}"
+    plot_loss_curve(
+        folder / LOSS_CURVE,
+        losses,
+        heldout_before=metrics["heldout_loss_before"],
+        heldout_after=metrics["heldout_loss_after"],
+        final_step=int(metrics["steps"]),
+        title=title,
+    )
+    finished_at = _now()
+    summary = {
+        "persona": spec.slug,
+        "version": version,
+        "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
+        "template": spec.template,
+        "dialogues": ", ".join(display_path(p) for p in paths),
+        "dataset sha256": data_sha,
+        "device": device,
+        "started": started_at.isoformat(timespec="seconds"),
+        "finished": finished_at.isoformat(timespec="seconds"),
+    }
+    write_report(
+        folder / REPORT,
+        title=title,
+        summary=summary,
+        metrics=metrics,
+        hyperparameters=hp.as_dict(),
+        before=before,
+        after=after,
+        shown=shown,
+    )
+    manifest = AdapterManifest(
+        persona=spec.slug,
+        version=version,
+        base_model=settings.model.name,
+        base_model_sha256=base_sha,
+        template=spec.template,
+        dataset_sha256=data_sha,
+        hyperparameters=hp.as_dict(),
+        metrics=metrics,
+        started_at=started_at,
+        finished_at=finished_at,
+        tokenizer_size=tokenizer_size,
+        dataset_files=[display_path(p) for p in paths],
+        system_prompt=spec.system_prompt,
+    )
+    write_manifest(folder, manifest)
+    return base_sha
+
+
 def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None] = _echo) -> TrainResult:
     """Train one adapter version of `request.persona`; see the module docstring."""
     import torch
@@ -300,11 +417,9 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
-    from bot.basemodel import model_sha256
     from bot.generation.local import load_tokenizer
     from bot.prompting import ChatRenderer
     from bot.runtime import load_registry
-    from personas.manifest import check_version_name
     from personas.spec import display_path
     from trainer.data import dataset_sha256, read_conversations
     from trainer.loss import AssistantLossTrainer, evaluate_loss
@@ -312,7 +427,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from trainer.prepare import DatasetError, prepare, raise_problems
     from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
     from trainer.samples import Sample, generate_replies, heldout_prompts
-    from trainer.style import style_check
+    from trainer.style import style_check, style_score
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -328,36 +443,9 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         raise DatasetError(f"{persona_toml}: persona {slug!r} has no dialogue files (dialogues = [])")
     data_sha = dataset_sha256(paths)
 
-    # Settings and version: from the persona and the command line, or from the run being resumed.
-    # Under torchrun / accelerate launch only the first process picks a new version's name.
-    launched_main = int(os.environ.get("RANK", "0")) == 0
-    state: dict[str, Any]
-    if request.resume:
-        if any(v is not None for v in request.overrides.values()) or request.version:
-            given = ", ".join(flag(k) for k, v in request.overrides.items() if v is not None) or "--version"
-            raise ResumeError(f"--resume continues with the run's own settings; drop {given}")
-        folder = find_resume(persona_dir, request.resume)
-        state = _read_state(folder)
-        if state.get("dataset_sha256") != data_sha:
-            raise ResumeError(
-                f"{folder.name}: the dialogues changed since this run started; start a new run without --resume"
-            )
-        hp = Hyperparameters.from_dict(state["hyperparameters"])
-        version = folder.name
-        started_at = datetime.fromisoformat(state["started_at"])
-    else:
-        hp = with_overrides(from_spec(spec), request.overrides)
-        version = ""
-        if launched_main:  # the others learn the name from it (`_agree`): they would race for the next one
-            version = request.version or next_version(
-                persona_dir, asyncio.run(_registered_versions(settings, slug))
-            )
-            check_version_name(version)
-            if (persona_dir / version).exists() and any((persona_dir / version).iterdir()):
-                raise PersonabotError(
-                    f"{persona_dir / version} already exists; pick another --version or remove it"
-                )
-        state = {}
+    plan = _plan(settings, request, spec, persona_dir, data_sha)
+    hp, version, state = plan.hp, plan.version, plan.state
+    started_at = plan.started_at or started_at
 
     location = model_location(settings)
     tokenizer = load_tokenizer(location)
@@ -531,67 +619,30 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         if check is not None:
             metrics["style_check"] = spec.style_check
             metrics["style_prompts"] = len(after_samples)
-            metrics["style_score_before"] = sum(check(s.reply) for s in before_samples) / max(
-                1, len(before_samples)
-            )
-            metrics["style_score_after"] = sum(check(s.reply) for s in after_samples) / max(
-                1, len(after_samples)
-            )
+            metrics["style_score_before"] = style_score(spec.style_check, [s.reply for s in before_samples])
+            metrics["style_score_after"] = style_score(spec.style_check, [s.reply for s in after_samples])
 
         # The adapter, then what describes it; the manifest is written last (it marks the run finished).
-        from personas.manifest import AdapterManifest, write_manifest
-        from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
-
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
-        base_sha = model_sha256(location)
-        title = f"{spec.name} ({slug}) {version}"
-        plot_loss_curve(
-            folder / LOSS_CURVE,
-            losses,
-            heldout_before=before_loss,
-            heldout_after=after_loss,
-            final_step=trainer.state.global_step,
-            title=title,
-        )
-        finished_at = _now()
         metrics["wall_seconds"] = time.perf_counter() - wall_start
-        summary = {
-            "persona": slug,
-            "version": version,
-            "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
-            "template": spec.template,
-            "dialogues": ", ".join(display_path(p) for p in paths),
-            "dataset sha256": data_sha,
-            "device": str(device),
-            "started": started_at.isoformat(timespec="seconds"),
-            "finished": finished_at.isoformat(timespec="seconds"),
-        }
-        write_report(
-            folder / REPORT,
-            title=title,
-            summary=summary,
+        base_sha = _describe_version(
+            folder,
+            settings=settings,
+            spec=spec,
+            version=version,
+            paths=paths,
+            data_sha=data_sha,
+            hp=hp,
             metrics=metrics,
-            hyperparameters=hp.as_dict(),
+            losses=losses,
             before=before_samples,
             after=after_samples,
+            started_at=started_at,
+            location=location,
+            tokenizer_size=len(tokenizer),
+            device=str(device),
             shown=request.shown_samples,
         )
-        manifest = AdapterManifest(
-            persona=slug,
-            version=version,
-            base_model=settings.model.name,
-            base_model_sha256=base_sha,
-            template=spec.template,
-            dataset_sha256=data_sha,
-            hyperparameters=hp.as_dict(),
-            metrics=metrics,
-            started_at=started_at,
-            finished_at=finished_at,
-            tokenizer_size=len(tokenizer),
-            dataset_files=[display_path(p) for p in paths],
-            system_prompt=spec.system_prompt,
-        )
-        write_manifest(folder, manifest)
         shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
         (folder / RUN_STATE).unlink(missing_ok=True)
         # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
