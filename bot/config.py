@@ -145,7 +145,8 @@ class SchedulerSettings(Section):
     retrain_command: list[str] | None = Field(
         default=None,
         description="Training command with {persona}, {data}, {version} and {python} placeholders; "
-        "unset: `{python} -m bot.cli train {persona} --data {data} --version {version}`.",
+        "unset: `{python} -m bot.scheduler.train_job {persona} --data {data} --version {version}` "
+        "(`personabot train` on the bundled dialogues plus the export).",
     )
     retrain_timeout_hours: float = Field(
         default=6.0, gt=0, description="A training run is stopped after this."

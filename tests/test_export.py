@@ -26,11 +26,14 @@ START = datetime.now(UTC) - timedelta(days=2)
 class Chat:
     """Users talking to the pirate through the real dispatcher and worker."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, persona: str = "pirate", registry: PersonaRegistry | None = None
+    ) -> None:
         self.settings = load_settings(
-            default_persona="pirate", access={"user_cooldown_per_minute": 0, "channel_cooldown_per_minute": 0}
+            default_persona=persona, access={"user_cooldown_per_minute": 0, "channel_cooldown_per_minute": 0}
         )
-        self.registry = PersonaRegistry.discover()
+        self.registry = registry or PersonaRegistry.discover()
+        self.persona = persona
         self.store = store
         self.dispatcher = Dispatcher(self.settings, store, self.registry)
         self.worker = Worker(
@@ -47,7 +50,7 @@ class Chat:
                 platform="console",
                 channel=ref,
                 author=AuthorRef("console", user, user.title()),
-                text=text if direct or text.startswith("/") else f"pirate, {text}",
+                text=text if direct or text.startswith("/") else f"{self.persona}, {text}",
                 platform_message_id=str(self.count),
                 sent_at=START + timedelta(minutes=minutes),
             )
@@ -57,8 +60,9 @@ class Chat:
         return result.notice
 
 
-async def populate(store: Store) -> Chat:
-    chat = Chat(store)
+async def populate(store: Store, persona: str = "pirate", registry: PersonaRegistry | None = None) -> Chat:
+    """Five users talk to `persona`; three conversations of two opted-in users are exportable."""
+    chat = Chat(store, persona, registry)
     assert "Thank you" in (await chat.say("ada", "/optin", minutes=0))
     await chat.say("ada", "where be the treasure?", minutes=1)
     await chat.say("ada", "and the map?", minutes=2)

@@ -246,3 +246,73 @@ async def test_a_failing_trainer_is_a_recorded_error(store: Store, setup: tuple[
     assert "retrain:pirate: next 2026" in report or "retrain:pirate: next 20" in report
     assert "error at" in report and "training pirate failed (exit 3): CUDA out of memory" in report
     assert await active(store) is None
+
+
+DECKHAND = """
+name = "Deckhand"
+system_prompt = "You are a deckhand. Answer in pirate speech."
+template = "chatml"
+
+[training]
+epochs = 1
+batch_size = 4
+max_seq_len = 128
+heldout_fraction = 0.2
+"""
+
+
+async def test_the_default_retrain_runs_the_real_trainer_and_evaluator(tmp_path: Path) -> None:
+    """No fakes: `bot.scheduler.train_job` trains in a subprocess, `bot.scheduler.evaluate` measures
+    both versions on the trainer's own held-out set (its numbers equal the trainer's), and the
+    decision follows them. A small persona and the tiny model keep it quick; the two subprocesses'
+    imports are most of its minute, so it runs on SQLite only (the store's part is tested above)."""
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    await store.upgrade()
+    try:
+        await _default_retrain(store, tmp_path)
+    finally:
+        await store.close()
+
+
+async def _default_retrain(store: Store, tmp_path: Path) -> None:
+    folder = tmp_path / "personas" / "deckhand"
+    folder.mkdir(parents=True)
+    (folder / "persona.toml").write_text(DECKHAND)
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {n}?"},
+                {"role": "assistant", "content": f"Arr, answer {n}, matey."},
+            ]
+        }
+        for n in range(8)
+    ]
+    (folder / "dialogues.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        database_url=store.url,
+        personas_dir=tmp_path / "personas",
+        model={"path": save_tiny_model(tmp_path / "model"), "auto_pull": False},
+        scheduler={"retrain_min_conversations": 3},
+    )
+    registry = PersonaRegistry.discover(tmp_path / "personas")
+    await populate(store, "deckhand", registry)
+
+    result = await JobScheduler(settings, store, registry).run_occurrence("retrain:deckhand", NOW)
+
+    assert result.status == "ok", result.summary
+    detail = result.detail
+    assert detail["active_version"] == "base model" and detail["exported_conversations"] == 3
+    manifest = json.loads((settings.loras_dir / "deckhand" / detail["version"] / "manifest.json").read_text())
+    assert detail["new_loss"] == pytest.approx(manifest["metrics"]["heldout_loss_after"], abs=1e-6)
+    assert detail["active_loss"] == pytest.approx(manifest["metrics"]["heldout_loss_before"], abs=1e-6)
+    assert detail["activated"] == (detail["new_loss"] <= detail["active_loss"])
+    assert await active_of(store, "deckhand") == (detail["version"] if detail["activated"] else None)
+    log = Path(detail["log"]).read_text()
+    assert "bot.scheduler.train_job deckhand --data" in log and "bot.scheduler.evaluate deckhand" in log
+
+
+async def active_of(store: Store, persona: str) -> str | None:
+    async with store.transaction() as session:
+        found = await versions.active_version(session, persona)
+    return found.version if found else None

@@ -6,7 +6,8 @@ last retrain) from opted-in users, the `retrain:<persona>` job
 1. scrubs earlier exports of users who opted out or used `/forget` since;
 2. exports every exportable conversation of the persona to `<data_dir>/exports/<persona>/<version>.jsonl`;
 3. trains a new adapter version on the bundled dialogues plus that export, as a background subprocess
-   (`personabot train`, or `scheduler.retrain_command`), logging to `<data_dir>/logs/`;
+   (`bot.scheduler.train_job`: `personabot train` with the export added; or `scheduler.retrain_command`),
+   logging to `<data_dir>/logs/`;
 4. measures the held-out loss of the new version and of the active one (the base model when none is
    active) on the same held-out set;
 5. activates the new version only when its held-out loss is not worse. Both numbers are logged and
@@ -69,7 +70,8 @@ def _fill(template: Sequence[str], values: dict[str, str]) -> list[str]:
 
 
 def train_command(settings: Settings, request: TrainRequest) -> list[str]:
-    """The training command line: `scheduler.retrain_command`, or `personabot train` in this Python."""
+    """The training command line: `scheduler.retrain_command`, or the trainer on bundled dialogues plus
+    the export (`bot.scheduler.train_job`) in this Python."""
     config = str(settings.config_path) if settings.config_path else ""
     values = {
         "python": sys.executable,
@@ -83,8 +85,8 @@ def train_command(settings: Settings, request: TrainRequest) -> list[str]:
             return _fill(settings.scheduler.retrain_command, values)
         except (KeyError, IndexError, ValueError) as exc:
             raise ScheduleError(f"scheduler.retrain_command: bad placeholder {exc}") from None
-    base = [sys.executable, "-m", "bot.cli"] + (["--config", config] if config else [])
-    return [*base, "train", request.persona, "--data", str(request.data), "--version", request.version]
+    base = [sys.executable, "-m", "bot.scheduler.train_job"] + (["--config", config] if config else [])
+    return [*base, request.persona, "--data", str(request.data), "--version", request.version]
 
 
 def eval_command(settings: Settings, request: EvalRequest) -> list[str]:
@@ -109,7 +111,22 @@ def _last_line(path: Path) -> str:
     return next((line for line in reversed(lines) if line), "")
 
 
-async def run_logged(command: list[str], log_path: Path, *, timeout: float, what: str) -> None:
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment of a training or evaluation subprocess: this process's database, data folder,
+    model and personas, however they were configured (file, environment or code)."""
+    env = dict(os.environ)
+    env["PERSONABOT_DATABASE_URL"] = settings.resolved_database_url
+    env["PERSONABOT_DATA_DIR"] = str(settings.data_dir.resolve())
+    if settings.model.path is not None:
+        env["PERSONABOT_MODEL__PATH"] = str(Path(settings.model.path).resolve())
+    if settings.personas_dir is not None:
+        env["PERSONABOT_PERSONAS_DIR"] = str(settings.personas_dir.resolve())
+    return env
+
+
+async def run_logged(
+    command: list[str], log_path: Path, *, timeout: float, what: str, env: dict[str, str] | None = None
+) -> None:
     """Run `command` in the background, its output appended to `log_path`; ScheduleError on failure.
 
     It runs in its own session, so a Ctrl-C at the terminal reaches personabot, which stops it.
@@ -125,6 +142,7 @@ async def run_logged(command: list[str], log_path: Path, *, timeout: float, what
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
             )
         except OSError as exc:
             raise ScheduleError(f"{what}: cannot start {command[0]!r}: {exc.strerror or exc}") from None
@@ -182,13 +200,23 @@ class Retrainer:
     async def _train_subprocess(self, request: TrainRequest) -> None:
         command = train_command(self.settings, request)
         log.info("retrain %s: training %s in the background: %s", request.persona, request.version, command)
-        await run_logged(command, request.log_path, timeout=self._timeout, what=f"training {request.persona}")
+        await run_logged(
+            command,
+            request.log_path,
+            timeout=self._timeout,
+            what=f"training {request.persona}",
+            env=child_env(self.settings),
+        )
 
     async def _evaluate_subprocess(self, request: EvalRequest) -> list[float]:
         out = request.log_path.with_suffix(".eval.json")
         command = [*eval_command(self.settings, request), "--out", str(out)]
         await run_logged(
-            command, request.log_path, timeout=self._timeout, what=f"evaluating {request.persona}"
+            command,
+            request.log_path,
+            timeout=self._timeout,
+            what=f"evaluating {request.persona}",
+            env=child_env(self.settings),
         )
         try:
             losses = json.loads(out.read_text(encoding="utf-8"))["losses"]
