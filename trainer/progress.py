@@ -82,11 +82,24 @@ class StopOnInterrupt(TrainerCallback):
         self.requested = True
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if self.requested:
+        if _any_process(self.requested, getattr(args, "device", "cpu")):
+            self.requested = True
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
+
+
+def _any_process(flag: bool, device: Any) -> bool:
+    """True on every process when it is true on one: all stop after the same step (DDP would hang)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
 
 
 @contextmanager
