@@ -3,9 +3,9 @@
     python -m bot.scheduler.train_job [--config FILE] PERSONA --data EXPORT.jsonl --version NAME
 
 It runs the trainer (`trainer.run.train`) exactly as `personabot train PERSONA --version NAME` does,
-except that the persona's dialogue files are followed by the export, so the held-out split, the mask
-audit and the manifest's dataset hash cover both. The version is registered, not activated: the
-retrain job activates it only after comparing it with the active version.
+with the export as an extra dialogue file read after the persona's own (`extra_dialogues`), so the
+held-out split, the mask audit and the manifest's dataset hash cover both. The version is registered,
+not activated: the retrain job activates it only after comparing it with the active version.
 """
 
 from __future__ import annotations
@@ -15,15 +15,6 @@ import sys
 from pathlib import Path
 
 from bot.config import Settings
-from personas.registry import Persona, PersonaRegistry
-
-
-def with_export(registry: PersonaRegistry, slug: str, data: Path) -> PersonaRegistry:
-    """The registry with `slug`'s dialogue files followed by `data` (absolute, so the folder is ignored)."""
-    persona = registry.get(slug)
-    spec = persona.spec.model_copy(update={"dialogues": [*persona.spec.dialogues, str(data.resolve())]})
-    widened = Persona(spec, persona.folder, persona.source, persona.hooks)
-    return PersonaRegistry([widened if p.slug == slug else p for p in registry.all()])
 
 
 def train_with_export(
@@ -35,16 +26,19 @@ def train_with_export(
     max_steps: int | None = None,
     device: str | None = None,
 ) -> None:
-    import bot.runtime
     from trainer.run import TrainRequest, train
 
-    registry = with_export(bot.runtime.load_registry(settings), slug, data)
-    # The trainer looks the persona up through bot.runtime.load_registry; it gets the widened one.
-    bot.runtime.load_registry = lambda _settings: registry  # type: ignore[assignment]
     overrides = {"max_steps": max_steps} if max_steps is not None else {}
     train(
         settings,
-        TrainRequest(persona=slug, overrides=overrides, version=version, device=device, progress=False),
+        TrainRequest(
+            persona=slug,
+            overrides=overrides,
+            version=version,
+            device=device,
+            progress=False,
+            extra_dialogues=[data.resolve()],
+        ),
     )
 
 
