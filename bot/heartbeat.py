@@ -81,10 +81,11 @@ class Heartbeats:
         self._task = asyncio.create_task(self._loop(), name="heartbeats")
 
     async def stop(self) -> None:
-        """Last beat: `stopped`, so status tells a clean stop from a crash."""
+        """Last beat: `stopped`, so status tells a clean stop from a crash (nothing if never started)."""
         self._stop.set()
-        if self._task is not None:
-            await self._task
+        if self._task is None:
+            return
+        await self._task
         try:
             await self.beat_all("stopped")
         except Exception:
