@@ -174,7 +174,8 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 86400:.1f}d ago"
 
 
-def _run_line(run: dict[str, Any]) -> str:
+def run_line(run: dict[str, Any]) -> str:
+    """One scheduled run as a line: status, time, summary or error, and a retrain's two losses."""
     detail = run.get("detail") or {}
     when = run["started_at"][:19].replace("T", " ")
     if run["status"] == "error":
@@ -220,7 +221,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("  none (the scheduler has not started against this database)")
     for j in report["schedule"]:
         nxt = j["next_run"][:19].replace("T", " ") if j["next_run"] else "-"
-        last = _run_line(j["last_run"]) if j["last_run"] else "never run"
+        last = run_line(j["last_run"]) if j["last_run"] else "never run"
         state = f"next {nxt}" if j["scheduled"] else "not scheduled"
         lines.append(f"  {j['job_id']}: {state}; last: {last}")
     return "\n".join(lines)

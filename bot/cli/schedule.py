@@ -54,7 +54,7 @@ async def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "kind": job.kind,
                 "description": job.description,
                 "trigger": str(job.trigger),
-                "next_run": nxt.isoformat() if nxt else None,
+                "next_run": nxt.astimezone(UTC).isoformat() if nxt else None,
                 "last_run": run.as_dict() if run else None,
                 "problem": None,
             }
@@ -75,7 +75,7 @@ async def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from bot.status import _run_line
+    from bot.status import run_line
 
     jobs = run_async(_jobs(args))
     if args.json:
@@ -90,7 +90,7 @@ def _list(args: argparse.Namespace) -> int:
             print(f"{job['job_id']}: NOT SCHEDULED: {job['problem']}")
             continue
         nxt = job["next_run"][:19].replace("T", " ") if job["next_run"] else "-"
-        last = _run_line(job["last_run"]) if job["last_run"] else "never run"
+        last = run_line(job["last_run"]) if job["last_run"] else "never run"
         print(
             f"{job['job_id']}: {job['description']}\n  trigger {job['trigger']}; next {nxt} UTC\n  last: {last}"
         )
