@@ -4,10 +4,12 @@ restart, and APScheduler firing jobs from the shared job store on short interval
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -354,7 +356,7 @@ async def test_apscheduler_fires_due_jobs_on_short_intervals(store: Store) -> No
                 if len(done) >= 3:
                     break
                 await asyncio.sleep(0.1)
-        assert scheduler.next_run_times()["retention"] > max(r.scheduled_for for r in done)
+        assert (await scheduler.next_run_times())["retention"] > max(r.scheduled_for for r in done)
     finally:
         await scheduler.stop()
     # Occurrences fall on the half-second grid every process computes alike.
@@ -367,19 +369,19 @@ async def test_jobs_survive_a_restart_in_the_job_store(store: Store) -> None:
     registry = PersonaRegistry.discover()
     first = JobScheduler(settings, store, registry)
     await first.start()
-    planned = first.next_run_times()
+    planned = await first.next_run_times()
     await first.stop()
     second = JobScheduler(settings, store, registry)
     await second.start()
     try:
-        assert second.next_run_times() == planned
+        assert await second.next_run_times() == planned
     finally:
         await second.stop()
     # A job dropped from the config is dropped from the store.
     third = JobScheduler(load_settings(scheduler={"retrain": False}), store, registry)
     await third.start()
     try:
-        assert "post:pirate:c0" not in third.next_run_times()
+        assert "post:pirate:c0" not in await third.next_run_times()
     finally:
         await third.stop()
 
@@ -413,3 +415,42 @@ async def test_a_failing_job_does_not_stop_the_others(store: Store) -> None:
         last = await runs.last_runs(session)
     assert last["post:pirate:c0"].error == "RuntimeError: the disk is full"
     assert last["retention"].status == "ok"
+
+
+async def test_the_job_store_waits_for_the_store_without_blocking_the_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite: while a store transaction holds the write lock across awaits (as the worker's do), due
+    jobs keep being processed: the job store's write of their next run waits in the scheduler's thread,
+    the loop goes on, the transaction finishes, and no write fails with "database is locked"."""
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    await store.upgrade()
+    settings = load_settings(
+        scheduler={"retention_days": 30, "retention_check_minutes": 0.2 / 60, "retrain": False}
+    )
+    scheduler = JobScheduler(settings, store, PersonaRegistry.discover())
+    await scheduler.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="bot.scheduler"):
+            async with store.transaction() as session:
+                await conversations.upsert_channel(session, channel("console:busy"))  # takes the lock
+                for _ in range(15):
+                    await asyncio.sleep(0.1)  # ... and keeps it across awaits while jobs fall due
+            async with asyncio.timeout(20):
+                while True:
+                    async with store.transaction() as session:
+                        ran = (
+                            await session.execute(
+                                select(func.count())
+                                .select_from(ScheduledRun)
+                                .where(ScheduledRun.status == "ok")
+                            )
+                        ).scalar_one()
+                    if ran >= 2:
+                        break
+                    await asyncio.sleep(0.05)
+    finally:
+        await scheduler.stop()
+        await store.close()
+    assert "could not save the next run" not in caplog.text
+    assert "database is locked" not in caplog.text

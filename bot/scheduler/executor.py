@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.base import BaseExecutor
 
+from bot.scheduler.threaded import submit_on_loop
+
 if TYPE_CHECKING:
     from bot.scheduler.service import JobScheduler
 
@@ -32,19 +34,30 @@ class OccurrenceExecutor(BaseExecutor):
     def __init__(self, runner: JobScheduler) -> None:
         super().__init__()
         self._runner = runner
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, scheduler: Any, alias: str) -> None:
+        super().start(scheduler, alias)
+        self._loop = scheduler._eventloop
 
     def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
-        task = self._runner.spawn(self._run(job.id, job._jobstore_alias, job.misfire_grace_time, run_times))
+        # Called in the scheduler's thread (see bot.scheduler.threaded); the job runs on the loop.
+        assert self._loop is not None
+        args = (job.id, job._jobstore_alias, job.misfire_grace_time, list(run_times))
+        submit_on_loop(self._loop, lambda: self._begin(*args))
+
+    def _begin(self, job_id: str, alias: str, grace: float | None, run_times: list[datetime]) -> None:
+        task = self._runner.spawn(self._run(job_id, alias, grace, run_times))
 
         def done(t: asyncio.Task[list[JobExecutionEvent]]) -> None:
             if t.cancelled():
-                self._run_job_success(job.id, [])
+                self._run_job_success(job_id, [])
                 return
             exc = t.exception()
             if exc is not None:
-                self._run_job_error(job.id, exc, exc.__traceback__)
+                self._run_job_error(job_id, exc, exc.__traceback__)
             else:
-                self._run_job_success(job.id, t.result())
+                self._run_job_success(job_id, t.result())
 
         task.add_done_callback(done)
 

@@ -1,10 +1,10 @@
 """APScheduler's `SQLAlchemyJobStore` on the store's own database, through a synchronous engine.
 
-APScheduler 3.x reads and writes its job store from the event loop, synchronously. On SQLite the async
-store may hold the write lock across an `await`, so a job store write could wait on a transaction that
-cannot finish while the loop is blocked: the busy timeout is kept short, and a failed write of a job's
-next run time is logged and retried at the next wake-up instead of stopping the scheduler. Running an
-occurrence twice is harmless, since `scheduled_runs.run_key` lets it run once.
+The job store is only used from the scheduler's own thread (`bot.scheduler.threaded`), so on SQLite
+its writes wait for the async store's transactions like any other writer, without blocking the loop.
+A write of a job's next run time that still fails (a long lock, another process removed the job) is
+logged and retried at the next wake-up instead of stopping the scheduler; running an occurrence twice
+is harmless, since `scheduled_runs.run_key` lets it run once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ TABLE = "apscheduler_jobs"
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=1000")
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

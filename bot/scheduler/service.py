@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy.engine import Engine
 
 from bot.config import Settings
@@ -32,6 +31,7 @@ from bot.scheduler.jobstore import SharedJobStore, job_store_engine
 from bot.scheduler.posts import queue_post
 from bot.scheduler.retention import prune
 from bot.scheduler.retrain import Retrainer
+from bot.scheduler.threaded import ThreadedScheduler
 from bot.store import Store
 from personas.registry import PersonaRegistry
 
@@ -70,7 +70,7 @@ class JobScheduler:
         self.jobs, self.problems = plan_jobs(settings, registry)
         self.by_id = {job.id: job for job in self.jobs}
         self.retrainer = retrainer or Retrainer(settings, store, registry)
-        self._aps: AsyncIOScheduler | None = None
+        self._aps: ThreadedScheduler | None = None
         self._engine: Engine | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -88,7 +88,8 @@ class JobScheduler:
                 log.error("scheduler: %s: %s", problem.job_id, problem.message)
                 await runs.record_problem(session, problem.job_id, problem.message, owner=self.owner)
         self._engine = job_store_engine(self.store.url)
-        self._aps = AsyncIOScheduler(
+        self._aps = ThreadedScheduler(
+            event_loop=asyncio.get_running_loop(),
             timezone=UTC,
             jobstores={"default": SharedJobStore(self._engine)},
             executors={"default": OccurrenceExecutor(self)},
@@ -98,8 +99,8 @@ class JobScheduler:
                 "misfire_grace_time": max(1, int(self.grace.total_seconds())),
             },
         )
-        self._aps.start(paused=True)
-        self._sync_jobs()
+        await self._aps.call(self._aps.start, paused=True)
+        await self._aps.call(self._sync_jobs)
         await self._recover()
         self._aps.resume()
 
@@ -173,9 +174,8 @@ class JobScheduler:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Fire nothing more; give running jobs `timeout` seconds, then interrupt them."""
-        if self._aps is not None and self._aps.running:
-            self._aps.pause()
-            self._aps.shutdown(wait=False)
+        if self._aps is not None:
+            await self._aps.close()
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=timeout)
@@ -263,7 +263,7 @@ class JobScheduler:
             raise ScheduleError(self._unknown(job_id))
         return await self.run_occurrence(job_id, utcnow(), manual=True, force=force)
 
-    def next_run_times(self) -> dict[str, datetime | None]:
+    async def next_run_times(self) -> dict[str, datetime | None]:
         """Next fire time of each stored job (the scheduler must be started)."""
         assert self._aps is not None
-        return {job.id: job.next_run_time for job in self._aps.get_jobs()}
+        return {job.id: job.next_run_time for job in await self._aps.call(self._aps.get_jobs)}
