@@ -250,6 +250,27 @@ def test_kv_reuse_gives_identical_greedy_output(
     assert reused[4].cached_tokens == 0 and all(r.cached_tokens == 0 for r in plain)
 
 
+def test_chunked_prefill_gives_the_same_replies(
+    base: Any, tok: Any, folders: dict[str, Path], prompts: list[list[int]]
+) -> None:
+    whole = make_engine(base, tok, folders, kv_bytes=10**9)
+    chunked = make_engine(base, tok, folders, kv_bytes=10**9)
+    chunked.prefill_chunk = 3
+    adapters = ["pirate", None, "poet", "bard"]
+    for engine in (whole, chunked):  # a first turn fills each engine's channel cache
+        engine.generate(
+            [
+                request(ids, a, cache_key=f"c{i}")
+                for i, (ids, a) in enumerate(zip(prompts, adapters, strict=True))
+            ]
+        )
+    longer = [ids + tok(" and the rest of it" * (i + 1))["input_ids"] for i, ids in enumerate(prompts)]
+    reqs = [
+        request(ids, a, cache_key=f"c{i}") for i, (ids, a) in enumerate(zip(longer, adapters, strict=True))
+    ]
+    assert [r.token_ids for r in chunked.generate(reqs)] == [r.token_ids for r in whole.generate(reqs)]
+
+
 def test_another_adapter_never_reuses_the_cache(
     base: Any, tok: Any, folders: dict[str, Path], prompts: list[list[int]]
 ) -> None:

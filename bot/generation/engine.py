@@ -10,6 +10,7 @@ One `generate` call runs a whole batch:
    slice of the rows), chosen by a small dynamic programme that trades padding against passes over
    the weights. A row whose new part is shorter than its group's re-computes a few cached tokens in
    place of padding, so a cached row and a cold row can share one pass without breaking the layout.
+   Long prompts are prefilled in chunks of `prefill_chunk` tokens, which bounds activation memory.
 4. **Decode.** One forward per step for all rows, each with its own adapter (`MultiLora`), sampling
    settings and stop ids. A row that stops hands its result and its keys/values (to the channel LRU)
    over at once; finished rows are dropped from the batch when they are a quarter of it.
@@ -92,6 +93,7 @@ class BatchEngine:
         lora: MultiLora | None = None,
         kv: KVCacheLRU | None = None,
         prefill_overhead_tokens: int = 16,
+        prefill_chunk: int = 512,
         pad_id: int = 0,
     ) -> None:
         self.model = model
@@ -99,6 +101,7 @@ class BatchEngine:
         self.lora = lora
         self.kv = kv if kv is not None else KVCacheLRU(0)
         self.prefill_overhead_tokens = prefill_overhead_tokens
+        self.prefill_chunk = prefill_chunk
         self.pad_id = pad_id
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
@@ -250,20 +253,24 @@ class BatchEngine:
                 take = min(width, len(row.ids))
                 ids[j, width - take :] = torch.tensor(row.ids[len(row.ids) - take :])
                 positions[j, width - take :] = torch.arange(len(row.ids) - take, len(row.ids))
+            ids, positions = ids.to(self.device), positions.to(self.device)
             starts = torch.tensor([r.start for r in rows[a:b]], device=self.device)
-            query_cols = torch.arange(end - width, end, device=self.device)
-            key_cols = torch.arange(end, device=self.device)
-            causal = key_cols[None, :] <= query_cols[:, None]  # [width, end]
-            valid = key_cols[None, :] >= starts[:, None]  # [rows, end]
-            # A padding query sees only itself, so no attention row is empty (no NaNs in its keys).
-            own = key_cols[None, :] == query_cols[:, None]
-            mask = (causal[None] & valid[:, None, :]) | own[None]
-            cache.active, cache.start = slice(a, b), end - width
             if self.lora is not None:
                 self.lora.select_rows(slice(a, b))
-            parts.append(
-                self._forward(cache, ids.to(self.device), positions.to(self.device), mask.unsqueeze(1))
-            )
+            # Long prompts go in chunks: activations and the mask stay bounded by the chunk size.
+            first = end - width
+            for c0 in range(0, width, self.prefill_chunk):
+                c1 = min(width, c0 + self.prefill_chunk)
+                query_cols = torch.arange(first + c0, first + c1, device=self.device)
+                key_cols = torch.arange(first + c1, device=self.device)
+                causal = key_cols[None, :] <= query_cols[:, None]  # [chunk, keys]
+                valid = key_cols[None, :] >= starts[:, None]  # [rows, keys]
+                # A padding query sees only itself, so no attention row is empty (no NaNs in its keys).
+                own = key_cols[None, :] == query_cols[:, None]
+                mask = (causal[None] & valid[:, None, :]) | own[None]
+                cache.active, cache.start = slice(a, b), first + c0
+                logits = self._forward(cache, ids[:, c0:c1], positions[:, c0:c1], mask.unsqueeze(1))
+            parts.append(logits)
         if self.lora is not None:
             self.lora.select_rows(slice(None))
         return torch.cat(parts, dim=0)

@@ -3,7 +3,8 @@
 Every comparison is measured side by side in one run, on the same machine state:
 
 (a) 16 jobs from 16 channels across 4 personas, each persona with its own (random) LoRA adapter, 64 new
-    tokens each (greedy, no early stop). The worker's engine (one batch, gathered multi-LoRA) against
+    tokens each (greedy, no early stop). Rates are from each method's best round (noise on a shared
+    machine only adds time); every round's seconds are in the JSON. The worker's engine (one batch, gathered multi-LoRA) against
     peft `set_adapter` + `generate` per job (sequential) and stock peft `generate(adapter_names=...)`
     over the same 16 jobs (mixed batch). Aggregate tokens/s and ratios. Also: how many of the 16
     greedy replies are token-for-token equal to peft's sequential ones.
@@ -224,7 +225,9 @@ def bench_batching(
         runs["peft_mixed"].append(seconds)
     tokens = jobs * new_tokens
     assert all(len(r) == new_tokens for r in replies["ours"])
-    rate = {k: tokens / statistics.median(v) for k, v in runs.items()}
+    # On a shared machine other work only ever adds time: the best round of each method is its rate.
+    rate = {k: tokens / min(v) for k, v in runs.items()}
+    median_rate = {k: tokens / statistics.median(v) for k, v in runs.items()}
     same_as_peft = sum(a == b for a, b in zip(replies["ours"], replies["peft_sequential"], strict=True))
     mixed_same = sum(a == b for a, b in zip(replies["peft_mixed"], replies["peft_sequential"], strict=True))
     return {
@@ -234,6 +237,7 @@ def bench_batching(
         "prompt_tokens": [len(p) for p in prompts],
         "seconds": runs,
         "tokens_per_second": rate,
+        "tokens_per_second_median_round": median_rate,
         "ours_vs_sequential": rate["ours"] / rate["peft_sequential"],
         "ours_vs_peft_mixed": rate["ours"] / rate["peft_mixed"],
         "peft_mixed_vs_sequential": rate["peft_mixed"] / rate["peft_sequential"],
@@ -469,7 +473,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--rounds", type=int, default=2, help="repetitions of each measurement (median/best)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repetitions of each measurement (best is reported)"
+    )
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--personas", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
