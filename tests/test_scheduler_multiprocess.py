@@ -2,10 +2,11 @@
 
 Each process runs a real `JobScheduler` (APScheduler on the shared job store) with retention due
 every half second, and also fires the same 40 occurrences of a scheduled post by hand, as fast as it
-can, at the same moment as the other. Every occurrence a process actually works on is appended to its
-own file; across both files each occurrence appears exactly once.
+can, once both processes are ready. Every occurrence a process actually works on is appended to its
+own file; across both files each occurrence appears exactly once, though both tried them all.
 
-Run as a script, this module is one such process: `python -m tests.test_scheduler_multiprocess URL OUT GO_AT`.
+Run as a script, this module is one such process:
+`python -m tests.test_scheduler_multiprocess URL OUT READY_FLAG PEER_FLAG`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -43,7 +43,7 @@ def settings_for(url: str):  # type: ignore[no-untyped-def]
     )
 
 
-async def one_process(url: str, out: Path, go_at: float) -> None:
+async def one_process(url: str, out: Path, ready: Path, peer: Path) -> None:
     from bot.scheduler import JobScheduler
     from bot.store import Store
     from personas.registry import PersonaRegistry
@@ -54,16 +54,21 @@ async def one_process(url: str, out: Path, go_at: float) -> None:
 
     async def recorded(job, scheduled_for, *, force):  # type: ignore[no-untyped-def]
         with out.open("a") as fh:
-            fh.write(f"{job.id} {scheduled_for.isoformat()}\n")
+            fh.write(f"ran {job.id} {scheduled_for.isoformat()}\n")
         return await execute(job, scheduled_for, force=force)
 
     scheduler._execute = recorded  # type: ignore[method-assign]
-    await asyncio.sleep(max(0.0, go_at - time.time()))
+    # Both processes are imported and connected before either fires anything.
+    ready.touch()
+    while not peer.exists():
+        await asyncio.sleep(0.01)
     await scheduler.start()
     try:
         occurrences = [BASE + timedelta(minutes=5 * i) for i in range(OCCURRENCES)]
-        await asyncio.gather(*(scheduler.run_occurrence("post:pirate:c0", t) for t in occurrences))
-        await asyncio.sleep(3.0)  # retention fires about six times meanwhile
+        results = await asyncio.gather(*(scheduler.run_occurrence("post:pirate:c0", t) for t in occurrences))
+        with out.open("a") as fh:
+            fh.writelines(f"result {r.status} {r.scheduled_for.isoformat()}\n" for r in results)
+        await asyncio.sleep(3.0)  # retention, due every half second, fires meanwhile in both
     finally:
         await scheduler.stop()
         await store.close()
@@ -86,29 +91,43 @@ def test_two_processes_never_run_the_same_occurrence(tmp_path: Path) -> None:
             await store.close()
 
         asyncio.run(migrate())
-        go_at = time.time() + 4.0  # both processes are imported and connected by then
         outs = [tmp_path / f"p{i}.txt" for i in range(2)]
+        flags = [tmp_path / f"ready{i}" for i in range(2)]
         env = os.environ | {"PERSONABOT_DATA_DIR": str(tmp_path / "data")}
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "tests.test_scheduler_multiprocess", url, str(out), str(go_at)],
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.test_scheduler_multiprocess",
+                    url,
+                    str(out),
+                    str(flags[i]),
+                    str(flags[1 - i]),
+                ],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
             )
-            for out in outs
+            for i, out in enumerate(outs)
         ]
-        logs = [p.communicate(timeout=120)[0] for p in procs]
+        logs = [p.communicate(timeout=180)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], logs
-        lines = [line for out in outs for line in out.read_text().splitlines()]
-        per_process = [out.read_text().count("post:pirate") for out in outs]
-        posts = [line for line in lines if line.startswith("post:")]
-        retention = [line for line in lines if line.startswith("retention")]
+        lines = [out.read_text().splitlines() for out in outs]
+        ran = [line.split(" ", 1)[1] for mine in lines for line in mine if line.startswith("ran ")]
+        posts = [r for r in ran if r.startswith("post:")]
+        retention = [r for r in ran if r.startswith("retention")]
+        # Every occurrence was run exactly once, whichever process got it ...
         assert len(posts) == len(set(posts)) == OCCURRENCES, logs
-        assert len(retention) == len(set(retention)) >= 3, logs
-        assert min(per_process) > 0, f"one process did all the work: {per_process}"
+        assert len(retention) == len(set(retention)) >= 2, logs
+        # ... though each process tried every one of them: the other one's were refused ("taken").
+        for mine in lines:
+            statuses = [line.split()[1] for line in mine if line.startswith("result ")]
+            assert len(statuses) == OCCURRENCES and set(statuses) <= {"ok", "taken"}
+        oks = sum(line.startswith("result ok") for mine in lines for line in mine)
+        assert oks == OCCURRENCES
 
         async def queued() -> int:
             from sqlalchemy import func, select
@@ -131,4 +150,4 @@ if __name__ == "__main__":
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(one_process(sys.argv[1], Path(sys.argv[2]), float(sys.argv[3])))
+    asyncio.run(one_process(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])))
