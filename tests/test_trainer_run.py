@@ -234,6 +234,8 @@ def test_bad_dialogues_abort_with_file_and_line(
 def test_bad_hyperparameters_are_one_line_errors(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "tiny", "--dropout", "1.5"]) == 2
     assert "--dropout 1.5: must be in [0, 1)" in capsys.readouterr().err
+    assert main(["train", "tiny", "--device", "tpu"]) == 2
+    assert "--device tpu: use auto, cpu or cuda" in capsys.readouterr().err
     assert main(["train", "nobody"]) == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
 

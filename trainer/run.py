@@ -241,6 +241,11 @@ def training_arguments(hp: Hyperparameters, folder: Path, device: str, save_step
     import torch
     from transformers import TrainingArguments
 
+    if device not in ("auto", "cpu", "cuda", "cuda:0"):
+        raise PersonabotError(
+            f"--device {device}: use auto, cpu or cuda (pick GPUs with CUDA_VISIBLE_DEVICES, "
+            "several with torchrun / accelerate launch)"
+        )
     cuda = device != "cpu" and torch.cuda.is_available()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise PersonabotError(f"--device {device}: CUDA is not available on this machine")
