@@ -185,7 +185,9 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<data_dir>/personabot.db"
     )
     default_persona: str = "assistant"
-    personas_dir: Path | None = Field(default=None, description="A folder of your own personas.")
+    personas_dir: Path | None = Field(
+        default=None, description="A folder of your own personas; unset: <data_dir>/personas."
+    )
     log_level: str = "INFO"
     model: ModelSettings = Field(default_factory=ModelSettings)
     access: AccessSettings = Field(default_factory=AccessSettings)

@@ -42,5 +42,6 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "aiosqlite", "asyncio", "discord.gateway", "apscheduler.executors"):
+    noisy_loggers = ("httpx", "httpcore", "aiosqlite", "asyncio", "discord.gateway", "apscheduler.executors", "alembic")
+    for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
