@@ -1,14 +1,15 @@
-"""Many LoRA adapters on one base model, mixed in one batch with one gathered matmul per projection.
+"""Many LoRA adapters on one base model, mixed in one batch with one gathered matmul pair per projection.
 
 peft's mixed-adapter batches (`adapter_names=`) loop over the adapters inside every layer, so a batch
-of four personas costs about four LoRA passes per projection. Here each target `nn.Linear` of the base
-model is wrapped once by `MultiLoraLinear`; for a batch, the A matrices of the adapters that batch uses
-are stacked into one `[R, in]` matrix and the B matrices into one `[out, R]` matrix, and a per-row
-scale vector `[rows, 1, R]` zeroes every block that is not the row's own adapter (and carries
-`alpha / r`). A projection then costs two small matmuls whatever the mix of adapters:
+of four personas costs four LoRA passes (and their small-op overhead) per projection. Here each target
+`nn.Linear` of the base model is wrapped once by `MultiLoraLinear`. For a batch, the rows are grouped
+by adapter into `k` equal-sized slots of `m` rows (short groups padded with a zero-weighted slot), the
+adapters' A and B matrices are stacked into `[k, in, r]` and `[k, r, out]`, and a projection costs one
+gather, two batched matmuls and one scatter-add, whatever the mix of adapters:
 
-    y = base(x) + ((x @ A_cat.T) * row_scale) @ B_cat.T
+    y = base(x);  y[rows] += scaling * bmm(bmm(x[rows], A), B)
 
+Each row only pays for its own adapter's rank. Rows on the base model (no adapter) take no slot.
 Adapters are read straight from a peft adapter folder (`adapter_config.json` and
 `adapter_model.safetensors`) with the scaling peft would use, so a row's output equals peft's output
 for that adapter. Each loaded adapter costs its own weights' bytes; the base model is never copied.
@@ -173,15 +174,25 @@ def load_adapter(
     return LoraAdapter(name, folder, modules)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """How one projection adds the LoRA deltas of the rows in the current forward."""
+
+    a: torch.Tensor  # [k, in, r]: the k adapters' A, transposed, ranks zero-padded to r
+    b: torch.Tensor  # [k, r, out]
+    index: torch.Tensor  # [k * m]: the batch row of each slot (a padding slot repeats a real row)
+    scale: torch.Tensor  # [k * m, 1, 1]: the slot's adapter scaling, 0 for padding slots
+    k: int
+    m: int
+
+
 class MultiLoraLinear(nn.Module):
     """A base `nn.Linear` plus whichever LoRA deltas the current batch's rows use."""
 
     def __init__(self, base: nn.Linear) -> None:
         super().__init__()
         self.base = base
-        # Set per batch by `MultiLora.activate`: (A_cat [R, in], B_cat [out, R], scale [rows, 1, R]).
-        self.active: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.rows: slice | torch.Tensor = slice(None)
+        self.plan: _Plan | None = None  # set per forward by `MultiLora`
 
     @property
     def in_features(self) -> int:
@@ -197,24 +208,38 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.active is None:
+        plan = self.plan
+        if plan is None:
             return y
-        a, b, scale = self.active
-        h = torch.nn.functional.linear(x, a) * scale[self.rows]
-        return y.add_(torch.nn.functional.linear(h, b))
+        rows = x.shape[0]
+        x3 = x.reshape(rows, -1, x.shape[-1])
+        steps = x3.shape[1]
+        grouped = x3.index_select(0, plan.index).view(plan.k, plan.m * steps, -1)
+        delta = torch.bmm(torch.bmm(grouped, plan.a), plan.b).view(plan.k * plan.m, steps, -1)
+        y3 = y.view(rows, steps, -1)
+        y3.index_add_(0, plan.index, delta * plan.scale)
+        return y
+
+
+@dataclass(frozen=True)
+class _Stack:
+    names: tuple[str, ...]  # the adapters (of the batch) that adapt this projection
+    a: torch.Tensor  # [k, in, r]
+    b: torch.Tensor  # [k, r, out]
+    scaling: torch.Tensor  # [k]
 
 
 class MultiLora:
     """Wraps a model's target projections once and serves any mix of loaded adapters per batch."""
 
-    def __init__(self, model: nn.Module, target_modules: Sequence[str] | None = None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.adapters: dict[str, LoraAdapter] = {}
         self.wrapped: dict[str, MultiLoraLinear] = {}
         self._linears: dict[str, nn.Linear] = {}
-        self._targets = set(target_modules) if target_modules else None
         self._stack_key: tuple[str, ...] | None = None
-        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[str, _Stack] = {}
+        self._rows: list[str | None] = []
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and not name.endswith("lm_head"):
                 self._linears[name] = module
@@ -248,7 +273,7 @@ class MultiLora:
     def unload(self, name: str) -> None:
         if self.adapters.pop(name, None) is not None:
             self._stack_key = None
-            self._stacks.clear()
+            self._stacks = {}
 
     def _build_stacks(self, names: tuple[str, ...]) -> None:
         # The stacked matrices only depend on which adapters a batch uses; consecutive batches with the
@@ -257,68 +282,85 @@ class MultiLora:
             return
         self._stacks = {}
         for module_name in self.wrapped:
-            blocks = [
-                (i, self.adapters[n].modules[module_name])
-                for i, n in enumerate(names)
+            used = [
+                (n, self.adapters[n].modules[module_name])
+                for n in names
                 if module_name in self.adapters[n].modules
             ]
-            if not blocks:
+            if not used:
                 continue
-            a_cat = torch.cat([m.a for _, m in blocks], dim=0)
-            b_cat = torch.cat([m.b for _, m in blocks], dim=1)
-            # Which adapter owns each of the R stacked rank columns, and its alpha / r.
-            owner = torch.cat([torch.full((m.a.shape[0],), i, dtype=torch.long) for i, m in blocks])
-            scaling = torch.cat(
-                [torch.full((m.a.shape[0],), m.scaling, dtype=torch.float64) for _, m in blocks]
-            )
-            self._stacks[module_name] = (
-                a_cat,
-                b_cat,
-                owner.to(a_cat.device),
-                scaling.to(a_cat.device, a_cat.dtype),
-            )
+            rank = max(m.a.shape[0] for _, m in used)
+            linear = self._linears[module_name]
+            a = torch.zeros(len(used), linear.in_features, rank, device=self.device, dtype=self.dtype)
+            b = torch.zeros(len(used), rank, linear.out_features, device=self.device, dtype=self.dtype)
+            for j, (_, m) in enumerate(used):
+                r = m.a.shape[0]
+                a[j, :, :r] = m.a.T
+                b[j, :r, :] = m.b.T
+            scaling = torch.tensor([m.scaling for _, m in used], device=self.device, dtype=self.dtype)
+            self._stacks[module_name] = _Stack(tuple(n for n, _ in used), a, b, scaling)
         self._stack_key = names
+
+    def _slots(
+        self, rows: Sequence[str | None], names: tuple[str, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(batch row of each slot, adapter of each slot or -1 for padding, slots per adapter m)."""
+        groups = [[i for i, n in enumerate(rows) if n == name] for name in names]
+        m = max(len(g) for g in groups)
+        index, owner = [], []
+        for j, group in enumerate(groups):
+            pad = m - len(group)
+            index += group + [group[0] if group else 0] * pad
+            owner += [j] * len(group) + [-1] * pad
+        device = self.device
+        return torch.tensor(index, device=device), torch.tensor(owner, device=device), m
+
+    def _plan(self, rows: Sequence[str | None]) -> None:
+        """Give every wrapped projection its plan for a forward over `rows` (adapter name per row).
+
+        The stacks are those of the whole batch (`activate`); an adapter with no row among `rows` (a
+        prefill group) just gets zero-weighted slots.
+        """
+        if all(n is None for n in rows):
+            for wrapper in self.wrapped.values():
+                wrapper.plan = None
+            return
+        slots: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        for module_name, wrapper in self.wrapped.items():
+            stack = self._stacks.get(module_name)
+            if stack is None:
+                wrapper.plan = None
+                continue
+            if stack.names not in slots:
+                slots[stack.names] = self._slots(rows, stack.names)
+            index, owner, m = slots[stack.names]
+            if m == 0:  # none of these rows uses an adapter of this projection
+                wrapper.plan = None
+                continue
+            scale = torch.where(owner >= 0, stack.scaling[owner.clamp(min=0)], 0.0).view(-1, 1, 1)
+            wrapper.plan = _Plan(stack.a, stack.b, index, scale, len(stack.names), m)
 
     def activate(self, row_adapters: Sequence[str | None]) -> None:
         """Set each row's adapter (None: the base model) for the next forward passes."""
         for name in row_adapters:
             if name is not None and name not in self.adapters:
                 raise KeyError(f"LoRA adapter {name!r} is not loaded")
-        names = tuple(sorted({n for n in row_adapters if n is not None}))
-        if not names:
-            self.deactivate()
-            return
-        self._build_stacks(names)
-        row_owner = torch.tensor(
-            [names.index(n) if n is not None else -1 for n in row_adapters],
-            dtype=torch.long,
-            device=self.device,
-        )
-        for module_name, wrapper in self.wrapped.items():
-            stack = self._stacks.get(module_name)
-            if stack is None:
-                wrapper.active = None
-                continue
-            a_cat, b_cat, owner, scaling = stack
-            # [rows, 1, R]: the row's own adapter's columns carry its scaling, every other column is 0.
-            scale = (row_owner[:, None] == owner[None, :]).to(scaling.dtype) * scaling[None, :]
-            wrapper.active = (a_cat, b_cat, scale.unsqueeze(1))
-            wrapper.rows = slice(None)
+        self._rows = list(row_adapters)
+        names = tuple(sorted({n for n in self._rows if n is not None}))
+        if names:
+            self._build_stacks(names)
+        self._plan(self._rows)
 
-    def select_rows(self, rows: slice | torch.Tensor) -> None:
-        """Restrict the next forward to a subset of the activated rows (a prefill group)."""
-        for wrapper in self.wrapped.values():
-            wrapper.rows = rows
+    def select_rows(self, rows: slice) -> None:
+        """Restrict the next forwards to a slice of the activated rows (a prefill group)."""
+        self._plan(self._rows[rows])
 
     def keep_rows(self, index: torch.Tensor) -> None:
-        """Drop finished rows for good: the batch was compacted to `index`."""
-        for wrapper in self.wrapped.values():
-            if wrapper.active is not None:
-                a, b, scale = wrapper.active
-                wrapper.active = (a, b, scale.index_select(0, index))
-            wrapper.rows = slice(None)
+        """Drop finished rows for good: the batch was compacted to the rows in `index`."""
+        self._rows = [self._rows[i] for i in index.tolist()]
+        self._plan(self._rows)
 
     def deactivate(self) -> None:
+        self._rows = []
         for wrapper in self.wrapped.values():
-            wrapper.active = None
-            wrapper.rows = slice(None)
+            wrapper.plan = None
