@@ -137,3 +137,33 @@ def test_first_ctrl_c_asks_for_a_checkpoint_second_one_quits() -> None:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cpu_threads_follow_the_cores_other_work_leaves_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from trainer.threads import CpuThreads, fixed_threads
+
+    before = torch.get_num_threads()
+    try:
+        threads = CpuThreads(cores=2, min_interval=1.0)
+        samples = iter(
+            [
+                (10.0, 15.0, 5.0),  # 10 s: 15 core-seconds busy, 5 of them ours -> others kept 1 core busy
+                (20.0, 27.0, 7.0),  # 10 s: 12 busy, 2 ours -> others 1.0
+                (30.0, 40.0, 18.0),  # 10 s: 13 busy, 11 ours -> others 0.2: both cores are ours
+                (30.5, 41.0, 19.0),  # too soon to tell: unchanged
+            ]
+        )
+        threads._mark = (0.0, 0.0, 0.0)
+        monkeypatch.setattr(threads, "_sample", lambda: next(samples))
+        assert [threads.adjust() for _ in range(4)] == [1, 1, 2, 2]
+        assert threads.history == [1, 1, 2]
+        assert CpuThreads(fixed=1).adjust() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert fixed_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert fixed_threads(None) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert fixed_threads(None) is None

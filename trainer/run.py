@@ -69,6 +69,7 @@ class TrainRequest:
     progress: bool = True
     callbacks: list[Any] = field(default_factory=list)  # extra `TrainerCallback`s
     extra_dialogues: list[Path] = field(default_factory=list)  # files read after the persona's own
+    threads: int | None = None  # CPU threads; None: OMP_NUM_THREADS, else adapt to the idle cores
 
 
 @dataclass
@@ -436,6 +437,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
     from trainer.samples import Sample, generate_replies, heldout_prompts
     from trainer.style import style_check, style_score
+    from trainer.threads import CpuThreads, fixed_threads
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -536,6 +538,10 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             for (c, turns, ref), reply in zip(prompts, replies, strict=True)
         ]
 
+    threads = CpuThreads(fixed_threads(request.threads)) if device.type == "cpu" else None
+    if threads is not None:
+        threads.settle()
+
     # Before: the base model.
     if "before" not in state:
         folder.mkdir(parents=True, exist_ok=True)
@@ -571,6 +577,8 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     progress = ProgressBar(lambda: trainer.trained_tokens, file=sys.stderr if request.progress else _Null())
     stopper = StopOnInterrupt()
     trainer.add_callback(progress)
+    if threads is not None:
+        trainer.add_callback(threads)
     for callback in request.callbacks:
         trainer.add_callback(callback)
     trainer.add_callback(stopper)
@@ -592,6 +600,8 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         return TrainResult(slug, version, folder, {}, hp.as_dict(), False)
 
     def finish() -> TrainResult:
+        if threads is not None:
+            threads.settle()
         after_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
         model.merge_adapter()  # one matmul per projection while generating; the saved A and B stay as trained
         try:
@@ -624,6 +634,8 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             "trained_tokens_per_second": progress.tokens_per_second(),
             "train_seconds": train_seconds,
         }
+        if threads is not None and threads.history:
+            metrics["cpu_threads"] = max(set(threads.history), key=threads.history.count)
         if check is not None:
             metrics["style_check"] = spec.style_check
             metrics["style_prompts"] = len(after_samples)

@@ -50,6 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=128,
         help="longest before/after sample reply, in tokens (default 128)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads (default: OMP_NUM_THREADS, else the cores other work leaves idle)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -83,6 +88,7 @@ def _train(args: argparse.Namespace) -> int:
         save_steps=max(1, args.save_steps),
         sample_tokens=max(1, args.sample_tokens),
         progress=not args.no_progress,
+        threads=args.threads,
     )
     try:
         result = train(settings, request)
