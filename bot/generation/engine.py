@@ -106,6 +106,8 @@ class BatchEngine:
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         self.context_window = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        head = model.get_output_embeddings()
+        self.vocab_size = int(getattr(head, "out_features", 0) or head.weight.shape[0])
         # transformers 5 renamed `past_key_values` to `cache`; pass whichever this model takes.
         names = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in names else "past_key_values"
@@ -198,7 +200,7 @@ class BatchEngine:
             [r.request.sampling for r in rows],
             [r.request.seed for r in rows],
             [r.ids for r in rows],
-            int(self.model.get_output_embeddings().weight.shape[0]),
+            self.vocab_size,
             self.device,
         )
         logits = self._prefill(cache, rows, end)

@@ -19,6 +19,7 @@ from bot.generation.base import GenerationCallbacks, GenerationRequest, Generati
 from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import KVCacheLRU
 from bot.generation.lora import MultiLora
+from bot.generation.packed import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class LocalBackend:
         dtype: str = "auto",
         *,
         kv_cache_bytes: int = 0,
+        pack_weights: bool | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
@@ -78,6 +80,8 @@ class LocalBackend:
         self.tokenizer = load_tokenizer(location)
         self.model = load_model(location, self.device, self.dtype)
         self.location = location
+        # On the CPU, weights packed once for oneDNN make batched decoding ~1.5x faster.
+        self.packed_layers = pack_linears(self.model) if pack_weights is not False else 0
         self.lora = MultiLora(self.model)
         self.kv = KVCacheLRU(kv_cache_bytes)
         pad = self.tokenizer.pad_token_id

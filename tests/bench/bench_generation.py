@@ -12,6 +12,8 @@ Every comparison is measured side by side in one run, on the same machine state:
     channel KV cache (prefills only the new turn) against a full prefill; and the reply is the same.
 (c) Batch-1 decode tokens/s against the memory-bandwidth floor (weight bytes / copy bandwidth measured
     in this run), with a profile of where a decode step's time goes.
+The engine runs as the worker runs it on the CPU: weights packed once for oneDNN (`bot.generation.packed`);
+(a) and (c) also show it on plain weights.
 (d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
 
     .venv/bin/python tests/bench/bench_generation.py [--threads N] [--rounds N] [--json PATH]
@@ -44,6 +46,7 @@ from bot.generation.base import GenerationRequest  # noqa: E402
 from bot.generation.engine import BatchEngine  # noqa: E402
 from bot.generation.kvcache import KVCacheLRU  # noqa: E402
 from bot.generation.lora import MultiLora  # noqa: E402
+from bot.generation.packed import pack_linears  # noqa: E402
 from bot.prompting import ChatRenderer, Turn  # noqa: E402
 from personas.spec import Sampling  # noqa: E402
 
@@ -102,6 +105,7 @@ def bench_memory(model_path: Path, folders: list[Path]) -> dict[str, Any]:
     gc.collect()
     before = rss()
     model = load_model(model_path)
+    pack_linears(model)  # as the worker does on the CPU
     gc.collect()
     with_model = rss()
     lora = MultiLora(model)
@@ -152,10 +156,16 @@ def bench_batching(
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
 
     ours_model = load_model(model_path)
+    pack_linears(ours_model)  # the worker's CPU path (LocalBackend packs its weights for oneDNN)
     lora = MultiLora(ours_model)
     for i in range(personas):
         lora.load(f"persona{i}", folders[i])
     engine = BatchEngine(ours_model, tokenizer, lora=lora)
+    unpacked_model = load_model(model_path)  # the same engine on plain weights, for reference
+    unpacked_lora = MultiLora(unpacked_model)
+    for i in range(personas):
+        unpacked_lora.load(f"persona{i}", folders[i])
+    unpacked = BatchEngine(unpacked_model, tokenizer, lora=unpacked_lora)
     requests = [GenerationRequest(p, greedy, (), adapter=n) for p, n in zip(prompts, names, strict=True)]
     single = [GenerationRequest(p, greedy, (), adapter="persona0") for p in prompts]
 
@@ -195,6 +205,7 @@ def bench_batching(
 
     # Warm-up: first calls allocate and pick kernels.
     engine.generate(requests[:2])
+    unpacked.generate(requests[:2])
     with torch.inference_mode():
         peft_model.set_adapter("persona0")
         x = torch.tensor([prompts[0]])
@@ -209,6 +220,7 @@ def bench_batching(
     runs: dict[str, list[float]] = {
         "ours": [],
         "ours_single_adapter": [],
+        "ours_unpacked_weights": [],
         "peft_sequential": [],
         "peft_mixed": [],
     }
@@ -219,6 +231,8 @@ def bench_batching(
         replies["ours"] = [r.token_ids for r in results]
         seconds, _ = timed(lambda: engine.generate(single))
         runs["ours_single_adapter"].append(seconds)
+        seconds, _ = timed(lambda: unpacked.generate(requests))
+        runs["ours_unpacked_weights"].append(seconds)
         seconds, replies["peft_sequential"] = timed(sequential)
         runs["peft_sequential"].append(seconds)
         seconds, replies["peft_mixed"] = timed(peft_mixed)
@@ -242,6 +256,7 @@ def bench_batching(
         "ours_vs_peft_mixed": rate["ours"] / rate["peft_mixed"],
         "peft_mixed_vs_sequential": rate["peft_mixed"] / rate["peft_sequential"],
         "ours_single_adapter_vs_sequential": rate["ours_single_adapter"] / rate["peft_sequential"],
+        "ours_unpacked_weights_vs_sequential": rate["ours_unpacked_weights"] / rate["peft_sequential"],
         "ours_replies_equal_to_peft_sequential": f"{same_as_peft}/{jobs}",
         "peft_mixed_replies_equal_to_peft_sequential": f"{mixed_same}/{jobs}",
     }
@@ -276,6 +291,7 @@ def bench_kv_reuse(model_path: Path, tokenizer: Any, history_tokens: int, rounds
     renderer = ChatRenderer(tokenizer, "model")
     history = long_history(tokenizer, history_tokens)
     model = load_model(model_path)
+    pack_linears(model)
     reply_sampling = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=24)
     stop = tuple(renderer.end_of_turn_ids)
     turn1_turns = [*history, Turn("user", "Which of these would you visit first, and why?")]
@@ -358,7 +374,10 @@ def profile_steps(engine: BatchEngine, prompt: list[int], adapter: str | None) -
     groups = {"matmul": 0.0, "attention": 0.0, "other_ops": 0.0}
     for event in prof.key_averages():
         seconds = event.self_cpu_time_total / 1e6
-        if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        if (
+            event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+            or "linear_pointwise" in event.key
+        ):
             groups["matmul"] += seconds
         elif "attention" in event.key:
             groups["attention"] += seconds
@@ -373,29 +392,35 @@ def profile_steps(engine: BatchEngine, prompt: list[int], adapter: str | None) -
 def bench_decode(
     model_path: Path, tokenizer: Any, folders: list[Path], tokens: int, rounds: int
 ) -> dict[str, Any]:
-    model = load_model(model_path)
-    lora = MultiLora(model)
-    lora.load("persona0", folders[0])
-    engine = BatchEngine(model, tokenizer, lora=lora)
+    plain = load_model(model_path)
+    weights = weight_bytes(plain)
+    packed = load_model(model_path)
+    pack_linears(packed)  # the worker's CPU path
+    engines = {}
+    for label, model in (("packed", packed), ("plain", plain)):
+        lora = MultiLora(model)
+        lora.load("persona0", folders[0])
+        engines[label] = BatchEngine(model, tokenizer, lora=lora)
+    engine = engines["packed"]
     prompt = prompts_for(tokenizer, 1)[0]
-    decode_rate(engine, prompt, None, 8)  # warm-up
+    for e in engines.values():
+        decode_rate(e, prompt, None, 8)  # warm-up
     bandwidth = [copy_bandwidth() for _ in range(rounds)]
     base = [decode_rate(engine, prompt, None, tokens) for _ in range(rounds)]
     adapted = [decode_rate(engine, prompt, "persona0", tokens) for _ in range(rounds)]
+    plain_base = [decode_rate(engines["plain"], prompt, None, tokens) for _ in range(rounds)]
     hf_rates = []
-    lora.deactivate()
     for _ in range(rounds):
         x = torch.tensor([prompt])
         with torch.inference_mode():
             seconds, _ = timed(
-                lambda x=x: model.generate(
+                lambda x=x: plain.generate(
                     input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=tokens,
                     min_new_tokens=tokens, eos_token_id=None, pad_token_id=0,
                 )
             )  # fmt: skip
         hf_rates.append(tokens / seconds)
     bw = max(bandwidth)
-    weights = weight_bytes(model)
     # Tokens/s if a step did nothing but stream the weights once at the copy's bandwidth. A copy's
     # traffic is read + write (STREAM's count, the stricter floor); the looser floor uses the bytes
     # copied per second (half of it).
@@ -409,9 +434,11 @@ def bench_decode(
         "floor_tokens_per_second_bytes_copied": floor_copied,
         "decode_tokens_per_second_base": base,
         "decode_tokens_per_second_adapter": adapted,
+        "decode_tokens_per_second_base_plain_weights": plain_base,
         "hf_generate_tokens_per_second_incl_prefill": hf_rates,
         "percent_of_floor_base": 100 * best_base / floor,
         "percent_of_floor_adapter": 100 * max(adapted) / floor,
+        "percent_of_floor_plain_weights": 100 * max(plain_base) / floor,
         "percent_of_floor_bytes_copied_base": 100 * best_base / floor_copied,
         "step_time_shares_base": profile_steps(engine, prompt, None),
         "step_time_shares_adapter": profile_steps(engine, prompt, "persona0"),
@@ -433,6 +460,7 @@ def print_report(results: dict[str, Any]) -> None:
         ("peft_mixed", "peft generate(adapter_names=...)"),
         ("ours", "worker engine, mixed adapters"),
         ("ours_single_adapter", "worker engine, one adapter"),
+        ("ours_unpacked_weights", "worker engine, mixed, plain weights"),
     ):
         print(f"    {label:<34}{rate[key]:>10.1f}{rate[key] / rate['peft_sequential']:>15.2f}x")
     print(
@@ -453,6 +481,9 @@ def print_report(results: dict[str, Any]) -> None:
     )
     print(
         f"    (floor from bytes copied per second instead of read+write traffic: {c['floor_tokens_per_second_bytes_copied']:.1f} tokens/s; base model at {c['percent_of_floor_bytes_copied_base']:.0f}%)"
+    )
+    print(
+        f"    same engine on plain (unpacked) weights: {max(c['decode_tokens_per_second_base_plain_weights']):.1f} tokens/s = {c['percent_of_floor_plain_weights']:.0f}% of floor"
     )
     print(
         f"    HF generate (incl. prefill) {max(c['hf_generate_tokens_per_second_incl_prefill']):.1f} tokens/s"
