@@ -1,6 +1,8 @@
 """A local transformers backend: the base model on CUDA (bf16) when present, the CPU (fp32) otherwise.
 
-Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse).
+Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse). On the
+CPU the linear layers' weights are packed once for oneDNN (`bot.generation.packed`); `pack_weights=False`
+keeps plain `nn.Linear` layers.
 """
 
 from __future__ import annotations
@@ -89,10 +91,11 @@ class LocalBackend:
             pad = self.tokenizer.eos_token_id or 0
         self.engine = BatchEngine(self.model, self.tokenizer, lora=self.lora, kv=self.kv, pad_id=int(pad))
         log.info(
-            "loaded %s on %s (%s) in %.1fs",
+            "loaded %s on %s (%s%s) in %.1fs",
             location.display,
             self.device,
             self.dtype,
+            f", {self.packed_layers} layers packed for oneDNN" if self.packed_layers else "",
             time.perf_counter() - started,
         )
 
