@@ -25,6 +25,7 @@ from bot.streaming import ActiveReply
 from bot.worker import Worker
 from bot.worker.core import VETO_NOTE
 from personas.registry import PersonaRegistry
+from personas.spec import Sampling
 from tests.fakes.backend import ScriptedBackend
 from tests.test_generation_lora import make_lora_folder
 from tests.test_jobs import add_jobs, expire_leases
@@ -54,7 +55,8 @@ def after_generation(ctx, reply):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the backend's thread count stays fixed
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices; steady on a shared machine
     yield
@@ -415,3 +417,11 @@ def test_metrics_are_served_over_http() -> None:
     assert "personabot_queue_depth 7.0" in body
     assert "personabot_kv_cache_hit_ratio 0.5" in body
     assert 'personabot_kv_cache_lookups_total{result="hit"} 1.0' in body
+
+
+def test_cpu_backend_thread_count_follows_omp_num_threads(model_dir: Path) -> None:
+    backend = tiny_backend(model_dir)  # OMP_NUM_THREADS=1 (fixture)
+    torch.set_num_threads(2)
+    greedy = GenerationRequest([5, 6, 7], Sampling(temperature=0.0, max_new_tokens=2), ())
+    backend.generate_batch([greedy], GenerationCallbacks())
+    assert torch.get_num_threads() == 1

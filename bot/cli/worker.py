@@ -24,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="Prometheus port (default: worker.metrics_port)"
     )
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: the cores other processes leave idle)",
+    )
     p.set_defaults(func=_worker, default_log_level="INFO")
 
 
@@ -45,8 +50,11 @@ def _worker(args: argparse.Namespace) -> int:
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
+        import os
+
         import torch
 
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # also fixes the backend's adaptive count
         torch.set_num_threads(args.threads)
     from bot.worker.process import run_worker_process
 

@@ -1,8 +1,9 @@
 """A local transformers backend: the base model on CUDA (bf16) when present, the CPU (fp32) otherwise.
 
 Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse). On the
-CPU the linear layers' weights are packed once for oneDNN (`bot.generation.packed`); `pack_weights=False`
-keeps plain `nn.Linear` layers.
+CPU the linear layers' weights are packed once for oneDNN (`bot.generation.packed`; `pack_weights=False`
+keeps plain `nn.Linear` layers), and the torch thread count follows the cores other processes leave idle,
+unless `OMP_NUM_THREADS` (or `personabot worker --threads`) fixes it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _cpu_threads() -> Any:
+    """Torch threads that follow the cores other processes leave idle (`OMP_NUM_THREADS` fixes them).
+
+    On a CPU shared with other work, one OpenMP thread per core makes every parallel region wait for a
+    descheduled thread; the trainer's `CpuThreads` measures what is idle before each batch.
+    """
+    from trainer.threads import CpuThreads, fixed_threads
+
+    return CpuThreads(fixed_threads(None))
+
+
 def load_tokenizer(location: ModelLocation) -> Any:
     from transformers import AutoTokenizer
 
@@ -90,6 +102,7 @@ class LocalBackend:
         if pad is None:
             pad = self.tokenizer.eos_token_id or 0
         self.engine = BatchEngine(self.model, self.tokenizer, lora=self.lora, kv=self.kv, pad_id=int(pad))
+        self._threads = _cpu_threads() if self.device.type == "cpu" else None
         log.info(
             "loaded %s on %s (%s%s) in %.1fs",
             location.display,
@@ -131,6 +144,9 @@ class LocalBackend:
     def generate_batch(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:
+        if self._threads is not None:
+            self._threads.adjust()
+            self._threads.history.clear()  # a long-running worker keeps no log of it
         return self.engine.generate(requests, callbacks)
 
     def release_memory(self) -> None:
