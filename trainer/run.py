@@ -644,6 +644,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
 
         # The adapter, then what describes it; the manifest is written last (it marks the run finished).
         trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
+        (folder / "README.md").unlink(missing_ok=True)  # peft's blank model card; report.md is ours
         metrics["wall_seconds"] = time.perf_counter() - wall_start
         base_sha = _describe_version(
             folder,

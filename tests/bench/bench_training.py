@@ -50,6 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--order", default="personabot,trl", help="which runs first (default personabot,trl)")
+    p.add_argument(
+        "--threads", type=int, help="CPU threads for both runs (default: the cores idle at the start)"
+    )
     return p.parse_args()
 
 
@@ -244,12 +247,19 @@ def main() -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     args = parse_args()
+    import torch
+
+    from trainer.threads import CpuThreads
+
+    # The same fixed thread count for both runs (a busy machine makes extra threads much slower).
+    threads = args.threads or CpuThreads().settle()
+    torch.set_num_threads(threads)
     tokenizer, rows = load_rows(args)
     trained = sum(sum(1 for v in r.labels if v != -100) for r in rows)
     print(
         f"{len(rows)} {args.persona} conversations, {sum(len(r.input_ids) for r in rows)} tokens, {trained} trained; "
         f"batch {args.batch_size}, max_seq_len {args.max_seq_len}, LoRA r={args.r} alpha={args.alpha} "
-        f"dropout={args.dropout}, {args.epochs:g} epoch(s), float32 on CPU ({os.cpu_count()} cores)"
+        f"dropout={args.dropout}, {args.epochs:g} epoch(s), float32 on CPU ({threads} of {os.cpu_count()} cores)"
     )
     runners = {"personabot": run_personabot, "trl": run_trl}
     results: dict[str, dict[str, float]] = {}
