@@ -231,3 +231,28 @@ async def test_nul_and_lone_surrogates_are_stored_safely(store: Store) -> None:
     async with store.transaction() as s:
         (m,) = await conversations.history(s, stored.channel_id)
     assert m.text == "xy\ufffdz"
+
+
+async def test_one_reply_at_a_time_per_channel_in_order(store: Store) -> None:
+    other = ChannelRef("discord", "200", ChannelKind.GROUP)
+    ids = []
+    async with store.transaction() as s:
+        for pid, channel in (("a1", CHANNEL), ("a2", CHANNEL), ("b1", other)):
+            stored = await conversations.ingest(s, message(pid, channel=channel))
+            ids.append(
+                await jobs.enqueue(
+                    s,
+                    channel_id=stored.channel_id,
+                    persona="assistant",
+                    dedupe_key=f"msg:{pid}",
+                    trigger_message_id=stored.message_id,
+                )
+            )
+    async with store.transaction() as s:
+        first = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        assert [j.id for j in first] == [ids[0], ids[2]]
+        assert await jobs.claim(s, owner="w2", limit=8, lease_seconds=60, max_attempts=3) == []
+        await jobs.complete(s, first[0], text="r1", persona="assistant", platform="discord")
+    async with store.transaction() as s:
+        (second,) = await jobs.claim(s, owner="w2", limit=8, lease_seconds=60, max_attempts=3)
+    assert second.id == ids[1]

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from bot.events import utcnow
 from bot.store.conversations import _insert_for
@@ -68,6 +69,9 @@ async def enqueue(
     ).scalar_one_or_none()
 
 
+_earlier = aliased(ReplyJob)
+
+
 async def claim(
     session: AsyncSession, *, owner: str, limit: int, lease_seconds: float, max_attempts: int
 ) -> list[ClaimedJob]:
@@ -82,6 +86,13 @@ async def claim(
                 and_(ReplyJob.status == "running", ReplyJob.lease_expires_at < now),
             ),
             ReplyJob.attempts < max_attempts,
+            # One reply at a time per channel, in order: a later job waits until the earlier one's
+            # reply is written, so it sees that reply in its history and is posted after it.
+            ~exists().where(
+                _earlier.channel_id == ReplyJob.channel_id,
+                _earlier.id < ReplyJob.id,
+                _earlier.status.in_(("pending", "running")),
+            ),
         )
         .order_by(ReplyJob.available_at, ReplyJob.id)
         .limit(limit)
