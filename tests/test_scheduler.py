@@ -133,7 +133,7 @@ async def test_retention_deletes_only_what_it_should(store: Store) -> None:
 
     async with store.transaction() as session:
         long_id = await conversations.find_channel(session, channel("console:long"))
-        for trigger in (waiting, answered, undelivered):
+        for trigger in (answered, undelivered, waiting):  # a channel's jobs are answered in order
             await jobs.enqueue(
                 session,
                 channel_id=long_id,
@@ -142,10 +142,10 @@ async def test_retention_deletes_only_what_it_should(store: Store) -> None:
                 trigger_message_id=trigger,
             )
         session.add(Erasure(platform="console", user_external_id="bob", channel_id=long_id, requested_at=NOW))
-    # Answer two of them through the real queue; their replies are old too.
-    async with store.transaction() as session:
-        claimed = await jobs.claim(session, owner="w", limit=10, lease_seconds=60, max_attempts=3)
-    for job in claimed:
+    # Answer two of them through the real queue (one at a time per channel); their replies are old too.
+    for _ in range(3):
+        async with store.transaction() as session:
+            (job,) = await jobs.claim(session, owner="w", limit=10, lease_seconds=60, max_attempts=3)
         if job.trigger_message_id == waiting:
             continue
         async with store.transaction() as session:
