@@ -6,6 +6,7 @@ runs the real model; it takes about a minute.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -49,3 +50,9 @@ def test_pull_then_piped_chat_with_smollm2(tmp_path: Path) -> None:
     assert stored[0][1] == "What's the capital of Germany?"
     assert stored[1][1] == first.stdout.strip()
     assert stored[3][1] == second.stdout.strip()
+
+    # The prompt the second reply answered holds the first exchange.
+    shown = personabot("prompt", "--persona", "assistant", "--channel", "console:local", "--json", data=data)
+    prompt = json.loads(shown.stdout)["text"]
+    assert "What's the capital of Germany?" in prompt and stored[1][1] in prompt
+    assert prompt.index("Germany") < prompt.index("And what about France?")
