@@ -16,8 +16,6 @@ used `/forget`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -28,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot.events import utcnow
+from bot.files import atomic_write_text
 from bot.store import Store
 from bot.store.models import Channel, Erasure, Message, ReplyJob, User
 
@@ -147,28 +146,16 @@ async def collect_conversations(
     return conversations
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(conversations: Iterable[Conversation], path: Path, *, sources: bool) -> ExportResult:
     """Write the conversations to `path` (atomically); with `sources`, the sidecar for later scrubbing."""
     items = list(conversations)
-    _atomic_write(path, "".join(c.as_json() + "\n" for c in items))
+    atomic_write_text(path, "".join(c.as_json() + "\n" for c in items))
     if sources:
         sidecar = {
             "written_at": utcnow().isoformat(),
             "lines": [{"channel": c.channel, "users": sorted(c.users)} for c in items],
         }
-        _atomic_write(_sources_path(path), json.dumps(sidecar, indent=1) + "\n")
+        atomic_write_text(_sources_path(path), json.dumps(sidecar, indent=1) + "\n")
     users = {u for c in items for u in c.users}
     return ExportResult(path, len(items), sum(len(c.messages) for c in items), len(users))
 
@@ -243,8 +230,8 @@ async def scrub_exports(store: Store, root: Path) -> int:
             keep_lines.append(line)
             keep_sources.append(source)
         if len(keep_lines) != len(lines):
-            _atomic_write(path, "".join(line + "\n" for line in keep_lines))
+            atomic_write_text(path, "".join(line + "\n" for line in keep_lines))
             sidecar["lines"] = keep_sources
             sidecar["scrubbed_at"] = utcnow().isoformat()
-            _atomic_write(sidecar_path, json.dumps(sidecar, indent=1) + "\n")
+            atomic_write_text(sidecar_path, json.dumps(sidecar, indent=1) + "\n")
     return removed

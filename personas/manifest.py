@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot.errors import PersonaError
+from bot.files import atomic_write_text
 from personas.spec import SLUG_PATTERN, describe_errors, display_path
 
 if TYPE_CHECKING:
@@ -142,13 +141,6 @@ def write_manifest(folder: Path, manifest: AdapterManifest, *, hash_files: bool 
                 files[name] = sha256_of(folder / name)
         manifest = manifest.model_copy(update={"files": files})
     path = folder / MANIFEST_NAME
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(
+        path, json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    )
