@@ -27,6 +27,9 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> No
     monkeypatch.setenv("PERSONABOT_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # The fake platforms listen on 127.0.0.1; httpx and aiohttp obey proxy variables.
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +108,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 async def store(db_url: str) -> AsyncIterator[Store]:
     """A migrated store on each backend."""
     s = Store(db_url)
+    await s.upgrade()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A migrated SQLite store, for tests where the platform, not the database, is the point."""
+    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
     await s.upgrade()
     try:
         yield s

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +22,6 @@ from tests.fakes.discord_harness import (
     fake_discord,
     mention,
     scripted,
-    sqlite_store_in,
     start_bot,
 )
 from tests.fakes.discord_server import FakeDiscord
@@ -33,12 +31,6 @@ from tests.fakes.discord_server import FakeDiscord
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
     async with fake_discord(monkeypatch) as server:
         yield server
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with sqlite_store_in(tmp_path) as s:
-        yield s
 
 
 async def test_guild_mentions_dms_replies_and_threads(store: Store, fake: FakeDiscord) -> None:

@@ -4,7 +4,6 @@ prefix), and cooldown notices, each through the real client, dispatcher and stor
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,6 @@ from tests.fakes.discord_harness import (
     fake_discord,
     mention,
     scripted,
-    sqlite_store_in,
     start_bot,
 )
 from tests.fakes.discord_server import FakeDiscord
@@ -26,12 +24,6 @@ from tests.fakes.discord_server import FakeDiscord
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
     async with fake_discord(monkeypatch) as server:
         yield server
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with sqlite_store_in(tmp_path) as s:
-        yield s
 
 
 async def test_edited_and_deleted_messages_change_what_later_prompts_see(

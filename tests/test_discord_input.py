@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,6 @@ from tests.fakes.discord_harness import (
     build_world,
     fake_discord,
     mention,
-    sqlite_store_in,
     start_bot,
 )
 from tests.fakes.discord_server import FakeDiscord
@@ -30,12 +28,6 @@ from tests.fakes.discord_server import FakeDiscord
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
     async with fake_discord(monkeypatch) as server:
         yield server
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with sqlite_store_in(tmp_path) as s:
-        yield s
 
 
 async def ignore(_: PlatformEvent) -> DispatchResult:

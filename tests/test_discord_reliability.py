@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import update
@@ -20,7 +19,6 @@ from tests.fakes.discord_harness import (
     fake_discord,
     mention,
     scripted,
-    sqlite_store_in,
     start_bot,
 )
 from tests.fakes.discord_server import FakeDiscord
@@ -30,12 +28,6 @@ from tests.fakes.discord_server import FakeDiscord
 async def fake(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeDiscord]:
     async with fake_discord(monkeypatch) as server:
         yield server
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with sqlite_store_in(tmp_path) as s:
-        yield s
 
 
 async def test_429_and_5xx_during_delivery_are_retried_and_posted_once(

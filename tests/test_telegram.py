@@ -26,22 +26,6 @@ def mention_entity(offset: int = 0) -> dict[str, object]:
     return {"type": "mention", "offset": offset, "length": len(MENTION)}
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    # httpx obeys proxy variables; the fake is local.
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    """For tests whose point is the platform, not the database (the main ones run on both)."""
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-    await store.upgrade()
-    yield store
-    await store.close()
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[FakeBotAPI]:
     server = FakeBotAPI()

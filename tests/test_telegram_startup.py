@@ -20,12 +20,6 @@ ADA = FakeUser(42, "Ada", "ada")
 OTHER_TOKEN = "987654321:AAGsomeOtherTokenTheFakeDoesNotKnow_xyz"
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[FakeBotAPI]:
     server = FakeBotAPI()

@@ -20,26 +20,12 @@ ADA = FakeUser(42, "Ada", "ada")
 SECRET = "s3cret-Token_for-webhooks"
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def api() -> AsyncIterator[FakeBotAPI]:
     server = FakeBotAPI()
     await server.start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
-    await store.upgrade()
-    yield store
-    await store.close()
 
 
 def free_port() -> int:

@@ -122,17 +122,6 @@ async def fake_discord(monkeypatch: pytest.MonkeyPatch, **options: Any) -> Async
         await server.close()
 
 
-@contextlib.asynccontextmanager
-async def sqlite_store_in(folder: Path) -> AsyncIterator[Store]:
-    """A migrated SQLite store, for tests that need one backend only."""
-    s = Store(f"sqlite+aiosqlite:///{folder / 'discord.db'}")
-    await s.upgrade()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 def mention(user: Json) -> str:
     return f"<@{user['id']}>"
 
