@@ -42,6 +42,14 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    noisy_loggers = ("httpx", "httpcore", "aiosqlite", "asyncio", "discord.gateway", "apscheduler.executors", "alembic")
+    noisy_loggers = (
+        "httpx",
+        "httpcore",
+        "aiosqlite",
+        "asyncio",
+        "discord.gateway",
+        "apscheduler.executors",
+        "alembic",
+    )
     for noisy in noisy_loggers:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -105,7 +105,9 @@ class StreamingRelay:
         now = self.clock()
         try:
             if reply.job_id not in self._posted:
-                outgoing = Outgoing(outbox_id=0, channel=reply.channel, text=text + self.marker, persona=reply.persona)
+                outgoing = Outgoing(
+                    outbox_id=0, channel=reply.channel, text=text + self.marker, persona=reply.persona
+                )
                 ids = await self.adapter.deliver(outgoing)
                 if ids:
                     self._posted[reply.job_id] = ids[0]

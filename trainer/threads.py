@@ -1,89 +1,18 @@
-"""CPU threads for training on a machine shared with other work.
-
-PyTorch uses one OpenMP thread per core. When other processes keep some cores busy, every parallel
-region ends in a barrier that waits for a thread the OS has descheduled: on a 2-core machine with one
-other busy process, a LoRA step of SmolLM2-135M measured 6x slower with 2 threads than with 1. So, on
-the CPU, the trainer uses as many threads as there are cores the other processes leave idle (at least
-one), measured from the system's and its own CPU time since the last check, and adjusted after every
-step. `--threads N` (or `OMP_NUM_THREADS`) fixes the number instead.
-"""
+"""The trainer's CPU threads: `bot.cpu_threads.IdleCoreThreads`, re-measured after every step."""
 
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
 
 from transformers import TrainerCallback
 
+from bot.cpu_threads import IdleCoreThreads, fixed_threads
 
-def _busy(times: Any) -> float:
-    return float(
-        times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
-    )
+__all__ = ["CpuThreads", "fixed_threads"]
 
 
-class CpuThreads(TrainerCallback):
-    """Keeps `torch.get_num_threads()` at the number of cores other processes leave idle."""
-
-    def __init__(
-        self, fixed: int | None = None, *, cores: int | None = None, min_interval: float = 2.0
-    ) -> None:
-        import psutil
-
-        self.fixed = fixed
-        self.cores = cores or psutil.cpu_count(logical=True) or 1
-        self.min_interval = min_interval
-        self.process = psutil.Process()
-        self.history: list[int] = []
-        self._mark = self._sample()
-
-    def _sample(self) -> tuple[float, float, float]:
-        import psutil
-
-        mine = self.process.cpu_times()
-        return time.monotonic(), _busy(psutil.cpu_times()), float(mine.user + mine.system)
-
-    def others(self) -> float | None:
-        """Cores kept busy by other processes since the last call (None: too soon to tell)."""
-        now = self._sample()
-        wall = now[0] - self._mark[0]
-        if wall < self.min_interval:
-            return None
-        busy, mine = now[1] - self._mark[1], now[2] - self._mark[2]
-        self._mark = now
-        return max(0.0, (busy - mine) / wall)
-
-    def adjust(self) -> int:
-        """Set and return the thread count (the fixed one, or the idle cores' count)."""
-        import torch
-
-        if self.fixed is not None:
-            wanted = self.fixed
-        else:
-            others = self.others()
-            if others is None:
-                return torch.get_num_threads()
-            wanted = max(1, min(self.cores, round(self.cores - others)))
-        if wanted != torch.get_num_threads():
-            torch.set_num_threads(wanted)
-        self.history.append(wanted)
-        return wanted
-
-    def settle(self) -> int:
-        """Adjust now, waiting out the rest of the measuring interval first (before evaluation)."""
-        left = self.min_interval - (time.monotonic() - self._mark[0])
-        if left > 0 and self.fixed is None:
-            time.sleep(left)
-        return self.adjust()
+class CpuThreads(IdleCoreThreads, TrainerCallback):
+    """Keeps the torch thread count at the idle cores' count, adjusted after every optimizer step."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.adjust()
-
-
-def fixed_threads(requested: int | None) -> int | None:
-    """`--threads`, else `OMP_NUM_THREADS`, else None (adapt)."""
-    if requested is not None:
-        return max(1, requested)
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else None

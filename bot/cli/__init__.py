@@ -63,5 +63,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("personabot: interrupted", file=sys.stderr)
         return 130
-
-

@@ -51,14 +51,10 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
 
 
 def _cpu_threads() -> Any:
-    """Torch threads that follow the cores other processes leave idle (`OMP_NUM_THREADS` fixes them).
+    """Torch threads that follow the cores other processes leave idle (`OMP_NUM_THREADS` fixes them)."""
+    from bot.cpu_threads import IdleCoreThreads, fixed_threads
 
-    On a CPU shared with other work, one OpenMP thread per core makes every parallel region wait for a
-    descheduled thread; the trainer's `CpuThreads` measures what is idle before each batch.
-    """
-    from trainer.threads import CpuThreads, fixed_threads
-
-    return CpuThreads(fixed_threads(None))
+    return IdleCoreThreads(fixed_threads(None))
 
 
 def load_tokenizer(location: ModelLocation) -> Any:

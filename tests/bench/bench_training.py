@@ -249,10 +249,10 @@ def main() -> int:
     args = parse_args()
     import torch
 
-    from trainer.threads import CpuThreads
+    from bot.cpu_threads import IdleCoreThreads
 
     # The same fixed thread count for both runs (a busy machine makes extra threads much slower).
-    threads = args.threads or CpuThreads().settle()
+    threads = args.threads or IdleCoreThreads().settle()
     torch.set_num_threads(threads)
     tokenizer, rows = load_rows(args)
     trained = sum(sum(1 for v in r.labels if v != -100) for r in rows)
