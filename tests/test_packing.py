@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -155,3 +157,38 @@ def test_without_position_restarts_conversations_would_leak(setup: tuple) -> Non
         return out.logits[0, len(examples[0][0]) :]
 
     assert not torch.allclose(tail_logits(a), tail_logits(b), atol=1e-5)
+
+
+def test_length_buckets_cover_every_row_once_and_pad_like_the_sorted_order(tmp_path: Path) -> None:
+    import random
+
+    from transformers import TrainingArguments
+
+    from trainer.loss import AssistantLossTrainer
+    from trainer.packing import LengthBucketSampler, PackedDataset
+
+    rng = random.Random(0)
+    sizes = [rng.randint(20, 300) for _ in range(120)]
+    rows = pack([([1] * n, [1] * n) for n in sizes], 512)
+    sampler = LengthBucketSampler([len(r) for r in rows], batch_size=4, seed=3)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(rows)))  # every row once per epoch
+        orders.append(order)
+        padded = sum(max(len(rows[i]) for i in b) * len(b) for b in sampler.batches())
+        assert 1 - sum(len(r) for r in rows) / padded == pytest.approx(padding_fraction(rows, 4))
+    assert orders[0] != orders[1] != orders[2]  # a new batch order every epoch
+    sampler.set_epoch(1)
+    assert list(sampler) == orders[1]  # and the same order again for that epoch (resume)
+    assert padding_fraction(rows, 4) < 0.05
+
+    # The trainer uses it for packed rows.
+    model = tiny_llama(byte_level_tokenizer(), seed=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to="none"
+    )
+    trainer = AssistantLossTrainer(model=model, args=args, train_dataset=PackedDataset(rows))
+    chosen = trainer._get_train_sampler()
+    assert isinstance(chosen, LengthBucketSampler) and chosen.batch_size == 4

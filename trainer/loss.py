@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from bot.prompting import IGNORE_INDEX
+from trainer.packing import LengthBucketSampler
 
 
 def assistant_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +60,14 @@ class AssistantLossTrainer(Trainer):
         # Makes the Trainer count `num_items_in_batch` over the accumulated micro-batches (and devices).
         self.model_accepts_loss_kwargs = True
         self.trained_tokens = 0
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """Packed rows: length-bucketed batches in a random order (little padding); else the default."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthBucketSampler(lengths, self.args.train_batch_size, seed=self.args.seed)
 
     def compute_loss(
         self,

@@ -260,8 +260,8 @@ def training_arguments(hp: Hyperparameters, folder: Path, device: str, save_step
         warmup_steps=hp.warmup_ratio,  # a float below 1 is a share of the steps
         weight_decay=hp.weight_decay,
         lr_scheduler_type="linear",
-        # Batches of rows of similar length (random within ~50 batches): packed rows vary in fill, and a
-        # batch pads to its longest row.
+        # Packed rows get length-bucketed batches from `AssistantLossTrainer` (trainer.packing); other
+        # datasets fall back to the Trainer's length grouping.
         train_sampling_strategy="group_by_length",
         logging_steps=1,
         save_strategy="steps",
