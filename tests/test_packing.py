@@ -168,8 +168,9 @@ def test_length_buckets_cover_every_row_once_and_pad_like_the_sorted_order(tmp_p
     from trainer.packing import LengthBucketSampler, PackedDataset
 
     rng = random.Random(0)
-    sizes = [rng.randint(20, 300) for _ in range(120)]
+    sizes = [rng.randint(20, 300) for _ in range(121)]
     rows = pack([([1] * n, [1] * n) for n in sizes], 512)
+    assert len(rows) % 4  # one short batch, which must come last
     sampler = LengthBucketSampler([len(r) for r in rows], batch_size=4, seed=3)
     orders = []
     for epoch in range(3):
@@ -177,7 +178,10 @@ def test_length_buckets_cover_every_row_once_and_pad_like_the_sorted_order(tmp_p
         order = list(sampler)
         assert sorted(order) == list(range(len(rows)))  # every row once per epoch
         orders.append(order)
-        padded = sum(max(len(rows[i]) for i in b) * len(b) for b in sampler.batches())
+        # The DataLoader cuts the index stream into batches of 4: those must be the length buckets.
+        chunks = [order[i : i + 4] for i in range(0, len(order), 4)]
+        assert chunks == sampler.batches()
+        padded = sum(max(len(rows[i]) for i in b) * len(b) for b in chunks)
         assert 1 - sum(len(r) for r in rows) / padded == pytest.approx(padding_fraction(rows, 4))
     assert orders[0] != orders[1] != orders[2]  # a new batch order every epoch
     sampler.set_epoch(1)

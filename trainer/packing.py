@@ -161,7 +161,7 @@ class LengthBucketSampler:
     batch pads only to its own longest row; the order of the batches, and which equal-length rows share
     one, changes every epoch (`set_epoch`, which the `Trainer` calls). Transformers' `LengthGroupedSampler`
     sorts only inside random "megabatches", which on a few hundred packed rows still mixes the short tail
-    rows into batches of full ones (about 10% padding against under 2% here).
+    rows into batches of full ones (about 10% padding against under 3% in the training bench).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
@@ -183,7 +183,9 @@ class LengthBucketSampler:
         ties = torch.randperm(len(self.lengths), generator=generator).tolist()
         order = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], ties[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        # The DataLoader cuts our index stream into batches again, so a short batch must come last.
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
 
     def __iter__(self) -> Iterator[int]:
         for batch in self.batches():
