@@ -143,7 +143,8 @@ def test_first_ctrl_c_asks_for_a_checkpoint_second_one_quits() -> None:
 def test_cpu_threads_follow_the_cores_other_work_leaves_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from trainer.threads import CpuThreads, fixed_threads
+    from bot.cpu_threads import fixed_threads
+    from trainer.threads import CpuThreads
 
     before = torch.get_num_threads()
     try:

@@ -62,7 +62,7 @@ class AssistantLossTrainer(Trainer):
         self.trained_tokens = 0
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        """Packed rows: length-bucketed batches in a random order (little padding); else the default."""
+        """Packed rows (`PackedDataset`): length-bucketed batches in a random order, so little padding."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:

@@ -184,7 +184,7 @@ class LengthBucketSampler:
         order = sorted(range(len(self.lengths)), key=lambda i: (-self.lengths[i], ties[i]))
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         # The DataLoader cuts our index stream into batches again, so a short batch must come last.
-        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        short = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
         return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + short
 
     def __iter__(self) -> Iterator[int]:

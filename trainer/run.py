@@ -260,9 +260,6 @@ def training_arguments(hp: Hyperparameters, folder: Path, device: str, save_step
         warmup_steps=hp.warmup_ratio,  # a float below 1 is a share of the steps
         weight_decay=hp.weight_decay,
         lr_scheduler_type="linear",
-        # Packed rows get length-bucketed batches from `AssistantLossTrainer` (trainer.packing); other
-        # datasets fall back to the Trainer's length grouping.
-        train_sampling_strategy="group_by_length",
         logging_steps=1,
         save_strategy="steps",
         save_steps=save_steps,
@@ -426,6 +423,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.utils import logging as hf_logging
 
+    from bot.cpu_threads import fixed_threads
     from bot.generation.local import load_tokenizer
     from bot.prompting import ChatRenderer
     from bot.runtime import load_registry
@@ -437,7 +435,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
     from trainer.samples import Sample, generate_replies, heldout_prompts
     from trainer.style import style_check, style_score
-    from trainer.threads import CpuThreads, fixed_threads
+    from trainer.threads import CpuThreads
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

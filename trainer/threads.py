@@ -6,9 +6,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from bot.cpu_threads import IdleCoreThreads, fixed_threads
-
-__all__ = ["CpuThreads", "fixed_threads"]
+from bot.cpu_threads import IdleCoreThreads
 
 
 class CpuThreads(IdleCoreThreads, TrainerCallback):
