@@ -189,8 +189,9 @@ class Dispatcher:
         """The greeting of the persona that answers here (Telegram sends /start when a chat opens)."""
         bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
         slug = next((s for s in bound if s in self.registry), self.settings.default_persona)
-        spec = self.registry.get(slug).spec
-        return spec.greeting.strip() or f"Hi, I'm {spec.name}. Send /help to see what I can do."
+        persona = self.registry.get(slug)
+        name = persona.spec.name
+        return persona.greeting() or f"Hi, I'm {name}. Send /help to see what I can do."
 
     async def _cmd_forget(self, ctx: CommandContext) -> str:
         """Erase the caller's messages here and the replies to them; asks for `/forget confirm` first."""

@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import random
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.errors import PersonaError
+from personas.macros import TRAINING_CLOCK, MacroContext, expand
 from personas.spec import PersonaSpec, display_path, load_spec, validate_spec
 
 if TYPE_CHECKING:
     from bot.config import Settings
+    from bot.prompting.lorebook import Lorebook
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,45 @@ class Persona:
         path = self.folder / "plugin.py"
         return path if path.is_file() else None
 
+    # -- the persona's text, macros expanded the same way everywhere (see personas.macros)
+
+    def macros(self, now: datetime = TRAINING_CLOCK, idle: timedelta | None = None) -> MacroContext:
+        spec = self.spec
+        return MacroContext(spec.nickname or spec.name, spec.user_name, spec.slug, now, idle)
+
+    def system_prompt(self, now: datetime = TRAINING_CLOCK, idle: timedelta | None = None) -> str | None:
+        """The system prompt as the model sees it (None when there is none). Training passes no clock,
+        so `{{time}}` / `{{date}}` read the fixed `TRAINING_CLOCK` there."""
+        return expand(self.spec.raw_system_prompt(), self.macros(now, idle), "system_prompt") or None
+
+    def greetings(self) -> list[str]:
+        """The greeting, then the alternate greetings, expanded; empty ones left out."""
+        spec = self.spec
+        raw = [spec.greeting, *spec.alternate_greetings]
+        texts = [expand(g, self.macros(), f"greeting.{i}").strip() for i, g in enumerate(raw)]
+        return [t for t in texts if t]
+
+    def greeting(self, rng: random.Random | None = None) -> str:
+        """The greeting to open a chat with: the first, or any one when `greeting_choice = "random"`."""
+        options = self.greetings()
+        if not options:
+            return ""
+        if self.spec.greeting_choice == "random":
+            return (rng or random.Random()).choice(options)
+        return options[0]
+
+    @cached_property
+    def lorebook(self) -> Lorebook | None:
+        """All the persona's `lorebooks` files as one lorebook, macros expanded; None without any."""
+        from personas.worldinfo import merge, read_lorebook
+
+        ctx = self.macros()
+        books = [
+            read_lorebook(self.folder / rel, self.spec.lore, lambda text, i=i: expand(text, ctx, f"lore.{i}"))
+            for i, rel in enumerate(self.spec.lorebooks)
+        ]
+        return merge(books, self.spec.lore)
+
 
 def _folders(root: Path) -> list[Path]:
     if not root.is_dir():
@@ -67,7 +111,9 @@ def _folders(root: Path) -> list[Path]:
 
 def load_folder(folder: Path, source: str) -> Persona:
     """One persona folder; a `PersonaError` naming `persona.toml` and the field when it is invalid."""
-    return Persona(load_spec(folder / "persona.toml"), folder, source)
+    persona = Persona(load_spec(folder / "persona.toml"), folder, source)
+    _ = persona.lorebook  # a broken lorebook file is an error now, not at reply time
+    return persona
 
 
 def user_personas_dir(settings: Settings) -> Path:

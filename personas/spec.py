@@ -118,12 +118,57 @@ class TrainingSettings(_Strict):
     packing: bool = True
 
 
+class CharacterDefinition(_Strict):
+    """A character card's definition fields, kept apart so an exported card changes only what you edit.
+
+    The system prompt is built from them in this order; macros (`{{char}}`, `{{user}}`, ...) stay as
+    written here and are expanded when the prompt is rendered.
+    """
+
+    system_prompt: str = ""
+    description: str = ""
+    personality: str = ""
+    scenario: str = ""
+    post_history_instructions: str = ""
+
+    def text(self) -> str:
+        # `{{original}}` wraps SillyTavern's global prompt; there is none here, so it is dropped first.
+        system = re.sub(r"\{\{\s*original\s*\}\}", "", self.system_prompt, flags=re.I)
+        post = re.sub(r"\{\{\s*original\s*\}\}", "", self.post_history_instructions, flags=re.I)
+        parts = [
+            system.strip(),
+            self.description.strip(),
+            f"{{{{char}}}}'s personality: {self.personality.strip()}" if self.personality.strip() else "",
+            f"Scenario: {self.scenario.strip()}" if self.scenario.strip() else "",
+            post.strip(),
+        ]
+        return "\n\n".join(p for p in parts if p)
+
+
+class LoreSettings(_Strict):
+    """How the persona's lorebooks are read; unset values come from the book, then the defaults."""
+
+    scan_depth: int | None = Field(default=None, ge=0, description="Recent messages scanned for keys (2).")
+    token_budget: int | None = Field(default=None, ge=1, description="Most lore tokens in a prompt (400).")
+
+
 class PersonaSpec(_Strict):
     slug: str = Field(description="Lowercase letters, digits, '-' and '_'; the folder name by default.")
     name: str = Field(min_length=1, max_length=128, description="Display name.")
     description: str = ""
     system_prompt: str = ""
+    character: CharacterDefinition | None = Field(
+        default=None, description="A card's definition fields; the system prompt is built from them."
+    )
+    nickname: str = Field(default="", description="What {{char}} becomes when set (a V3 card's nickname).")
+    user_name: str = Field(default="User", min_length=1, description="What {{user}} becomes.")
     greeting: str = ""
+    alternate_greetings: list[str] = Field(default_factory=list)
+    greeting_choice: Literal["first", "random"] = Field(
+        default="first", description="'first': always `greeting`; 'random': any of the greetings."
+    )
+    lorebooks: list[str] = Field(default_factory=list, description="World Info JSON files, relative paths.")
+    lore: LoreSettings = Field(default_factory=LoreSettings)
     template: Literal["model", "llama2", "chatml"] = Field(
         default="model", description="'model' (the tokenizer's own chat template), 'llama2' or 'chatml'."
     )
@@ -154,6 +199,18 @@ class PersonaSpec(_Strict):
             if not rel.strip():
                 raise ValueError("dialogue paths must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _one_system_prompt(self) -> PersonaSpec:
+        if self.character is not None and self.system_prompt.strip():
+            raise ValueError("system_prompt: set it or a [character] table, not both")
+        return self
+
+    def raw_system_prompt(self) -> str:
+        """The system prompt before macro expansion: `system_prompt`, or the [character] fields'."""
+        if self.character is not None:
+            return self.character.text() or "You are {{char}}."
+        return self.system_prompt
 
     @model_validator(mode="after")
     def _context_fits_reply(self) -> PersonaSpec:
@@ -212,9 +269,10 @@ def validate_spec(data: dict[str, Any], source: str, *, folder: Path | None = No
     except ValidationError as exc:
         raise PersonaError(describe_errors(exc, source)) from None
     if folder is not None:
-        for index, rel in enumerate(spec.dialogues):
-            if not (folder / rel).is_file():
-                raise PersonaError(
-                    f"{source}: dialogues.{index}: file not found: {display_path(folder / rel)}"
-                )
+        for key in ("dialogues", "lorebooks"):
+            for index, rel in enumerate(getattr(spec, key)):
+                if not (folder / rel).is_file():
+                    raise PersonaError(
+                        f"{source}: {key}.{index}: file not found: {display_path(folder / rel)}"
+                    )
     return spec

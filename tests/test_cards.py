@@ -78,14 +78,15 @@ def test_v2_card_becomes_a_persona(tmp_path: Path) -> None:
     persona = import_card(card, tmp_path / "personas", user="Kazuma")
     spec = persona.spec
     assert persona.slug == "aqua" and spec.name == "Aqua"
-    assert spec.system_prompt == (
+    assert spec.system_prompt == ""  # the card's fields are kept apart, in [character]
+    assert persona.system_prompt() == (
         "Write Aqua's next reply in a fictional chat.\n\n"
         "Aqua is the goddess of water. She is cheerful but lazy.\n\n"
         "Aqua's personality: cheerful, vain, kind\n\n"
         "Scenario: Kazuma meets Aqua at the guild hall.\n\n"
         "Stay in character as Aqua."
     )
-    assert spec.greeting == "Hello Kazuma! I'm Aqua, the goddess you've been waiting for."
+    assert persona.greeting() == "Hello Kazuma! I'm Aqua, the goddess you've been waiting for."
     assert spec.description == "A goddess who needs your help."
     rows = [json.loads(line) for line in (persona.folder / "dialogues.jsonl").read_text().splitlines()]
     assert rows == [
@@ -118,7 +119,7 @@ def test_v2_round_trip_gives_an_equivalent_card(tmp_path: Path) -> None:
 def test_round_trip_carries_later_edits(tmp_path: Path) -> None:
     persona = import_card(write_json(tmp_path / "aqua.json", v2_card()), tmp_path / "personas")
     toml = persona.folder / "persona.toml"
-    text = toml.read_text().replace("Hello User!", "Greetings, mortal User!")
+    text = toml.read_text().replace("Hello {{user}}!", "Greetings, mortal {{user}}!")
     toml.write_text(text)
     edited = load_folder(persona.folder, "user:test")
     card = persona_to_card(edited)
@@ -149,10 +150,8 @@ def test_v1_flat_card(tmp_path: Path) -> None:
     }
     persona = import_card(write_json(tmp_path / "old.json", v1), tmp_path / "personas", user="Kid")
     assert persona.slug == "old-timer"
-    assert (
-        persona.spec.system_prompt == "Old Timer remembers the old days.\n\nOld Timer's personality: grumpy"
-    )
-    assert persona.spec.greeting == "Back in my day, Kid..."
+    assert persona.system_prompt() == "Old Timer remembers the old days.\n\nOld Timer's personality: grumpy"
+    assert persona.greeting() == "Back in my day, Kid..."
     card = persona_to_card(persona)
     assert card["spec"] == "chara_card_v2"
     data = card["data"]
@@ -186,9 +185,9 @@ def test_v3_card_in_png_wins_over_chara(tmp_path: Path) -> None:
     persona = import_card(png, tmp_path / "personas")
     assert persona.slug == "aqua-three"
     assert (persona.folder / "avatar.png").read_bytes() == png.read_bytes()
+    assert persona.system_prompt() is not None and "Aq is the goddess" in persona.system_prompt()
     card = persona_to_card(persona)
-    assert card["spec"] == "chara_card_v2"
-    assert card["data"]["nickname"] == "Aq" and card["data"]["assets"] == v3["data"]["assets"]
+    assert card == v3  # exported as imported: V3, nickname and assets included
 
 
 def test_png_with_only_chara_chunk_and_export_back_to_png(tmp_path: Path) -> None:
@@ -339,7 +338,7 @@ def test_builtin_persona_exports_and_reimports_with_its_settings(
     registry = PersonaRegistry.discover(entry_points=False)
     persona = import_card(out, tmp_path / "personas", slug="pirate2")
     original = registry.get("pirate").spec
-    assert persona.spec.system_prompt == original.system_prompt
-    assert persona.spec.greeting == original.greeting
+    assert persona.system_prompt() == registry.get("pirate").system_prompt()
+    assert persona.greeting() == registry.get("pirate").greeting()
     assert persona.spec.sampling == original.sampling and persona.spec.triggers == original.triggers
     assert persona.spec.schedule == original.schedule

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.prompting import IGNORE_INDEX, ChatRenderer, PromptError, TrainingExample
+from bot.prompting.lorebook import Lorebook
 from trainer.data import Conversation, DataProblem
 
 
@@ -62,13 +63,16 @@ def render_rows(
     *,
     system: str | None,
     max_tokens: int,
+    lore: Lorebook | None = None,
 ) -> tuple[list[Row], DatasetStats]:
     """Render every conversation; rows the window empties are counted and left out."""
     rows: list[Row] = []
     stats = DatasetStats()
     for conversation in conversations:
         try:
-            example = renderer.render_training(conversation.turns, system=system, max_tokens=max_tokens)
+            example = renderer.render_training(
+                conversation.turns, system=system, max_tokens=max_tokens, lore=lore
+            )
         except PromptError as exc:
             stats.errors.append(DataProblem(conversation.file, conversation.line, str(exc)))
             continue

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bot.errors import PersonabotError
 from bot.prompting import ChatRenderer
+from bot.prompting.lorebook import Lorebook
 from trainer.audit import MaskAuditError, audit_row, audit_rows
 from trainer.data import Conversation, DataProblem, read_conversations, shown_path
 from trainer.examples import DatasetStats, Row, render_rows
@@ -55,6 +56,7 @@ def prepare(
     heldout_fraction: float,
     seed: int,
     packing: bool = True,
+    lore: Lorebook | None = None,
 ) -> PreparedData:
     """Split (seeded), render through `bot.prompting`, audit every row's mask, and pack."""
     if len(conversations) < 2:
@@ -62,8 +64,10 @@ def prepare(
             f"{len(conversations)} conversation(s): training needs at least 2 (one is held out)"
         )
     train_convs, heldout_convs = split_heldout(conversations, heldout_fraction, seed)
-    train, train_stats = render_rows(renderer, train_convs, system=system, max_tokens=max_seq_len)
-    heldout, heldout_stats = render_rows(renderer, heldout_convs, system=system, max_tokens=max_seq_len)
+    train, train_stats = render_rows(renderer, train_convs, system=system, max_tokens=max_seq_len, lore=lore)
+    heldout, heldout_stats = render_rows(
+        renderer, heldout_convs, system=system, max_tokens=max_seq_len, lore=lore
+    )
     files = [c.file for c in conversations]
     raise_problems(in_file_order(train_stats.errors + heldout_stats.errors, files))
     if not train:
@@ -84,11 +88,16 @@ def prepare(
 
 
 def check_dataset(
-    paths: Sequence[Path], renderer: ChatRenderer, *, system: str | None, max_seq_len: int
+    paths: Sequence[Path],
+    renderer: ChatRenderer,
+    *,
+    system: str | None,
+    max_seq_len: int,
+    lore: Lorebook | None = None,
 ) -> DatasetStats:
     """`personabot dataset check`: counts, and every problem with its file and line (mask audit included)."""
     conversations, problems = read_conversations(paths)
-    rows, stats = render_rows(renderer, conversations, system=system, max_tokens=max_seq_len)
+    rows, stats = render_rows(renderer, conversations, system=system, max_tokens=max_seq_len, lore=lore)
     for row in rows:
         why = audit_row(row, renderer)
         if why is not None:

@@ -410,7 +410,7 @@ def _describe_version(
         finished_at=finished_at,
         tokenizer_size=tokenizer_size,
         dataset_files=[display_path(p) for p in paths],
-        system_prompt=spec.system_prompt,
+        system_prompt=spec.raw_system_prompt(),
     )
     write_manifest(folder, manifest)
     return base_sha
@@ -458,7 +458,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     location = model_location(settings)
     tokenizer = load_tokenizer(location)
     renderer = ChatRenderer(tokenizer, spec.template)
-    system = spec.system_prompt or None
+    system = persona.system_prompt()
     conversations, problems = read_conversations(paths)
     raise_problems(problems, f"; run: personabot dataset check --persona {slug}")
     data = prepare(
@@ -468,6 +468,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         max_seq_len=hp.max_seq_len,
         heldout_fraction=hp.heldout_fraction,
         seed=hp.seed,
+        lore=persona.lorebook,
         packing=hp.packing,
     )
     args = training_arguments(hp, persona_dir, request.device or settings.model.device, request.save_steps)
@@ -530,6 +531,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             max_prompt_tokens=prompt_budget,
             seed=hp.seed,
             device=device,
+            lore=persona.lorebook,
         )
         return [
             Sample(c.where, turns[-1].content, ref, reply)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bot.prompting import ChatRenderer, Turn
+from bot.prompting.lorebook import Lorebook
 from trainer.data import Conversation
 
 
@@ -51,6 +52,7 @@ def generate_replies(
     seed: int,
     device: torch.device | str,
     batch_size: int = 16,
+    lore: Lorebook | None = None,
 ) -> list[str]:
     """One reply per prompt, with the persona's sampling settings and a fixed seed (batched, left-padded)."""
     tokenizer = renderer.tokenizer
@@ -64,7 +66,9 @@ def generate_replies(
     try:
         for start in range(0, len(prompts), batch_size):
             rendered = [
-                renderer.render_prompt(turns, system=system, max_prompt_tokens=max_prompt_tokens).input_ids
+                renderer.render_prompt(
+                    turns, system=system, max_prompt_tokens=max_prompt_tokens, lore=lore
+                ).input_ids
                 for turns in prompts[start : start + batch_size]
             ]
             width = max(len(ids) for ids in rendered)

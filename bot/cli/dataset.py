@@ -57,10 +57,12 @@ def _check(args: argparse.Namespace) -> int:
     files: list[Path] = list(args.files)
     # Without a persona: the model's own template, no system prompt, the default window.
     template, system, max_seq_len = "model", None, TrainingSettings().max_seq_len
+    lore = None
     if args.persona:
         persona = load_registry(settings).get(args.persona)
         spec = persona.spec
-        template, system, max_seq_len = spec.template, spec.system_prompt or None, spec.training.max_seq_len
+        template, system, max_seq_len = spec.template, persona.system_prompt(), spec.training.max_seq_len
+        lore = persona.lorebook
         files = files or persona.dialogue_paths()
         if not files:
             raise PersonabotError(f"persona {args.persona!r} has no dialogue files")
@@ -70,7 +72,7 @@ def _check(args: argparse.Namespace) -> int:
     if max_seq_len < 16:
         raise PersonabotError(f"--max-seq-len {max_seq_len}: must be at least 16")
     renderer = ChatRenderer(load_tokenizer(model_location(settings)), template)
-    stats = check_dataset(files, renderer, system=system, max_seq_len=max_seq_len)
+    stats = check_dataset(files, renderer, system=system, max_seq_len=max_seq_len, lore=lore)
     if args.json:
         print(json.dumps(stats.as_dict(), indent=2))
     else:

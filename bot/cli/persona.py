@@ -42,17 +42,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     off.add_argument("slug")
     off.set_defaults(func=_deactivate)
 
-    imp = persona.add_parser("import-card", help="make a persona from a character card (.json or .png)")
+    imp = persona.add_parser(
+        "import-card", help="make a persona from a character card (.json, .png or .charx)"
+    )
     imp.add_argument("file", type=Path)
-    imp.add_argument("--slug", help="the new persona's slug (default: from the card's name)")
-    imp.add_argument("--user-name", default="User", help="what {{user}} becomes (default: User)")
+    imp.add_argument("--slug", help="the new persona's slug (default: from the card's name, transliterated)")
+    imp.add_argument("--user-name", help="what {{user}} becomes (default: User)")
     imp.add_argument("--dest", type=Path, help="folder to write into (default: personas_dir)")
     imp.add_argument("--force", action="store_true", help="replace an imported persona of that slug")
     imp.set_defaults(func=_import_card)
 
-    exp = persona.add_parser("export-card", help="write a persona as a Character Card V2 (.json or .png)")
+    exp = persona.add_parser(
+        "export-card", help="write a persona as a character card (.json, .png or .charx)"
+    )
     exp.add_argument("slug")
-    exp.add_argument("--out", type=Path, help="output file (default: ./<slug>.json); .png embeds it")
+    exp.add_argument(
+        "--out",
+        type=Path,
+        help="output file (default: ./<slug>.json); .png embeds it in the avatar, .charx is a V3 zip",
+    )
     exp.add_argument(
         "--examples", type=int, default=5, help="dialogues to include as mes_example (default 5)"
     )
@@ -152,8 +160,11 @@ def _show(args: argparse.Namespace) -> int:
     hooks = load_plugin(persona)
     names = [n for n in HOOK_NAMES if hooks is not None and getattr(hooks, n, None) is not None]
     print(f"plugin hooks: {', '.join(names) or 'none'}")
+    print(f"greetings: {len(persona.greetings())} ({spec.greeting_choice})")
+    if persona.lorebook is not None:
+        print(f"lorebooks: {', '.join(spec.lorebooks)} ({len(persona.lorebook.entries)} entries)")
     print("system prompt:")
-    for line in (spec.system_prompt or "(none)").splitlines():
+    for line in (persona.system_prompt() or "(none)").splitlines():
         print(f"  {line}")
     versions = run_async(_versions(settings, spec.slug))
     if not versions:
@@ -317,7 +328,7 @@ def _deactivate(args: argparse.Namespace) -> int:
 
 
 def _import_card(args: argparse.Namespace) -> int:
-    from personas.cards import import_card, read_card, slugify
+    from personas.cards import card_slug, import_card, read_card
     from personas.registry import user_personas_dir
     from personas.spec import display_path
 
@@ -326,10 +337,8 @@ def _import_card(args: argparse.Namespace) -> int:
     registry = _registry(settings)
     slug = args.slug
     if slug is None:
-        card = read_card(args.file)  # read twice (cheap) so a clash is reported before anything is written
-        carried = (card.data.get("extensions") or {}).get("personabot")
-        slug = (carried or {}).get("slug") if isinstance(carried, dict) else None
-        slug = slug or slugify(card.name)
+        # Read twice (cheap) so a clash is reported before anything is written.
+        slug = card_slug(read_card(args.file))
     if slug in registry:
         existing = registry.get(slug)
         if existing.folder.resolve() != (dest / slug).resolve():
@@ -356,6 +365,7 @@ def _export_card(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{persona.slug}.json")
     if args.examples < 0:
         raise PersonaError("--examples must be 0 or more")
-    export_card(persona, out, max_examples=args.examples)
-    print(f"wrote {out} (Character Card V2)")
+    card = export_card(persona, out, max_examples=args.examples)
+    version = "V3" if card["spec"] == "chara_card_v3" else "V2"
+    print(f"wrote {out} (Character Card {version})")
     return 0

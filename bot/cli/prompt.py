@@ -77,6 +77,23 @@ async def _channel_turns(settings: Settings, key: str, persona: str) -> list[Tur
     return history_to_turns(history, persona=persona, group=channel.kind != "direct")
 
 
+def _lore_report(rendered: Any) -> list[dict[str, Any]]:
+    """The lorebook entries that fired, why, and whether the budget let them in."""
+    if rendered.lore is None:
+        return []
+    return [
+        {
+            "entry": f.entry.label,
+            "source": f.entry.source,
+            "reason": f.reason,
+            "tokens": f.tokens,
+            "admitted": f.admitted,
+            "position": f.entry.position,
+        }
+        for f in rendered.lore.fired
+    ]
+
+
 def _prompt(args: argparse.Namespace) -> int:
     from bot.basemodel import resolve_model
     from bot.generation.local import load_tokenizer
@@ -102,9 +119,15 @@ def _prompt(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens if args.max_new_tokens is not None else spec.sampling.max_new_tokens
     if max_new < 0 or max_new >= window:
         raise PromptError(f"--max-new-tokens {max_new} must be between 0 and the context window ({window})")
+    from bot.events import utcnow
+
     rendered = renderer.render_prompt(
-        turns, system=spec.system_prompt or None, max_prompt_tokens=window - max_new
+        turns,
+        system=persona.system_prompt(utcnow()),
+        max_prompt_tokens=window - max_new,
+        lore=persona.lorebook,
     )
+    lore = _lore_report(rendered)
     names = renderer.tokenizer.convert_ids_to_tokens(
         [i for _, i in renderer.special_positions(rendered.input_ids)]
     )
@@ -125,6 +148,7 @@ def _prompt(args: argparse.Namespace) -> int:
                     "max_prompt_tokens": window - max_new,
                     "template": renderer.template,
                     "prefix_stable": renderer.prefix_stable,
+                    "lore": lore,
                 },
                 ensure_ascii=False,
             )
@@ -139,6 +163,12 @@ def _prompt(args: argparse.Namespace) -> int:
     print(f"dropped turns: {rendered.dropped_turns}" + ("; newest message cut" if rendered.truncated else ""))
     if answered:
         print(f"(the {answered} turn(s) after the last user message are left out)")
+    if rendered.lore is not None:
+        admitted = [e for e in lore if e["admitted"]]
+        print(f"lore: {len(admitted)} entries in ({rendered.lore.tokens} tokens), {len(lore)} fired")
+        for e in lore:
+            status = e["position"] if e["admitted"] else "over the token budget, left out"
+            print(f"  {e['entry']} ({e['source']}): {e['reason']}; {e['tokens']} tokens, {status}")
     for note in renderer.notes:
         print(f"note: {note}")
     return 0

@@ -23,7 +23,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot.prompting.encoder import PlainEncoder, StaticEncoder, structural_tokens
@@ -39,6 +39,7 @@ from bot.prompting.layout import (
     parse,
     placeholder,
 )
+from bot.prompting.lorebook import Lorebook, LoreInsertion, activate, compose, scan_window
 from bot.prompting.templates import TEMPLATE_NAMES, check_required, check_static_text, resolve
 from bot.prompting.types import IGNORE_INDEX, ROLES, RenderedPrompt, TrainingExample, Turn
 
@@ -509,13 +510,16 @@ class ChatRenderer:
         system: str | None,
         max_prompt_tokens: int,
         cache: PromptCache | None = None,
+        lore: Lorebook | None = None,
     ) -> RenderedPrompt:
         """The prompt to answer the last (user) turn: fitted to `max_prompt_tokens`, ending with the
         generation prompt.
 
         Keeps the system prompt; drops whole turns, oldest first, so the kept conversation still starts
         with a user turn; if the newest user message alone is too long, cuts its oldest part and marks
-        the cut with `TRUNCATION_MARKER`. Pass the channel's `cache` to tokenize only new turns.
+        the cut with `TRUNCATION_MARKER`. Pass the channel's `cache` to tokenize only new turns, and
+        the persona's `lore` to put the lorebook entries the conversation activates around the system
+        prompt (`RenderedPrompt.lore` says which fired and why).
         """
         system, body, _ = self._prepare(turns, system)
         if body[-1].role != "user":
@@ -526,11 +530,30 @@ class ChatRenderer:
             raise PromptError(f"max_prompt_tokens must be positive, not {max_prompt_tokens}")
         memo = _Memo(self, cache)
         try:
+            system, inserted = self._with_lore(system, body, lore, memo)
             if self.layout is None:
-                return self._fit_full(system, body, max_prompt_tokens, memo)
-            return self._fit_segments(system, body, max_prompt_tokens, memo)
+                rendered = self._fit_full(system, body, max_prompt_tokens, memo)
+            else:
+                rendered = self._fit_segments(system, body, max_prompt_tokens, memo)
+            return replace(rendered, lore=inserted) if inserted is not None else rendered
         finally:
             memo.commit()
+
+    # -- lorebook hook: matching lives in bot.prompting.lorebook; here it only becomes system text.
+    def _with_lore(
+        self, system: str | None, body: Sequence[Turn], lore: Lorebook | None, memo: _Memo
+    ) -> tuple[str | None, LoreInsertion | None]:
+        if lore is None or not lore.entries:
+            return system, None
+        scanned = scan_window([t.content for t in body], [t.role for t in body])
+
+        def count(text: str) -> int:
+            return len(memo.get(("text", text), lambda: tuple(self.plain.encode(text))))
+
+        inserted = activate(lore, scanned, count)
+        return compose(system, inserted), inserted
+
+    # -- end of the lorebook hook
 
     def _fit_segments(self, system: str | None, body: list[Turn], budget: int, memo: _Memo) -> RenderedPrompt:
         generation = self._generation
@@ -612,7 +635,12 @@ class ChatRenderer:
     # ---------------------------------------------------------------------------------- training
 
     def render_training(
-        self, turns: Sequence[Turn], *, system: str | None, max_tokens: int | None = None
+        self,
+        turns: Sequence[Turn],
+        *,
+        system: str | None,
+        max_tokens: int | None = None,
+        lore: Lorebook | None = None,
     ) -> TrainingExample:
         """Ids and labels for the assistant-only loss, with the same segments `render_prompt` uses.
 
@@ -622,6 +650,7 @@ class ChatRenderer:
         """
         system, body, _ = self._prepare(turns, system)
         memo = _Memo(self, None)
+        system, _ = self._with_lore(system, body, lore, memo)  # the lore of the last reply's prompt
         pieces = self._pieces(system, body, memo, False)
         ids, _, spans = _concat(pieces)
         truncated = max_tokens is not None and len(ids) > max_tokens

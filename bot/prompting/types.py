@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from bot.prompting.lorebook import LoreInsertion
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -29,6 +32,7 @@ class RenderedPrompt:
     text: str
     dropped_turns: int  # whole turns left out, oldest first, to fit the budget
     truncated: bool = False  # the newest user message was cut (its oldest part), with a visible marker
+    lore: LoreInsertion | None = None  # the lorebook entries that fired, when a lorebook was given
 
 
 @dataclass(frozen=True)

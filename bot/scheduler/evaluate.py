@@ -45,10 +45,11 @@ def heldout_losses(settings: Settings, slug: str, data: Path, adapters: list[Pat
     prepared = prepare(
         conversations,
         renderer,
-        system=spec.system_prompt or None,
+        system=persona.system_prompt(),
         max_seq_len=hp.max_seq_len,
         heldout_fraction=hp.heldout_fraction,
         seed=hp.seed,
+        lore=persona.lorebook,
         packing=hp.packing,
     )
     device = "cuda" if settings.model.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,6 +27,12 @@ from bot.worker.adapters import AdapterSync, AdapterUnavailable
 from personas.registry import Persona, PersonaRegistry
 
 log = logging.getLogger(__name__)
+
+
+def _idle(history: list[HistoryMessage], up_to: int | None) -> timedelta | None:
+    """How long the user was quiet before the message being answered (`{{idle_duration}}`)."""
+    times = [m.created_at for m in history if m.role == "user" and (up_to is None or m.id <= up_to)]
+    return times[-1] - times[-2] if len(times) >= 2 else None
 
 
 class JobRejected(Exception):
@@ -130,7 +137,7 @@ class Preparer:
             else:
                 turns.append(Turn("user", job.prompt))
         context = self._context(job, persona, inputs)
-        system = spec.system_prompt or None
+        system = persona.system_prompt(utcnow(), _idle(inputs.history, job.trigger_message_id))
         if self.plugins is not None and context is not None:
             extra = self.plugins.run_before_prompt(persona, context)
             if extra:
@@ -143,6 +150,7 @@ class Preparer:
                 system=system,
                 max_prompt_tokens=window - spec.sampling.max_new_tokens,
                 cache=renderer.channel_cache((job.channel_id, persona.slug)),
+                lore=persona.lorebook,
             )
         except PromptError as exc:
             raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
