@@ -534,6 +534,7 @@ def _legacy_unedited(stored: dict[str, Any], persona: Persona, fields: dict[str,
     if stored.get("format") != 1 or not isinstance(derived, dict) or persona.spec.character is not None:
         return fields
     spec = persona.spec
+    fields = {k: v for k, v in fields.items() if k not in ("nickname", "alternate_greetings") or v}
     if spec.system_prompt == derived.get("system_prompt"):
         fields = {k: v for k, v in fields.items() if k not in CHARACTER_FIELDS}
     if spec.greeting == derived.get("greeting"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -342,3 +343,278 @@ def test_builtin_persona_exports_and_reimports_with_its_settings(
     assert persona.greeting() == registry.get("pirate").greeting()
     assert persona.spec.sampling == original.sampling and persona.spec.triggers == original.triggers
     assert persona.spec.schedule == original.schedule
+
+
+# -- built from the published specs: CRLF text, non-ASCII names, V3 in PNG and CharX, lorebook-only cards
+
+CRLF_DATA = {
+    "name": "Seraphina",
+    "description": "{{char}} is a guardian of the forest.\r\nShe heals the wounded.\r\n",
+    "personality": "kind, protective\r\ncalm",
+    "scenario": "{{user}} wakes up in {{char}}'s glade.",
+    "first_mes": "*{{char}} smiles.*\r\nYou're awake, {{user}}.",
+    "mes_example": "<START>\r\n{{user}}: Where am I?\r\n{{char}}: In my glade.\r\n",
+    "creator_notes": "",
+    "system_prompt": "",
+    "post_history_instructions": "",
+    "alternate_greetings": ["Hello\r\nagain, {{user}}."],
+    "tags": [],
+    "creator": "",
+    "character_version": "",
+    "extensions": {},
+}
+
+
+def stable_round_trip(path: Path, root: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """import -> prompt text -> export -> import again: the second import equals the first."""
+    first = import_card(path, root / "one", **kwargs)
+    prompt = first.system_prompt()
+    exported = persona_to_card(first)
+    again = write_json(root / "again.json", exported)
+    second = import_card(again, root / "two", slug=first.slug, **kwargs)
+    assert second.system_prompt() == prompt
+    assert second.greetings() == first.greetings()
+    assert second.spec.character == first.spec.character
+    assert second.lorebook == first.lorebook
+    assert persona_to_card(second) == exported
+    return first, exported
+
+
+def test_crlf_card_round_trips_byte_for_byte(tmp_path: Path) -> None:
+    original = {"spec": "chara_card_v2", "spec_version": "2.0", "data": CRLF_DATA}
+    persona, exported = stable_round_trip(write_json(tmp_path / "s.json", original), tmp_path)
+    assert exported == original  # CRLF kept in every field, nothing counted as an edit
+    toml = (persona.folder / "persona.toml").read_bytes()
+    assert b"\r" not in toml  # the persona's own copy is plain LF text
+    assert persona.system_prompt() == (
+        "Seraphina is a guardian of the forest.\nShe heals the wounded.\n\n"
+        "Seraphina's personality: kind, protective\ncalm\n\n"
+        "Scenario: User wakes up in Seraphina's glade."
+    )
+    # Also through a PNG.
+    png = write_png(tmp_path / "s.png", {"chara": original})
+    assert persona_to_card(import_card(png, tmp_path / "png")) == original
+
+
+def test_an_edit_changes_only_the_edited_field_and_keeps_its_style(tmp_path: Path) -> None:
+    original = {"spec": "chara_card_v2", "spec_version": "2.0", "data": CRLF_DATA}
+    persona = import_card(write_json(tmp_path / "s.json", original), tmp_path / "p")
+    toml = persona.folder / "persona.toml"
+    text = toml.read_text(encoding="utf-8")
+    assert 'personality = """\nkind, protective\ncalm"""' in text
+    toml.write_text(text.replace("kind, protective\ncalm", "kind, protective\nfierce to {{user}}'s foes"))
+    card = persona_to_card(load_folder(persona.folder, "user:test"))
+    changed = {k for k in CRLF_DATA if card["data"][k] != CRLF_DATA[k]}
+    assert changed == {"personality"}
+    assert card["data"]["personality"] == "kind, protective\r\nfierce to {{user}}'s foes"  # macro kept
+
+
+def test_legacy_card_json_exports_unedited_fields_as_they_were(tmp_path: Path) -> None:
+    """A persona imported before [character] existed (card.json format 1) still exports faithfully."""
+    persona = import_card(write_json(tmp_path / "a.json", v2_card()), tmp_path / "p")
+    folder = persona.folder
+    record = json.loads((folder / "card.json").read_text())
+    flat = persona.system_prompt()
+    record = {
+        "format": 1,
+        "source_spec": "v2",
+        "spec_version": "2.0",
+        "top_level": record["top_level"],
+        "data": record["data"],
+        "derived": {
+            "name": "Aqua",
+            "system_prompt": flat,
+            "greeting": persona.greeting(),
+            "dialogues_sha256": record["dialogues_sha256"],
+        },
+    }
+    (folder / "card.json").write_text(json.dumps(record))
+    (folder / "persona.toml").write_text(
+        'name = "Aqua"\ndialogues = ["dialogues.jsonl"]\n'
+        f"system_prompt = {json.dumps(flat)}\ngreeting = {json.dumps(persona.greeting())}\n"
+    )
+    (folder / "lorebook.json").unlink()
+    assert persona_to_card(load_folder(folder, "user:test")) == v2_card()
+
+
+@pytest.mark.parametrize(
+    ("name", "slug"),
+    [("李白", "libai"), ("Сергей", "sergey"), ("Zoë", "zoe"), ("Ελένη", "eleni"), ("初音ミク", "chuyinmiku")],
+)
+def test_slugs_for_any_script(tmp_path: Path, name: str, slug: str) -> None:
+    persona = import_card(write_json(tmp_path / "c.json", v2_card(name=name)), tmp_path / "p")
+    assert persona.slug == slug and persona.spec.name == name
+
+
+def test_a_name_without_transliteration_gets_a_stable_hash_slug(tmp_path: Path) -> None:
+    from personas.cards import slugify
+
+    name = "\u3000\u200b"  # only blank characters: nothing to transliterate
+    assert slugify(name) == slugify(name) and re.fullmatch(r"card-[0-9a-f]{8}", slugify(name))
+    assert slugify("---") != slugify("***")
+    persona = import_card(
+        write_json(tmp_path / "c.json", v2_card(name="李白")), tmp_path / "p", slug="poet-li"
+    )
+    assert persona.slug == "poet-li"  # --slug still overrides
+
+
+def test_cli_imports_a_chinese_name_without_slug(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    card = write_json(tmp_path / "li.json", v2_card(name="李白"))
+    assert _cli("import-card", str(card)) == 0
+    assert "as persona 'libai'" in capsys.readouterr().out
+
+
+def _bomb_png(path: Path, *, before_image: bool) -> Path:
+    """A valid 1x1 PNG with a zTXt 'chara' chunk whose 64 MB of text compresses to ~64 KB."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    raw = buffer.getvalue()
+    bomb = chunk(b"zTXt", b"chara\0\0" + zlib.compress(b"A" * (64 * 1024 * 1024), 9))
+    assert len(bomb) < 100_000
+    at = raw.index(b"IDAT") - 4 if before_image else raw.index(b"IEND") - 4
+    path.write_bytes(raw[:at] + bomb + raw[at:])
+    return path
+
+
+@pytest.mark.parametrize("before_image", [True, False])
+def test_decompression_bomb_png_is_one_clear_error(tmp_path: Path, before_image: bool) -> None:
+    png = _bomb_png(tmp_path / "bomb.png", before_image=before_image)
+    with pytest.raises(PersonaError) as info:
+        import_card(png, tmp_path / "personas")
+    assert str(info.value).startswith(f"{png}: PNG text chunk refused: Decompressed data too large")
+    assert not (tmp_path / "personas").exists()
+
+
+def test_huge_image_and_huge_file_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import struct
+    import zlib
+
+    from personas import card_files
+
+    # An IHDR claiming 50000 x 50000 pixels, with nothing behind it: refused before any pixel is decoded.
+    ihdr = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    body = b"IHDR" + ihdr
+    header = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body))
+    big = tmp_path / "big.png"
+    big.write_bytes(header + b"\0\0\0\0IEND\xaeB`\x82")
+    with pytest.raises(
+        PersonaError, match=r"big.png: (refused as a decompression bomb|image of 50000x50000)"
+    ):
+        read_card(big)
+    monkeypatch.setattr(card_files, "MAX_CARD_BYTES", 1000)
+    card = write_json(tmp_path / "long.json", v2_card(description="x" * 2000))
+    with pytest.raises(PersonaError, match=r"long.json: \d+ bytes is too large for a character card"):
+        read_card(card)
+
+
+def v3_card(**changes: Any) -> dict[str, Any]:
+    data = {
+        **v2_card()["data"],
+        "name": "Aqua Three",
+        "nickname": "Aq",
+        "group_only_greetings": ["Hi all!"],
+        "creation_date": 1700000000,
+        "assets": [
+            {"type": "icon", "uri": "embeded://assets/icon/images/main.png", "name": "main", "ext": "png"}
+        ],
+    }
+    data.update(changes)
+    return {"spec": "chara_card_v3", "spec_version": "3.0", "data": data}
+
+
+def _png_bytes(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_charx(path: Path, card: dict[str, Any], assets: dict[str, bytes]) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("card.json", json.dumps(card))
+        for name, data in assets.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_charx_import_and_export(tmp_path: Path) -> None:
+    icon = _png_bytes((200, 10, 10))
+    assets = {"assets/icon/images/main.png": icon, "assets/other/x.bin": b"\0\1\2"}
+    original = v3_card()
+    path = write_charx(tmp_path / "aqua.charx", original, assets)
+    persona, exported = stable_round_trip(path, tmp_path)
+    assert exported == original
+    assert (persona.folder / "avatar.png").read_bytes() == icon
+    assert (persona.folder / "charx" / "assets" / "other" / "x.bin").read_bytes() == b"\0\1\2"
+    assert persona.system_prompt() is not None and persona.system_prompt().startswith("Write Aq's next")
+    out = tmp_path / "back.charx"
+    export_card(persona, out)
+    card = read_card(out)
+    assert card.spec == "v3" and card.data == original["data"] and card.assets == assets
+    # As a PNG: a V3 card carries both chunks, ccv3 (V3) and chara (V2).
+    png = tmp_path / "back.png"
+    export_card(persona, png)
+    with Image.open(png) as image:
+        image.load()
+        chunks = dict(image.text)  # type: ignore[attr-defined]
+    assert json.loads(base64.b64decode(chunks["ccv3"]))["spec"] == "chara_card_v3"
+    assert json.loads(base64.b64decode(chunks["chara"]))["spec"] == "chara_card_v2"
+    assert read_card(png).data == original["data"] and png.read_bytes().startswith(icon[:33])
+
+
+def test_a_builtin_persona_exports_as_charx(tmp_path: Path) -> None:
+    out = tmp_path / "pirate.charx"
+    assert _cli("export-card", "pirate", "--out", str(out)) == 0
+    card = read_card(out)
+    assert card.spec == "v3" and card.name == "Captain Saltbeard"
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"assets/x.png": b"1"}, "CharX zip has no card.json"),
+        ({"card.json": b"{}", "../evil": b"x"}, "unsafe path in the zip: '../evil'"),
+        ({"card.json": b"\xff\xfe"}, "(card.json): not UTF-8 text"),
+    ],
+)
+def test_bad_charx_is_one_error(tmp_path: Path, members: dict[str, bytes], message: str) -> None:
+    import zipfile
+
+    path = tmp_path / "bad.charx"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(PersonaError) as info:
+        import_card(path, tmp_path / "p")
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_charx_zip_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from personas import card_files
+
+    monkeypatch.setattr(card_files, "MAX_CHARX_BYTES", 1_000_000)
+    path = write_charx(tmp_path / "bomb.charx", v3_card(), {"assets/zeros.bin": b"\0" * 2_000_000})
+    with pytest.raises(PersonaError, match="the zip expands to 2"):
+        read_card(path)
+
+
+def test_a_lying_zip_header_is_refused(tmp_path: Path) -> None:
+    """A member whose stored size understates what it inflates to is cut off, not read to the end."""
+    path = write_charx(tmp_path / "lie.charx", v3_card(), {"assets/a.bin": b"\1" * 5000})
+    raw = bytearray(path.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = raw.rfind(signature)
+        raw[at + offset : at + offset + 4] = (10).to_bytes(4, "little")  # uncompressed size: 10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        PersonaError, match=r"lie.charx: (assets/a.bin: larger than the zip says|unreadable zip)"
+    ):
+        read_card(path)

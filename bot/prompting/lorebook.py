@@ -52,7 +52,7 @@ class LoreEntry:
     position: Position = "before_char"
     scan_depth: int = DEFAULT_SCAN_DEPTH
     name: str = ""  # its name or comment, for reports
-    source: str = ""  # `lorebook.json entries.3`, for reports
+    source: str = field(default="", compare=False)  # `lorebook.json: entries.3`, for reports
 
     @cached_property
     def _patterns(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
