@@ -112,6 +112,7 @@ class Card:
     image: bytes | None = None  # the PNG it came in, or the CharX's main icon when a PNG
     assets: dict[str, bytes] = field(default_factory=dict)  # a CharX's other files, by path in the zip
     container: str = "json"  # "json", "png" or "charx"
+    original: dict[str, Any] = field(default_factory=dict)  # `data` exactly as read, for faithful export
 
     @property
     def name(self) -> str:
@@ -159,6 +160,7 @@ def parse_card(obj: Any, source: str, image: bytes | None = None) -> Card:
                 data[new] = data.pop(old)
         card = Card("v1", data, {}, "2.0", image)
         prefix = ""
+    card.original = copy.deepcopy(card.data)
     for key in TEXT_FIELDS:
         _text(card.data, key, source, prefix)
     for key in ("alternate_greetings", "tags"):
@@ -362,7 +364,8 @@ def card_to_persona_files(card: Card, slug: str, user: str | None = None) -> dic
         "spec_version": card.spec_version,
         "container": card.container,
         "top_level": card.top_level,
-        "data": card.data,
+        # V1 cards are exported as V2, so they get the V2 fields they lack; others are kept as read.
+        "data": card.data if card.spec == "v1" else card.original,
         # What the persona's files were made from the card; export compares to spot later edits.
         "dialogues_sha256": _sha256_bytes(dialogues),
         "lorebook_sha256": _sha256_bytes(lorebook) if lorebook is not None else None,

@@ -618,3 +618,10 @@ def test_a_lying_zip_header_is_refused(tmp_path: Path) -> None:
         PersonaError, match=r"lie.charx: (assets/a.bin: larger than the zip says|unreadable zip)"
     ):
         read_card(path)
+
+
+def test_a_sparse_card_exports_without_gaining_fields(tmp_path: Path) -> None:
+    """Fields a card leaves out (or sets to null) stay that way: export adds nothing it did not have."""
+    original = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Min", "personality": None}}
+    persona, exported = stable_round_trip(write_json(tmp_path / "m.json", original), tmp_path)
+    assert exported == original and persona.system_prompt() == "You are Min."

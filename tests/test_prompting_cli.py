@@ -189,3 +189,32 @@ def test_channel_history_from_the_store(
     assert code == 2 and "--channel 'discord:999': no such channel in the store" in err
     code, _, err = run(capsys, "prompt", "--persona", "assistant", "--channel", "discord")
     assert code == 2 and "expected PLATFORM:ID" in err
+
+
+def test_shows_which_lorebook_entries_fired_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "data" / "personas" / "mira"
+    folder.mkdir(parents=True)
+    entries = [
+        {"keys": ["map"], "content": "Her oldest map is torn.", "name": "the map", "insertion_order": 1},
+        {"keys": [], "content": "{{char}} is a cartographer.", "constant": True, "insertion_order": 0},
+        {"keys": ["dragon"], "content": "never fires", "insertion_order": 2},
+    ]
+    (folder / "book.json").write_text(json.dumps({"entries": entries}))
+    (folder / "persona.toml").write_text(
+        'name = "Mira"\nsystem_prompt = "You are {{char}}."\ndialogues = []\nlorebooks = ["book.json"]\n'
+    )
+    history = write_history(tmp_path / "h.jsonl", [{"role": "user", "content": "Show me a MAP"}])
+    code, out, _ = run(capsys, "prompt", "--persona", "mira", "--history", str(history))
+    assert code == 0
+    assert "Mira is a cartographer.\nHer oldest map is torn.\n\nYou are Mira." in out
+    assert "lore: 2 entries in (" in out and ", 2 fired" in out
+    assert "  the map (" in out and "book.json: entries.0): key 'map' in the last 2 message(s);" in out
+    assert "entries.1): constant;" in out and "never fires" not in out
+    code, out, _ = run(capsys, "prompt", "--persona", "mira", "--history", str(history), "--json")
+    lore = json.loads(out)["lore"]
+    assert [(e["entry"], e["reason"], e["admitted"]) for e in lore] == [
+        ("the map", "key 'map' in the last 2 message(s)", True),
+        ("Mira is a cartographer.", "constant", True),
+    ]
