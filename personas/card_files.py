@@ -154,13 +154,18 @@ def read_charx(raw: bytes, source: str) -> tuple[Any, dict[str, bytes]]:
     card = members.pop(CHARX_CARD, None)
     if card is None:
         raise PersonaError(f"{source}: CharX zip has no {CHARX_CARD}")
+    return load_json(card, f"{source} ({CHARX_CARD}):"), members
+
+
+def load_json(raw: bytes, prefix: str) -> Any:
+    """UTF-8 JSON (a BOM allowed); a `PersonaError` starting with `prefix` and saying where it breaks."""
     try:
-        return json.loads(card.decode("utf-8-sig")), members
+        return json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
-        raise PersonaError(f"{source} ({CHARX_CARD}): not UTF-8 text ({exc.reason})") from None
+        raise PersonaError(f"{prefix} not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise PersonaError(
-            f"{source} ({CHARX_CARD}): invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+            f"{prefix} invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
 
 

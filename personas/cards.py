@@ -40,6 +40,7 @@ from personas.card_files import (
     charx_bytes,
     decode_chunk,
     embed_in_png,
+    load_json,
     png_text_chunks,
     read_charx,
     read_limited,
@@ -213,15 +214,7 @@ def read_card(path: Path) -> Card:
         card.assets, card.container = assets, "charx"
         card.image = _charx_icon(card)
         return card
-    try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise PersonaError(f"{source}: not a character card: not UTF-8 text ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise PersonaError(
-            f"{source}: not a character card: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-    return parse_card(obj, source)
+    return parse_card(load_json(raw, f"{source}: not a character card:"), source)
 
 
 # -- card -> persona ------------------------------------------------------------------------------------
@@ -484,11 +477,8 @@ def _read_lorebook_json(persona: Persona) -> tuple[bytes, Any] | None:
     if not persona.spec.lorebooks:
         return None
     path = persona.folder / persona.spec.lorebooks[0]
-    raw = path.read_bytes()
-    try:
-        return raw, json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PersonaError(f"{display_path(path)}: not JSON ({exc})") from None
+    raw = read_limited(path, display_path(path))
+    return raw, load_json(raw, f"{display_path(path)}:")
 
 
 def _as_character_book(obj: Any) -> Any:

@@ -14,13 +14,13 @@ note, at a depth in the chat) are put after it too. Errors name the file and the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bot.errors import PersonaError
 from bot.prompting.lorebook import DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET, Lorebook, LoreEntry
+from personas.card_files import load_json, read_limited
 from personas.spec import LoreSettings, display_path
 
 SELECTIVE_LOGIC = {0: "and_any", 1: "not_all", 2: "not_any", 3: "and_all"}
@@ -133,16 +133,7 @@ def read_lorebook(
 ) -> Lorebook:
     """A lorebook file (either shape); one `PersonaError` naming the file when it does not read."""
     source = display_path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise PersonaError(f"{source}: not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PersonaError(f"{source}: cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise PersonaError(
-            f"{source}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+    obj = load_json(read_limited(path, source), f"{source}:")
     return parse_lorebook(obj, source, settings, expand)
 
 
