@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
 import urllib.request
 from collections.abc import Iterator
@@ -425,3 +426,27 @@ def test_cpu_backend_thread_count_follows_omp_num_threads(model_dir: Path) -> No
     greedy = GenerationRequest([5, 6, 7], Sampling(temperature=0.0, max_new_tokens=2), ())
     backend.generate_batch([greedy], GenerationCallbacks())
     assert torch.get_num_threads() == 1
+
+
+async def test_lorebook_entries_reach_the_workers_prompt(store: Store, tmp_path: Path) -> None:
+    """Lore goes through the worker's real path: matched on the channel's messages, rendered as text."""
+    root = personas_dir(tmp_path, lore=20)
+    book = {
+        "entries": [
+            {"keys": ["message 1"], "content": "LORE-MARKER about {{char}}", "insertion_order": 1},
+            {"keys": [], "content": "ALWAYS-MARKER", "constant": True, "position": "after_char"},
+        ]
+    }
+    (root / "lore" / "book.json").write_text(json.dumps(book))
+    toml = root / "lore" / "persona.toml"
+    toml.write_text(
+        toml.read_text().replace("dialogues = []\n", 'dialogues = []\nlorebooks = ["book.json"]\n')
+    )
+    backend = ScriptedBackend(lambda prompt: "ok")
+    worker = Worker(settings(), store, registry_of(root), backend)
+    await add_jobs(store, 2, persona="lore")
+    await worker.run_once()
+    assert len(backend.prompts) == 2
+    for prompt in backend.prompts:
+        assert "ALWAYS-MARKER" in prompt and "You are lore.\n\nALWAYS-MARKER" in prompt
+        assert ("LORE-MARKER about lore\n\nYou are lore." in prompt) == ("message 1" in prompt)
