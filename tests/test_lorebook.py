@@ -323,3 +323,25 @@ def test_world_info_files_attached_in_persona_toml(tmp_path: Path) -> None:
     (folder / "world.json").write_text('{"entries": {"0": {"key": "a", "order": "first"}}}')
     with pytest.raises(PersonaError, match=r"world.json: entries.0.order: expected a number, got str"):
         load_folder(folder, "user:test")
+
+
+def test_selective_without_secondary_keys_fires_on_its_keys() -> None:
+    """SillyTavern's own Eldoria World Info marks every entry selective with no secondary keys."""
+    book = parse_lorebook(
+        {
+            "entries": {
+                "0": {
+                    "uid": 0,
+                    "key": ["forest"],
+                    "keysecondary": [],
+                    "selective": True,
+                    "selectiveLogic": 0,
+                    "content": "lore",
+                    "scanDepth": None,
+                    "caseSensitive": None,
+                }
+            }
+        },
+        "eldoria.json",
+    )
+    assert fired(book, "the Forest is dark") == ["lore"]
