@@ -429,11 +429,17 @@ class ChatRenderer:
         elif system is not None and [s.kind for s in form.slots] == ["system", "content"]:
             # Lore changes the system prompt from turn to turn: its part and each turn's part are cached
             # apart, so a new system prompt is tokenized once, not once per candidate first turn.
-            head = _Form((form.statics[0], _Static("", ())), form.slots[:1], 0)
-            tail = _Form(form.statics[1:], form.slots[1:], 0)
-            top = memo.get(("first-head", system), lambda: self._turn(head, values, memo, False))
-            rest = memo.get(("first-tail", turn.content), lambda: self._turn(tail, values, memo, False))
-            return _Piece(top.ids + rest.ids, top.text + rest.text)
+            rest = memo.get(
+                ("first-tail", turn.content),
+                lambda: self._turn(_Form(form.statics[1:], form.slots[1:], 0), values, memo, False),
+            )
+
+            def join() -> _Piece:
+                head = _Form((form.statics[0], _Static("", ())), form.slots[:1], 0)
+                top = memo.get(("first-head", system), lambda: self._turn(head, values, memo, False))
+                return _Piece(top.ids + rest.ids, top.text + rest.text)
+
+            return memo.get(("first", system, turn.content), join)
         return memo.get(("first", system, turn.content), lambda: self._turn(form, values, memo, False))
 
     def _later_piece(self, turn: Turn, memo: _Memo) -> _Piece:
