@@ -345,3 +345,11 @@ def test_selective_without_secondary_keys_fires_on_its_keys() -> None:
         "eldoria.json",
     )
     assert fired(book, "the Forest is dark") == ["lore"]
+
+
+def test_keys_with_their_own_inline_flags_still_match() -> None:
+    """Keys are searched together for speed; a key whose flags cannot be combined is searched alone."""
+    entry = LoreEntry("lore", keys=("/(?i)wyvern/", "Drake"), case_sensitive=True)
+    book = Lorebook((entry,))
+    assert fired(book, "a WYVERN") == ["lore"] and fired(book, "a Drake") == ["lore"]
+    assert fired(book, "a drake") == []

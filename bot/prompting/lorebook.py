@@ -55,29 +55,44 @@ class LoreEntry:
     source: str = field(default="", compare=False)  # `lorebook.json: entries.3`, for reports
 
     @cached_property
-    def _patterns(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
-        return tuple((k, _pattern(k, self.case_sensitive)) for k in self.keys if k.strip())
+    def _matchers(self) -> tuple[_Matcher, ...]:
+        return tuple(_matcher(k, self.case_sensitive) for k in self.keys if k.strip())
 
     @cached_property
-    def _secondary(self) -> tuple[tuple[str, re.Pattern[str]], ...]:
-        return tuple((k, _pattern(k, self.case_sensitive)) for k in self.secondary_keys if k.strip())
+    def _secondary(self) -> tuple[_Matcher, ...]:
+        return tuple(_matcher(k, self.case_sensitive) for k in self.secondary_keys if k.strip())
 
     @property
     def label(self) -> str:
         return self.name or (self.keys[0] if self.keys else self.content[:40])
 
 
-def _pattern(key: str, case_sensitive: bool) -> re.Pattern[str]:
+@dataclass(frozen=True)
+class _Matcher:
+    """One key: a plain substring (in the lowered text unless case-sensitive) or a regex."""
+
+    key: str
+    needle: str
+    lowered: bool
+    regex: re.Pattern[str] | None = None
+
+    def found(self, text: str, lower: str) -> bool:
+        if self.regex is not None:
+            return self.regex.search(text) is not None
+        return self.needle in (lower if self.lowered else text)
+
+
+def _matcher(key: str, case_sensitive: bool) -> _Matcher:
     match = _REGEX_KEY.match(key)
     if match is not None:
-        flags = re.I if "i" in match[2] else 0
+        flags = 0
+        for letter, flag in (("i", re.I), ("m", re.M), ("s", re.S)):
+            flags |= flag if letter in match[2] else 0
         try:
-            return re.compile(
-                match[1], flags | (re.S if "s" in match[2] else 0) | (re.M if "m" in match[2] else 0)
-            )
+            return _Matcher(key, key, False, re.compile(match[1], flags))
         except re.error:
             pass  # not a valid regex: a literal key that happens to look like one
-    return re.compile(re.escape(key), 0 if case_sensitive else re.I)
+    return _Matcher(key, key if case_sensitive else key.lower(), not case_sensitive)
 
 
 @dataclass(frozen=True)
@@ -107,26 +122,26 @@ class LoreInsertion:
         return sum(f.tokens for f in self.fired if f.admitted)
 
 
-def _found(patterns: Sequence[tuple[str, re.Pattern[str]]], text: str) -> list[str]:
-    return [key for key, pattern in patterns if pattern.search(text)]
+def _found(matchers: Sequence[_Matcher], text: str, lower: str) -> list[str]:
+    return [m.key for m in matchers if m.found(text, lower)]
 
 
-def why(entry: LoreEntry, scanned: Callable[[int], str]) -> str | None:
-    """Why `entry` activates given the scanned text at each depth, or None when it does not."""
+def why(entry: LoreEntry, scanned: Callable[[int], tuple[str, str]]) -> str | None:
+    """Why `entry` activates given the scanned text (and its lowercase) at each depth, or None."""
     if not entry.enabled:
         return None
     if entry.constant:
         return "constant"
     if entry.scan_depth <= 0:
         return None
-    text = scanned(entry.scan_depth)
-    primary = _found(entry._patterns, text)
+    text, lower = scanned(entry.scan_depth)
+    primary = _found(entry._matchers, text, lower)
     if not primary:
         return None
     reason = f"key {primary[0]!r} in the last {entry.scan_depth} message(s)"
     if not entry.selective or not entry._secondary:
         return reason
-    secondary = _found(entry._secondary, text)
+    secondary = _found(entry._secondary, text, lower)
     logic, total = entry.selective_logic, len(entry._secondary)
     ok = {
         "and_any": bool(secondary),
@@ -144,13 +159,14 @@ def activate(
     book: Lorebook, messages: Sequence[str], count_tokens: Callable[[str], int], *, budget: int | None = None
 ) -> LoreInsertion:
     """The lore `messages` (oldest first; only the last few are read) activate, within the budget."""
-    joined: dict[int, str] = {}
+    joined: dict[int, tuple[str, str]] = {}
 
-    def scanned(depth: int) -> str:
-        text = joined.get(depth)
-        if text is None:
-            text = joined[depth] = "\n".join(messages[-depth:])
-        return text
+    def scanned(depth: int) -> tuple[str, str]:
+        pair = joined.get(depth)
+        if pair is None:
+            text = "\n".join(messages[-depth:])
+            pair = joined[depth] = (text, text.lower())
+        return pair
 
     activated = [(i, e, r) for i, e in enumerate(book.entries) if (r := why(e, scanned)) is not None]
     limit = book.token_budget if budget is None else budget
