@@ -8,7 +8,7 @@ from adapters.base import DispatchResult
 from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
 from bot.config import Settings
-from bot.events import Deleted, Edited, Incoming, PlatformEvent
+from bot.events import Deleted, Edited, Incoming, PlatformEvent, utcnow
 from bot.store import Store, consent, conversations, jobs, privacy
 from bot.triggers import responders
 from personas.registry import PersonaRegistry
@@ -191,7 +191,7 @@ class Dispatcher:
         slug = next((s for s in bound if s in self.registry), self.settings.default_persona)
         persona = self.registry.get(slug)
         name = persona.spec.name
-        return persona.greeting() or f"Hi, I'm {name}. Send /help to see what I can do."
+        return persona.greeting(now=utcnow()) or f"Hi, I'm {name}. Send /help to see what I can do."
 
     async def _cmd_forget(self, ctx: CommandContext) -> str:
         """Erase the caller's messages here and the replies to them; asks for `/forget confirm` first."""

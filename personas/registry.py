@@ -73,16 +73,16 @@ class Persona:
         so `{{time}}` / `{{date}}` read the fixed `TRAINING_CLOCK` there."""
         return expand(self.spec.raw_system_prompt(), self.macros(now, idle), "system_prompt") or None
 
-    def greetings(self) -> list[str]:
+    def greetings(self, now: datetime = TRAINING_CLOCK) -> list[str]:
         """The greeting, then the alternate greetings, expanded; empty ones left out."""
         spec = self.spec
         raw = [spec.greeting, *spec.alternate_greetings]
-        texts = [expand(g, self.macros(), f"greeting.{i}").strip() for i, g in enumerate(raw)]
+        texts = [expand(g, self.macros(now), f"greeting.{i}").strip() for i, g in enumerate(raw)]
         return [t for t in texts if t]
 
-    def greeting(self, rng: random.Random | None = None) -> str:
+    def greeting(self, rng: random.Random | None = None, now: datetime = TRAINING_CLOCK) -> str:
         """The greeting to open a chat with: the first, or any one when `greeting_choice = "random"`."""
-        options = self.greetings()
+        options = self.greetings(now)
         if not options:
             return ""
         if self.spec.greeting_choice == "random":

@@ -116,3 +116,10 @@ async def test_start_command_sends_the_persona_greeting_expanded(tmp_path: Path)
     finally:
         await store.close()
     assert result.notice == "Hi Kazuma, I'm Aq!"
+
+
+def test_greetings_read_the_clock_they_are_given(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(card(first_mes="Good day, it is {{date}}.")))
+    persona = import_card(path, tmp_path / "p")
+    assert persona.greeting(now=datetime(2026, 3, 4, 9, 0)) == "Good day, it is March 4, 2026."
