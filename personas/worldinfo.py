@@ -3,7 +3,8 @@
 Both become `bot.prompting.lorebook.LoreEntry`s. The two shapes:
 
 - `character_book`: `{"entries": [{"keys", "content", "enabled", "insertion_order", "case_sensitive",
-  "selective", "secondary_keys", "constant", "position", "priority", "name", "comment", "extensions"}]}`,
+  "selective", "secondary_keys", "constant", "position", "priority", "name", "comment", "extensions"}]}`
+  (V3 adds `use_regex`: the keys are regular expressions),
   with SillyTavern's extras (`selectiveLogic`, `scan_depth`, numeric `position`) in `extensions`;
 - World Info: `{"entries": {"0": {"key", "keysecondary", "content", "disable", "order", "constant",
   "selective", "selectiveLogic", "position", "caseSensitive", "scanDepth", "comment"}}}`.
@@ -82,10 +83,14 @@ def _entry(obj: Any, where: str, scan_depth: int, expand: Callable[[str], str]) 
     case = x.get("case_sensitive", kind=bool, default=case)
     enabled = f.get("enabled", kind=bool, default=True) and not f.get("disable", kind=bool, default=False)
     content = f.get("content", kind=str, default="")
+    keys, secondary = f.keys("keys", "key"), f.keys("secondary_keys", "keysecondary")
+    if f.get("use_regex", kind=bool, default=False):  # V3: every key is a regex
+        flags = "" if case else "i"
+        keys, secondary = (tuple(f"/{k}/{flags}" for k in ks) for ks in (keys, secondary))
     return LoreEntry(
         content=expand(content),
-        keys=f.keys("keys", "key"),
-        secondary_keys=f.keys("secondary_keys", "keysecondary"),
+        keys=keys,
+        secondary_keys=secondary,
         selective=f.get("selective", kind=bool, default=False),
         selective_logic=SELECTIVE_LOGIC[logic],  # type: ignore[arg-type]
         constant=f.get("constant", kind=bool, default=False),

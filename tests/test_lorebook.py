@@ -353,3 +353,11 @@ def test_keys_with_their_own_inline_flags_still_match() -> None:
     book = Lorebook((entry,))
     assert fired(book, "a WYVERN") == ["lore"] and fired(book, "a Drake") == ["lore"]
     assert fired(book, "a drake") == []
+
+
+def test_v3_use_regex_makes_every_key_a_regex() -> None:
+    book = parse_lorebook(
+        {"entries": [{"keys": ["sw(or)?d"], "use_regex": True, "content": "blade lore"}]}, "card"
+    )
+    assert fired(book, "a SWD") == ["blade lore"] and fired(book, "a sword") == ["blade lore"]
+    assert fired(book, "a spear") == []
