@@ -365,14 +365,26 @@ CRLF_DATA = {
 }
 
 
+def rendered_prompt(persona: Any) -> str:
+    """The prompt the persona answers a guild question from: renderer, system prompt and lore."""
+    from bot.prompting import ChatRenderer, Turn
+    from tests.tiny import byte_level_tokenizer
+
+    renderer = ChatRenderer(byte_level_tokenizer(), "chatml")
+    turns = [Turn("user", "Tell me about the guild and the old map.")]
+    return renderer.render_prompt(
+        turns, system=persona.system_prompt(), max_prompt_tokens=10**6, lore=persona.lorebook
+    ).text
+
+
 def stable_round_trip(path: Path, root: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    """import -> prompt text -> export -> import again: the second import equals the first."""
+    """import -> prompt -> export -> import again: the second import renders and exports the same."""
     first = import_card(path, root / "one", **kwargs)
-    prompt = first.system_prompt()
+    prompt = rendered_prompt(first)
     exported = persona_to_card(first)
     again = write_json(root / "again.json", exported)
     second = import_card(again, root / "two", slug=first.slug, **kwargs)
-    assert second.system_prompt() == prompt
+    assert rendered_prompt(second) == prompt
     assert second.greetings() == first.greetings()
     assert second.spec.character == first.spec.character
     assert second.lorebook == first.lorebook
@@ -625,3 +637,52 @@ def test_a_sparse_card_exports_without_gaining_fields(tmp_path: Path) -> None:
     original = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Min", "personality": None}}
     persona, exported = stable_round_trip(write_json(tmp_path / "m.json", original), tmp_path)
     assert exported == original and persona.system_prompt() == "You are Min."
+
+
+LOREBOOK_ONLY = {
+    "spec": "chara_card_v2",
+    "spec_version": "2.0",
+    "data": {
+        "name": "Cartographer",
+        "character_book": {
+            "entries": [
+                {"keys": [], "content": "{{char}} maps the world.", "constant": True, "insertion_order": 0},
+                {
+                    "keys": ["map"],
+                    "secondary_keys": ["old"],
+                    "selective": True,
+                    "content": "The old map is torn.",
+                    "insertion_order": 1,
+                    "position": "after_char",
+                },
+            ]
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["v1", "v2 with lorebook", "crlf", "non-ascii name", "v3 png with both chunks", "charx", "lorebook only"],
+)
+def test_every_case_is_stable_through_import_prompt_export_import(tmp_path: Path, case: str) -> None:
+    v1 = {"name": "Old Timer", "description": "{{char}} remembers.", "first_mes": "Back in my day, <USER>."}
+    crlf = {"spec": "chara_card_v2", "spec_version": "2.0", "data": CRLF_DATA}
+    paths = {
+        "v1": lambda: write_json(tmp_path / "c.json", v1),
+        "v2 with lorebook": lambda: write_json(tmp_path / "c.json", v2_card()),
+        "crlf": lambda: write_json(tmp_path / "c.json", crlf),
+        "non-ascii name": lambda: write_json(tmp_path / "c.json", v2_card(name="初音ミク")),
+        "v3 png with both chunks": lambda: write_png(
+            tmp_path / "c.png", {"chara": v2_card(), "ccv3": v3_card()}
+        ),
+        "charx": lambda: write_charx(tmp_path / "c.charx", v3_card(), {"assets/icon/images/main.png": b"x"}),
+        "lorebook only": lambda: write_json(tmp_path / "c.json", LOREBOOK_ONLY),
+    }
+    persona, exported = stable_round_trip(paths[case](), tmp_path)
+    prompt = rendered_prompt(persona)
+    if case in ("v2 with lorebook", "non-ascii name", "v3 png with both chunks", "charx"):
+        assert "The guild is in Axel." in prompt  # the card's lorebook entry fired on "guild"
+    if case == "lorebook only":
+        assert "Cartographer maps the world.\n\nYou are Cartographer.\n\nThe old map is torn." in prompt
+        assert exported == LOREBOOK_ONLY
