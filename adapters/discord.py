@@ -166,6 +166,9 @@ class DiscordAdapter:
             "sharded": discord_settings.sharded,
             "shard_count": discord_settings.shard_count,
             "streaming": discord_settings.streaming,
+            "ready_timeout": discord_settings.ready_timeout_seconds,
+            "api_base": discord_settings.api_base,
+            "gateway_url": discord_settings.gateway_url,
         }
         options.update(overrides)
         return cls(discord_settings.resolve_token(TOKEN_ENV), **options)
@@ -283,6 +286,22 @@ class DiscordAdapter:
         raise DiscordError(
             f"discord: logged in, but the gateway was not ready within {self.ready_timeout:g} s"
         )
+
+    def connection(self) -> asyncio.Task[None] | None:
+        """The gateway task: it ends only when discord.py gives up (see `bot.watchdog`).
+
+        discord.py retries network errors itself; anything else it raises (a parser error on an event
+        it does not know, say) ends this task and the bot would go deaf without a watchdog.
+        """
+        return self._connect_task
+
+    async def reconnect(self) -> None:
+        """A fresh client and session (a RESUME would replay the event that broke the last one)."""
+        on_event = self._on_event
+        assert on_event is not None, "start() first"
+        await self._abort()
+        self._ready.clear()
+        await self.start(on_event)
 
     async def _abort(self) -> None:
         self._receiving = False

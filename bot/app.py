@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
@@ -31,6 +31,7 @@ from bot.heartbeat import Component, Heartbeats
 from bot.store import Store
 from bot.store.models import ReplyJob
 from bot.streaming import StreamingRelay
+from bot.watchdog import ConnectionWatchdog
 from bot.worker import Worker
 from personas.registry import PersonaRegistry
 
@@ -77,6 +78,16 @@ class BotApp:
             if heartbeats
             else None
         )
+        self.watchdog = ConnectionWatchdog(
+            self.adapters,
+            attempts=settings.run.reconnect_attempts,
+            backoff_seconds=settings.run.reconnect_backoff_seconds,
+            on_state=self._adapter_state,
+            on_fatal=self._fail,
+        )
+        # Set when a platform connection is lost for good; `personabot run` then exits non-zero.
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         self._stop = asyncio.Event()
         self._pump_tasks: list[asyncio.Task[None]] = []
         self._worker_task: asyncio.Task[None] | None = None
@@ -106,6 +117,7 @@ class BotApp:
                 await self.scheduler.start()
             if self.heartbeats is not None:
                 await self.heartbeats.start()
+            self.watchdog.start()
         except BaseException:
             await self.stop(flush_timeout=0)
             raise
@@ -113,6 +125,7 @@ class BotApp:
     async def stop(self, flush_timeout: float | None = None) -> None:
         """Stop taking events, let the scheduler and worker finish, flush the outbox, disconnect."""
         run = self.settings.run
+        await self.watchdog.stop()  # from here on, a connection that ends was ended on purpose
         for adapter in self._started:
             try:
                 await adapter.stop_receiving()
@@ -148,6 +161,15 @@ class BotApp:
         self._started = []
         if self.heartbeats is not None:
             await self.heartbeats.stop()
+
+    async def _adapter_state(self, platform: str, state: str, detail: dict[str, Any]) -> None:
+        if self.heartbeats is not None:
+            await self.heartbeats.set_state("adapter", platform, state, detail)
+
+    def _fail(self, reason: str) -> None:
+        log.error("giving up: %s", reason)
+        self.failure = reason
+        self.failed.set()
 
     async def _release_worker_jobs(self) -> None:
         """Jobs the stopped worker still leased: pending again now; the cut attempt is not counted."""

@@ -82,6 +82,15 @@ class DiscordSettings(TokenSettings):
     sharded: bool = False
     shard_count: int | None = None
     streaming: bool = False
+    ready_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long start-up waits for the gateway to be ready (per shard when sharded).",
+    )
+    api_base: str | None = Field(
+        default=None, description="REST API base URL (a proxy, or a test server); unset: Discord's."
+    )
+    gateway_url: str | None = Field(default=None, description="Gateway URL to use instead of Discord's.")
 
 
 class TelegramSettings(TokenSettings):
@@ -170,6 +179,15 @@ class RunSettings(Section):
     )
     flush_timeout_seconds: float = Field(
         default=10.0, gt=0, description="On SIGTERM, how long the outbox gets to deliver what is pending."
+    )
+    reconnect_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="A platform connection that ends unexpectedly is restored this many times at most "
+        "(with backoff); then `personabot run` exits non-zero so its supervisor restarts it.",
+    )
+    reconnect_backoff_seconds: float = Field(
+        default=2.0, gt=0, description="Wait before the first reconnect; doubled each attempt (max 60 s)."
     )
 
 

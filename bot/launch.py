@@ -3,7 +3,8 @@
 It applies migrations, starts each platform adapter that has credentials (the console only when asked),
 the worker unless `worker.enabled` is false, and the scheduler unless `scheduler.enabled` is false.
 One line per part says what started, and what was skipped and why. The first SIGTERM / SIGINT stops it
-gracefully (see `BotApp.stop`) and it exits 0; a second one stops it at once.
+gracefully (see `BotApp.stop`) and it exits 0; a second one stops it at once. A platform connection
+lost and not restored (see `bot.watchdog`) stops it the same way, with exit status 3.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from personas.registry import PersonaRegistry
 from personas.versions import active_version
 
 Say = Callable[[str], None]
+# A platform connection was lost and could not be restored (bot.watchdog).
+EXIT_CONNECTION_LOST = 3
 
 
 def _platform_adapters(settings: Settings, say: Say) -> list[PlatformAdapter]:
@@ -196,13 +199,20 @@ async def run_bot(
             reader = None
             if console_adapter is not None:
                 reader = ConsoleInput(console_adapter, store, stdin or sys.stdin, stop.set).start()
-            await stop.wait()
+            stopped = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(app.failed.wait())
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            failed.cancel()
             if reader is not None:
                 reader.cancel()
         finally:
             for s in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(s)
             await app.stop()
+        if app.failure is not None:
+            say(f"stopped: {app.failure} (exit status 3, so a supervisor restarts it)")
+            return EXIT_CONNECTION_LOST
         say("stopped")
         return 0
     finally:

@@ -42,6 +42,9 @@ async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
                 "started_at": row.started_at.isoformat(),
                 "seen_at": row.seen_at.isoformat(),
                 "seen_seconds_ago": _age(row.seen_at, now),
+                # A lost platform connection: what ended it, and how often (see bot.watchdog).
+                "error": detail.get("error"),
+                "last_failure": detail.get("last_failure"),
             }
         )
     return found
@@ -196,7 +199,12 @@ def render_status(report: dict[str, Any]) -> str:
     if not report["components"]:
         lines.append("  none seen (is `personabot run` running against this database?)")
     for c in report["components"]:
-        lines.append(f"  {c['component']}: {c['state']}, last seen {_ago(c['seen_seconds_ago'])}")
+        state = c["state"]
+        if c.get("error"):
+            state += f" ({c['error']})"
+        elif c.get("last_failure"):
+            state += f" (reconnected after: {c['last_failure']['error']})"
+        lines.append(f"  {c['component']}: {state}, last seen {_ago(c['seen_seconds_ago'])}")
     q = report["queue"]
     lines += ["", "reply queue:"]
     lines.append(f"  pending {q['pending']}, running {q['running']}, failed {q['failed']}, done {q['done']}")
