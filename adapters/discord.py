@@ -323,11 +323,21 @@ class DiscordAdapter:
             remote = await self._tree.fetch_commands()
             local = self._tree.get_commands()
 
-            def shape(commands: list[Any]) -> set[tuple[str, str, tuple[str, ...]]]:
-                return {(c.name, c.description, tuple(p.name for p in c.parameters)) for c in commands}
-
-            remote_shape = {(c.name, c.description, tuple(o.name for o in c.options)) for c in remote}
-            if remote_shape != shape(local):
+            # Options by the name Discord shows (`display_name`, after `rename`), not the Python
+            # parameter's name: comparing those made every start look like a change.
+            local_shape = {
+                (
+                    c.name,
+                    c.description,
+                    tuple((p.display_name, p.description, p.required) for p in c.parameters),
+                )
+                for c in local
+            }
+            remote_shape = {
+                (c.name, c.description, tuple((o.name, o.description, o.required) for o in c.options))
+                for c in remote
+            }
+            if remote_shape != local_shape:
                 await self._tree.sync()
                 log.info("registered Discord slash commands: %s", ", ".join(sorted(SLASH_COMMANDS)))
         except discord.HTTPException as exc:
