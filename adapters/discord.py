@@ -25,7 +25,6 @@ import logging
 import re
 import unicodedata
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,7 +33,7 @@ import yarl
 from discord import app_commands
 from pydantic import SecretStr
 
-from adapters.base import DispatchResult, EventHandler, PartialDelivery
+from adapters.base import ChannelQueues, DispatchResult, EventHandler, NotAccepted, PartialDelivery
 from adapters.splitting import split_text
 from bot.config import DiscordSettings, Settings
 from bot.errors import PersonabotError
@@ -85,27 +84,6 @@ def _blank(text: str) -> bool:
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
 
 
-class _ChannelQueues:
-    """One lock per channel, so its events are handled in the order the gateway sent them."""
-
-    def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, channel_id: int) -> AsyncIterator[None]:
-        lock, users = self._locks.get(channel_id, (asyncio.Lock(), 0))
-        self._locks[channel_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[channel_id]
-            if users <= 1:
-                del self._locks[channel_id]
-            else:
-                self._locks[channel_id] = (lock, users - 1)
-
-
 class DiscordAdapter:
     """A persona bot on Discord. Build it with `from_settings`; `start()` connects and returns when ready."""
 
@@ -153,7 +131,7 @@ class DiscordAdapter:
         self._receiving = False
         self._ready = asyncio.Event()
         self._connect_task: asyncio.Task[None] | None = None
-        self._queues = _ChannelQueues()
+        self._queues = ChannelQueues()
         self._fetched: OrderedDict[int, ChannelRef] = OrderedDict()  # uncached channels, asked about once
         self._saved_endpoints: tuple[str, yarl.URL] | None = None
 
@@ -476,6 +454,16 @@ class DiscordAdapter:
         assert self._on_event is not None
         try:
             return await self._on_event(event)
+        except NotAccepted as exc:
+            # Discord never sends an event again: this one is gone. Say so, loudly and precisely.
+            log.error(
+                "Discord %s %s in channel %s is lost: %s",
+                type(event).__name__,
+                event.platform_message_id,
+                event.channel.key,
+                exc,
+            )
+            return None
         except Exception:
             # One bad event must not stop the bot; the message id says which one.
             log.exception("handling Discord %s %s failed", type(event).__name__, event.platform_message_id)
@@ -506,6 +494,17 @@ class DiscordAdapter:
             log.warning(
                 "could not post a notice in Discord channel %s: %s", message.channel.id, _describe(exc)
             )
+
+    async def answer_later(self, event: Incoming, notice: str) -> None:
+        """A command's answer for a message stored late (it waited in the ingest spool)."""
+        channel = self._messageable(event.channel)
+        reference = None
+        if event.platform_message_id.isdigit() and not event.channel.is_direct:
+            reference = discord.MessageReference(
+                message_id=int(event.platform_message_id), channel_id=channel.id, fail_if_not_exists=False
+            )
+        for index, chunk in enumerate(split_text(clean_text(notice), MESSAGE_LIMIT)):
+            await channel.send(chunk, reference=reference if index == 0 else None, allowed_mentions=_NO_PINGS)  # type: ignore[arg-type]
 
     async def _on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         message = payload.message

@@ -25,9 +25,10 @@ from adapters.base import PlatformAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.events import utcnow
+from bot.events import Incoming, utcnow
 from bot.generation.base import GenerationBackend
 from bot.heartbeat import Component, Heartbeats
+from bot.ingest import Ingest
 from bot.store import Store
 from bot.store.models import ReplyJob
 from bot.streaming import StreamingRelay
@@ -58,6 +59,14 @@ class BotApp:
         self.registry = registry
         self.adapters = list(adapters)
         self.dispatcher = Dispatcher(settings, store, registry)
+        # Between the adapters and the dispatcher: events the database cannot take now wait here.
+        self.ingest = Ingest(
+            self.dispatcher.handle,
+            settings.data_dir / "spool",
+            "+".join(sorted({a.platform for a in self.adapters})) or "none",
+            max_events=settings.run.spool_max_events,
+            notify=self._answer_late,
+        )
         # An adapter may ask for its platform's edit pace (`stream_min_interval`, `stream_min_growth`).
         self.relays = [
             StreamingRelay(
@@ -104,8 +113,10 @@ class BotApp:
     async def start(self) -> None:
         """Start everything; if a part fails to start, what already started is stopped again."""
         try:
+            if self.adapters:
+                await self.ingest.start()
             for adapter in self.adapters:
-                await adapter.start(self.dispatcher.handle)
+                await adapter.start(self.ingest.handle)
                 self._started.append(adapter)
             self._pump_tasks = [
                 asyncio.create_task(p.run(self._stop), name=f"outbox:{p.adapter.platform}")
@@ -131,6 +142,7 @@ class BotApp:
                 await adapter.stop_receiving()
             except Exception:
                 log.exception("the %s adapter did not stop receiving cleanly", adapter.platform)
+        await self.ingest.stop(run.flush_timeout_seconds)
         if self.scheduler is not None:
             await self.scheduler.stop(run.stop_timeout_seconds)
         self._stop.set()
@@ -161,6 +173,13 @@ class BotApp:
         self._started = []
         if self.heartbeats is not None:
             await self.heartbeats.stop()
+
+    async def _answer_late(self, event: Incoming, notice: str) -> None:
+        """A command's answer for an event stored from the spool, posted the adapter's way."""
+        for adapter in self._started:
+            answer = getattr(adapter, "answer_later", None)
+            if adapter.platform == event.platform and answer is not None:
+                await answer(event, notice)
 
     async def _adapter_state(self, platform: str, state: str, detail: dict[str, Any]) -> None:
         if self.heartbeats is not None:

@@ -186,6 +186,12 @@ class RunSettings(Section):
         description="A platform connection that ends unexpectedly is restored this many times at most "
         "(with backoff); then `personabot run` exits non-zero so its supervisor restarts it.",
     )
+    spool_max_events: int = Field(
+        default=10_000,
+        ge=1,
+        description="Incoming events kept (in memory and in <data_dir>/spool/) while the database is "
+        "unreachable; past this, Telegram updates stay unconfirmed and Discord messages are lost.",
+    )
     reconnect_backoff_seconds: float = Field(
         default=2.0, gt=0, description="Wait before the first reconnect; doubled each attempt (max 60 s)."
     )
