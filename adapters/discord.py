@@ -35,6 +35,7 @@ from pydantic import SecretStr
 
 from adapters.base import ChannelQueues, DispatchResult, EventHandler, NotAccepted, PartialDelivery
 from adapters.splitting import split_text
+from bot.commands import COMMAND_MENU
 from bot.config import DiscordSettings, Settings
 from bot.errors import PersonabotError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, Outgoing
@@ -49,14 +50,12 @@ TOKEN_ENV = "DISCORD_TOKEN"
 CONVERSATION_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 # Slash commands: name -> (description, option name and description, or None). The dispatcher owns
 # what they do; these only give Discord their names.
+_SLASH_OPTIONS = {
+    "persona": ("name", "The persona to switch to"),
+    "forget": ("confirm", "Type confirm to go ahead"),
+}
 SLASH_COMMANDS: dict[str, tuple[str, tuple[str, str] | None]] = {
-    "persona": ("Show or change the persona that answers here", ("name", "The persona to switch to")),
-    "personas": ("List the available personas", None),
-    "reset": ("Start the conversation afresh (history is kept)", None),
-    "help": ("What this bot understands", None),
-    "forget": ("Erase what the bot stores of you in this channel", ("confirm", "Type confirm to go ahead")),
-    "optin": ("Let your conversations train the personas", None),
-    "optout": ("Stop your conversations from training the personas", None),
+    name: (description, _SLASH_OPTIONS.get(name)) for name, description in COMMAND_MENU.items()
 }
 
 _MENTION = re.compile(r"<(?P<kind>@!?|@&|#)(?P<id>\d+)>|<a?:(?P<emoji>\w+):\d+>|</(?P<command>[\w -]+):\d+>")

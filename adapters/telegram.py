@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import SecretStr
-from telegram import Message, MessageEntity, ReplyParameters, Update
+from telegram import BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import (
     BadRequest,
@@ -49,6 +49,8 @@ from telegram.request import HTTPXRequest
 
 from adapters.base import ChannelQueues, DispatchResult, EventHandler, NotAccepted, PartialDelivery
 from adapters.splitting import split_text, utf16_len
+from bot.commands import COMMAND_MENU
+from bot.config import webhook_url_problem
 from bot.errors import ConfigError, PersonabotError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Edited, Incoming, Outgoing, PlatformEvent
 from bot.logs import RedactingFilter, redact, register_secret
@@ -173,11 +175,12 @@ class TelegramAdapter:
                 f"(check {TOKEN_ENV}, telegram.token or telegram.token_file)"
             )
         if self.mode == "webhook":
-            parts = urlsplit(self.webhook_url or "")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if not self.webhook_url:
                 raise ConfigError(
                     "telegram.webhook_url: a public https:// URL is required when telegram.mode is 'webhook'"
                 )
+            if (problem := webhook_url_problem(self.webhook_url)) is not None:
+                raise ConfigError(f"telegram.webhook_url: {problem}")
             if not self._webhook_secret or not _SECRET_SHAPE.match(self._webhook_secret):
                 raise ConfigError(
                     "telegram.webhook_secret: required in webhook mode, 1-256 characters of A-Z, a-z, "
@@ -228,6 +231,7 @@ class TelegramAdapter:
         self._bot_id = app.bot.id
         self._bot_username = app.bot.username or ""
         self._receiving = True  # from here on, stop() has something to stop
+        await self._publish_commands()
         try:
             if self.mode == "webhook":
                 await self._start_webhook()
@@ -242,6 +246,18 @@ class TelegramAdapter:
             )
             raise PersonabotError(f"telegram: cannot start {where}: {self._safe(exc)}") from None
         log.info("telegram: connected as @%s (%s)", self._bot_username, self.mode)
+
+    async def _publish_commands(self) -> None:
+        """Fill Telegram's "/" menu (`setMyCommands`), only when it differs from what Telegram has."""
+        bot = self._bot()
+        wanted = [BotCommand(name, description) for name, description in COMMAND_MENU.items()]
+        try:
+            current = await self._retrying("getMyCommands", bot.get_my_commands, idempotent=True)
+            if [(c.command, c.description) for c in current] != [(c.command, c.description) for c in wanted]:
+                await self._retrying("setMyCommands", lambda: bot.set_my_commands(wanted), idempotent=True)
+                log.info("telegram: command menu set: %s", ", ".join(f"/{c.command}" for c in wanted))
+        except TelegramError as exc:  # the commands still work when typed; only the menu is missing
+            log.warning("telegram: could not set the command menu: %s", self._safe(exc))
 
     async def stop_receiving(self) -> None:
         """Stop polling / the webhook; an update being handled is finished (and confirmed) first."""

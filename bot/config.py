@@ -13,8 +13,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -93,6 +94,24 @@ class DiscordSettings(TokenSettings):
     gateway_url: str | None = Field(default=None, description="Gateway URL to use instead of Discord's.")
 
 
+# The only ports Telegram delivers webhooks to (https://core.telegram.org/bots/api#setwebhook).
+TELEGRAM_WEBHOOK_PORTS = (443, 80, 88, 8443)
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why Telegram would not deliver to `url`, or None when it would."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return "must be a public https:// URL (Telegram sends webhooks over HTTPS only)"
+    try:
+        port = parts.port or 443
+    except ValueError:
+        return "has an invalid port"
+    if port not in TELEGRAM_WEBHOOK_PORTS:
+        return f"port {port} is not one Telegram sends webhooks to; use 443, 80, 88 or 8443"
+    return None
+
+
 class TelegramSettings(TokenSettings):
     mode: Literal["polling", "webhook"] = "polling"
     webhook_url: str | None = None
@@ -101,6 +120,13 @@ class TelegramSettings(TokenSettings):
     webhook_secret: SecretStr | None = None
     streaming: bool = False
     base_url: str | None = Field(default=None, description="Bot API base URL (a local Bot API server).")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        if url is not None and (problem := webhook_url_problem(url)) is not None:
+            raise ValueError(problem)
+        return url
 
 
 class WorkerSettings(Section):

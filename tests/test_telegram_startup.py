@@ -143,3 +143,21 @@ async def test_the_token_is_redacted_for_any_handler(
     assert "/bot***/getMe" in caplog.text
     for secret in (TOKEN, OTHER_TOKEN):
         assert secret.split(":")[1] not in caplog.text
+
+
+async def test_the_command_menu_is_set_once(api: FakeBotAPI) -> None:
+    for _ in range(2):
+        adapter = TelegramAdapter(TOKEN, base_url=api.base_url, retry_backoff=0.01)
+        await adapter.start(_ignore)
+        await adapter.stop()
+    assert [c["command"] for c in api.commands] == [
+        "persona",
+        "personas",
+        "reset",
+        "help",
+        "forget",
+        "optin",
+        "optout",
+    ]
+    assert all(c["description"] for c in api.commands)
+    assert len(api.calls_of("setMyCommands")) == 1  # the second start found the menu unchanged

@@ -106,6 +106,7 @@ class FakeBotAPI:
         self.updates: list[dict[str, Any]] = []
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat id, message id) -> message
         self.webhook: dict[str, Any] = {"url": "", "secret_token": None}
+        self.commands: list[dict[str, str]] = []  # the "/" menu (setMyCommands)
         self._failures: dict[str, list[_Failure]] = {}
         self._update_ids = itertools.count(1000)
         self._message_ids: dict[int, itertools.count[int]] = {}
@@ -276,6 +277,15 @@ class FakeBotAPI:
 
     async def _api_getMe(self, call: Call) -> web.Response:
         return _ok(dict(self.bot.to_json(), can_join_groups=True, can_read_all_group_messages=False))
+
+    async def _api_getMyCommands(self, call: Call) -> web.Response:
+        return _ok(self.commands)
+
+    async def _api_setMyCommands(self, call: Call) -> web.Response:
+        self.commands = [
+            {"command": c["command"], "description": c["description"]} for c in call.json("commands")
+        ]
+        return _ok(True)
 
     async def _api_deleteWebhook(self, call: Call) -> web.Response:
         self.webhook = {"url": "", "secret_token": None}
