@@ -225,17 +225,10 @@ class DiscordAdapter:
         self._point_at_endpoints()
         self.client = client = self._make_client()
         try:
-            await client.login(token)
-        except discord.LoginFailure:
+            await self._login(client, token)
+        except DiscordError:
             await self._abort()
-            raise DiscordTokenError(
-                f"discord: the bot token was rejected (401 Unauthorized); check {TOKEN_ENV}, "
-                "discord.token or discord.token_file"
-            ) from None
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            await self._abort()
-            where = yarl.URL(discord.http.Route.BASE).host
-            raise DiscordError(f"discord: cannot log in at {where}: {_describe(exc)}") from None
+            raise
         self._receiving = True
         self._connect_task = asyncio.create_task(client.connect(reconnect=True), name="discord-gateway")
         ready = asyncio.create_task(self._ready.wait())
@@ -263,6 +256,31 @@ class DiscordAdapter:
         raise DiscordError(
             f"discord: logged in, but the gateway was not ready within {self.ready_timeout:g} s"
         )
+
+    async def check_token(self) -> None:
+        """Log in once (REST only): `personabot run` reports a bad token before loading the model."""
+        token = self._check_token()
+        self._point_at_endpoints()
+        client = discord.Client(intents=discord.Intents.none())
+        try:
+            await self._login(client, token)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+            self._restore_endpoints()
+
+    @staticmethod
+    async def _login(client: discord.Client, token: str) -> None:
+        try:
+            await client.login(token)
+        except discord.LoginFailure:
+            raise DiscordTokenError(
+                f"discord: the bot token was rejected (401 Unauthorized); check {TOKEN_ENV}, "
+                "discord.token or discord.token_file"
+            ) from None
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            where = yarl.URL(discord.http.Route.BASE).host
+            raise DiscordError(f"discord: cannot log in at {where}: {_describe(exc)}") from None
 
     def connection(self) -> asyncio.Task[None] | None:
         """The gateway task: it ends only when discord.py gives up (see `bot.watchdog`).

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import SecretStr
-from telegram import BotCommand, Message, MessageEntity, ReplyParameters, Update
+from telegram import Bot, BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import (
     BadRequest,
@@ -214,19 +214,7 @@ class TelegramAdapter:
             .updater(None)  # receiving is ours (see the module docstring)
             .build()
         )
-        try:
-            await self._retrying("getMe", app.initialize, idempotent=True)
-        except InvalidToken:
-            await _close(requests)
-            raise PersonabotError(
-                f"telegram: the Bot API rejected the bot token (check {TOKEN_ENV}, telegram.token or "
-                "telegram.token_file)"
-            ) from None
-        except TelegramError as exc:
-            await _close(requests)
-            raise PersonabotError(
-                f"telegram: cannot reach the Bot API at {_origin(self.base_url)}: {self._safe(exc)}"
-            ) from None
+        await self._get_me(app.initialize, requests)
         self._app = app
         self._bot_id = app.bot.id
         self._bot_username = app.bot.username or ""
@@ -246,6 +234,32 @@ class TelegramAdapter:
             )
             raise PersonabotError(f"telegram: cannot start {where}: {self._safe(exc)}") from None
         log.info("telegram: connected as @%s (%s)", self._bot_username, self.mode)
+
+    async def check_token(self) -> None:
+        """The token's shape, then getMe: `personabot run` reports a bad token before loading the model."""
+        self._check_config()
+        request = HTTPXRequest(connect_timeout=self.request_timeout, read_timeout=self.request_timeout)
+        bot = Bot(self._token, base_url=self.base_url, base_file_url=self.base_file_url, request=request)
+        await self._get_me(bot.initialize, (request,))
+        await bot.shutdown()
+
+    async def _get_me(
+        self, initialize: Callable[[], Awaitable[Any]], requests: tuple[HTTPXRequest, ...]
+    ) -> None:
+        """getMe (through `initialize`); a rejected token or an unreachable API is one clear line."""
+        try:
+            await self._retrying("getMe", initialize, idempotent=True)
+        except InvalidToken:
+            await _close(requests)
+            raise PersonabotError(
+                f"telegram: the Bot API rejected the bot token (check {TOKEN_ENV}, telegram.token or "
+                "telegram.token_file)"
+            ) from None
+        except TelegramError as exc:
+            await _close(requests)
+            raise PersonabotError(
+                f"telegram: cannot reach the Bot API at {_origin(self.base_url)}: {self._safe(exc)}"
+            ) from None
 
     async def _publish_commands(self) -> None:
         """Fill Telegram's "/" menu (`setMyCommands`), only when it differs from what Telegram has."""

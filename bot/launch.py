@@ -10,6 +10,7 @@ lost and not restored (see `bot.watchdog`) stops it the same way, with exit stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import threading
@@ -21,6 +22,7 @@ from adapters.console import ConsoleAdapter
 from bot.app import BotApp
 from bot.config import Settings
 from bot.errors import ConfigError
+from bot.generation.base import GenerationBackend
 from bot.runtime import load_backend, load_registry, open_store
 from bot.store import Store, conversations
 from bot.store.models import OutboxDelivery, ReplyJob
@@ -134,8 +136,6 @@ async def run_bot(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run until `stop` is set or a signal arrives; returns the exit code (0 after a clean stop)."""
-    from bot.scheduler import JobScheduler
-
     if say is None:
         stream = sys.stderr if console else sys.stdout
 
@@ -143,6 +143,67 @@ async def run_bot(
             print(line, file=stream, flush=True)
 
     stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        say(f"{signal.Signals(signum).name}: stopping (again to stop at once)")
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+        stop.set()
+
+    # From the start: a SIGTERM while the model is pulled or loaded is a clean stop too (exit 0).
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, on_signal, s)
+    try:
+        return await _run(settings, console, console_channel, stdin, stdout, say, stop)
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+
+
+async def _load_backend_unless_stopped(settings: Settings, stop: asyncio.Event) -> GenerationBackend | None:
+    """The model, loaded (or pulled) in a daemon thread; None when `stop` is set first.
+
+    Not the default executor: `asyncio.run` waits for its threads at exit, so a SIGTERM during a
+    pull would wait for the download. A daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    loaded: asyncio.Future[GenerationBackend] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(outcome)
+
+    def work() -> None:
+        try:
+            backend = load_backend(settings, allow_pull=True)
+        except BaseException as exc:
+            error = exc  # `exc` is unbound when the except block ends, before the callback runs
+            settle(lambda: loaded.done() or loaded.set_exception(error))
+        else:
+            settle(lambda: loaded.done() or loaded.set_result(backend))
+
+    threading.Thread(target=work, name="load-model", daemon=True).start()
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loaded, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        loaded.cancel()
+        return None
+    return loaded.result()
+
+
+async def _run(
+    settings: Settings,
+    console: bool,
+    console_channel: str,
+    stdin: TextIO | None,
+    stdout: TextIO | None,
+    say: Say,
+    stop: asyncio.Event,
+) -> int:
+    from bot.scheduler import JobScheduler
+
     registry = load_registry(settings)
     store = await open_store(settings)
     try:
@@ -154,9 +215,16 @@ async def run_bot(
             adapters.append(console_adapter)
         else:
             say("console: skipped: not asked for (--console)")
+        for adapter in adapters:  # a bad token says so now, not after the model has loaded
+            check_token = getattr(adapter, "check_token", None)
+            if check_token is not None:
+                await check_token()
         backend = None
         if settings.worker.enabled:
-            backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
+            backend = await _load_backend_unless_stopped(settings, stop)
+            if backend is None:
+                say("stopped before start-up finished")
+                return 0
         scheduler = JobScheduler(settings, store, registry) if settings.scheduler.enabled else None
         if not adapters and backend is None and scheduler is None:
             raise ConfigError(
@@ -186,16 +254,6 @@ async def run_bot(
                     say(f"scheduler: {problem.job_id}: not scheduled: {problem.message}")
             else:
                 say("scheduler: skipped: scheduler.enabled is false")
-            loop = asyncio.get_running_loop()
-
-            def on_signal(signum: int) -> None:
-                say(f"{signal.Signals(signum).name}: stopping (again to stop at once)")
-                for s in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(s)
-                stop.set()
-
-            for s in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(s, on_signal, s)
             reader = None
             if console_adapter is not None:
                 reader = ConsoleInput(console_adapter, store, stdin or sys.stdin, stop.set).start()
@@ -207,8 +265,6 @@ async def run_bot(
             if reader is not None:
                 reader.cancel()
         finally:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                asyncio.get_running_loop().remove_signal_handler(s)
             await app.stop()
         if app.failure is not None:
             say(f"stopped: {app.failure} (exit status 3, so a supervisor restarts it)")
