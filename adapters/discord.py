@@ -129,6 +129,7 @@ class DiscordAdapter:
         self._on_event: EventHandler | None = None
         self._receiving = False
         self._ready = asyncio.Event()
+        self._progress = asyncio.Event()  # a shard connected (see _wait_ready)
         self._connect_task: asyncio.Task[None] | None = None
         self._queues = ChannelQueues()
         self._fetched: OrderedDict[int, ChannelRef] = OrderedDict()  # uncached channels, asked about once
@@ -204,6 +205,7 @@ class DiscordAdapter:
         client.on_raw_message_delete = self._on_raw_message_delete  # type: ignore[attr-defined]
         client.on_raw_bulk_message_delete = self._on_raw_bulk_message_delete  # type: ignore[attr-defined]
         client.on_resumed = self._on_resumed  # type: ignore[attr-defined]
+        client.on_shard_connect = self._on_shard_connect  # type: ignore[attr-defined]
         if self.identify_delay is not None:
             delay = self.identify_delay
 
@@ -231,11 +233,7 @@ class DiscordAdapter:
             raise
         self._receiving = True
         self._connect_task = asyncio.create_task(client.connect(reconnect=True), name="discord-gateway")
-        ready = asyncio.create_task(self._ready.wait())
-        done, _ = await asyncio.wait(
-            {self._connect_task, ready}, timeout=self.ready_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        ready.cancel()
+        done = await self._wait_ready()
         if self._ready.is_set():
             return
         task = self._connect_task
@@ -297,6 +295,33 @@ class DiscordAdapter:
         await self._abort()
         self._ready.clear()
         await self.start(on_event)
+
+    async def _wait_ready(self) -> set[asyncio.Future[Any]]:
+        """Wait until ready, or the gateway task ends, or `ready_timeout` passes with no progress.
+
+        Sharded, discord.py logs shards in one after another, 5 s apart (Discord's IDENTIFY limit),
+        so a fixed timeout caps the shard count; each shard that connects restarts the clock.
+        """
+        assert self._connect_task is not None
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            while True:
+                self._progress.clear()
+                progress = asyncio.create_task(self._progress.wait())
+                done, _ = await asyncio.wait(
+                    {self._connect_task, ready, progress},
+                    timeout=self.ready_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                progress.cancel()
+                if progress not in done or ready in done or self._connect_task in done:
+                    return done
+        finally:
+            ready.cancel()
+
+    async def _on_shard_connect(self, shard_id: int) -> None:
+        log.info("Discord shard %d connected", shard_id)
+        self._progress.set()
 
     async def _abort(self) -> None:
         self._receiving = False
