@@ -89,16 +89,18 @@ class ConnectionWatchdog:
             error = _ending(task)
             platform = adapter.platform
             self.failures[platform] = self.failures.get(platform, 0) + 1
+            fatal = bool(getattr(error, "fatal", False))
             log.error(
-                "the %s connection ended unexpectedly (%s); reconnecting",
+                "the %s connection ended unexpectedly (%s); %s",
                 platform,
                 describe(error),
-                exc_info=error if not isinstance(error, ConnectionLost) else None,
+                "a reconnect cannot help" if fatal else "reconnecting",
+                exc_info=error if not (fatal or isinstance(error, ConnectionLost)) else None,
             )
             failure = {"error": describe(error), "failures": self.failures[platform]}
             await self._state(platform, "failed", failure)
-            if getattr(error, "fatal", False):
-                self.on_fatal(f"{platform}: {describe(error)}")
+            if fatal:
+                self.on_fatal(str(error))
                 return
             if not await self._reconnect(adapter, failure):
                 return
