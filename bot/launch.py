@@ -23,7 +23,7 @@ from bot.app import BotApp
 from bot.config import Settings
 from bot.errors import ConfigError
 from bot.generation.base import GenerationBackend
-from bot.runtime import load_backend, load_registry, open_store
+from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
 from bot.store import Store, conversations
 from bot.store.models import OutboxDelivery, ReplyJob
 from personas.registry import PersonaRegistry
@@ -205,7 +205,7 @@ async def _run(
     from bot.scheduler import JobScheduler
 
     registry = load_registry(settings)
-    store = await open_store(settings)
+    store = await open_store(settings, wait_seconds=START_WAIT_SECONDS)
     try:
         say(f"database: {store.engine.url.render_as_string(hide_password=True)} (migrations applied)")
         adapters = _platform_adapters(settings, say)

@@ -170,3 +170,25 @@ async def test_discord_messages_during_an_outage_are_answered_after_it(
             assert [r["content"] for r in replies] == ["echo: Alice: during 0", "echo: Alice: during 1"]
         finally:
             await bot.stop()
+
+
+async def test_a_process_started_while_the_database_is_down_waits_for_it(
+    db_url: str, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`personabot run` / `worker` restarted during a database restart wait instead of exiting 1."""
+    from bot.config import load_settings
+    from bot.runtime import open_store
+
+    url = make_url(db_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    settings = load_settings(database_url=url)
+    await proxy.down()
+    with pytest.raises(Exception) as refused:
+        await open_store(settings)  # one-shot commands still fail at once
+    assert "Connect call failed" in str(refused.value) or "refused" in str(refused.value).lower()
+    asyncio.get_running_loop().call_later(1.5, lambda: asyncio.ensure_future(proxy.up()))
+    with caplog.at_level(logging.WARNING, logger="bot.runtime"):
+        store = await open_store(settings, wait_seconds=30)
+    await store.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "bot.runtime"] == [
+        "the database is unreachable (ConnectionRefusedError); waiting up to 30 s for it"
+    ]
