@@ -90,3 +90,14 @@ async def test_sigterm_while_the_model_loads_exits_0(tmp_path: Path) -> None:
     log = await out.done()
     assert code == 0, log
     assert "SIGTERM: stopping" in log and "stopped before start-up finished" in log
+
+
+def test_a_bot_process_without_a_worker_does_not_import_torch() -> None:
+    """A frontend (`worker.enabled = false`) restarted after a crash is back seconds sooner."""
+    import subprocess
+
+    check = (
+        "import sys, bot.cli, bot.launch, adapters.telegram, adapters.discord; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
