@@ -6,8 +6,10 @@ the dispatcher's.
 
 Receiving is ours, not PTB's `Updater`: an update is confirmed to Telegram (the next `getUpdates`
 offset, or the webhook's 200) only after the runtime stored it or kept it in its spool, so a crash
-or a database outage never loses one; the Updater confirms what it has merely fetched. Flood control (429 with `retry_after`) is honoured by PTB's `AIORateLimiter`;
-connection errors and 5xx answers are retried here with exponential backoff.
+or a database outage never loses one; the Updater confirms what it has merely fetched.
+
+Flood control (429 with `retry_after`) is honoured by PTB's `AIORateLimiter`; connection errors and
+5xx answers are retried here with exponential backoff.
 
 Telegram's quirks handled here, in one place:
 - texts are measured in UTF-16 code units (4,096 per message) and so are entity offsets;

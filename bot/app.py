@@ -3,7 +3,8 @@
 `personabot run` builds a `BotApp` from the config; adapter end-to-end tests build one around fake
 platforms. Shutdown order matters, so nothing accepted is lost:
 
-1. adapters stop taking events (they can still deliver);
+1. adapters stop taking events (they can still deliver); events waiting in the ingest spool for an
+   unreachable database get `run.flush_timeout_seconds` to be stored, the rest stay in its file;
 2. the scheduler fires nothing more and gives running jobs the stop timeout;
 3. the worker finishes its batch within `run.stop_timeout_seconds`; jobs it still holds after that go
    back to the queue at once (not after their lease expires);
