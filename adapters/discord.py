@@ -636,6 +636,8 @@ class DiscordAdapter:
             answer, ephemeral = "Sorry, that failed; the bot's log says why.", True
         elif result.notice:
             answer, ephemeral = result.notice, False
+        elif result.spooled:  # the database is away: the answer comes later, as a message here
+            answer, ephemeral = "The bot is catching up; the answer follows here in a moment.", True
         else:
             answer, ephemeral = "You can't use this bot here.", True
         chunk = (split_text(clean_text(answer), MESSAGE_LIMIT) or ["…"])[0]

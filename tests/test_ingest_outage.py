@@ -163,11 +163,18 @@ async def test_discord_messages_during_an_outage_are_answered_after_it(
             await proxy.down()
             for n in range(2):
                 await fake.say(w.general, w.alice, f"{mention(fake.bot)} during {n}", mentions=[fake.bot])
+            response = await fake.slash(w.general, w.bob, "help")
+            assert "catching up" in response["data"]["content"]
             await asyncio.sleep(0.5)
-            assert bot.app.ingest.waiting == 2
+            assert bot.app.ingest.waiting == 3
             await proxy.up()
-            replies = await bot.replies(w.general, 2, timeout=20)
-            assert [r["content"] for r in replies] == ["echo: Alice: during 0", "echo: Alice: during 1"]
+            replies = await bot.replies(w.general, 3, timeout=20)
+            texts = [r["content"] for r in replies]
+            assert [t for t in texts if t.startswith("echo")] == [
+                "echo: Alice: during 0",
+                "echo: Alice: during 1",
+            ]
+            assert any(t.startswith("Commands: ") for t in texts)  # the command's answer, late
         finally:
             await bot.stop()
 
