@@ -345,7 +345,7 @@ def table(run: Run) -> str:
         ("left pending", ", ".join(f"{k} {v}" for k, v in run.pending.items())),
         ("run took", f"{run.elapsed:.0f} s"),
     ]  # fmt: skip
-    width = max(len(k) for k, _ in rows)
+    width = max(len(k) for k, v in rows if v)  # list lines (no value) may run longer
     return "\n".join(["", "chaos run", *(f"{k.ljust(width)}  {v}" for k, v in rows)])
 
 
