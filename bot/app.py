@@ -3,7 +3,8 @@
 `personabot run` builds a `BotApp` from the config; adapter end-to-end tests build one around fake
 platforms. Shutdown order matters, so nothing accepted is lost:
 
-1. adapters stop taking events (they can still deliver);
+1. adapters stop taking events (they can still deliver); events waiting in the ingest spool for an
+   unreachable database get `run.flush_timeout_seconds` to be stored, the rest stay in its file;
 2. the scheduler fires nothing more and gives running jobs the stop timeout;
 3. the worker finishes its batch within `run.stop_timeout_seconds`; jobs it still holds after that go
    back to the queue at once (not after their lease expires);
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
@@ -25,12 +26,14 @@ from adapters.base import PlatformAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.events import utcnow
+from bot.events import Incoming, utcnow
 from bot.generation.base import GenerationBackend
 from bot.heartbeat import Component, Heartbeats
+from bot.ingest import Ingest
 from bot.store import Store
 from bot.store.models import ReplyJob
 from bot.streaming import StreamingRelay
+from bot.watchdog import ConnectionWatchdog
 from bot.worker import Worker
 from personas.registry import PersonaRegistry
 
@@ -57,6 +60,14 @@ class BotApp:
         self.registry = registry
         self.adapters = list(adapters)
         self.dispatcher = Dispatcher(settings, store, registry)
+        # Between the adapters and the dispatcher: events the database cannot take now wait here.
+        self.ingest = Ingest(
+            self.dispatcher.handle,
+            settings.data_dir / "spool",
+            "+".join(sorted({a.platform for a in self.adapters})) or "none",
+            max_events=settings.run.spool_max_events,
+            notify=self._answer_late,
+        )
         # An adapter may ask for its platform's edit pace (`stream_min_interval`, `stream_min_growth`).
         self.relays = [
             StreamingRelay(
@@ -77,6 +88,16 @@ class BotApp:
             if heartbeats
             else None
         )
+        self.watchdog = ConnectionWatchdog(
+            self.adapters,
+            attempts=settings.run.reconnect_attempts,
+            backoff_seconds=settings.run.reconnect_backoff_seconds,
+            on_state=self._adapter_state,
+            on_fatal=self._fail,
+        )
+        # Set when a platform connection is lost for good; `personabot run` then exits non-zero.
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         self._stop = asyncio.Event()
         self._pump_tasks: list[asyncio.Task[None]] = []
         self._worker_task: asyncio.Task[None] | None = None
@@ -93,8 +114,10 @@ class BotApp:
     async def start(self) -> None:
         """Start everything; if a part fails to start, what already started is stopped again."""
         try:
+            if self.adapters:
+                await self.ingest.start()
             for adapter in self.adapters:
-                await adapter.start(self.dispatcher.handle)
+                await adapter.start(self.ingest.handle)
                 self._started.append(adapter)
             self._pump_tasks = [
                 asyncio.create_task(p.run(self._stop), name=f"outbox:{p.adapter.platform}")
@@ -106,6 +129,7 @@ class BotApp:
                 await self.scheduler.start()
             if self.heartbeats is not None:
                 await self.heartbeats.start()
+            self.watchdog.start()
         except BaseException:
             await self.stop(flush_timeout=0)
             raise
@@ -113,11 +137,13 @@ class BotApp:
     async def stop(self, flush_timeout: float | None = None) -> None:
         """Stop taking events, let the scheduler and worker finish, flush the outbox, disconnect."""
         run = self.settings.run
+        await self.watchdog.stop()  # from here on, a connection that ends was ended on purpose
         for adapter in self._started:
             try:
                 await adapter.stop_receiving()
             except Exception:
                 log.exception("the %s adapter did not stop receiving cleanly", adapter.platform)
+        await self.ingest.stop(run.flush_timeout_seconds)
         if self.scheduler is not None:
             await self.scheduler.stop(run.stop_timeout_seconds)
         self._stop.set()
@@ -148,6 +174,22 @@ class BotApp:
         self._started = []
         if self.heartbeats is not None:
             await self.heartbeats.stop()
+
+    async def _answer_late(self, event: Incoming, notice: str) -> None:
+        """A command's answer for an event stored from the spool, posted the adapter's way."""
+        for adapter in self._started:
+            answer = getattr(adapter, "answer_later", None)
+            if adapter.platform == event.platform and answer is not None:
+                await answer(event, notice)
+
+    async def _adapter_state(self, platform: str, state: str, detail: dict[str, Any]) -> None:
+        if self.heartbeats is not None:
+            await self.heartbeats.set_state("adapter", platform, state, detail)
+
+    def _fail(self, reason: str) -> None:
+        log.error("giving up: %s", reason)
+        self.failure = reason
+        self.failed.set()
 
     async def _release_worker_jobs(self) -> None:
         """Jobs the stopped worker still leased: pending again now; the cut attempt is not counted."""

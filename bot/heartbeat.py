@@ -27,6 +27,7 @@ class Component:
     kind: str  # adapter | worker | scheduler
     name: str  # the platform for adapters; empty otherwise
     detail: dict[str, Any] = field(default_factory=dict)
+    state: str = "running"  # running | failed (a lost platform connection) | stopped
 
     def key(self, owner: str) -> str:
         label = f"{self.kind}:{self.name}" if self.name else self.kind
@@ -60,10 +61,18 @@ class Heartbeats:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    async def beat_all(self, state: str = "running") -> None:
+    async def beat_all(self) -> None:
         for c in self.components:
-            detail = c.detail | {"state": state, "interval": self.interval, "owner": self.owner}
+            detail = c.detail | {"state": c.state, "interval": self.interval, "owner": self.owner}
             await beat(self.store, c.key(self.owner), c.kind, detail)
+
+    async def set_state(self, kind: str, name: str, state: str, detail: dict[str, Any]) -> None:
+        """A component's new state (and what explains it), written at once rather than at the next beat."""
+        for c in self.components:
+            if c.kind == kind and c.name == name:
+                c.state = state
+                c.detail = {k: v for k, v in c.detail.items() if k not in ("error", "last_failure")} | detail
+        await self.beat_all()
 
     async def _loop(self) -> None:
         while not self._stop.is_set():
@@ -81,12 +90,18 @@ class Heartbeats:
         self._task = asyncio.create_task(self._loop(), name="heartbeats")
 
     async def stop(self) -> None:
-        """Last beat: `stopped`, so status tells a clean stop from a crash (nothing if never started)."""
+        """Last beat: `stopped`, so status tells a clean stop from a crash (nothing if never started).
+
+        A component that failed stays `failed`: the process is stopping because of it.
+        """
         self._stop.set()
         if self._task is None:
             return
         await self._task
+        for c in self.components:
+            if c.state != "failed":
+                c.state = "stopped"
         try:
-            await self.beat_all("stopped")
+            await self.beat_all()
         except Exception:
             log.warning("could not record the stop in heartbeats", exc_info=True)

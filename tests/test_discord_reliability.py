@@ -172,3 +172,25 @@ async def test_sharded_client_from_one_setting(sqlite_store: Store, fake: FakeDi
             assert reply["content"] == "echo: Alice: hi shard"
     finally:
         await bot.stop()
+
+
+async def test_many_shards_start_though_together_they_take_longer_than_the_ready_timeout(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    """Shards log in one after another (5 s apart on Discord); the ready timeout is per shard."""
+    fake.shard_count = 4
+    guilds = [fake.add_guild(f"guild {n}", guild_id=str((0x52000 + n) << 22 | 7)) for n in range(4)]
+    alice = fake.add_user("alice", global_name="Alice")
+    for guild in guilds:
+        fake.add_member(guild, alice)
+    channel = fake.add_channel(guilds[3], "general")
+    settings = load_settings(worker={"poll_seconds": 0.05}, discord={"sharded": True})
+    # 4 shards 0.6 s apart: about 2 s in all, more than the 1.2 s ready timeout.
+    bot = await start_bot(sqlite_store, fake, settings=settings, identify_delay=0.6, ready_timeout=1.2)
+    try:
+        assert sorted(s.shard for s in fake.sessions.values()) == [(n, 4) for n in range(4)]
+        await fake.say(channel, alice, f"{mention(fake.bot)} hi", mentions=[fake.bot])
+        (reply,) = await bot.replies(channel, 1)
+        assert reply["content"] == "echo: Alice: hi"
+    finally:
+        await bot.stop()

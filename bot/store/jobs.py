@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from bot.events import utcnow
-from bot.store.conversations import _insert_for
+from bot.store.conversations import _insert_for, storable_text
 from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
 
 
@@ -214,7 +214,13 @@ async def complete(
     message_id = (
         await session.execute(
             _insert_for(session)(Message)
-            .values(channel_id=job.channel_id, role="assistant", persona=persona, text=text, created_at=now)
+            .values(
+                channel_id=job.channel_id,
+                role="assistant",
+                persona=persona,
+                text=storable_text(text),  # a model may write NUL, which PostgreSQL refuses
+                created_at=now,
+            )
             .returning(Message.id)
         )
     ).scalar_one()

@@ -425,6 +425,17 @@ class FakeDiscord:
 
     async def slash(self, channel: Json, user: Json, command: str, **options: str) -> Json:
         """Run the slash command `/command`; returns the bot's interaction response."""
+        data = self.interaction(channel, user, command, **options)
+        interaction_id = data["id"]
+        waiter: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
+        self._interaction_waiters[interaction_id] = waiter
+        self.interaction_channels[interaction_id] = channel["id"]
+        await self.dispatch("INTERACTION_CREATE", data, guild_id=channel.get("guild_id"))
+        async with asyncio.timeout(10):
+            return await waiter
+
+    def interaction(self, channel: Json, user: Json, command: str, **options: str) -> Json:
+        """The INTERACTION_CREATE payload of `/command` (not dispatched: see `slash`)."""
         interaction_id = self.snowflake()
         token = f"interaction-token-{interaction_id}"
         registered = next((c for c in self.commands if c["name"] == command), None)
@@ -459,12 +470,7 @@ class FakeDiscord:
             }
         else:
             data["user"] = user
-        waiter: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
-        self._interaction_waiters[interaction_id] = waiter
-        self.interaction_channels[interaction_id] = channel["id"]
-        await self.dispatch("INTERACTION_CREATE", data, guild_id=channel.get("guild_id"))
-        async with asyncio.timeout(10):
-            return await waiter
+        return data
 
     # -- gateway --------------------------------------------------------------------------------
 
