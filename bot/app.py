@@ -19,17 +19,13 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sqlalchemy import update
-
 from adapters.base import PlatformAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.events import utcnow
 from bot.generation.base import GenerationBackend
 from bot.heartbeat import Component, Heartbeats
-from bot.store import Store
-from bot.store.models import ReplyJob
+from bot.store import Store, jobs
 from bot.streaming import StreamingRelay
 from bot.worker import Worker
 from personas.registry import PersonaRegistry
@@ -153,15 +149,5 @@ class BotApp:
         """Jobs the stopped worker still leased: pending again now; the cut attempt is not counted."""
         assert self.worker is not None
         async with self.store.transaction() as session:
-            released = await session.execute(
-                update(ReplyJob)
-                .where(ReplyJob.status == "running", ReplyJob.lease_owner == self.worker.owner)
-                .values(
-                    status="pending",
-                    attempts=ReplyJob.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    available_at=utcnow(),
-                )
-            )
-        log.info("returned %d unfinished job(s) to the queue", released.rowcount)
+            released = await jobs.release_owner(session, self.worker.owner)
+        log.info("returned %d unfinished job(s) to the queue", released)

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from adapters.base import PartialDelivery, PlatformAdapter
 from bot.store import Store, outbox
+from bot.store.leases import keep_leases
 from bot.streaming import StreamingRelay
 from bot.worker import worker_id
 
@@ -53,27 +54,41 @@ class OutboxPump:
                 )
             if not due:
                 return posted
-            for reply in due:
-                if self.relay is not None and reply.streamed_id is None:
-                    reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
-                try:
-                    ids = await self.adapter.deliver(reply)
-                except Exception as exc:
-                    log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
-                    async with self.store.transaction() as session:
-                        if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
-                            await outbox.record_progress(session, reply.outbox_id, exc.delivered_ids)
-                        await outbox.mark_failed(
-                            session,
-                            reply.outbox_id,
-                            error=f"{type(exc).__name__}: {exc}",
-                            max_attempts=self.max_attempts,
-                            backoff_seconds=self.backoff_seconds,
-                        )
-                    continue
-                async with self.store.transaction() as session:
-                    await outbox.mark_delivered(session, reply.outbox_id, ids)
-                posted += 1
+            # A batch of slow deliveries (rate limits, retries) may outlive the lease: keep renewing
+            # the leases of the rows not yet settled.
+            unsettled = {item.lease.id: item.lease for item in due}
+            async with keep_leases(
+                self.store, outbox.QUEUE, unsettled.values, lease_seconds=self.lease_seconds
+            ):
+                for item in due:
+                    posted += await self._deliver(item)
+                    unsettled.pop(item.lease.id, None)
+
+    async def _deliver(self, item: outbox.ClaimedDelivery) -> bool:
+        """Post one claimed reply and record the outcome; True when it was posted."""
+        reply, lease = item.reply, item.lease
+        if self.relay is not None and reply.streamed_id is None:
+            reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
+        try:
+            ids = await self.adapter.deliver(reply)
+        except Exception as exc:
+            log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
+            async with self.store.transaction() as session:
+                if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
+                    await outbox.record_progress(session, lease, exc.delivered_ids)
+                await outbox.mark_failed(
+                    session,
+                    lease,
+                    error=f"{type(exc).__name__}: {exc}",
+                    max_attempts=self.max_attempts,
+                    backoff_seconds=self.backoff_seconds,
+                )
+            return False
+        async with self.store.transaction() as session:
+            held = await outbox.mark_delivered(session, lease, ids)
+        if not held:
+            log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -8,6 +8,7 @@ test runs autogenerate against a migrated database and expects no difference).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -60,6 +61,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"  # waiting to be claimed (from `available_at`)
+    RUNNING = "running"  # leased by a worker
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"  # waiting to be claimed (from `available_at`)
+    SENDING = "sending"  # leased by a delivering process
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused for good, or still failing at its deadline
+    # A send may have reached the platform but its answer never came back (Telegram has no idempotency
+    # key): not resent blindly; `personabot outbox retry` resends it once an operator has checked.
+    UNKNOWN = "unknown"
 
 
 def _now() -> datetime:
@@ -142,7 +160,7 @@ class ReplyJob(Base):
     kind: Mapped[str] = mapped_column(String(16), default="reply")  # reply | scheduled
     # Extra instruction for scheduled posts ("Greet the channel good morning").
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -167,7 +185,7 @@ class OutboxDelivery(Base):
     channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
     platform: Mapped[str] = mapped_column(String(32))
     reply_to: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|delivered|failed
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)

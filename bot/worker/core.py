@@ -48,6 +48,7 @@ from bot.generation.base import (
 from bot.metrics import WorkerMetrics
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
+from bot.store.leases import keep_leases
 from bot.streaming import ReplyObserver
 from bot.worker.adapters import AdapterSync
 from bot.worker.prepare import JobRejected, Prepared, Preparer, load_inputs
@@ -183,15 +184,11 @@ class Worker:
             return 0
         started = time.perf_counter()
         report = BatchReport(claimed=len(claimed))
-        renewer = asyncio.create_task(self._renew_leases(claimed))
-        try:
+        leases = [job.lease for job in claimed]
+        async with keep_leases(self.store, jobs.QUEUE, lambda: leases, lease_seconds=w.lease_seconds):
             prepared = await self._prepare(claimed, report)
             if prepared:
                 await self._generate(prepared, report)
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
         self._log_batch(report, time.perf_counter() - started)
         return len(claimed)
 
@@ -409,16 +406,6 @@ class Worker:
         await fanout.end(item.reply, False)
 
     # -- leases and logs ------------------------------------------------------------------------------
-
-    async def _renew_leases(self, claimed: list[ClaimedJob]) -> None:
-        lease = self.settings.worker.lease_seconds
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                async with self.store.transaction() as session:
-                    await jobs.extend_leases(session, claimed, lease_seconds=lease)
-            except Exception:
-                log.warning("could not renew job leases", exc_info=True)
 
     def _log_batch(self, report: BatchReport, seconds: float) -> None:
         kv = getattr(self.backend, "kv", None)
