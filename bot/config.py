@@ -97,7 +97,12 @@ class TelegramSettings(TokenSettings):
 class WorkerSettings(Section):
     enabled: bool = Field(default=True, description="Run the worker inside `personabot run`.")
     max_batch: int = Field(default=16, ge=1)
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(
+        default=6.0,
+        gt=0,
+        description="A claimed job's lease, renewed every third of it while the job runs: a worker "
+        "that dies loses its jobs to another worker within this time.",
+    )
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
     poll_seconds: float = Field(default=0.5, gt=0)

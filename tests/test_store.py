@@ -285,3 +285,14 @@ async def test_a_delivery_whose_lease_passed_on_writes_nothing(store: Store) -> 
         assert row is not None and row.status == "sending" and row.delivered_ids == [] and row.error is None
     async with store.transaction() as s:
         assert await outbox.mark_delivered(s, fresh.lease, ["d1"])
+
+
+async def test_a_reply_with_nul_characters_is_stored(store: Store) -> None:
+    """A model's reply may contain NUL (a tiny or broken model emits any byte); PostgreSQL refused it."""
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        reply_id = await jobs.complete(s, job, text="a\x00b\ud800", persona="assistant", platform="discord")
+    async with store.transaction() as s:
+        reply = await s.get(Message, reply_id)
+    assert reply is not None and reply.text == "ab\ufffd"

@@ -20,7 +20,7 @@ from sqlalchemy.orm import aliased
 
 from bot.backoff import backoff
 from bot.events import utcnow
-from bot.store.conversations import _insert_for
+from bot.store.conversations import _insert_for, storable_text
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
 
@@ -185,7 +185,13 @@ async def complete(
     message_id = (
         await session.execute(
             _insert_for(session)(Message)
-            .values(channel_id=job.channel_id, role="assistant", persona=persona, text=text, created_at=now)
+            .values(
+                channel_id=job.channel_id,
+                role="assistant",
+                persona=persona,
+                text=storable_text(text),  # a model may emit NUL, which PostgreSQL refuses
+                created_at=now,
+            )
             .returning(Message.id)
         )
     ).scalar_one()
