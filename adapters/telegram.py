@@ -39,8 +39,9 @@ from telegram.error import (
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
 from telegram.request import HTTPXRequest
 
-from adapters.base import DispatchResult, EventHandler, PartialDelivery
+from adapters.base import DeliveryRefused, DispatchResult, EventHandler, PartialDelivery
 from adapters.splitting import split_text, utf16_len
+from bot.backoff import backoff
 from bot.errors import ConfigError, PersonabotError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Edited, Incoming, Outgoing, PlatformEvent
 from bot.logs import RedactingFilter, redact, register_secret
@@ -420,9 +421,12 @@ class TelegramAdapter:
                         continue
                 ids.append(await self._send(reply.channel, chunks[index], reply_to if index == 0 else None))
             except Exception as exc:
+                failure: Exception = refusal(exc) or exc
                 if len(ids) > len(reply.delivered_ids):
-                    raise PartialDelivery(ids, exc) from exc
-                raise
+                    raise PartialDelivery(ids, failure) from exc
+                if failure is exc:
+                    raise
+                raise failure from exc
         return ids
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
@@ -518,7 +522,6 @@ class TelegramAdapter:
 
         429s are the rate limiter's (it waits `retry_after`); 4xx answers are final.
         """
-        delay = self.retry_backoff
         for attempt in range(self.network_retries + 1):
             try:
                 return await call()
@@ -532,9 +535,9 @@ class TelegramAdapter:
                 if attempt == self.network_retries:
                     raise
                 exc_name = self._safe(exc)
+            delay = backoff(attempt + 1, base=self.retry_backoff, cap=30.0)
             log.warning("telegram: %s failed (%s); retrying in %.1fs", what, exc_name, delay)
             await asyncio.sleep(delay)
-            delay *= 2
         raise AssertionError("unreachable")
 
     def _safe(self, exc: BaseException | None) -> str:
@@ -558,6 +561,19 @@ class _RateLimiter(AIORateLimiter):
         if endpoint == "sendChatAction":
             return await callback(*args, **kwargs)
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+
+def refusal(exc: BaseException) -> DeliveryRefused | None:
+    """A Bot API answer that no retry can change, as a `DeliveryRefused`; None for transient ones.
+
+    403 (the bot was blocked by the user, kicked from the group) and 400 (chat not found, message
+    too long, thread not found) are final; timeouts, connection errors, 5xx and 429 are not.
+    """
+    if isinstance(exc, Forbidden):
+        return DeliveryRefused("403", exc.message)
+    if isinstance(exc, BadRequest) and not isinstance(exc, ChatMigrated):
+        return DeliveryRefused("400", exc.message)
+    return None
 
 
 def _guard_loggers() -> None:

@@ -63,7 +63,10 @@ class BotApp:
             )
             for a in self.adapters
         ]
-        self.pumps = [OutboxPump(store, a, relay=r) for a, r in zip(self.adapters, self.relays, strict=True)]
+        self.pumps = [
+            OutboxPump(store, a, settings.delivery, relay=r)
+            for a, r in zip(self.adapters, self.relays, strict=True)
+        ]
         self.worker = (
             Worker(settings, store, registry, backend, observers=self.relays) if backend is not None else None
         )

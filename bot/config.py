@@ -178,6 +178,26 @@ class RunSettings(Section):
     )
 
 
+class DeliverySettings(Section):
+    """The outbox: posting replies on the platforms."""
+
+    deadline_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="A reply that keeps failing for a transient reason (5xx, timeouts, the platform "
+        "unreachable) is retried this long after it was written, then marked failed.",
+    )
+    retry_backoff_seconds: float = Field(
+        default=2.0, ge=0, description="First retry delay of a failed delivery; doubles each attempt."
+    )
+    retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two delivery attempts."
+    )
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="Lease of a claimed reply, renewed while it is being posted."
+    )
+
+
 class Settings(BaseSettings):
     """Everything personabot reads from its config file and environment."""
 
@@ -201,6 +221,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     # Where the values came from, for messages; not a setting.
     config_path: Path | None = Field(default=None, exclude=True)

@@ -1,12 +1,21 @@
-"""Delivering the outbox through an adapter: claim, post, record the platform ids, retry on failure."""
+"""Delivering the outbox through an adapter: claim, post, record the platform ids, retry on failure.
+
+A refusal the platform means for good (`DeliveryRefused`: DMs closed, missing permissions, unknown
+chat) fails the row at once with the platform's code and words. Anything else is transient: retried
+with capped, jittered backoff until the row's deadline (`delivery.deadline_hours` after it was
+written), then failed. `personabot outbox retry` puts failed rows back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import replace
+from datetime import timedelta
 
-from adapters.base import PartialDelivery, PlatformAdapter
+from adapters.base import DeliveryRefused, PartialDelivery, PlatformAdapter
+from bot.config import DeliverySettings
+from bot.outage import OutageLog
 from bot.store import Store, outbox
 from bot.store.leases import keep_leases
 from bot.streaming import StreamingRelay
@@ -22,27 +31,24 @@ class OutboxPump:
         self,
         store: Store,
         adapter: PlatformAdapter,
+        settings: DeliverySettings | None = None,
         *,
         batch: int = 16,
-        lease_seconds: float = 60.0,
-        max_attempts: int = 8,
-        backoff_seconds: float = 2.0,
         poll_seconds: float = 0.5,
         relay: StreamingRelay | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
         self.adapter = adapter
+        self.settings = settings or DeliverySettings()
         self.batch = batch
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
         self.owner = f"{worker_id()}:{adapter.platform}"
 
     async def flush(self) -> int:
         """Deliver everything due now; returns how many replies were posted."""
         posted = 0
+        lease_seconds = self.settings.lease_seconds
         while True:
             async with self.store.transaction() as session:
                 due = await outbox.claim(
@@ -50,16 +56,14 @@ class OutboxPump:
                     platform=self.adapter.platform,
                     owner=self.owner,
                     limit=self.batch,
-                    lease_seconds=self.lease_seconds,
+                    lease_seconds=lease_seconds,
                 )
             if not due:
                 return posted
             # A batch of slow deliveries (rate limits, retries) may outlive the lease: keep renewing
             # the leases of the rows not yet settled.
             unsettled = {item.lease.id: item.lease for item in due}
-            async with keep_leases(
-                self.store, outbox.QUEUE, unsettled.values, lease_seconds=self.lease_seconds
-            ):
+            async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
                 for item in due:
                     posted += await self._deliver(item)
                     unsettled.pop(item.lease.id, None)
@@ -72,17 +76,7 @@ class OutboxPump:
         try:
             ids = await self.adapter.deliver(reply)
         except Exception as exc:
-            log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
-            async with self.store.transaction() as session:
-                if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
-                    await outbox.record_progress(session, lease, exc.delivered_ids)
-                await outbox.mark_failed(
-                    session,
-                    lease,
-                    error=f"{type(exc).__name__}: {exc}",
-                    max_attempts=self.max_attempts,
-                    backoff_seconds=self.backoff_seconds,
-                )
+            await self._failed(item, exc)
             return False
         async with self.store.transaction() as session:
             held = await outbox.mark_delivered(session, lease, ids)
@@ -90,13 +84,42 @@ class OutboxPump:
             log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
         return True
 
+    async def _failed(self, item: outbox.ClaimedDelivery, exc: Exception) -> None:
+        reply, lease = item.reply, item.lease
+        cause = exc.cause if isinstance(exc, PartialDelivery) else exc
+        where = f"outbox {reply.outbox_id} to {reply.channel.key}"
+        s = self.settings
+        async with self.store.transaction() as session:
+            if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
+                await outbox.record_progress(session, lease, exc.delivered_ids)
+            if isinstance(cause, DeliveryRefused):
+                await outbox.mark_refused(session, lease, code=cause.code, reason=cause.reason)
+                log.warning("%s refused for good: %s %s (not retried)", where, cause.code, cause.reason)
+                return
+            error = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            status, delay = await outbox.mark_retry(
+                session,
+                lease,
+                error=error,
+                backoff_seconds=s.retry_backoff_seconds,
+                max_backoff_seconds=s.retry_max_seconds,
+                deadline=timedelta(hours=s.deadline_hours),
+            )
+        if status == "failed":
+            log.error("%s failed (%s) and is past its deadline; given up", where, error)
+        elif status == "pending":
+            log.warning("%s failed (%s); attempt %d, next in %.0f s", where, error, lease.attempt, delay)
+
     async def run(self, stop: asyncio.Event) -> None:
+        outage = OutageLog(f"outbox pump for {self.adapter.platform}", log)
         while not stop.is_set():
+            wait = self.poll_seconds
             try:
                 await self.flush()
-            except Exception:
-                log.exception("outbox pump for %s failed; retrying", self.adapter.platform)
+                outage.ok()
+            except Exception as exc:
+                wait = outage.failed(exc)
             try:
-                await asyncio.wait_for(stop.wait(), self.poll_seconds)
+                await asyncio.wait_for(stop.wait(), wait)
             except TimeoutError:
                 pass

@@ -276,10 +276,15 @@ async def test_a_delivery_whose_lease_passed_on_writes_nothing(store: Store) -> 
     assert fresh.lease.attempt == stale.lease.attempt + 1  # same owner, a later claim
     async with store.transaction() as s:
         assert not await outbox.record_progress(s, stale.lease, ["x"])
-        assert (
-            await outbox.mark_failed(s, stale.lease, error="boom", max_attempts=8, backoff_seconds=1)
-            == "lost"
+        status, _ = await outbox.mark_retry(
+            s,
+            stale.lease,
+            error="boom",
+            backoff_seconds=1,
+            max_backoff_seconds=1,
+            deadline=timedelta(hours=1),
         )
+        assert status == "lost"
         assert not await outbox.mark_delivered(s, stale.lease, ["x"])
         row = await s.get(OutboxDelivery, fresh.reply.outbox_id)
         assert row is not None and row.status == "sending" and row.delivered_ids == [] and row.error is None

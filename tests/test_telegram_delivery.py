@@ -233,3 +233,52 @@ async def test_streaming_posts_one_preview_however_fast_tokens_arrive() -> None:
     await relay.on_text(reply, "a partial delivered after the end")
     assert len(adapter.posted) == 1
     assert relay.take_streamed(1) == "1"
+
+
+@pytest.mark.parametrize(
+    ("status", "description"),
+    [(403, "Forbidden: bot was blocked by the user"), (400, "Bad Request: chat not found")],
+)
+async def test_a_refused_reply_fails_at_once_with_telegrams_words(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path, status: int, description: str
+) -> None:
+    """Telegram's final refusals are not retried: the row fails on its first attempt, code and words kept."""
+    api.fail("sendMessage", status, description=description, times=5)
+    async with running_bot(sqlite_store, api, tmp_path) as bot:
+        api.send(CHAT, ADA, "hello?")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "failed"), 1)
+        await asyncio.sleep(0.3)  # time enough for a retry, were there one
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 1 and len(api.calls_of("sendMessage")) == 1
+    assert row.error_code == str(status) and row.error and description.lower().endswith(row.error.lower())
+
+
+async def test_a_long_outage_is_retried_past_any_fixed_count_until_telegram_is_back(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """502s for longer than the old 8 attempts: the reply is still posted, once, when Telegram recovers."""
+    api.fail("sendMessage", 502, times=12, description="Bad Gateway")
+    async with running_bot(sqlite_store, api, tmp_path, network_retries=0) as bot:
+        api.send(CHAT, ADA, "still there?")
+        await bot.wait_until(
+            lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1, timeout=30
+        )
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 13
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: still there?"]
+
+
+async def test_a_transient_failure_past_the_deadline_fails_the_row(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    api.fail("sendMessage", 502, times=10**6, description="Bad Gateway")
+    async with running_bot(sqlite_store, api, tmp_path, network_retries=0) as bot:
+        for pump in bot.app.pumps:
+            pump.settings = pump.settings.model_copy(update={"deadline_hours": 1 / 3600})
+        api.send(CHAT, ADA, "anyone?")
+        await bot.wait_until(
+            lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "failed"), 1, timeout=15
+        )
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts > 1 and row.error is not None and row.error.startswith("still failing after")
+    assert api.bot_messages(CHAT.id) == []

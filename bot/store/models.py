@@ -193,6 +193,10 @@ class OutboxDelivery(Base):
     # Platform ids of the chunks posted so far, so a retried delivery never posts a chunk twice.
     delivered_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The platform's refusal, "<status>/<platform code>" (e.g. "403/50007"), when it refused for good.
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Transient failures are retried until then (unset: `delivery.deadline_hours` after `created_at`).
+    retry_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 

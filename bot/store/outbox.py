@@ -8,12 +8,14 @@ row another pump claimed) never overwrites the newer holder's state.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backoff import backoff
-from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
+from bot.events import Outgoing, utcnow
+from bot.store.conversations import channel_ref
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob
 
@@ -55,13 +57,7 @@ async def claim(
             leases[delivery.id],
             Outgoing(
                 outbox_id=delivery.id,
-                channel=ChannelRef(
-                    platform=channel.platform,
-                    external_id=channel.external_id,
-                    kind=ChannelKind(channel.kind),
-                    thread_id=channel.thread_id,
-                    title=channel.title,
-                ),
+                channel=channel_ref(channel),
                 text=text,
                 persona=persona,
                 reply_to=delivery.reply_to,
@@ -101,16 +97,114 @@ async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list
     return done
 
 
-async def mark_failed(
-    session: AsyncSession, lease: Lease, *, error: str, max_attempts: int, backoff_seconds: float
-) -> str:
-    """A failed delivery is retried with backoff, then given up; returns the new status, or "lost"
-    when the caller no longer holds the lease (nothing changed)."""
-    error = error[:4000]
-    if lease.attempt < max_attempts:
-        held = await QUEUE.retry(
-            session, lease, after=backoff(lease.attempt, base=backoff_seconds), error=error
+async def mark_refused(session: AsyncSession, lease: Lease, *, code: str, reason: str) -> bool:
+    """The platform refused the reply for good: failed now, with its code and words kept."""
+    return await QUEUE.finish(
+        session, lease, OutboxStatus.FAILED, error=reason[:4000] or code, error_code=code[:64]
+    )
+
+
+async def mark_unknown(session: AsyncSession, lease: Lease, *, error: str) -> bool:
+    """A send may or may not have been posted (its answer never came): not retried blindly."""
+    return await QUEUE.finish(session, lease, OutboxStatus.UNKNOWN, error=error[:4000])
+
+
+async def mark_retry(
+    session: AsyncSession,
+    lease: Lease,
+    *,
+    error: str,
+    backoff_seconds: float,
+    max_backoff_seconds: float,
+    deadline: timedelta,
+) -> tuple[str, float]:
+    """A transient failure: retried after a capped, jittered backoff until the row's deadline
+    (`retry_until`, else `deadline` after it was written), then failed.
+
+    Returns the new status and the delay before the next attempt; "lost" when the caller no longer
+    holds the lease (nothing changed).
+    """
+    created_at, retry_until = (
+        await session.execute(
+            select(OutboxDelivery.created_at, OutboxDelivery.retry_until).where(OutboxDelivery.id == lease.id)
         )
-        return OutboxStatus.PENDING if held else "lost"
-    held = await QUEUE.finish(session, lease, OutboxStatus.FAILED, error=error)
-    return OutboxStatus.FAILED if held else "lost"
+    ).one()
+    until = retry_until or created_at + deadline
+    delay = backoff(lease.attempt, base=backoff_seconds, cap=max_backoff_seconds)
+    if utcnow() + timedelta(seconds=delay) > until:
+        hours = (until - created_at).total_seconds() / 3600
+        held = await QUEUE.finish(
+            session, lease, OutboxStatus.FAILED, error=f"still failing after {hours:g} h: {error}"[:4000]
+        )
+        return (OutboxStatus.FAILED if held else "lost"), 0.0
+    held = await QUEUE.retry(session, lease, after=delay, error=error[:4000])
+    return (OutboxStatus.PENDING if held else "lost"), delay
+
+
+async def requeue(session: AsyncSession, ids: list[int] | None, *, deadline: timedelta) -> list[int]:
+    """Failed or unknown deliveries (`ids`, or all of them) pending again now, with a fresh deadline.
+
+    Returns the ids requeued; a delivered or pending row is left alone.
+    """
+    now = utcnow()
+    where = [OutboxDelivery.status.in_((OutboxStatus.FAILED, OutboxStatus.UNKNOWN))]
+    if ids is not None:
+        where.append(OutboxDelivery.id.in_(ids))
+    result = await session.execute(
+        update(OutboxDelivery)
+        .where(*where)
+        .values(
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            available_at=now,
+            retry_until=now + deadline,
+            error=None,
+            error_code=None,
+        )
+        .returning(OutboxDelivery.id)
+    )
+    return sorted(result.scalars())
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One outbox row as `personabot outbox list` and `personabot status` show it."""
+
+    id: int
+    platform: str
+    channel: str
+    status: str
+    attempts: int
+    error_code: str | None
+    error: str | None
+    created_at: datetime
+    text: str
+
+
+async def listing(session: AsyncSession, *, failed_only: bool = False, limit: int = 50) -> list[DeliveryRow]:
+    """Undelivered replies (or only the failed and unknown ones), newest first."""
+    statuses = [OutboxStatus.FAILED, OutboxStatus.UNKNOWN]
+    if not failed_only:
+        statuses += [OutboxStatus.PENDING, OutboxStatus.SENDING]
+    rows = await session.execute(
+        select(OutboxDelivery, Channel, Message.text)
+        .join(Channel, Channel.id == OutboxDelivery.channel_id)
+        .join(Message, Message.id == OutboxDelivery.message_id)
+        .where(OutboxDelivery.status.in_(statuses))
+        .order_by(OutboxDelivery.id.desc())
+        .limit(limit)
+    )
+    return [
+        DeliveryRow(
+            id=row.id,
+            platform=row.platform,
+            channel=channel_ref(channel).key,
+            status=row.status,
+            attempts=row.attempts,
+            error_code=row.error_code,
+            error=row.error,
+            created_at=row.created_at,
+            text=text,
+        )
+        for row, channel, text in rows
+    ]

@@ -46,6 +46,7 @@ from bot.generation.base import (
     run_generation,
 )
 from bot.metrics import WorkerMetrics
+from bot.outage import OutageLog
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.store.leases import keep_leases
@@ -142,17 +143,17 @@ class Worker:
                 ) from None
             log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
+            outage = OutageLog("worker", log)
             while not stop.is_set():
-                try:
+                wait = self.settings.worker.poll_seconds
+                try:  # a store hiccup must not end the worker; the next round retries
                     claimed = await self.run_once()
-                except Exception:  # a store hiccup must not end the worker; the next poll retries
-                    log.exception(
-                        "worker batch failed; retrying after %ss", self.settings.worker.poll_seconds
-                    )
-                    claimed = 0
+                    outage.ok()
+                except Exception as exc:
+                    claimed, wait = 0, outage.failed(exc)
                 if claimed == 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.settings.worker.poll_seconds)
+                        await asyncio.wait_for(stop.wait(), wait)
         finally:
             watcher.cancel()
             if server is not None:

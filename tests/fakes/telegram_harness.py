@@ -117,7 +117,9 @@ async def running_bot(
     app = BotApp(settings, store, registry, [adapter], backend)
     for pump in app.pumps:  # the defaults suit production; tests want answers in milliseconds
         pump.poll_seconds = 0.02
-        pump.backoff_seconds = 0.05
+        pump.settings = pump.settings.model_copy(
+            update={"retry_backoff_seconds": 0.05, "retry_max_seconds": 0.2}
+        )
     await app.start()
     try:
         yield TelegramBot(api, app, adapter, store, backend)
