@@ -50,6 +50,12 @@ class DeliveryRefused(Exception):
         self.reason = reason
 
 
+class DeliveryUnknown(Exception):
+    """A send left for the platform but its answer never came (read timeout, connection dropped
+    after the request): the message may or may not be posted. On a platform without idempotency keys
+    it must not be sent again blindly; the outbox marks the row `unknown` for an operator."""
+
+
 @runtime_checkable
 class PlatformAdapter(Protocol):
     """What every adapter offers the runtime."""

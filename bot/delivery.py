@@ -13,15 +13,39 @@ import logging
 from dataclasses import replace
 from datetime import timedelta
 
-from adapters.base import DeliveryRefused, PartialDelivery, PlatformAdapter
+from adapters.base import DeliveryRefused, DeliveryUnknown, PartialDelivery, PlatformAdapter
 from bot.config import DeliverySettings
 from bot.outage import OutageLog
 from bot.store import Store, outbox
-from bot.store.leases import keep_leases
+from bot.store.leases import Lease, keep_leases
 from bot.streaming import StreamingRelay
 from bot.worker import worker_id
 
 log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another process holds the row now: this one must not send any more of it."""
+
+
+class RowJournal:
+    """Records an adapter's sends on the outbox row, under the row's lease: the chunk about to be sent
+    before its request leaves, the posted ids once it is answered. A process that dies in between
+    leaves `inflight_chunk` set, and the next holder does not send that chunk blindly again."""
+
+    def __init__(self, store: Store, lease: Lease) -> None:
+        self.store = store
+        self.lease = lease
+
+    async def sending(self, index: int, delivered_ids: list[str]) -> None:
+        async with self.store.transaction() as session:
+            held = await outbox.record_progress(session, self.lease, delivered_ids, inflight=index)
+        if not held:
+            raise LeaseLost(f"outbox {self.lease.id} is held by another process now")
+
+    async def sent(self, delivered_ids: list[str]) -> None:
+        async with self.store.transaction() as session:
+            await outbox.record_progress(session, self.lease, delivered_ids)
 
 
 class OutboxPump:
@@ -71,8 +95,15 @@ class OutboxPump:
     async def _deliver(self, item: outbox.ClaimedDelivery) -> bool:
         """Post one claimed reply and record the outcome; True when it was posted."""
         reply, lease = item.reply, item.lease
+        if item.inflight is not None:  # an earlier holder died waiting for the platform's answer
+            await self._unknown(
+                item,
+                f"chunk {item.inflight + 1} was being sent when its process stopped; it may have been posted",
+            )
+            return False
         if self.relay is not None and reply.streamed_id is None:
             reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
+        reply = replace(reply, journal=RowJournal(self.store, lease))
         try:
             ids = await self.adapter.deliver(reply)
         except Exception as exc:
@@ -92,6 +123,15 @@ class OutboxPump:
         async with self.store.transaction() as session:
             if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
                 await outbox.record_progress(session, lease, exc.delivered_ids)
+            if isinstance(cause, DeliveryUnknown):
+                await outbox.mark_unknown(session, lease, error=str(cause))
+                log.error(
+                    "%s: %s; not resent (check the chat, then `personabot outbox retry %s` sends it)",
+                    where,
+                    cause,
+                    reply.outbox_id,
+                )
+                return
             if isinstance(cause, DeliveryRefused):
                 await outbox.mark_refused(session, lease, code=cause.code, reason=cause.reason)
                 log.warning("%s refused for good: %s %s (not retried)", where, cause.code, cause.reason)
@@ -109,6 +149,17 @@ class OutboxPump:
             log.error("%s failed (%s) and is past its deadline; given up", where, error)
         elif status == "pending":
             log.warning("%s failed (%s); attempt %d, next in %.0f s", where, error, lease.attempt, delay)
+
+    async def _unknown(self, item: outbox.ClaimedDelivery, why: str) -> None:
+        async with self.store.transaction() as session:
+            await outbox.mark_unknown(session, item.lease, error=why)
+        log.error(
+            "outbox %s to %s: %s; not resent (check the chat, then `personabot outbox retry %s` sends it)",
+            item.reply.outbox_id,
+            item.reply.channel.key,
+            why,
+            item.reply.outbox_id,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         outage = OutageLog(f"outbox pump for {self.adapter.platform}", log)

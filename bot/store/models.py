@@ -195,6 +195,9 @@ class OutboxDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     # The platform's refusal, "<status>/<platform code>" (e.g. "403/50007"), when it refused for good.
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The chunk whose send was started and not yet answered: after a crash, the send may or may not have
+    # been posted, and a platform without idempotency keys (Telegram) must not send it blindly again.
+    inflight_chunk: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Transient failures are retried until then (unset: `delivery.deadline_hours` after `created_at`).
     retry_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)

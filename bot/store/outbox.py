@@ -28,6 +28,8 @@ class ClaimedDelivery:
 
     lease: Lease
     reply: Outgoing
+    # The chunk whose send was started by an earlier holder that never recorded its answer.
+    inflight: int | None = None
 
 
 async def claim(
@@ -64,14 +66,18 @@ async def claim(
                 delivered_ids=tuple(delivery.delivered_ids or ()),
                 job_id=job_id,
             ),
+            delivery.inflight_chunk,
         )
         for delivery, text, persona, channel, job_id in rows
     ]
 
 
-async def record_progress(session: AsyncSession, lease: Lease, delivered_ids: list[str]) -> bool:
-    """Remember the chunks posted so far, so a retry resumes after them; False once the lease is lost."""
-    return await QUEUE.update_held(session, lease, delivered_ids=list(delivered_ids))
+async def record_progress(
+    session: AsyncSession, lease: Lease, delivered_ids: list[str], *, inflight: int | None = None
+) -> bool:
+    """Remember the chunks posted so far, so a retry resumes after them, and the chunk being sent now
+    (`inflight`); False once the lease is lost."""
+    return await QUEUE.update_held(session, lease, delivered_ids=list(delivered_ids), inflight_chunk=inflight)
 
 
 async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list[str]) -> bool:
@@ -86,6 +92,7 @@ async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list
         delivered_ids=list(platform_ids),
         delivered_at=utcnow(),
         error=None,
+        inflight_chunk=None,
     )
     if done and platform_ids:
         message_id = (
@@ -100,7 +107,12 @@ async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list
 async def mark_refused(session: AsyncSession, lease: Lease, *, code: str, reason: str) -> bool:
     """The platform refused the reply for good: failed now, with its code and words kept."""
     return await QUEUE.finish(
-        session, lease, OutboxStatus.FAILED, error=reason[:4000] or code, error_code=code[:64]
+        session,
+        lease,
+        OutboxStatus.FAILED,
+        error=reason[:4000] or code,
+        error_code=code[:64],
+        inflight_chunk=None,
     )
 
 
@@ -134,10 +146,16 @@ async def mark_retry(
     if utcnow() + timedelta(seconds=delay) > until:
         hours = (until - created_at).total_seconds() / 3600
         held = await QUEUE.finish(
-            session, lease, OutboxStatus.FAILED, error=f"still failing after {hours:g} h: {error}"[:4000]
+            session,
+            lease,
+            OutboxStatus.FAILED,
+            error=f"still failing after {hours:g} h: {error}"[:4000],
+            inflight_chunk=None,
         )
         return (OutboxStatus.FAILED if held else "lost"), 0.0
-    held = await QUEUE.retry(session, lease, after=delay, error=error[:4000])
+    # The failed send never reached the platform (else the adapter says `DeliveryUnknown`): no chunk
+    # is in flight any more.
+    held = await QUEUE.retry(session, lease, after=delay, error=error[:4000], inflight_chunk=None)
     return (OutboxStatus.PENDING if held else "lost"), delay
 
 
@@ -160,6 +178,7 @@ async def requeue(session: AsyncSession, ids: list[int] | None, *, deadline: tim
             retry_until=now + deadline,
             error=None,
             error_code=None,
+            inflight_chunk=None,  # the operator checked: send it again
         )
         .returning(OutboxDelivery.id)
     )

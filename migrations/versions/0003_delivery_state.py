@@ -1,4 +1,4 @@
-"""Outbox delivery state: the platform's refusal code and the retry deadline
+"""Outbox delivery state: the platform's refusal code, the retry deadline, the chunk in flight
 
 Revision ID: 0003
 Revises: 0002
@@ -21,6 +21,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.add_column(sa.Column("error_code", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("inflight_chunk", sa.Integer(), nullable=True))
         batch_op.add_column(
             sa.Column("retry_until", bot.store.models.UTCDateTime(timezone=True), nullable=True)
         )
@@ -29,4 +30,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("outbox", schema=None) as batch_op:
         batch_op.drop_column("retry_until")
+        batch_op.drop_column("inflight_chunk")
         batch_op.drop_column("error_code")
