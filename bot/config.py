@@ -105,7 +105,12 @@ class WorkerSettings(Section):
     )
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
-    poll_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="A new job wakes the worker at once (in this process, or through PostgreSQL's "
+        "NOTIFY); this slow poll is the safety net, e.g. for retries that fall due.",
+    )
     kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     metrics_port: int | None = None
 

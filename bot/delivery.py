@@ -9,6 +9,7 @@ written), then failed. `personabot outbox retry` puts failed rows back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import replace
 from datetime import timedelta
@@ -58,7 +59,7 @@ class OutboxPump:
         settings: DeliverySettings | None = None,
         *,
         batch: int = 16,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 2.0,
         relay: StreamingRelay | None = None,
     ) -> None:
         self.store = store
@@ -87,10 +88,23 @@ class OutboxPump:
             # A batch of slow deliveries (rate limits, retries) may outlive the lease: keep renewing
             # the leases of the rows not yet settled.
             unsettled = {item.lease.id: item.lease for item in due}
+            # Channels are posted to side by side; one channel's replies go out one by one, in order.
+            by_channel: dict[str, list[outbox.ClaimedDelivery]] = {}
+            for item in due:
+                by_channel.setdefault(item.reply.channel.key, []).append(item)
+
             async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
-                for item in due:
-                    posted += await self._deliver(item)
-                    unsettled.pop(item.lease.id, None)
+                counts = await asyncio.gather(
+                    *(self._post_in_order(items, unsettled) for items in by_channel.values())
+                )
+            posted += sum(counts)
+
+    async def _post_in_order(self, items: list[outbox.ClaimedDelivery], unsettled: dict[int, Lease]) -> int:
+        count = 0
+        for item in items:
+            count += await self._deliver(item)
+            unsettled.pop(item.lease.id, None)
+        return count
 
     async def _deliver(self, item: outbox.ClaimedDelivery) -> bool:
         """Post one claimed reply and record the outcome; True when it was posted."""
@@ -163,14 +177,15 @@ class OutboxPump:
 
     async def run(self, stop: asyncio.Event) -> None:
         outage = OutageLog(f"outbox pump for {self.adapter.platform}", log)
+        wakeups, topic = self.store.wakeups, outbox.topic(self.adapter.platform)
         while not stop.is_set():
-            wait = self.poll_seconds
+            wakeups.clear(topic)  # a reply written from now on wakes the wait below
             try:
                 await self.flush()
                 outage.ok()
             except Exception as exc:
-                wait = outage.failed(exc)
-            try:
-                await asyncio.wait_for(stop.wait(), wait)
-            except TimeoutError:
-                pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                continue
+            # Woken when a reply is written; the slow poll catches retries that become due by time.
+            await wakeups.wait(topic, self.poll_seconds, stop)

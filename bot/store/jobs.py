@@ -23,8 +23,16 @@ from bot.events import utcnow
 from bot.store.conversations import _insert_for, storable_text
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.outbox import topic as outbox_topic
+from bot.store.wakeups import wake
 
 QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
+JOBS = "jobs"  # the wake-up topic of workers
+
+
+async def _settled(session: AsyncSession) -> None:
+    """A job left the running state: the next job of its channel may be claimable now."""
+    await wake(session, JOBS)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,7 @@ async def enqueue(
     """Queue a reply job; returns its id, or None when a job with this key already exists."""
     insert = _insert_for(session)
     now = utcnow()
-    return (
+    job_id = (
         await session.execute(
             insert(ReplyJob)
             .values(
@@ -76,6 +84,9 @@ async def enqueue(
             .returning(ReplyJob.id)
         )
     ).scalar_one_or_none()
+    if job_id is not None:
+        await wake(session, JOBS)
+    return job_id
 
 
 _earlier = aliased(ReplyJob)
@@ -161,7 +172,10 @@ async def depth(session: AsyncSession) -> int:
 async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note: str) -> bool:
     """Close a job with no reply (its persona's plugin vetoed it): `done`, no `reply_message_id`,
     `error` holding `note`. Returns False when this worker no longer holds the lease."""
-    return await QUEUE.finish(session, job.lease, JobStatus.DONE, finished_at=utcnow(), error=note[:4000])
+    held = await QUEUE.finish(session, job.lease, JobStatus.DONE, finished_at=utcnow(), error=note[:4000])
+    if held:
+        await _settled(session)
+    return held
 
 
 async def complete(
@@ -210,6 +224,8 @@ async def complete(
     )
     await session.execute(update(ReplyJob).where(ReplyJob.id == job.id).values(reply_message_id=message_id))
     await session.execute(update(Channel).where(Channel.id == job.channel_id).values(last_message_at=now))
+    await wake(session, outbox_topic(platform))
+    await _settled(session)
     return message_id
 
 
@@ -230,8 +246,12 @@ async def fail(
     if retryable and job.attempts < max_attempts:
         delay = backoff(job.attempts, base=backoff_seconds)
         held = await QUEUE.retry(session, job.lease, after=delay, error=error)
+        if held and delay <= 0:
+            await _settled(session)
         return JobStatus.PENDING if held else "lost"
     held = await QUEUE.finish(session, job.lease, JobStatus.FAILED, error=error, finished_at=utcnow())
+    if held:
+        await _settled(session)
     return JobStatus.FAILED if held else "lost"
 
 
@@ -240,9 +260,15 @@ async def release(session: AsyncSession, job: ClaimedJob) -> bool:
 
     Returns False when this worker no longer held the lease.
     """
-    return await QUEUE.release(session, job.lease)
+    held = await QUEUE.release(session, job.lease)
+    if held:
+        await _settled(session)
+    return held
 
 
 async def release_owner(session: AsyncSession, owner: str) -> int:
     """Give back every job `owner` still holds (a worker that was cut off at shutdown)."""
-    return await QUEUE.release_owner(session, owner)
+    released = await QUEUE.release_owner(session, owner)
+    if released:
+        await _settled(session)
+    return released

@@ -18,8 +18,14 @@ from bot.events import Outgoing, utcnow
 from bot.store.conversations import channel_ref
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.wakeups import wake
 
 QUEUE = LeasedQueue(OutboxDelivery, waiting=OutboxStatus.PENDING, leased=OutboxStatus.SENDING)
+
+
+def topic(platform: str) -> str:
+    """The wake-up topic of a platform's outbox pump."""
+    return f"outbox:{platform}"
 
 
 @dataclass(frozen=True)
@@ -180,9 +186,12 @@ async def requeue(session: AsyncSession, ids: list[int] | None, *, deadline: tim
             error_code=None,
             inflight_chunk=None,  # the operator checked: send it again
         )
-        .returning(OutboxDelivery.id)
+        .returning(OutboxDelivery.id, OutboxDelivery.platform)
     )
-    return sorted(result.scalars())
+    requeued = result.all()
+    for platform in {platform for _, platform in requeued}:
+        await wake(session, topic(platform))
+    return sorted(row_id for row_id, _ in requeued)
 
 
 @dataclass(frozen=True)

@@ -144,16 +144,20 @@ class Worker:
             log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
             outage = OutageLog("worker", log)
+            wakeups = self.store.wakeups
             while not stop.is_set():
-                wait = self.settings.worker.poll_seconds
+                wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
                 try:  # a store hiccup must not end the worker; the next round retries
                     claimed = await self.run_once()
                     outage.ok()
                 except Exception as exc:
-                    claimed, wait = 0, outage.failed(exc)
-                if claimed == 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), wait)
+                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                    continue
+                if claimed == 0:
+                    # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
+                    # due by time (a backoff, an expired lease) and wake-ups missed.
+                    await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
         finally:
             watcher.cancel()
             if server is not None:
