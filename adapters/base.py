@@ -75,6 +75,12 @@ class PlatformAdapter(Protocol):
         out before it); any other exception is taken as transient and retried with backoff.
         """
 
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first message of a reply still being generated (streaming); returns its id.
+
+        Only called for adapters with `streaming` on; the reply's delivery later edits this message.
+        """
+
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         """Replace the text of a message the bot posted (streaming)."""
 

@@ -610,7 +610,7 @@ class DiscordAdapter:
             for index in range(len(ids), len(chunks)):
                 sent = await target.send(
                     chunks[index],
-                    nonce=f"pb{reply.outbox_id}.{index}" if reply.outbox_id else None,  # type: ignore[arg-type]
+                    nonce=f"pb{reply.outbox_id}.{index}",  # type: ignore[arg-type]
                     reference=reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=_NO_PINGS,
                 )
@@ -624,18 +624,34 @@ class DiscordAdapter:
             raise failure from exc
         return ids
 
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first part of a reply still being generated; its nonce comes from the job."""
+        sent = await self._messageable(channel).send(
+            _streamed(text) or "…",
+            nonce=f"pbs{job_id}",  # type: ignore[arg-type]
+            allowed_mentions=_NO_PINGS,
+        )
+        return str(sent.id)
+
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         """Show streamed text; longer than one message, the first part is shown until the end."""
-        chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
-        if not chunks:
+        shown = _streamed(text)
+        if not shown:
             return
-        shown = chunks[0] if len(chunks) == 1 else chunks[0] + " …"
         message = self._messageable(channel).get_partial_message(int(platform_message_id))
         await message.edit(content=shown, allowed_mentions=_NO_PINGS)
 
     async def typing(self, channel: ChannelRef) -> None:
         assert self.client is not None, "start() first"
         await self.client.http.send_typing(int(channel.thread_id or channel.external_id))
+
+
+def _streamed(text: str) -> str:
+    """Streamed text as one message: longer than that, its first part and a marker."""
+    chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
+    if not chunks:
+        return ""
+    return chunks[0] if len(chunks) == 1 else chunks[0] + " …"
 
 
 def refusal(exc: BaseException) -> DeliveryRefused | None:

@@ -411,8 +411,6 @@ class TelegramAdapter:
 
     async def deliver(self, reply: Outgoing) -> list[str]:
         chunks = split_text(reply.text, MESSAGE_LIMIT, measure=utf16_len)
-        if reply.outbox_id == 0:
-            chunks = chunks[:1]  # a streaming preview is one message, edited as the reply grows
         ids = list(reply.delivered_ids)
         if not chunks and reply.streamed_id is not None:
             await self._delete(reply.channel, reply.streamed_id)  # an empty reply leaves no preview behind
@@ -439,6 +437,11 @@ class TelegramAdapter:
                     raise
                 raise failure from exc
         return ids
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """A streaming preview is one message, edited as the reply grows."""
+        chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
+        return await self._send(channel, chunks[0] if chunks else "…", None)
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)

@@ -115,8 +115,11 @@ class OutboxPump:
                 f"chunk {item.inflight + 1} was being sent when its process stopped; it may have been posted",
             )
             return False
-        if self.relay is not None and reply.streamed_id is None:
-            reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
+        if self.relay is not None:
+            await self.relay.settle(reply.job_id)  # a preview being posted right now: wait for its id
+            streamed = self.relay.take_streamed(reply.job_id)
+            if reply.streamed_id is None and streamed is not None:
+                reply = replace(reply, streamed_id=streamed)
         reply = replace(reply, journal=RowJournal(self.store, lease))
         try:
             ids = await self.adapter.deliver(reply)

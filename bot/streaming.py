@@ -2,9 +2,10 @@
 
 The worker tells every `ReplyObserver` when a job starts, as its text grows, and when it ends. In
 `personabot run` a `StreamingRelay` per adapter turns that into typing indicators and, where the
-persona's platform config enables streaming, a message edited as tokens arrive. When the final reply
-is delivered from the outbox, the relay hands the adapter the streamed message's id (`streamed_id`) so
-it edits that message instead of posting a second one.
+persona's platform config enables streaming, a message edited as tokens arrive. The streamed message's
+id is stored with its job (`remember`), and the final reply's delivery edits that message instead of
+posting a second one, even after a restart. A worker in another process reaches the relay through the
+store (`bot.stream_follow`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from bot.events import ChannelRef, Outgoing
+from bot.events import ChannelRef
 
 if TYPE_CHECKING:
     from adapters.base import PlatformAdapter
@@ -60,6 +61,7 @@ class StreamingRelay:
         typing_interval: float = 4.0,  # platforms show "typing" for ~5 s; refresh before it lapses
         marker: str = " …",
         clock: Callable[[], float] = time.monotonic,
+        remember: Callable[[int, str], Awaitable[None]] | None = None,
     ) -> None:
         self.adapter = adapter
         self.streaming = streaming
@@ -68,6 +70,7 @@ class StreamingRelay:
         self.typing_interval = typing_interval
         self.marker = marker
         self.clock = clock
+        self.remember = remember  # stores a preview's id with its job, so a restart edits it too
         self._typing: dict[int, asyncio.Task[None]] = {}
         self._posted: dict[int, str] = {}  # job id -> platform id of the streamed message
         self._shown: dict[int, tuple[float, int]] = {}  # job id -> (time, length) of the last edit
@@ -105,13 +108,11 @@ class StreamingRelay:
         now = self.clock()
         try:
             if reply.job_id not in self._posted:
-                outgoing = Outgoing(
-                    outbox_id=0, channel=reply.channel, text=text + self.marker, persona=reply.persona
-                )
-                ids = await self.adapter.deliver(outgoing)
-                if ids:
-                    self._posted[reply.job_id] = ids[0]
-                    self._shown[reply.job_id] = (now, len(text))
+                posted = await self.adapter.preview(reply.channel, text + self.marker, reply.job_id)
+                self._posted[reply.job_id] = posted
+                self._shown[reply.job_id] = (now, len(text))
+                if self.remember is not None:
+                    await self.remember(reply.job_id, posted)
                 return
             last_time, last_len = self._shown[reply.job_id]
             if now - last_time >= self.min_interval and len(text) - last_len >= self.min_growth:
@@ -137,6 +138,15 @@ class StreamingRelay:
                 with contextlib.suppress(Exception):
                     await self.adapter.edit(reply.channel, posted, "(no reply: generation failed)")
 
+    async def settle(self, job_id: int | None) -> None:
+        """Wait for a preview of this job that is being posted right now (its id is needed)."""
+        lock = self._busy.get(job_id) if job_id is not None else None
+        if lock is not None:
+            async with lock:
+                pass
+
     def take_streamed(self, job_id: int | None) -> str | None:
         """The streamed message of a finished job, which its final delivery edits in place."""
-        return None if job_id is None else self._finished.pop(job_id, None)
+        if job_id is None:
+            return None
+        return self._finished.pop(job_id, None) or self._posted.get(job_id)

@@ -215,6 +215,9 @@ class SlowAdapter:
         self.posted.append(reply.text)
         return [str(len(self.posted))]
 
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        return (await self.deliver(Outgoing(outbox_id=1, channel=channel, text=text)))[0]
+
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         await asyncio.sleep(0.05)
         self.edits.append(text)

@@ -17,11 +17,11 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.store import conversations, jobs, outbox
+from bot.store import conversations, jobs, outbox, streams
 from bot.store.engine import create_engine, normalize_url
 from bot.store.wakeups import Wakeups, committed_topics
 
-__all__ = ["Store", "conversations", "jobs", "outbox"]
+__all__ = ["Store", "conversations", "jobs", "outbox", "streams"]
 
 
 class Store:

@@ -169,6 +169,9 @@ class ReplyJob(Base):
     reply_message_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="SET NULL"), nullable=True
     )
+    # The platform message showing this reply while it streamed; the final delivery edits it (kept in
+    # the store so a restart in between never posts the reply as a second message).
+    streamed_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -202,6 +205,22 @@ class OutboxDelivery(Base):
     retry_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ReplyStream(Base):
+    """A reply being generated, as a worker in another process tells the bot process that serves its
+    platform: the text so far, for the typing indicator and streamed edits there."""
+
+    __tablename__ = "reply_streams"
+    __table_args__ = (Index("ix_reply_streams_platform_follower", "platform", "follower"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("reply_jobs.id", ondelete="CASCADE"), primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running | done | failed
+    text: Mapped[str] = mapped_column(Text, default="")
+    # The bot process that shows it (one, so two frontends of a platform never both post a preview).
+    follower: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
 
 
 class AdapterVersion(Base):

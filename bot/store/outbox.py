@@ -53,7 +53,7 @@ async def claim(
         return []
     leases = {lease.id: lease for lease, _ in claimed}
     rows = await session.execute(
-        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id)
+        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id, ReplyJob.streamed_id)
         .join(Message, Message.id == OutboxDelivery.message_id)
         .join(Channel, Channel.id == OutboxDelivery.channel_id)
         .outerjoin(ReplyJob, ReplyJob.reply_message_id == OutboxDelivery.message_id)
@@ -71,10 +71,11 @@ async def claim(
                 reply_to=delivery.reply_to,
                 delivered_ids=tuple(delivery.delivered_ids or ()),
                 job_id=job_id,
+                streamed_id=streamed_id,
             ),
             delivery.inflight_chunk,
         )
-        for delivery, text, persona, channel, job_id in rows
+        for delivery, text, persona, channel, job_id, streamed_id in rows
     ]
 
 
