@@ -56,9 +56,16 @@ async def test_a_delivery_that_outlives_its_lease_keeps_it(store: Store) -> None
     other.owner = "other-process:console"
 
     async def poll_other() -> None:
+        while not platform.posted and not await claimed_by_slow():  # the slow pump claims first
+            await asyncio.sleep(0.01)
         for _ in range(50):
             await other.flush()
             await asyncio.sleep(0.05)
+
+    async def claimed_by_slow() -> bool:
+        async with store.transaction() as session:
+            row = await session.get(OutboxDelivery, outbox_id)
+            return row is not None and row.lease_owner == slow.owner
 
     posted, _ = await asyncio.gather(slow.flush(), poll_other())
     assert posted == 1 and [p.outbox_id for p in platform.posted] == [outbox_id]

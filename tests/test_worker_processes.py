@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming
-from bot.store import Store, conversations, jobs
+from bot.store import Store
 from bot.store.models import Heartbeat, Message, OutboxDelivery, ReplyJob
 from tests.test_jobs import add_jobs
 from tests.test_worker import lively_model, personas_dir
@@ -172,33 +171,6 @@ async def test_sigterm_mid_batch_returns_jobs_and_exits_cleanly(
     assert re.search(r"[1-9]\d* released", (tmp_path / "w.log").read_text())
 
 
-async def add_channel_jobs(store: Store, count: int, persona: str) -> list[int]:
-    """`count` messages in one channel, each with its reply job (answered in order, one at a time)."""
-    ids = []
-    async with store.transaction() as session:
-        for n in range(count):
-            stored = await conversations.ingest(
-                session,
-                Incoming(
-                    platform="console",
-                    channel=ChannelRef("console", "busy", ChannelKind.DIRECT),
-                    author=AuthorRef("console", "ada", "Ada"),
-                    text=f"message {n}",
-                    platform_message_id=f"busy{n}",
-                ),
-            )
-            job = await jobs.enqueue(
-                session,
-                channel_id=stored.channel_id,
-                persona=persona,
-                dedupe_key=f"msg:{stored.message_id}:{persona}",
-                trigger_message_id=stored.message_id,
-            )
-            assert job is not None
-            ids.append(job)
-    return ids
-
-
 async def workers_beating(store: Store, procs: list[subprocess.Popen[bytes]]) -> bool:
     async with store.transaction() as session:
         names = set((await session.execute(select(Heartbeat.component))).scalars())
@@ -219,7 +191,7 @@ async def test_a_killed_workers_job_is_answered_by_another_within_15s(
         while not await workers_beating(store, procs):  # both loaded and polling
             assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        ids = await add_channel_jobs(store, 3, persona="medium")
+        ids = await add_jobs(store, 3, persona="medium", channel="busy", one_channel=True)
         while True:
             async with store.transaction() as session:
                 first = await session.get(ReplyJob, ids[0])
