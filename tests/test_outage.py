@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from bot.delivery import OutboxPump
+from bot.outage import OutageLog
 from bot.store import Store
 from bot.worker import Worker
 from tests.fakes.backend import ScriptedBackend
@@ -103,3 +104,27 @@ async def test_a_database_blip_is_one_warning_and_one_recovery_line_per_componen
         recovered = [r for r in of if "the database is back after" in r.getMessage()]
         assert len(recovered) == 1, lines
     assert sorted(p.outbox_id for p in platform.posted) == ids
+
+
+def test_an_outage_that_lasts_escalates_once_and_a_bug_is_never_quiet(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    outage = OutageLog("pump", logging.getLogger("test.outage"), escalate_after=60, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "test.outage")
+    for _ in range(100):  # two minutes of refused connections
+        assert 0 < outage.failed(ConnectionRefusedError(111, "Connection refused")) <= 5.0
+        now[0] += 1.2
+    outage.ok()
+    outage.failed(KeyError("a bug, not an outage"))
+    levels = [(r.levelname, r.getMessage().split(";")[0]) for r in caplog.records]
+    assert levels == [
+        (
+            "WARNING",
+            "pump: the database is unreachable (ConnectionRefusedError: [Errno 111] Connection refused)",
+        ),
+        ("ERROR", "pump: the database has been unreachable for 60 s"),
+        ("INFO", "pump: the database is back after 120.0 s"),
+        ("ERROR", "pump failed"),
+    ]
+    assert caplog.records[1].exc_info and caplog.records[3].exc_info
