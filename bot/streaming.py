@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -78,6 +79,8 @@ class StreamingRelay:
         # One post or edit in flight per reply: partials arriving meanwhile are skipped (the next one
         # carries their text too), so a slow platform never gets two previews of one reply.
         self._busy: dict[int, asyncio.Lock] = {}
+        # Jobs whose final reply is being delivered: a partial arriving late must not overwrite it.
+        self._closed: OrderedDict[int, None] = OrderedDict()
 
     def _mine(self, reply: ActiveReply) -> bool:
         return reply.channel.platform == self.adapter.platform
@@ -97,6 +100,8 @@ class StreamingRelay:
     async def on_text(self, reply: ActiveReply, text: str) -> None:
         # Only between on_start and on_end: a partial delivered late must not post a second preview.
         if not (self.streaming and reply.job_id in self._typing and text.strip()):
+            return
+        if reply.job_id in self._closed:
             return
         lock = self._busy.setdefault(reply.job_id, asyncio.Lock())
         if lock.locked():
@@ -122,6 +127,7 @@ class StreamingRelay:
             log.warning("streaming to %s failed: %s", reply.channel.key, type(exc).__name__)
 
     async def on_end(self, reply: ActiveReply, ok: bool) -> None:
+        self._closed.pop(reply.job_id, None)
         task = self._typing.pop(reply.job_id, None)
         if task is not None:
             task.cancel()
@@ -139,8 +145,14 @@ class StreamingRelay:
                     await self.adapter.edit(reply.channel, posted, "(no reply: generation failed)")
 
     async def settle(self, job_id: int | None) -> None:
-        """Wait for a preview of this job that is being posted right now (its id is needed)."""
-        lock = self._busy.get(job_id) if job_id is not None else None
+        """The job's final reply is about to be delivered: show no more partials of it, and wait for
+        a preview or edit in flight (a preview's id is needed, an edit must not land after the reply)."""
+        if job_id is None:
+            return
+        self._closed[job_id] = None
+        while len(self._closed) > 1024:  # jobs whose on_end came first are never popped by it
+            self._closed.popitem(last=False)
+        lock = self._busy.get(job_id)
         if lock is not None:
             async with lock:
                 pass
