@@ -70,6 +70,26 @@ class ChannelQueues:
                 self._locks[channel_id] = (lock, users - 1)
 
 
+class DeliveryRefused(Exception):
+    """The platform refused the reply for good (the user closed their DMs, the bot lacks permission,
+    the chat is gone): retrying cannot help, so the outbox fails the row at once.
+
+    `code` is "<HTTP status>/<platform error code>" ("403/50007"), or the status alone where the
+    platform has no code of its own; `reason` is the platform's own words.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class DeliveryUnknown(Exception):
+    """A send left for the platform but its answer never came (read timeout, connection dropped
+    after the request): the message may or may not be posted. On a platform without idempotency keys
+    it must not be sent again blindly; the outbox marks the row `unknown` for an operator."""
+
+
 @runtime_checkable
 class PlatformAdapter(Protocol):
     """What every adapter offers the runtime."""
@@ -84,7 +104,15 @@ class PlatformAdapter(Protocol):
 
         `reply.delivered_ids` holds chunks an interrupted earlier attempt already posted; those chunks
         are skipped and their ids returned first. A failure after some chunks were posted raises
-        `PartialDelivery` with their ids, so the retry does not post them again.
+        `PartialDelivery` with their ids, so the retry does not post them again. A refusal that no
+        retry can change is `DeliveryRefused` (as the cause of a `PartialDelivery`, if chunks went
+        out before it); any other exception is taken as transient and retried with backoff.
+        """
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first message of a reply still being generated (streaming); returns its id.
+
+        Only called for adapters with `streaming` on; the reply's delivery later edits this message.
         """
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:

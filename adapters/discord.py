@@ -33,7 +33,14 @@ import yarl
 from discord import app_commands
 from pydantic import SecretStr
 
-from adapters.base import ChannelQueues, DispatchResult, EventHandler, NotAccepted, PartialDelivery
+from adapters.base import (
+    ChannelQueues,
+    DeliveryRefused,
+    DispatchResult,
+    EventHandler,
+    NotAccepted,
+    PartialDelivery,
+)
 from adapters.splitting import split_text
 from bot.commands import COMMAND_MENU
 from bot.config import DiscordSettings, Settings
@@ -662,47 +669,84 @@ class DiscordAdapter:
         target = self._messageable(reply.channel)
         chunks = split_text(clean_text(reply.text), MESSAGE_LIMIT)
         ids = list(reply.delivered_ids)
-        if reply.streamed_id is not None and not ids:
-            streamed = target.get_partial_message(int(reply.streamed_id))
-            if not chunks:  # nothing to say after all: take the "typing…" placeholder away
-                with contextlib.suppress(discord.NotFound):
-                    await streamed.delete()
-                return []
-            await streamed.edit(content=chunks[0], allowed_mentions=_NO_PINGS)
-            ids.append(reply.streamed_id)
-        reference = None
-        if reply.reply_to and reply.reply_to.isdigit() and not reply.channel.is_direct:
-            reference = discord.MessageReference(
-                message_id=int(reply.reply_to), channel_id=target.id, fail_if_not_exists=False
-            )
         try:
+            if reply.streamed_id is not None and not ids:
+                streamed = target.get_partial_message(int(reply.streamed_id))
+                if not chunks:  # nothing to say after all: take the "typing…" placeholder away
+                    with contextlib.suppress(discord.NotFound):
+                        await streamed.delete()
+                    return []
+                try:
+                    await streamed.edit(content=chunks[0], allowed_mentions=_NO_PINGS)
+                    ids.append(reply.streamed_id)
+                except discord.NotFound:  # someone deleted the preview: post the reply afresh
+                    pass
+            reference = None
+            if reply.reply_to and reply.reply_to.isdigit() and not reply.channel.is_direct:
+                reference = discord.MessageReference(
+                    message_id=int(reply.reply_to), channel_id=target.id, fail_if_not_exists=False
+                )
             for index in range(len(ids), len(chunks)):
-                nonce = f"pb{reply.outbox_id}.{index}" if reply.outbox_id else None
                 sent = await target.send(
                     chunks[index],
-                    nonce=nonce,  # type: ignore[arg-type]
+                    nonce=f"pb{reply.outbox_id}.{index}",  # type: ignore[arg-type]
                     reference=reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=_NO_PINGS,
                 )
                 ids.append(str(sent.id))
         except Exception as exc:
+            failure: Exception = refusal(exc) or exc
             if len(ids) > len(reply.delivered_ids):  # the retry must not post these chunks again
-                raise PartialDelivery(ids, exc) from exc
-            raise
+                raise PartialDelivery(ids, failure) from exc
+            if failure is exc:
+                raise
+            raise failure from exc
         return ids
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first part of a reply still being generated; its nonce comes from the job."""
+        sent = await self._messageable(channel).send(
+            _streamed(text) or "…",
+            nonce=f"pbs{job_id}",  # type: ignore[arg-type]
+            allowed_mentions=_NO_PINGS,
+        )
+        return str(sent.id)
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         """Show streamed text; longer than one message, the first part is shown until the end."""
-        chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
-        if not chunks:
+        shown = _streamed(text)
+        if not shown:
             return
-        shown = chunks[0] if len(chunks) == 1 else chunks[0] + " …"
         message = self._messageable(channel).get_partial_message(int(platform_message_id))
         await message.edit(content=shown, allowed_mentions=_NO_PINGS)
 
     async def typing(self, channel: ChannelRef) -> None:
         assert self.client is not None, "start() first"
         await self.client.http.send_typing(int(channel.thread_id or channel.external_id))
+
+
+def _streamed(text: str) -> str:
+    """Streamed text as one message: longer than that, its first part and a marker."""
+    chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
+    if not chunks:
+        return ""
+    return chunks[0] if len(chunks) == 1 else chunks[0] + " …"
+
+
+def refusal(exc: BaseException) -> DeliveryRefused | None:
+    """A Discord answer that no retry can change, as a `DeliveryRefused`; None for transient ones.
+
+    4xx answers are final (403/50007 the user's DMs are closed, 403/50013 missing permissions,
+    404/10003 unknown channel, 400 a malformed message), except 408 and 429 (rate limits, which
+    discord.py already waits out) and 401 (the token, not the reply, is at fault; the connection
+    watchdog deals with it).
+    """
+    if not isinstance(exc, discord.HTTPException) or isinstance(exc, discord.DiscordServerError):
+        return None
+    if exc.status < 400 or exc.status >= 500 or exc.status in (401, 408, 429):
+        return None
+    code = f"{exc.status}/{exc.code}" if exc.code else str(exc.status)
+    return DeliveryRefused(code, exc.text or exc.response.reason or "")
 
 
 def _describe(exc: BaseException) -> str:

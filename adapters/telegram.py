@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
 from aiohttp import web
 from pydantic import SecretStr
 from telegram import Bot, BotCommand, Message, MessageEntity, ReplyParameters, Update
@@ -44,13 +45,21 @@ from telegram.error import (
     NetworkError,
     RetryAfter,
     TelegramError,
-    TimedOut,
 )
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
 from telegram.request import HTTPXRequest
 
-from adapters.base import ChannelQueues, DispatchResult, EventHandler, NotAccepted, PartialDelivery
+from adapters.base import (
+    ChannelQueues,
+    DeliveryRefused,
+    DeliveryUnknown,
+    DispatchResult,
+    EventHandler,
+    NotAccepted,
+    PartialDelivery,
+)
 from adapters.splitting import split_text, utf16_len
+from bot.backoff import backoff
 from bot.commands import COMMAND_MENU
 from bot.config import webhook_url_problem
 from bot.errors import ConfigError, PersonabotError
@@ -102,6 +111,7 @@ class TelegramAdapter:
         network_retries: int = 3,
         retry_backoff: float = 1.0,
         request_timeout: float = 10.0,
+        send_timeout: float = 60.0,
         stream_min_interval: float = 1.0,
         stream_min_growth: int = 40,
         conflict_seconds: float = 30.0,
@@ -126,6 +136,9 @@ class TelegramAdapter:
         self.network_retries = network_retries
         self.retry_backoff = retry_backoff
         self.request_timeout = request_timeout
+        # sendMessage has no idempotency key: a send whose answer is late is waited for this long
+        # rather than given up on (and then of unknown outcome; see `deliver`).
+        self.send_timeout = send_timeout
         # Read by BotApp's StreamingRelay: Telegram allows about one edit a second per chat, and a
         # group's messages (edits included) are limited to 20 a minute, so edits wait for real growth.
         self.streaming = streaming
@@ -579,24 +592,37 @@ class TelegramAdapter:
 
     async def deliver(self, reply: Outgoing) -> list[str]:
         chunks = split_text(reply.text, MESSAGE_LIMIT, measure=utf16_len)
-        if reply.outbox_id == 0:
-            chunks = chunks[:1]  # a streaming preview is one message, edited as the reply grows
         ids = list(reply.delivered_ids)
         if not chunks and reply.streamed_id is not None:
             await self._delete(reply.channel, reply.streamed_id)  # an empty reply leaves no preview behind
         reply_to = None if reply.channel.is_direct else reply.reply_to
+        journal = reply.journal
         for index in range(len(ids), len(chunks)):
             try:
                 if index == 0 and reply.streamed_id is not None:
                     if await self._replace(reply.channel, reply.streamed_id, chunks[0]):
                         ids.append(reply.streamed_id)
                         continue
+                # Recorded before the request leaves: a crash before the answer leaves the row marked,
+                # and the send is not repeated blindly after the restart.
+                if journal is not None:
+                    await journal.sending(index, ids)
                 ids.append(await self._send(reply.channel, chunks[index], reply_to if index == 0 else None))
+                if journal is not None:
+                    await journal.sent(ids)
             except Exception as exc:
+                failure: Exception = refusal(exc) or exc
                 if len(ids) > len(reply.delivered_ids):
-                    raise PartialDelivery(ids, exc) from exc
-                raise
+                    raise PartialDelivery(ids, failure) from exc
+                if failure is exc:
+                    raise
+                raise failure from exc
         return ids
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """A streaming preview is one message, edited as the reply grows."""
+        chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
+        return await self._send(channel, chunks[0] if chunks else "…", None)
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
@@ -630,10 +656,12 @@ class TelegramAdapter:
                 text=text,
                 message_thread_id=_thread(channel),
                 reply_parameters=reply_parameters,
+                read_timeout=self.send_timeout,
+                write_timeout=self.send_timeout,
             )
 
         try:
-            # A read timeout may mean Telegram posted it: not retried here, so nothing is posted twice.
+            # Only a send that never left is retried: a lost answer may mean Telegram posted it.
             msg = await self._retrying("sendMessage", call, idempotent=False)
         except ChatMigrated as exc:  # the group became a supergroup with a new id
             chat_id = int(exc.new_chat_id)
@@ -691,23 +719,23 @@ class TelegramAdapter:
 
         429s are the rate limiter's (it waits `retry_after`); 4xx answers are final.
         """
-        delay = self.retry_backoff
         for attempt in range(self.network_retries + 1):
             try:
                 return await call()
             except (BadRequest, Forbidden, InvalidToken, RetryAfter, ChatMigrated):
                 raise
-            except TimedOut:
-                if not idempotent or attempt == self.network_retries:
-                    raise
-                exc_name = "timed out"
-            except NetworkError as exc:
+            except NetworkError as exc:  # TimedOut included
+                if not idempotent and _may_have_arrived(exc):
+                    raise DeliveryUnknown(
+                        f"{what}: no answer from Telegram ({self._safe(exc)}); the message may have "
+                        "been posted"
+                    ) from exc
                 if attempt == self.network_retries:
                     raise
                 exc_name = self._safe(exc)
+            delay = backoff(attempt + 1, base=self.retry_backoff, cap=30.0)
             log.warning("telegram: %s failed (%s); retrying in %.1fs", what, exc_name, delay)
             await asyncio.sleep(delay)
-            delay *= 2
         raise AssertionError("unreachable")
 
     def _safe(self, exc: BaseException | None) -> str:
@@ -731,6 +759,28 @@ class _RateLimiter(AIORateLimiter):
         if endpoint == "sendChatAction":
             return await callback(*args, **kwargs)
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+
+def _may_have_arrived(exc: NetworkError) -> bool:
+    """The request may have reached Telegram: it failed after the connection was made (a read or
+    write timeout, a connection dropped mid-request). A refused or timed-out connect, a full pool and
+    an HTTP error answer (5xx: Telegram answered, and did not post) are safe to send again."""
+    cause = exc.__cause__
+    safe = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+    return isinstance(cause, httpx.TransportError) and not isinstance(cause, safe)
+
+
+def refusal(exc: BaseException) -> DeliveryRefused | None:
+    """A Bot API answer that no retry can change, as a `DeliveryRefused`; None for transient ones.
+
+    403 (the bot was blocked by the user, kicked from the group) and 400 (chat not found, message
+    too long, thread not found) are final; timeouts, connection errors, 5xx and 429 are not.
+    """
+    if isinstance(exc, Forbidden):
+        return DeliveryRefused("403", exc.message)
+    if isinstance(exc, BadRequest) and not isinstance(exc, ChatMigrated):
+        return DeliveryRefused("400", exc.message)
+    return None
 
 
 def _guard_loggers() -> None:

@@ -20,21 +20,19 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
-
 from adapters.base import PlatformAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.events import Incoming, utcnow
+from bot.events import Incoming
 from bot.generation.base import GenerationBackend
 from bot.heartbeat import Component, Heartbeats
 from bot.ingest import Ingest
-from bot.store import Store
-from bot.store.models import ReplyJob
+from bot.store import Store, jobs, streams
+from bot.stream_follow import StreamFollower, StreamPublisher
 from bot.streaming import StreamingRelay
 from bot.watchdog import ConnectionWatchdog
-from bot.worker import Worker
+from bot.worker import Worker, worker_id
 from personas.registry import PersonaRegistry
 
 if TYPE_CHECKING:
@@ -75,12 +73,30 @@ class BotApp:
                 streaming=bool(getattr(a, "streaming", False)),
                 min_interval=float(getattr(a, "stream_min_interval", 1.0)),
                 min_growth=int(getattr(a, "stream_min_growth", 1)),
+                remember=self._remember_preview,
             )
             for a in self.adapters
         ]
-        self.pumps = [OutboxPump(store, a, relay=r) for a, r in zip(self.adapters, self.relays, strict=True)]
+        self.pumps = [
+            OutboxPump(store, a, settings.delivery, relay=r)
+            for a, r in zip(self.adapters, self.relays, strict=True)
+        ]
+        # Replies that workers in other processes generate, shown through this process's relays.
+        self.followers = [
+            StreamFollower(store, r, f"{worker_id()}:{r.adapter.platform}") for r in self.relays
+        ]
+        # This process's worker feeds its relays directly, and the store for platforms served elsewhere.
+        served = {a.platform for a in self.adapters}
         self.worker = (
-            Worker(settings, store, registry, backend, observers=self.relays) if backend is not None else None
+            Worker(
+                settings,
+                store,
+                registry,
+                backend,
+                observers=[*self.relays, StreamPublisher(store, skip_platforms=served)],
+            )
+            if backend is not None
+            else None
         )
         self.scheduler = scheduler
         self.heartbeats = (
@@ -122,7 +138,7 @@ class BotApp:
             self._pump_tasks = [
                 asyncio.create_task(p.run(self._stop), name=f"outbox:{p.adapter.platform}")
                 for p in self.pumps
-            ]
+            ] + [asyncio.create_task(f.run(self._stop), name=f"streams:{f.platform}") for f in self.followers]
             if self.worker is not None:
                 self._worker_task = asyncio.create_task(self.worker.run(self._stop), name="worker")
             if self.scheduler is not None:
@@ -191,19 +207,13 @@ class BotApp:
         self.failure = reason
         self.failed.set()
 
+    async def _remember_preview(self, job_id: int, streamed_id: str) -> None:
+        async with self.store.transaction() as session:
+            await streams.remember_preview(session, job_id, streamed_id)
+
     async def _release_worker_jobs(self) -> None:
         """Jobs the stopped worker still leased: pending again now; the cut attempt is not counted."""
         assert self.worker is not None
         async with self.store.transaction() as session:
-            released = await session.execute(
-                update(ReplyJob)
-                .where(ReplyJob.status == "running", ReplyJob.lease_owner == self.worker.owner)
-                .values(
-                    status="pending",
-                    attempts=ReplyJob.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    available_at=utcnow(),
-                )
-            )
-        log.info("returned %d unfinished job(s) to the queue", released.rowcount)
+            released = await jobs.release_owner(session, self.worker.owner)
+        log.info("returned %d unfinished job(s) to the queue", released)

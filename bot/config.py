@@ -132,10 +132,20 @@ class TelegramSettings(TokenSettings):
 class WorkerSettings(Section):
     enabled: bool = Field(default=True, description="Run the worker inside `personabot run`.")
     max_batch: int = Field(default=16, ge=1)
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(
+        default=6.0,
+        gt=0,
+        description="A claimed job's lease, renewed every third of it while the job runs: a worker "
+        "that dies loses its jobs to another worker within this time.",
+    )
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
-    poll_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="A new job wakes the worker at once (in this process, or through PostgreSQL's "
+        "NOTIFY); this slow poll is the safety net, e.g. for retries that fall due.",
+    )
     kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     metrics_port: int | None = None
 
@@ -223,6 +233,26 @@ class RunSettings(Section):
     )
 
 
+class DeliverySettings(Section):
+    """The outbox: posting replies on the platforms."""
+
+    deadline_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="A reply that keeps failing for a transient reason (5xx, timeouts, the platform "
+        "unreachable) is retried this long after it was written, then marked failed.",
+    )
+    retry_backoff_seconds: float = Field(
+        default=2.0, ge=0, description="First retry delay of a failed delivery; doubles each attempt."
+    )
+    retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two delivery attempts."
+    )
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="Lease of a claimed reply, renewed while it is being posted."
+    )
+
+
 class Settings(BaseSettings):
     """Everything personabot reads from its config file and environment."""
 
@@ -246,6 +276,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     # Where the values came from, for messages; not a setting.
     config_path: Path | None = Field(default=None, exclude=True)

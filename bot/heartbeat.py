@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.events import utcnow
+from bot.outage import OutageLog
 from bot.store import Store
 from bot.store.conversations import _insert_for
 from bot.store.models import Heartbeat
@@ -75,11 +76,15 @@ class Heartbeats:
         await self.beat_all()
 
     async def _loop(self) -> None:
+        outage = OutageLog("heartbeats", log)
         while not self._stop.is_set():
             try:
                 await self.beat_all()
-            except Exception:  # a busy or unreachable store must not stop the bot; the next beat retries
-                log.warning("could not write heartbeats", exc_info=True)
+                outage.ok()
+            except (
+                Exception
+            ) as exc:  # a busy or unreachable store must not stop the bot; the next beat retries
+                outage.failed(exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
             except TimeoutError:

@@ -17,6 +17,7 @@ from bot.events import utcnow
 from bot.scheduler import runs
 from bot.spool import spool_report
 from bot.store import Store
+from bot.store import outbox as deliveries
 from bot.store.models import Heartbeat, OutboxDelivery, ReplyJob, SchedulerJob
 from personas.versions import list_versions
 
@@ -109,6 +110,17 @@ async def _queue(session: Any, now: datetime) -> dict[str, Any]:
             "pending": outbox.get("pending", 0),
             "sending": outbox.get("sending", 0),
             "failed": outbox.get("failed", 0),
+            "unknown": outbox.get("unknown", 0),
+            "recent_failures": [
+                {
+                    "id": row.id,
+                    "channel": row.channel,
+                    "status": row.status,
+                    "code": row.error_code,
+                    "error": row.error,
+                }
+                for row in await deliveries.listing(session, failed_only=True, limit=5)
+            ],
         },
     }
 
@@ -240,7 +252,13 @@ def render_status(report: dict[str, Any]) -> str:
     for f in q["recent_failures"]:
         lines.append(f"  failed job {f['id']} ({f['persona']}): {f['error']}")
     ob = q["outbox"]
-    lines.append(f"  outbox: pending {ob['pending']}, sending {ob['sending']}, failed {ob['failed']}")
+    lines.append(
+        f"  outbox: pending {ob['pending']}, sending {ob['sending']}, failed {ob['failed']}, "
+        f"unknown outcome {ob['unknown']}"
+    )
+    for f in ob["recent_failures"]:
+        code = f" {f['code']}" if f["code"] else ""
+        lines.append(f"  {f['status']} delivery {f['id']} to {f['channel']}:{code} {f['error']}")
     lines += render_spool(report.get("spool", []))
     lines += ["", "personas:"]
     for p in report["personas"]:

@@ -64,14 +64,59 @@ async def test_a_failure_between_chunks_never_reposts_the_first(
     long_reply = "First part of the answer. " * 100 + "\n\n" + "Second part. " * 100
     bot = await start_bot(sqlite_store, fake, backend=scripted(lambda _: long_reply.strip()))
     try:
-        fake.fail_next("POST", messages, 403, skip=1)  # the second chunk is refused once
+        fake.fail_next("POST", messages, 502, skip=1)  # the second chunk fails once
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} tell me", mentions=[fake.bot])
         (row,) = await bot.delivered(1)
         posted = fake.posted(w.general)
         assert len(posted) == 2 and row.delivered_ids == [m["id"] for m in posted]
-        assert len(fake.calls("POST", messages)) == 3  # chunk 1, chunk 2 refused, chunk 2 again
+        assert len(fake.calls("POST", messages)) == 3  # chunk 1, chunk 2 failed, chunk 2 again
     finally:
         await bot.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reason"),
+    [
+        (403, 50007, "Cannot send messages to this user"),
+        (403, 50013, "Missing Permissions"),
+        (404, 10003, "Unknown Channel"),
+    ],
+)
+async def test_a_permanent_refusal_fails_the_row_at_once_with_its_code(
+    sqlite_store: Store,
+    fake: FakeDiscord,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    code: int,
+    reason: str,
+) -> None:
+    """Closed DMs, missing permissions, an unknown channel: no retry can change them, so the reply
+    fails on its first attempt, with Discord's code and words and the channel kept, logged and shown
+    in `personabot status` (it used to be retried as if the error were temporary)."""
+    from bot.status import collect_status, render_status
+
+    w = build_world(fake)
+    messages = rf"/channels/{w.general['id']}/messages"
+    bot = await start_bot(sqlite_store, fake)
+    try:
+        fake.fail_next("POST", messages, status, code=code, message=reason, times=5)
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} hello", mentions=[fake.bot])
+        async with asyncio.timeout(10):
+            while not (failed := await bot.rows(OutboxDelivery, OutboxDelivery.status == "failed")):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # time enough for a retry, were there one
+        (row,) = failed
+        assert row.attempts == 1 and len(fake.calls("POST", messages)) == 1
+        assert row.error_code == f"{status}/{code}" and row.error == reason
+        report = render_status(await collect_status(sqlite_store))
+    finally:
+        await bot.stop()
+    channel = f"discord:{w.general['id']}"
+    assert f"failed delivery {row.id} to {channel}: {status}/{code} {reason}" in report
+    assert any(
+        channel in r.getMessage() and f"{status}/{code}" in r.getMessage() and "not retried" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_gateway_reconnect_and_outage_resume_the_session(

@@ -9,6 +9,7 @@ import signal
 from bot.config import Settings
 from bot.heartbeat import Component, Heartbeats
 from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
+from bot.stream_follow import StreamPublisher
 from bot.worker.core import Worker
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ async def run_worker_process(settings: Settings) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, on_signal, s)
-    worker = Worker(settings, store, registry, backend)
+    # Typing indicators and streamed edits happen in the bot processes: they follow the store.
+    worker = Worker(settings, store, registry, backend, observers=[StreamPublisher(store)])
     beats = Heartbeats(
         store,
         [

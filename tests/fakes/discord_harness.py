@@ -107,7 +107,9 @@ async def start_bot(
     app = BotApp(settings, store, personas(), [adapter], backend, heartbeats=heartbeats)
     for pump in app.pumps:  # quick polling and retries, so each test takes about a second
         pump.poll_seconds = 0.05
-        pump.backoff_seconds = 0.05
+        pump.settings = pump.settings.model_copy(
+            update={"retry_backoff_seconds": 0.05, "retry_max_seconds": 0.2}
+        )
     await app.start()
     return Bot(fake, app, adapter, backend, store)
 

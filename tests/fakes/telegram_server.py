@@ -109,6 +109,7 @@ class FakeBotAPI:
         self.commands: list[dict[str, str]] = []  # the "/" menu (setMyCommands)
         self._polls = 0  # getUpdates calls so far: only the newest one may wait
         self._failures: dict[str, list[_Failure]] = {}
+        self._slow: dict[str, list[float]] = {}  # method -> answer delays of its next calls
         self._update_ids = itertools.count(1000)
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._new_update = asyncio.Condition()
@@ -166,6 +167,11 @@ class FakeBotAPI:
         if retry_after is not None:
             parameters = {**(parameters or {}), "retry_after": retry_after}
         self._failures.setdefault(method, []).append(_Failure(status, text, parameters, times, after))
+
+    def slow(self, method: str, seconds: float, *, times: int = 1) -> None:
+        """The next `times` calls of `method` are carried out at once but answered `seconds` later
+        (a send whose answer is lost or late: the message is already posted)."""
+        self._slow.setdefault(method, []).extend([seconds] * times)
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -272,9 +278,12 @@ class FakeBotAPI:
         if handler is None:
             return _error(404, "Not Found: method not found")
         try:
-            return await handler(call)
+            response = await handler(call)
         except _ApiError as exc:
             return _error(exc.status, exc.description)
+        if self._slow.get(method):
+            await asyncio.sleep(self._slow[method].pop(0))
+        return response
 
     async def _api_getMe(self, call: Call) -> web.Response:
         return _ok(dict(self.bot.to_json(), can_join_groups=True, can_read_all_group_messages=False))
