@@ -14,7 +14,7 @@ from trainer.hyper import HyperparameterError, from_spec, with_overrides
 from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
 from trainer.run import ResumeError, find_resume, latest_checkpoint, next_version
 from trainer.split import heldout_count, split_heldout
-from trainer.style import is_haiku, is_pirate, style_check, style_score
+from personas.style import is_haiku, is_pirate, style_check, style_score
 
 
 @pytest.mark.parametrize(

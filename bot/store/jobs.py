@@ -189,9 +189,17 @@ async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note
 
 
 async def complete(
-    session: AsyncSession, job: ClaimedJob, *, text: str, persona: str, platform: str
+    session: AsyncSession,
+    job: ClaimedJob,
+    *,
+    text: str,
+    persona: str,
+    platform: str,
+    note: str | None = None,
 ) -> int | None:
     """Write the reply and its outbox row and close the job, all in the caller's transaction.
+
+    `note` (what the loop guard or the reply cleanup did) is kept in the job's `error` column.
 
     Returns the assistant message id, or None when this worker no longer holds the job's lease
     (another worker answered it); the caller then rolls back and nothing is written.
@@ -200,7 +208,7 @@ async def complete(
     won = await session.execute(
         update(ReplyJob)
         .where(*_held(job))
-        .values(status="done", finished_at=now, lease_expires_at=None, error=None)
+        .values(status="done", finished_at=now, lease_expires_at=None, error=note[:4000] if note else None)
     )
     if won.rowcount != 1:
         return None

@@ -21,6 +21,10 @@ One batch:
 
 A veto (`after_generation` returned None) closes the job as `done` with no reply message and
 `error = "vetoed by the persona's after_generation hook"`; nothing is posted.
+
+Before a reply is stored, a leaked speaker prefix ("alice: ...") is stripped in group chats
+(`bot.replies`). A reply the loop guard cut, or whose prefix was stripped, is stored as cleaned, so no
+later prompt carries the loop or the prefix; the job's `error` column notes what was done.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from bot.generation.base import (
     run_generation,
 )
 from bot.metrics import WorkerMetrics
+from bot.replies import clean_reply
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.streaming import ReplyObserver
@@ -57,6 +62,18 @@ from personas.registry import PersonaRegistry
 log = logging.getLogger(__name__)
 
 VETO_NOTE = "vetoed by the persona's after_generation hook"
+LOOP_NOTE = "reply cut by the loop guard"
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """What became of one generated reply (for `personabot eval`)."""
+
+    job_id: int
+    generated: str  # the model's text (after the loop guard / stop texts, before cleanup)
+    text: str | None  # what was stored (None: vetoed or empty)
+    finish_reason: str
+    stripped_prefix: str | None
 
 
 def worker_id() -> str:
@@ -100,8 +117,11 @@ class Worker:
         observers: Sequence[ReplyObserver] = (),
         metrics: WorkerMetrics | None = None,
         stop_timeout: float | None = None,
+        seed: int | None = None,
+        on_reply: Callable[[ReplyRecord], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_reply = on_reply
         self.store = store
         self.registry = registry
         self.backend = backend
@@ -116,7 +136,7 @@ class Worker:
         self.stop_timeout = stop_timeout
         self.adapters = AdapterSync(backend)
         window = int(getattr(backend, "context_window", 2048))
-        self.preparer = Preparer(registry, backend.tokenizer, window)
+        self.preparer = Preparer(registry, backend.tokenizer, window, seed=seed)
         set_budget = getattr(backend, "set_kv_budget", None)
         if set_budget is not None:
             set_budget(settings.worker.kv_cache_bytes)
@@ -335,12 +355,26 @@ class Worker:
             decode = result.timings.get("total", 0.0) - first
             if decode > 0 and len(result.token_ids) > 1:
                 self.metrics.tokens_per_second.labels(persona.slug).set((len(result.token_ids) - 1) / decode)
-        text = result.text
+        cleaned = clean_reply(result.text, group=not item.channel.is_direct)
+        text = cleaned.text
+        notes = [LOOP_NOTE] if result.finish_reason == "loop" else []
+        if cleaned.stripped_prefix is not None:
+            notes.append(f"speaker prefix {cleaned.stripped_prefix!r} stripped")
         plugins = self.preparer.plugins
         if plugins is not None and item.context is not None:
             final = plugins.run_after_generation(persona, item.context, text)
         else:
             final = text
+        if self.on_reply is not None:
+            self.on_reply(
+                ReplyRecord(
+                    job.id,
+                    result.text,
+                    final.strip() if final else None,
+                    result.finish_reason,
+                    cleaned.stripped_prefix,
+                )
+            )
         try:
             if final is None:
                 async with self.store.transaction() as session:
@@ -357,7 +391,12 @@ class Worker:
                 return
             async with self.store.transaction() as session:
                 written = await jobs.complete(
-                    session, job, text=final, persona=persona.slug, platform=item.channel.platform
+                    session,
+                    job,
+                    text=final,
+                    persona=persona.slug,
+                    platform=item.channel.platform,
+                    note="; ".join(notes) or None,
                 )
         except Exception as exc:
             log.exception("job %s: writing the reply failed", job.id)

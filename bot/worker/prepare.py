@@ -17,6 +17,7 @@ from bot.errors import PersonaError
 from bot.events import ChannelKind, ChannelRef, utcnow
 from bot.generation.base import GenerationRequest
 from bot.prompting import ChatRenderer, PromptError, Turn
+from bot.replies import speaker_stops
 from bot.store import conversations
 from bot.store.conversations import HistoryMessage
 from bot.store.jobs import ClaimedJob
@@ -89,8 +90,11 @@ def _after_hook(plugins: Any, persona: Persona) -> bool:
 class Preparer:
     """Renders jobs for one backend; keeps a renderer per template and a prompt cache per channel."""
 
-    def __init__(self, registry: PersonaRegistry, tokenizer: Any, context_window: int) -> None:
+    def __init__(
+        self, registry: PersonaRegistry, tokenizer: Any, context_window: int, *, seed: int | None = None
+    ) -> None:
         self.registry = registry
+        self.seed = seed  # set: job N samples with seed + N (`personabot eval`'s fixed seeds)
         self.tokenizer = tokenizer
         self.context_window = context_window
         self._renderers: dict[str, ChatRenderer] = {}
@@ -148,12 +152,20 @@ class Preparer:
             raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
         if rendered.dropped_turns:
             log.info("job %s: dropped %d old turns to fit the context window", job.id, rendered.dropped_turns)
+        stops: tuple[str, ...] = ()
+        if not inputs.channel.is_direct:
+            # A reply ends where the model starts writing someone's next line ("\nalice:").
+            names = {m.author for m in inputs.history if m.role == "user"}
+            names |= {m.persona for m in inputs.history if m.persona}
+            stops = speaker_stops({*names, persona.slug, spec.name})
         request = GenerationRequest(
             prompt_ids=rendered.input_ids,
             sampling=spec.sampling,
             stop_ids=tuple(renderer.end_of_turn_ids),
             adapter=adapter,
             cache_key=f"{job.channel_id}:{persona.slug}",
+            seed=None if self.seed is None else self.seed + job.id,
+            stop_texts=stops,
         )
         return Prepared(
             job=job,
