@@ -20,7 +20,7 @@ from adapters.console import ConsoleAdapter
 from bot.app import BotApp
 from bot.config import Settings
 from bot.errors import ConfigError
-from bot.runtime import load_backend, load_registry, open_store
+from bot.runtime import install_bundled, load_backend, load_registry, open_store
 from bot.store import Store, conversations
 from bot.store.models import OutboxDelivery, ReplyJob
 from personas.registry import PersonaRegistry
@@ -154,6 +154,7 @@ async def run_bot(
         backend = None
         if settings.worker.enabled:
             backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
+            await install_bundled(settings, store, registry, backend.tokenizer)
         scheduler = JobScheduler(settings, store, registry) if settings.scheduler.enabled else None
         if not adapters and backend is None and scheduler is None:
             raise ConfigError(

@@ -13,16 +13,18 @@ from bot.quality.run import EvalTarget
 def resolve_target(settings: Settings, slug: str, version: str | None) -> EvalTarget:
     """`version` None: the persona's active adapter (the base model when none is active); "base": the
     base model; else that registered version."""
-    from bot.runtime import load_registry, open_store
+    from bot.runtime import install_bundled, load_registry, open_store
     from personas.versions import active_version, get_version
 
-    persona = load_registry(settings).get(slug)
+    registry = load_registry(settings)
+    persona = registry.get(slug)
     if version == "base":
         return EvalTarget(persona)
 
     async def find() -> tuple[str, str] | None:
         store = await open_store(settings)
         try:
+            await install_bundled(settings, store, registry)
             async with store.transaction() as session:
                 info = (
                     await active_version(session, slug)

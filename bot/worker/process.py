@@ -8,7 +8,7 @@ import signal
 
 from bot.config import Settings
 from bot.heartbeat import Component, Heartbeats
-from bot.runtime import load_backend, load_registry, open_store
+from bot.runtime import install_bundled, load_backend, load_registry, open_store
 from bot.worker.core import Worker
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,7 @@ async def run_worker_process(settings: Settings) -> int:
     registry = load_registry(settings)
     backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
     store = await open_store(settings)
+    await install_bundled(settings, store, registry, backend.tokenizer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -68,7 +68,7 @@ def baseline(settings: Settings, questions: list[Conversation], max_new_tokens: 
             for c, ids in zip(part, out[:, enc["input_ids"].shape[1] :], strict=True):
                 reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 histories[c.id].append({"role": "assistant", "content": reply})
-                rows.append({"reply": reply, "expect": c.turns[turn].expect})
+                rows.append({"id": c.id, "turn": turn, "reply": reply, "expect": c.turns[turn].expect})
     replies = [r["reply"] for r in rows]
     share = lambda flags: sum(flags) / len(flags)  # noqa: E731
     return {
@@ -79,6 +79,7 @@ def baseline(settings: Settings, questions: list[Conversation], max_new_tokens: 
         "leak_rate": None,
         "mean_words": sum(scores.word_count(t) for t in replies) / len(replies),
         "distinct_2": scores.distinct_2(replies),
+        "replies": rows,
     }
 
 
@@ -122,7 +123,7 @@ def main() -> int:
         base = baseline(settings, questions)
         print(f"baseline: done in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
         personas = persona_scores(settings, ["assistant", "pirate", "poet"], questions, not args.no_group)
-    rows = [("plain transformers, greedy, model template", base)]
+    rows: list[tuple[str, dict[str, Any]]] = [("plain transformers, greedy, model template", base)]
     rows += [(f"{slug} ({v['version'] or 'base model'})", v) for slug, v in personas.items()]
     count = sum(len(c.turns) for c in questions)
     print(f"{count} questions ({len(questions)} conversations), seed 0\n")
