@@ -31,7 +31,9 @@ async def install(store: Store, persona: Persona) -> list[str]:
     return await install_bundled_adapters(store, [persona], lambda: BASE_SHA, lambda: tokenizer)
 
 
-async def test_first_use_registers_and_activates_the_bundled_adapter(sqlite_store: Store, tmp_path: Path) -> None:
+async def test_first_use_registers_and_activates_the_bundled_adapter(
+    sqlite_store: Store, tmp_path: Path
+) -> None:
     persona = persona_with_adapter(tmp_path)
     assert await install(sqlite_store, persona) == ["pirate@bundled-v1"]
     async with sqlite_store.transaction() as session:

@@ -196,10 +196,12 @@ async def complete(
     persona: str,
     platform: str,
     note: str | None = None,
+    exclude_from_prompts: bool = False,
 ) -> int | None:
     """Write the reply and its outbox row and close the job, all in the caller's transaction.
 
-    `note` (what the loop guard or the reply cleanup did) is kept in the job's `error` column.
+    `note` (what the loop guard or the reply cleanup did) is kept in the job's `error` column; with
+    `exclude_from_prompts` the reply is delivered but later prompts leave it out.
 
     Returns the assistant message id, or None when this worker no longer holds the job's lease
     (another worker answered it); the caller then rolls back and nothing is written.
@@ -222,7 +224,14 @@ async def complete(
     message_id = (
         await session.execute(
             _insert_for(session)(Message)
-            .values(channel_id=job.channel_id, role="assistant", persona=persona, text=text, created_at=now)
+            .values(
+                channel_id=job.channel_id,
+                role="assistant",
+                persona=persona,
+                text=text,
+                created_at=now,
+                excluded_from_prompts=exclude_from_prompts,
+            )
             .returning(Message.id)
         )
     ).scalar_one()

@@ -23,8 +23,10 @@ A veto (`after_generation` returned None) closes the job as `done` with no reply
 `error = "vetoed by the persona's after_generation hook"`; nothing is posted.
 
 Before a reply is stored, a leaked speaker prefix ("alice: ...") is stripped in group chats
-(`bot.replies`). A reply the loop guard cut, or whose prefix was stripped, is stored as cleaned, so no
-later prompt carries the loop or the prefix; the job's `error` column notes what was done.
+(`bot.replies`), so no later prompt carries it. A reply the loop guard cut (at the last sentence before
+the loop), or one not in English answering an English message, is stored and delivered but marked
+`excluded_from_prompts`: later prompts leave it out, so one bad reply does not pull the next ones the
+same way. The job's `error` column notes what was done. `/reset` works as before.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from bot.generation.base import (
     run_generation,
 )
 from bot.metrics import WorkerMetrics
-from bot.replies import clean_reply
+from bot.replies import clean_reply, keep_out_of_prompts
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.streaming import ReplyObserver
@@ -358,6 +360,9 @@ class Worker:
         cleaned = clean_reply(result.text, group=not item.channel.is_direct)
         text = cleaned.text
         notes = [LOOP_NOTE] if result.finish_reason == "loop" else []
+        exclude = keep_out_of_prompts(item.question, text, result.finish_reason)
+        if exclude:
+            notes.append("left out of later prompts")
         if cleaned.stripped_prefix is not None:
             notes.append(f"speaker prefix {cleaned.stripped_prefix!r} stripped")
         plugins = self.preparer.plugins
@@ -397,6 +402,7 @@ class Worker:
                     persona=persona.slug,
                     platform=item.channel.platform,
                     note="; ".join(notes) or None,
+                    exclude_from_prompts=exclude,
                 )
         except Exception as exc:
             log.exception("job %s: writing the reply failed", job.id)

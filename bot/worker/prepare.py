@@ -47,6 +47,7 @@ class Prepared:
     context: Any  # personas.plugins.PromptContext, handed to after_generation
     stream_text: bool  # False when an after_generation hook may veto or rewrite the text
     dropped_turns: int = 0
+    question: str = ""  # the message answered (or the scheduled prompt), for the reply's language check
 
 
 @dataclass
@@ -85,6 +86,16 @@ def _after_hook(plugins: Any, persona: Persona) -> bool:
         return "after_generation" in plugins.has_hooks(persona)
     except PersonaError:
         return False  # a plugin that does not load is logged by the hook runner and ignored
+
+
+def _last_user_text(history: list[HistoryMessage], up_to: int | None) -> str:
+    text = ""
+    for message in history:
+        if up_to is not None and message.id > up_to:
+            break
+        if message.role == "user":
+            text = message.text
+    return text
 
 
 class Preparer:
@@ -176,6 +187,7 @@ class Preparer:
             context=context,
             stream_text=not _after_hook(self.plugins, persona),
             dropped_turns=rendered.dropped_turns,
+            question=job.prompt or _last_user_text(inputs.history, job.trigger_message_id),
         )
 
     def _context(self, job: ClaimedJob, persona: Persona, inputs: JobInputs) -> Any:
