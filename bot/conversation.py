@@ -8,6 +8,11 @@ from bot.prompting import Turn
 from bot.store.conversations import HistoryMessage
 
 
+def group_line(name: str, text: str) -> str:
+    """A group chat message as the model sees it: who said it, then what."""
+    return f"{name}: {text}"
+
+
 def history_to_turns(
     history: Sequence[HistoryMessage], *, persona: str, group: bool, up_to_message_id: int | None = None
 ) -> list[Turn]:
@@ -30,7 +35,7 @@ def history_to_turns(
         else:
             continue
         if group and role == "user" and name:
-            content = f"{name}: {content}"
+            content = group_line(name, content)
         if turns and turns[-1].role == role:
             turns[-1] = Turn(role, f"{turns[-1].content}\n{content}", turns[-1].name)
         else:

@@ -17,6 +17,7 @@ HEADLINE = (
     ("accuracy", "accuracy"),
     ("style", "style"),
     ("loop_rate", "loop"),
+    ("guard_cut_rate", "guard cut"),
     ("drift_rate", "drift"),
     ("leak_rate", "leak"),
     ("mean_words", "words"),
@@ -65,8 +66,8 @@ class EvalReport:
             "|" + " --- |" * len(HEADLINE),
             "| " + " | ".join(format_score(key, self.scores.get(key)) for key, _ in HEADLINE) + " |",
             "",
-            f"Cut by the loop guard: {format_score('guard', self.scores.get('guard_cut_rate'))}; "
-            f"failed: {int(self.scores.get('failed') or 0)}.",
+            "loop: delivered replies that repeat a sentence or word run 3+ times; guard cut: replies the "
+            f"loop guard ended early. Failed: {int(self.scores.get('failed') or 0)}.",
         ]
         wrong = [r for r in self.replies if not r.correct][:5]
         if wrong:
@@ -110,16 +111,16 @@ def score_replies(
     for r in replies:
         r.correct = scores.is_correct(r.reply, r.expect)
         r.styled = check(r.reply) if check is not None else None
-        r.looped = r.finish_reason == "loop" or scores.loops(r.reply)
+        r.looped = scores.loops(r.reply)
         r.english = scores.is_english(r.reply)
         r.leaked = scores.leaks_name(r.generated) or scores.leaks_name(r.reply)
     texts = [r.reply for r in replies]
     values: dict[str, float | None] = {
         "accuracy": _share([r.correct for r in replies]),
         "style": _share([bool(r.styled) for r in replies]) if check is not None else None,
+        # Delivered replies that loop; the replies the guard had to cut are counted apart.
         "loop_rate": _share([r.looped for r in replies]),
         "guard_cut_rate": _share([r.finish_reason == "loop" for r in replies]),
-        "loop_after_guard": _share([scores.loops(t) for t in texts]),
         "drift_rate": _share([not r.english for r in replies]),
         "leak_rate": _share([r.leaked for r in replies]) if group else None,
         "mean_words": sum(scores.word_count(t) for t in texts) / len(texts) if texts else 0.0,

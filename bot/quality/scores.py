@@ -3,7 +3,8 @@
 - **accuracy**: the reply matches the question's expected-answer regex (case-insensitive search);
 - **style**: the persona's style check (`personas.style`), where it has one;
 - **loop**: the reply repeats a sentence, or a run of words, three or more times (`bot.generation.guard`,
-  the same detector the loop guard stops generation with), or the guard had to cut it;
+  the same detector the loop guard stops generation with), in the reply as delivered; replies the
+  guard cut short are counted apart (`guard_cut_rate`);
 - **drift**: the reply to an English question is not English (`bot.replies.is_english`);
 - **leak**: in a group chat, the model began its reply with a speaker-like `Name:` (`bot.replies`);
 - **length** (mean words per reply) and **distinct-2** (distinct word bigrams / all word bigrams).
