@@ -19,10 +19,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-# One to three name-like words (letters first; digits, dots, dashes and apostrophes inside), optional
-# markdown bold or brackets, then a colon and text on the same line: "Alice:", "**Bob**:", "[carol]:".
+# A speaker tag at the start of a reply: one to three name-like words (letters first; digits, dots,
+# dashes and apostrophes inside) followed by a colon ("Alice:", "**Bob**:"), or in brackets with or
+# without one ("[carol]", "<dave>:", "(alice wrote)"); then text on the same line.
+_NAME = r"[^\W\d_][\w'.\-]{0,31}(?: [^\W\d_][\w'.\-]{0,31}){0,2}"
 _PREFIX = re.compile(
-    r"^\s*[\[*(]*([^\W\d_][\w'.\-]{0,31}(?: [^\W\d_][\w'.\-]{0,31}){0,2})[\])*]*[ \t]*:[ \t]+(?=\S)"
+    rf"^\s*\**(?:[\[<(](?P<tagged>{_NAME})[\]>)]\**[ \t]*:?|(?P<named>{_NAME})\**[ \t]*:)[ \t]+(?=\S)"
 )
 
 
@@ -70,7 +72,7 @@ def keep_out_of_prompts(question: str, reply: str, finish_reason: str) -> bool:
 def speaker_prefix(text: str) -> str | None:
     """The leading `Name:` of `text` (the name), or None."""
     match = _PREFIX.match(text)
-    return match.group(1) if match else None
+    return (match.group("tagged") or match.group("named")) if match else None
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def clean_reply(text: str, *, group: bool) -> CleanedReply:
     text = text.strip()
     first: str | None = None
     while group and (match := _PREFIX.match(text)) is not None:
-        first = first or match.group(1)
+        first = first or match.group("tagged") or match.group("named")
         text = text[match.end() :].strip()
     return CleanedReply(text, first)
 

@@ -132,11 +132,16 @@ class Preparer:
         except AdapterUnavailable as exc:
             raise JobRejected("adapter", str(exc)) from None
         spec = persona.spec
+        try:
+            renderer = self.renderer(spec.template)
+        except PromptError as exc:
+            raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
         turns = history_to_turns(
             inputs.history,
             persona=persona.slug,
             group=not inputs.channel.is_direct,
             up_to_message_id=job.trigger_message_id,
+            separate_newest=renderer.allows_repeated("user"),
         )
         if job.prompt:
             # A scheduled post's instruction speaks as the user (merged when the user spoke last).
@@ -152,7 +157,6 @@ class Preparer:
                 system = f"{system}\n\n{extra}" if system else extra
         window = spec.context_window or self.context_window
         try:
-            renderer = self.renderer(spec.template)
             rendered = renderer.render_prompt(
                 turns,
                 system=system,
