@@ -62,3 +62,36 @@ async def test_a_reply_the_loop_guard_cut_is_left_out_and_reset_still_works(
     with sqlite3.connect(tmp_path / "data" / "personabot.db") as conn:
         notes = [r[0] for r in conn.execute("select error from reply_jobs order by id")]
     assert notes[0] == "reply cut by the loop guard; left out of later prompts" and notes[1] is None
+
+
+def test_group_history_names_earlier_lines_in_brackets_and_gives_the_newest_bare() -> None:
+    from datetime import UTC, datetime
+
+    from bot.conversation import history_to_turns
+    from bot.prompting import Turn
+    from bot.store.conversations import HistoryMessage
+
+    now = datetime.now(UTC)
+    history = [
+        HistoryMessage(1, "user", "morning all", "alice", None, now),
+        HistoryMessage(2, "user", "hey alice", "bob", None, now),
+        HistoryMessage(3, "user", "What's the capital of Germany?", "carol", None, now),
+    ]
+    separate = history_to_turns(history, persona="assistant", group=True, separate_newest=True)
+    assert separate == [
+        Turn("user", "[alice] morning all\n[bob] hey alice", "alice"),
+        Turn("user", "What's the capital of Germany?", "carol"),
+    ]
+    merged = history_to_turns(history, persona="assistant", group=True)
+    assert [t.content for t in merged] == [
+        "[alice] morning all\n[bob] hey alice\nWhat's the capital of Germany?"
+    ]
+    # Up to an earlier message, that one is the newest.
+    earlier = history_to_turns(
+        history, persona="assistant", group=True, up_to_message_id=2, separate_newest=True
+    )
+    assert [t.content for t in earlier] == ["[alice] morning all", "hey alice"]
+    # Direct chats are unchanged.
+    assert [t.content for t in history_to_turns(history, persona="assistant", group=False)] == [
+        "morning all\nhey alice\nWhat's the capital of Germany?"
+    ]
