@@ -107,3 +107,36 @@ def test_the_shipped_set_has_at_least_60_questions_some_in_conversations() -> No
     conversations = read_questions()
     assert sum(len(c.turns) for c in conversations) >= 60
     assert any(len(c.turns) == 1 for c in conversations) and any(len(c.turns) >= 3 for c in conversations)
+
+
+def test_the_eval_command_runs_the_tiny_model_and_writes_its_report(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.tiny import save_tiny_model
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("\n".join(QUESTIONS) + "\n")
+    env = {
+        **os.environ,
+        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
+        "PERSONABOT_MODEL__PATH": str(save_tiny_model(tmp_path / "model")),
+    }
+    command = [sys.executable, "-m", "bot.cli", "eval", "assistant", "--questions", str(questions)]
+    proc = subprocess.run(
+        [*command, "--out", str(tmp_path / "out"), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["questions"] == 3 and report["version"] is None
+    assert set(report["scores"]) >= {"accuracy", "loop_rate", "guard_cut_rate", "drift_rate", "distinct_2"}
+    assert json.loads((tmp_path / "out" / "eval.json").read_text()) == report
+    bad = subprocess.run(
+        [*command[:-2], "--questions", str(tmp_path / "none.jsonl")], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "none.jsonl: cannot read" in bad.stderr
