@@ -31,6 +31,7 @@ class GenerationRequest:
     cache_key: str | None = None  # the channel/persona this prompt continues, for KV reuse across turns
     seed: int | None = None
     stop_texts: tuple[str, ...] = ()  # the reply ends before the first of these (e.g. "\nalice:")
+    loop_guard: bool = True  # end the reply once it starts repeating itself (`bot.generation.guard`)
 
 
 @dataclass

@@ -298,7 +298,7 @@ class BatchEngine:
         if stop is not None:
             row.cut_text, row.done, row.finish = text[:stop], True, "stop"
             return
-        looped = loop_start(text)
+        looped = loop_start(text) if row.request.loop_guard else None
         if looped is not None:
             row.cut_text, row.done, row.finish = cut_before(text, looped), True, "loop"
             return
