@@ -14,7 +14,7 @@ from adapters.console import ConsoleAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.runtime import load_backend, load_registry, open_store
+from bot.runtime import install_bundled, load_backend, load_registry, open_store
 from bot.store import conversations
 from bot.store.models import ReplyJob
 from bot.worker import Worker
@@ -36,6 +36,7 @@ async def run_chat(
     backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
     store = await open_store(settings)
     try:
+        await install_bundled(settings, store, registry, backend.tokenizer)
         adapter = ConsoleAdapter(channel, stdout=stdout, interactive=interactive)
         dispatcher = Dispatcher(settings, store, registry)
         worker = Worker(settings, store, registry, backend, on_text=adapter.on_partial)

@@ -193,6 +193,13 @@ class SchedulerSettings(Section):
         "unset: `{python} -m bot.scheduler.train_job {persona} --data {data} --version {version}` "
         "(`personabot train` on the bundled dialogues plus the export).",
     )
+    retrain_eval_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Largest drop in `personabot eval` accuracy or style a retrained version may show "
+        "and still be activated (it may never loop more).",
+    )
     retrain_timeout_hours: float = Field(
         default=6.0, gt=0, description="A training run is stopped after this."
     )

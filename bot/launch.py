@@ -23,7 +23,7 @@ from bot.app import BotApp
 from bot.config import Settings
 from bot.errors import ConfigError
 from bot.generation.base import GenerationBackend
-from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
+from bot.runtime import START_WAIT_SECONDS, install_bundled, load_backend, load_registry, open_store
 from bot.store import Store, conversations
 from bot.store.models import OutboxDelivery, ReplyJob
 from personas.registry import PersonaRegistry
@@ -225,6 +225,7 @@ async def _run(
             if backend is None:
                 say("stopped before start-up finished")
                 return 0
+            await install_bundled(settings, store, registry, backend.tokenizer)
         scheduler = JobScheduler(settings, store, registry) if settings.scheduler.enabled else None
         if not adapters and backend is None and scheduler is None:
             raise ConfigError(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from bot.basemodel import MARKER, default_model_dir, pull_default_model, resolve_model
+from bot.basemodel import MARKER, default_model_dir, model_sha256, pull_default_model, resolve_model
 from bot.config import Settings
 from bot.store import Store
 from bot.store.engine import database_unreachable
@@ -53,6 +53,22 @@ async def open_store(settings: Settings, *, wait_seconds: float = 0.0) -> Store:
             delay = min(delay * 2, 5.0)
             continue
         return store
+
+
+async def install_bundled(
+    settings: Settings, store: Store, registry: PersonaRegistry, tokenizer: Any | None = None
+) -> None:
+    """Register and activate the personas' shipped adapters on first use (`personas.bundled`); the
+    tokenizer is loaded only when one is activated and none is given."""
+    from bot.generation.local import load_tokenizer
+    from personas.bundled import install_bundled_adapters
+
+    await install_bundled_adapters(
+        store,
+        registry.all(),
+        lambda: model_sha256(resolve_model(settings)),
+        lambda: tokenizer if tokenizer is not None else load_tokenizer(resolve_model(settings)),
+    )
 
 
 def load_registry(settings: Settings) -> PersonaRegistry:

@@ -2,7 +2,8 @@
 
 It works from any machine that reaches the database, while the bot runs or not: components seen
 (heartbeats), the reply queue, the outbox, each persona's active adapter with its held-out loss, and
-the last run of every scheduled job with its errors (and a retrain's two held-out losses).
+the last run of every scheduled job with its errors (and a retrain's two held-out losses and two eval
+reports' scores).
 """
 
 from __future__ import annotations
@@ -228,7 +229,21 @@ def run_line(run: dict[str, Any]) -> str:
             f" [held-out loss: new {detail.get('version')} {detail['new_loss']:.4f}, "
             f"active {detail.get('active_version')} {detail['active_loss']:.4f}]"
         )
+    if "new_eval" in detail and "active_eval" in detail:
+        line += (
+            f" [eval: new {detail.get('version')} {_eval_scores(detail['new_eval'])}, "
+            f"active {detail.get('active_version')} {_eval_scores(detail['active_eval'])}]"
+        )
     return line
+
+
+def _eval_scores(scores: dict[str, Any]) -> str:
+    shown = [f"accuracy {scores.get('accuracy', 0):.1%}"]
+    if scores.get("style") is not None:
+        shown.append(f"style {scores['style']:.1%}")
+    looping = float(scores.get("loop_rate") or 0) + float(scores.get("guard_cut_rate") or 0)
+    shown.append(f"loops {looping:.1%}")
+    return " ".join(shown)
 
 
 def render_status(report: dict[str, Any]) -> str:

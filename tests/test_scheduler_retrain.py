@@ -20,7 +20,7 @@ from bot.basemodel import model_sha256, resolve_model
 from bot.config import Settings, load_settings
 from bot.events import utcnow
 from bot.scheduler import JobScheduler
-from bot.scheduler.retrain import EvalRequest, Retrainer
+from bot.scheduler.retrain import EvalRequest, QualityRequest, Retrainer, quality_gate
 from bot.status import collect_status, render_status
 from bot.store import Store
 from personas import versions
@@ -119,6 +119,21 @@ def losses(new: float, active: float):  # type: ignore[no-untyped-def]
     return evaluate
 
 
+def eval_scores(new: dict, active: dict):  # type: ignore[no-untyped-def]
+    """A stand-in for `personabot eval` on the new version and on the active one."""
+    seen: list[QualityRequest] = []
+
+    async def quality(request: QualityRequest) -> dict:
+        seen.append(request)
+        return new if len(seen) == 1 else active
+
+    quality.seen = seen  # type: ignore[attr-defined]
+    return quality
+
+
+SOUND = {"accuracy": 0.7, "style": 0.9, "loop_rate": 0.0, "guard_cut_rate": 0.0}
+
+
 async def activate_first(store: Store, settings: Settings, template: Path) -> None:
     folder = settings.loras_dir / "pirate" / "v1"
     folder.parent.mkdir(parents=True)
@@ -173,7 +188,7 @@ async def test_a_retrain_that_gets_worse_is_not_activated(
     report = render_status(await collect_status(store, personas=["pirate"]))
     assert "pirate: adapter v1 (held-out loss 1.2000)" in report
     assert "held-out loss: new auto-20260601-000000 1.5000, active v1 1.2000" in report
-    assert "not activated (worse than v1)" in report
+    assert "not activated (held-out loss 1.5000 > 1.2000; kept v1)" in report
 
 
 async def test_a_retrain_that_does_not_get_worse_is_activated(
@@ -182,18 +197,56 @@ async def test_a_retrain_that_does_not_get_worse_is_activated(
     settings, _ = setup
     await populate(store)
     registry = PersonaRegistry.discover()
-    retrainer = Retrainer(settings, store, registry, evaluate=losses(new=1.1, active=1.1))
+    quality = eval_scores(SOUND | {"accuracy": 0.66}, SOUND)  # within the 5% tolerance
+    retrainer = Retrainer(settings, store, registry, evaluate=losses(new=1.1, active=1.1), quality=quality)
     scheduler = JobScheduler(settings, store, registry, retrainer=retrainer)
 
     result = await scheduler.run_occurrence("retrain:pirate", NOW)
 
     assert result.status == "ok" and result.detail["activated"] is True, result.summary
+    assert [r.version for r in quality.seen] == ["auto-20260601-000000", "base"]  # type: ignore[attr-defined]
+    assert result.detail["new_eval"]["accuracy"] == 0.66 and result.detail["active_eval"]["accuracy"] == 0.7
     assert result.detail["active_version"] == "base model"  # no adapter was active: compared with the base
     assert await active(store) == "auto-20260601-000000"
     # The conversations it learned from are not new any more.
     again = await scheduler.run_occurrence("retrain:pirate", NOW.replace(day=2))
     assert again.status == "skipped"
     assert "pirate has 0 new conversation(s)" in again.summary
+
+
+@pytest.mark.parametrize(
+    ("new", "why"),
+    [
+        (SOUND | {"accuracy": 0.6}, "accuracy 60.0% < 70.0% - 5%"),
+        (SOUND | {"style": 0.8}, "style 80.0% < 90.0% - 5%"),
+        (SOUND | {"guard_cut_rate": 0.02}, "loops 2.0% > 0.0%"),
+    ],
+)
+async def test_a_retrain_whose_eval_drops_is_not_activated_though_its_loss_is_better(
+    store: Store, setup: tuple[Settings, Path], new: dict, why: str
+) -> None:
+    settings, template = setup
+    await populate(store)
+    await activate_first(store, settings, template)
+    registry = PersonaRegistry.discover()
+    quality = eval_scores(new, SOUND)
+    retrainer = Retrainer(settings, store, registry, evaluate=losses(new=1.0, active=1.2), quality=quality)
+    result = await JobScheduler(settings, store, registry, retrainer=retrainer).run_occurrence(
+        "retrain:pirate", NOW
+    )
+    assert result.status == "ok" and result.detail["activated"] is False
+    assert result.detail["refused"] == why
+    assert [r.version for r in quality.seen] == ["auto-20260601-000000", "v1"]  # type: ignore[attr-defined]
+    assert await active(store) == "v1"
+    report = render_status(await collect_status(store, personas=["pirate"]))
+    assert f"not activated ({why}; kept v1)" in report
+    assert "eval: new auto-20260601-000000 accuracy" in report and "active v1 accuracy 70.0%" in report
+
+
+def test_the_quality_gate_allows_the_tolerance_and_ignores_missing_style() -> None:
+    assert quality_gate(SOUND | {"accuracy": 0.65}, SOUND, 0.05) is None
+    assert quality_gate({"accuracy": 0.7, "style": None}, {"accuracy": 0.7, "style": None}, 0.0) is None
+    assert quality_gate(SOUND | {"loop_rate": 0.01}, SOUND, 0.5) == "loops 1.0% > 0.0%"
 
 
 async def test_too_little_data_is_reported_and_other_jobs_keep_running(
@@ -253,6 +306,9 @@ name = "Deckhand"
 system_prompt = "You are a deckhand. Answer in pirate speech."
 template = "chatml"
 
+[sampling]
+max_new_tokens = 8           # the real eval of both versions stays quick on the tiny model
+
 [training]
 epochs = 1
 batch_size = 4
@@ -310,6 +366,10 @@ async def _default_retrain(store: Store, tmp_path: Path) -> None:
     assert await active_of(store, "deckhand") == (detail["version"] if detail["activated"] else None)
     log = Path(detail["log"]).read_text()
     assert "bot.scheduler.train_job deckhand --data" in log and "bot.scheduler.evaluate deckhand" in log
+    if detail["new_loss"] <= detail["active_loss"]:  # then both were evaluated, through the real eval
+        assert "eval deckhand --version base" in log
+        assert (settings.loras_dir / "deckhand" / detail["version"] / "eval.json").is_file()
+        assert set(detail["new_eval"]) >= {"accuracy", "loop_rate", "guard_cut_rate"}
 
 
 async def active_of(store: Store, persona: str) -> str | None:

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 
 from personas.spec import PersonaSpec
+from personas.style import is_haiku, is_pirate, style_check, style_score
 from trainer.hyper import HyperparameterError, from_spec, with_overrides
 from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
 from trainer.run import ResumeError, find_resume, latest_checkpoint, next_version
 from trainer.split import heldout_count, split_heldout
-from trainer.style import is_haiku, is_pirate, style_check, style_score
 
 
 @pytest.mark.parametrize(

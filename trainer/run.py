@@ -428,13 +428,13 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     from bot.prompting import ChatRenderer
     from bot.runtime import load_registry
     from personas.spec import display_path
+    from personas.style import style_check, style_score
     from trainer.data import dataset_sha256, read_conversations
     from trainer.loss import AssistantLossTrainer, evaluate_loss
     from trainer.packing import PackedCollator, PackedDataset, padding_fraction
     from trainer.prepare import DatasetError, prepare, raise_problems
     from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
     from trainer.samples import Sample, generate_replies, heldout_prompts
-    from trainer.style import style_check, style_score
     from trainer.threads import CpuThreads
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours

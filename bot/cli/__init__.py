@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "bot.cli.prompt",
     "bot.cli.dataset",
     "bot.cli.train",
+    "bot.cli.eval",
     "bot.cli.run",
     "bot.cli.worker",
     "bot.cli.status",

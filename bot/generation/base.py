@@ -30,13 +30,17 @@ class GenerationRequest:
     adapter: str | None = None  # name of a loaded LoRA adapter; None: the base model
     cache_key: str | None = None  # the channel/persona this prompt continues, for KV reuse across turns
     seed: int | None = None
+    stop_texts: tuple[str, ...] = ()  # the reply ends before the first of these (e.g. "\nalice:")
+    loop_guard: bool = True  # end the reply once it starts repeating itself (`bot.generation.guard`)
 
 
 @dataclass
 class GenerationResult:
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" (end-of-turn token) or "length"
+    # "stop" (end-of-turn token or stop text), "length", or "loop" (the loop guard ended it; `text` is
+    # cut at the last complete sentence before the loop, `bot.generation.guard`)
+    finish_reason: str
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose KV came from the cache
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "first_token", "total"

@@ -12,7 +12,8 @@ One `generate` call runs a whole batch:
    place of padding, so a cached row and a cold row can share one pass without breaking the layout.
    Long prompts are prefilled in chunks of `prefill_chunk` tokens, which bounds activation memory.
 4. **Decode.** One forward per step for all rows, each with its own adapter (`MultiLora`), sampling
-   settings and stop ids. A row that stops hands its result and its keys/values (to the channel LRU)
+   settings, stop ids and stop texts. The loop guard (`bot.generation.guard`) ends a row whose text
+   starts repeating itself, at the last complete sentence before the loop. A row that stops hands its result and its keys/values (to the channel LRU)
    over at once; finished rows are dropped from the batch when they are a quarter of it.
 
 Masks and positions are built here and passed to the model as a 4D boolean mask, so padding never
@@ -31,6 +32,7 @@ import torch
 
 from bot.generation.base import GenerationCallbacks, GenerationCancelled, GenerationRequest, GenerationResult
 from bot.generation.detok import IncrementalDecoder
+from bot.generation.guard import cut_before, first_stop, loop_start
 from bot.generation.kvcache import BatchKV, ChannelKV, KVCacheLRU, common_prefix
 from bot.generation.lora import MultiLora
 from bot.generation.sampling import BatchSampler
@@ -53,6 +55,7 @@ class _Row:
     first_token: float | None = None
     decoder: IncrementalDecoder | None = None
     result: GenerationResult | None = None
+    cut_text: str | None = None  # the reply's text when a stop text or the loop guard ended it
 
     @property
     def new(self) -> int:
@@ -289,7 +292,16 @@ class BatchEngine:
             return
         row.out.append(token)
         assert row.decoder is not None
+        before = len(row.decoder.text)
         text = row.decoder.add(token)
+        stop = first_stop(text, row.request.stop_texts, before)
+        if stop is not None:
+            row.cut_text, row.done, row.finish = text[:stop], True, "stop"
+            return
+        looped = loop_start(text) if row.request.loop_guard else None
+        if looped is not None:
+            row.cut_text, row.done, row.finish = cut_before(text, looped), True, "loop"
+            return
         if callbacks.on_text is not None:
             callbacks.on_text(row.index, text.lstrip())
         if len(row.out) >= row.max_new:
@@ -312,7 +324,10 @@ class BatchEngine:
             fed = column - row.start
             keys, values = cache.extract_row(batch_row, row.start, column)
             self.kv.put(ChannelKV(key, (row.ids + row.out)[:fed], keys, values))
-        text = self.tokenizer.decode(row.out, skip_special_tokens=True).strip()
+        if row.cut_text is not None:
+            text = row.cut_text.strip()
+        else:
+            text = self.tokenizer.decode(row.out, skip_special_tokens=True).strip()
         row.result = GenerationResult(
             token_ids=list(row.out),
             text=text,

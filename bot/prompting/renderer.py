@@ -397,6 +397,10 @@ class ChatRenderer:
                 )
         return system, body, offset
 
+    def allows_repeated(self, role: str) -> bool:
+        """Whether the template accepts two `role` turns in a row."""
+        return role in self._repeatable
+
     def check(self, turns: Sequence[Turn], *, system: str | None = None) -> None:
         """Raise `PromptError` for a conversation this template cannot render (roles, order)."""
         self._prepare(turns, system)

@@ -19,7 +19,11 @@ from typing import Any
 from bot.config import Settings
 
 
-def heldout_losses(settings: Settings, slug: str, data: Path, adapters: list[Path | None]) -> list[float]:
+def heldout_losses(
+    settings: Settings, slug: str, data: Path | None, adapters: list[Path | None]
+) -> list[float]:
+    """Held-out loss of each adapter (None: the base model) on the split of the persona's dialogues plus
+    `data` (None: the dialogues alone, the split `personabot train` used)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -40,7 +44,8 @@ def heldout_losses(settings: Settings, slug: str, data: Path, adapters: list[Pat
     location = model_location(settings)
     tokenizer = load_tokenizer(location)
     renderer = ChatRenderer(tokenizer, spec.template)
-    conversations, problems = read_conversations([*persona.dialogue_paths(), data.resolve()])
+    extra = [data.resolve()] if data is not None else []
+    conversations, problems = read_conversations([*persona.dialogue_paths(), *extra])
     raise_problems(problems)
     prepared = prepare(
         conversations,

@@ -10,8 +10,12 @@ last retrain) from opted-in users, the `retrain:<persona>` job
    logging to `<data_dir>/logs/`;
 4. measures the held-out loss of the new version and of the active one (the base model when none is
    active) on the same held-out set;
-5. activates the new version only when its held-out loss is not worse. Both numbers are logged and
-   recorded in the run, which `personabot status` shows.
+5. when the loss is not worse, runs `personabot eval` on both (each report is kept next to its adapter,
+   `eval.json` / `eval.md`; the base model's in the logs folder);
+6. activates the new version only when its held-out loss is not worse **and** its eval accuracy and
+   style dropped by at most `scheduler.retrain_eval_tolerance` **and** it loops no more often (replies
+   that loop or that the loop guard had to cut). The numbers are logged and recorded in the run, which
+   `personabot status` shows.
 
 Training, evaluation and activation are injectable, so tests swap in fast fakes.
 """
@@ -59,9 +63,34 @@ class EvalRequest:
     log_path: Path
 
 
+@dataclass(frozen=True)
+class QualityRequest:
+    persona: str
+    version: str  # a registered version, or "base"
+    log_path: Path
+    out: Path  # the folder the eval report (eval.json, eval.md) is written to
+
+
 TrainFn = Callable[[TrainRequest], Awaitable[None]]
 EvalFn = Callable[[EvalRequest], Awaitable[list[float]]]
+QualityFn = Callable[[QualityRequest], Awaitable[dict[str, Any]]]  # the eval report's scores
 ActivateFn = Callable[[str, str], Awaitable[None]]
+
+
+def _looping(scores: dict[str, Any]) -> float:
+    return float(scores.get("loop_rate") or 0) + float(scores.get("guard_cut_rate") or 0)
+
+
+def quality_gate(new: dict[str, Any], active: dict[str, Any], tolerance: float) -> str | None:
+    """Why the new version's eval scores keep it from activation (None: they do not)."""
+    problems = []
+    for key in ("accuracy", "style"):
+        before, after = active.get(key), new.get(key)
+        if before is not None and after is not None and after < before - tolerance:
+            problems.append(f"{key} {after:.1%} < {before:.1%} - {tolerance:.0%}")
+    if _looping(new) > _looping(active):
+        problems.append(f"loops {_looping(new):.1%} > {_looping(active):.1%}")
+    return "; ".join(problems) or None
 
 
 def _fill(template: Sequence[str], values: dict[str, str]) -> list[str]:
@@ -183,6 +212,7 @@ class Retrainer:
         *,
         train: TrainFn | None = None,
         evaluate: EvalFn | None = None,
+        quality: QualityFn | None = None,
         activate: ActivateFn | None = None,
     ) -> None:
         self.settings = settings
@@ -190,6 +220,7 @@ class Retrainer:
         self.registry = registry
         self.train = train or self._train_subprocess
         self.evaluate = evaluate or self._evaluate_subprocess
+        self.quality = quality or self._quality_subprocess
         self.activate = activate or self._activate
         self._lock = asyncio.Lock()
 
@@ -223,6 +254,22 @@ class Retrainer:
         except (OSError, ValueError, KeyError) as exc:
             raise ScheduleError(f"evaluating {request.persona}: no result in {out}: {exc}") from None
         return [float(x) for x in losses]
+
+    async def _quality_subprocess(self, request: QualityRequest) -> dict[str, Any]:
+        """`personabot eval PERSONA --version V --out DIR` in a subprocess; the report's scores."""
+        config = ["--config", str(self.settings.config_path)] if self.settings.config_path else []
+        command = [sys.executable, "-m", "bot.cli", *config, "eval", request.persona]
+        await run_logged(
+            [*command, "--version", request.version, "--out", str(request.out)],
+            request.log_path,
+            timeout=self._timeout,
+            what=f"eval of {request.persona} {request.version}",
+            env=child_env(self.settings),
+        )
+        try:
+            return dict(json.loads((request.out / "eval.json").read_text(encoding="utf-8"))["scores"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ScheduleError(f"eval of {request.persona}: no report in {request.out}: {exc}") from None
 
     async def _activate(self, persona: str, version: str) -> None:
         facts = await asyncio.to_thread(versions.base_model_facts, self.settings)
@@ -283,8 +330,25 @@ class Retrainer:
             new_loss, active_loss = await self.evaluate(
                 EvalRequest(slug, export.path, (Path(trained.path), baseline), log_path)
             )
-        active_name = active.version if active is not None else "base model"
-        activated = new_loss <= active_loss
+            active_name = active.version if active is not None else "base model"
+            quality: dict[str, Any] = {}
+            refused = None if new_loss <= active_loss else f"held-out loss {new_loss:.4f} > {active_loss:.4f}"
+            if refused is None:
+                reports = self.settings.data_dir / "logs"
+                new_scores = await self.quality(
+                    QualityRequest(slug, version, log_path, reports / f"eval-{slug}-{version}")
+                )
+                active_scores = await self.quality(
+                    QualityRequest(
+                        slug,
+                        active.version if active is not None else "base",
+                        log_path,
+                        reports / f"eval-{slug}-{version}-active",
+                    )
+                )
+                quality = {"new_eval": new_scores, "active_eval": active_scores}
+                refused = quality_gate(new_scores, active_scores, s.retrain_eval_tolerance)
+        activated = refused is None
         log.info(
             "retrain %s: held-out loss %.4f for the new version %s, %.4f for the active %s: %s",
             slug,
@@ -292,23 +356,28 @@ class Retrainer:
             version,
             active_loss,
             active_name,
-            "activating it" if activated else "worse, keeping the active one",
+            "activating it" if activated else f"keeping the active one ({refused})",
         )
         if activated:
             await self.activate(slug, version)
         ended = [c.ended_at for c in found if c.ended_at is not None]
-        detail = counts | {
-            "export": str(export.path),
-            "exported_conversations": export.conversations,
-            "exported_until": max(ended).isoformat() if ended else None,
-            "version": version,
-            "new_loss": new_loss,
-            "active_version": active_name,
-            "active_loss": active_loss,
-            "activated": activated,
-            "log": str(log_path),
-        }
-        verdict = "activated" if activated else f"not activated (worse than {active_name})"
+        detail = (
+            counts
+            | {
+                "export": str(export.path),
+                "exported_conversations": export.conversations,
+                "exported_until": max(ended).isoformat() if ended else None,
+                "version": version,
+                "new_loss": new_loss,
+                "active_version": active_name,
+                "active_loss": active_loss,
+                "activated": activated,
+                "refused": refused,
+                "log": str(log_path),
+            }
+            | quality
+        )
+        verdict = "activated" if activated else f"not activated ({refused}; kept {active_name})"
         return JobOutcome(
             "ok",
             detail,

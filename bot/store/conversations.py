@@ -186,14 +186,19 @@ async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
 
 
 async def history(session: AsyncSession, channel_id: int, limit: int = 500) -> list[HistoryMessage]:
-    """The channel's visible messages since its last `/reset`, oldest first (at most `limit`)."""
+    """The channel's visible messages since its last `/reset`, oldest first (at most `limit`); replies
+    marked `excluded_from_prompts` are left out."""
     floor = (
         await session.execute(select(Channel.context_floor_id).where(Channel.id == channel_id))
     ).scalar_one_or_none()
     query = (
         select(Message, User.display_name)
         .outerjoin(User, User.id == Message.user_id)
-        .where(Message.channel_id == channel_id, Message.deleted_at.is_(None))
+        .where(
+            Message.channel_id == channel_id,
+            Message.deleted_at.is_(None),
+            Message.excluded_from_prompts.is_(False),
+        )
         .order_by(Message.id.desc())
         .limit(limit)
     )

@@ -179,15 +179,27 @@ async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note
 
 
 async def complete(
-    session: AsyncSession, job: ClaimedJob, *, text: str, persona: str, platform: str
+    session: AsyncSession,
+    job: ClaimedJob,
+    *,
+    text: str,
+    persona: str,
+    platform: str,
+    note: str | None = None,
+    exclude_from_prompts: bool = False,
 ) -> int | None:
     """Write the reply and its outbox row and close the job, all in the caller's transaction.
+
+    `note` (what the loop guard or the reply cleanup did) is kept in the job's `error` column; with
+    `exclude_from_prompts` the reply is delivered but later prompts leave it out.
 
     Returns the assistant message id, or None when this worker no longer holds the job's lease
     (another worker answered it); the caller then rolls back and nothing is written.
     """
     now = utcnow()
-    if not await QUEUE.finish(session, job.lease, JobStatus.DONE, finished_at=now, error=None):
+    if not await QUEUE.finish(
+        session, job.lease, JobStatus.DONE, finished_at=now, error=note[:4000] if note else None
+    ):
         return None
     reply_to = None
     if job.trigger_message_id is not None:
@@ -205,6 +217,7 @@ async def complete(
                 persona=persona,
                 text=storable_text(text),  # a model may emit NUL, which PostgreSQL refuses
                 created_at=now,
+                excluded_from_prompts=exclude_from_prompts,
             )
             .returning(Message.id)
         )

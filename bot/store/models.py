@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     Unicode,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -141,6 +142,9 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     edited_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # A reply the loop guard cut, or that drifted out of the question's language: stored and delivered,
+    # but left out of later prompts so it cannot pull the next replies the same way.
+    excluded_from_prompts: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ReplyJob(Base):

@@ -21,6 +21,12 @@ One batch:
 
 A veto (`after_generation` returned None) closes the job as `done` with no reply message and
 `error = "vetoed by the persona's after_generation hook"`; nothing is posted.
+
+Before a reply is stored, a leaked speaker prefix ("alice: ...") is stripped in group chats
+(`bot.replies`), so no later prompt carries it. A reply the loop guard cut (at the last sentence before
+the loop), or one not in English answering an English message, is stored and delivered but marked
+`excluded_from_prompts`: later prompts leave it out, so one bad reply does not pull the next ones the
+same way. The job's `error` column notes what was done. `/reset` works as before.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from bot.generation.base import (
 )
 from bot.metrics import WorkerMetrics
 from bot.outage import OutageLog
+from bot.replies import clean_reply, keep_out_of_prompts
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.store.leases import keep_leases
@@ -59,6 +66,18 @@ from personas.registry import PersonaRegistry
 log = logging.getLogger(__name__)
 
 VETO_NOTE = "vetoed by the persona's after_generation hook"
+LOOP_NOTE = "reply cut by the loop guard"
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """What became of one generated reply (for `personabot eval`)."""
+
+    job_id: int
+    generated: str  # the model's text (after the loop guard / stop texts, before cleanup)
+    text: str | None  # what was stored (None: vetoed or empty)
+    finish_reason: str
+    stripped_prefix: str | None
 
 
 def worker_id() -> str:
@@ -102,8 +121,11 @@ class Worker:
         observers: Sequence[ReplyObserver] = (),
         metrics: WorkerMetrics | None = None,
         stop_timeout: float | None = None,
+        seed: int | None = None,
+        on_reply: Callable[[ReplyRecord], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.on_reply = on_reply
         self.store = store
         self.registry = registry
         self.backend = backend
@@ -118,7 +140,7 @@ class Worker:
         self.stop_timeout = stop_timeout
         self.adapters = AdapterSync(backend)
         window = int(getattr(backend, "context_window", 2048))
-        self.preparer = Preparer(registry, backend.tokenizer, window)
+        self.preparer = Preparer(registry, backend.tokenizer, window, seed=seed)
         set_budget = getattr(backend, "set_kv_budget", None)
         if set_budget is not None:
             set_budget(settings.worker.kv_cache_bytes)
@@ -337,12 +359,29 @@ class Worker:
             decode = result.timings.get("total", 0.0) - first
             if decode > 0 and len(result.token_ids) > 1:
                 self.metrics.tokens_per_second.labels(persona.slug).set((len(result.token_ids) - 1) / decode)
-        text = result.text
+        cleaned = clean_reply(result.text, group=not item.channel.is_direct)
+        text = cleaned.text
+        notes = [LOOP_NOTE] if result.finish_reason == "loop" else []
+        exclude = keep_out_of_prompts(item.question, text, result.finish_reason)
+        if exclude:
+            notes.append("left out of later prompts")
+        if cleaned.stripped_prefix is not None:
+            notes.append(f"speaker prefix {cleaned.stripped_prefix!r} stripped")
         plugins = self.preparer.plugins
         if plugins is not None and item.context is not None:
             final = plugins.run_after_generation(persona, item.context, text)
         else:
             final = text
+        if self.on_reply is not None:
+            self.on_reply(
+                ReplyRecord(
+                    job.id,
+                    result.text,
+                    final.strip() if final else None,
+                    result.finish_reason,
+                    cleaned.stripped_prefix,
+                )
+            )
         try:
             if final is None:
                 async with self.store.transaction() as session:
@@ -359,7 +398,13 @@ class Worker:
                 return
             async with self.store.transaction() as session:
                 written = await jobs.complete(
-                    session, job, text=final, persona=persona.slug, platform=item.channel.platform
+                    session,
+                    job,
+                    text=final,
+                    persona=persona.slug,
+                    platform=item.channel.platform,
+                    note="; ".join(notes) or None,
+                    exclude_from_prompts=exclude,
                 )
         except Exception as exc:
             log.exception("job %s: writing the reply failed", job.id)

@@ -18,6 +18,7 @@ from bot.errors import PersonaError
 from bot.events import ChannelRef, utcnow
 from bot.generation.base import GenerationRequest
 from bot.prompting import ChatRenderer, PromptError, Turn
+from bot.replies import speaker_stops
 from bot.store import conversations
 from bot.store.conversations import HistoryMessage
 from bot.store.jobs import ClaimedJob
@@ -53,6 +54,7 @@ class Prepared:
     context: Any  # personas.plugins.PromptContext, handed to after_generation
     stream_text: bool  # False when an after_generation hook may veto or rewrite the text
     dropped_turns: int = 0
+    question: str = ""  # the message answered (or the scheduled prompt), for the reply's language check
 
 
 @dataclass
@@ -86,11 +88,24 @@ def _after_hook(plugins: Any, persona: Persona) -> bool:
         return False  # a plugin that does not load is logged by the hook runner and ignored
 
 
+def _last_user_text(history: list[HistoryMessage], up_to: int | None) -> str:
+    text = ""
+    for message in history:
+        if up_to is not None and message.id > up_to:
+            break
+        if message.role == "user":
+            text = message.text
+    return text
+
+
 class Preparer:
     """Renders jobs for one backend; keeps a renderer per template and a prompt cache per channel."""
 
-    def __init__(self, registry: PersonaRegistry, tokenizer: Any, context_window: int) -> None:
+    def __init__(
+        self, registry: PersonaRegistry, tokenizer: Any, context_window: int, *, seed: int | None = None
+    ) -> None:
         self.registry = registry
+        self.seed = seed  # set: job N samples with seed + N (`personabot eval`'s fixed seeds)
         self.tokenizer = tokenizer
         self.context_window = context_window
         self._renderers: dict[str, ChatRenderer] = {}
@@ -117,11 +132,16 @@ class Preparer:
         except AdapterUnavailable as exc:
             raise JobRejected("adapter", str(exc)) from None
         spec = persona.spec
+        try:
+            renderer = self.renderer(spec.template)
+        except PromptError as exc:
+            raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
         turns = history_to_turns(
             inputs.history,
             persona=persona.slug,
             group=not inputs.channel.is_direct,
             up_to_message_id=job.trigger_message_id,
+            separate_newest=renderer.allows_repeated("user"),
         )
         if job.prompt:
             # A scheduled post's instruction speaks as the user (merged when the user spoke last).
@@ -137,7 +157,6 @@ class Preparer:
                 system = f"{system}\n\n{extra}" if system else extra
         window = spec.context_window or self.context_window
         try:
-            renderer = self.renderer(spec.template)
             rendered = renderer.render_prompt(
                 turns,
                 system=system,
@@ -149,12 +168,20 @@ class Preparer:
             raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
         if rendered.dropped_turns:
             log.info("job %s: dropped %d old turns to fit the context window", job.id, rendered.dropped_turns)
+        stops: tuple[str, ...] = ()
+        if not inputs.channel.is_direct:
+            # A reply ends where the model starts writing someone's next line ("\nalice:").
+            names = {m.author for m in inputs.history if m.role == "user"}
+            names |= {m.persona for m in inputs.history if m.persona}
+            stops = speaker_stops({*names, persona.slug, spec.name})
         request = GenerationRequest(
             prompt_ids=rendered.input_ids,
             sampling=spec.sampling,
             stop_ids=tuple(renderer.end_of_turn_ids),
             adapter=adapter,
             cache_key=f"{job.channel_id}:{persona.slug}",
+            seed=None if self.seed is None else self.seed + job.id,
+            stop_texts=stops,
         )
         return Prepared(
             job=job,
@@ -165,6 +192,7 @@ class Preparer:
             context=context,
             stream_text=not _after_hook(self.plugins, persona),
             dropped_turns=rendered.dropped_turns,
+            question=job.prompt or _last_user_text(inputs.history, job.trigger_message_id),
         )
 
     def _context(self, job: ClaimedJob, persona: Persona, inputs: JobInputs) -> Any:

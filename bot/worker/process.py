@@ -8,7 +8,7 @@ import signal
 
 from bot.config import Settings
 from bot.heartbeat import Component, Heartbeats
-from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
+from bot.runtime import START_WAIT_SECONDS, install_bundled, load_backend, load_registry, open_store
 from bot.stream_follow import StreamPublisher
 from bot.worker.core import Worker
 
@@ -20,6 +20,7 @@ async def run_worker_process(settings: Settings) -> int:
     registry = load_registry(settings)
     backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
     store = await open_store(settings, wait_seconds=START_WAIT_SECONDS)
+    await install_bundled(settings, store, registry, backend.tokenizer)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

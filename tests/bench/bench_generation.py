@@ -176,8 +176,11 @@ def bench_batching(
     for i in range(personas):
         unpacked_lora.load(f"persona{i}", folders[i])
     unpacked = BatchEngine(unpacked_model, tokenizer, lora=unpacked_lora)
-    requests = [GenerationRequest(p, greedy, (), adapter=n) for p, n in zip(prompts, names, strict=True)]
-    single = [GenerationRequest(p, greedy, (), adapter="persona0") for p in prompts]
+    requests = [
+        GenerationRequest(p, greedy, (), adapter=n, loop_guard=False)
+        for p, n in zip(prompts, names, strict=True)
+    ]
+    single = [GenerationRequest(p, greedy, (), adapter="persona0", loop_guard=False) for p in prompts]
 
     peft_model = PeftModel.from_pretrained(load_model(model_path), folders[0], adapter_name="persona0")
     for i in range(1, personas):
