@@ -6,7 +6,7 @@ import logging
 
 from bot.basemodel import MARKER, default_model_dir, pull_default_model, resolve_model
 from bot.config import Settings
-from bot.generation.local import LocalBackend
+from bot.generation.base import GenerationBackend
 from bot.store import Store
 from personas.registry import PersonaRegistry
 
@@ -29,8 +29,9 @@ def load_registry(settings: Settings) -> PersonaRegistry:
     return PersonaRegistry.from_settings(settings)
 
 
-def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBackend:
-    """The local backend on the configured model; pulls the default model first when allowed."""
+def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationBackend:
+    """The configured generation backend (`generation.backend`); pulls the default model first when
+    allowed (the vLLM backend reads only its tokenizer, and imports no torch)."""
     if (
         allow_pull
         and settings.model.path is None
@@ -39,4 +40,10 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBacken
     ):
         log.warning("the default model is not pulled yet; pulling it once now")
         pull_default_model(settings)
+    if settings.generation.backend == "vllm":
+        from bot.generation.vllm import VllmBackend
+
+        return VllmBackend.from_settings(settings)
+    from bot.generation.local import LocalBackend
+
     return LocalBackend(resolve_model(settings), settings.model.device, settings.model.dtype)

@@ -42,6 +42,7 @@ async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
                 "started_at": row.started_at.isoformat(),
                 "seen_at": row.seen_at.isoformat(),
                 "seen_seconds_ago": _age(row.seen_at, now),
+                "generation": detail.get("generation"),  # a remote backend's health, as the worker saw it
             }
         )
     return found
@@ -190,6 +191,16 @@ def run_line(run: dict[str, Any]) -> str:
     return line
 
 
+def generation_line(health: dict[str, Any]) -> str:
+    """A worker's remote backend: healthy or not, and each server that is not, with its error."""
+    state = "healthy" if health.get("healthy") else "UNHEALTHY (jobs wait in the queue)"
+    line = f"generation backend {health.get('backend', '?')}: {state}"
+    down = [s for s in health.get("servers", []) if s.get("state") != "healthy"]
+    if down:
+        line += "; " + "; ".join(f"{s['url']} {s['state']}: {s.get('error') or '-'}" for s in down)
+    return line
+
+
 def render_status(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     lines = [f"personabot status at {report['checked_at'][:19].replace('T', ' ')} UTC", "", "components:"]
@@ -197,6 +208,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append("  none seen (is `personabot run` running against this database?)")
     for c in report["components"]:
         lines.append(f"  {c['component']}: {c['state']}, last seen {_ago(c['seen_seconds_ago'])}")
+        if c.get("generation"):
+            lines.append(f"    {generation_line(c['generation'])}")
     q = report["queue"]
     lines += ["", "reply queue:"]
     lines.append(f"  pending {q['pending']}, running {q['running']}, failed {q['failed']}, done {q['done']}")
