@@ -141,12 +141,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         server.kill(signal.SIGTERM)
 
 
-def personabot(world: World, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+async def personabot(world: World, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """The CLI in this process (in a thread: it runs its own event loop)."""
     from bot.cli import main
 
     monkeypatch.setenv("PERSONABOT_DATA_DIR", str(world.data))
     monkeypatch.setenv("PERSONABOT_MODEL__PATH", str(world.model))
-    assert main(list(args)) == 0
+    assert await asyncio.to_thread(main, list(args)) == 0
 
 
 async def answer(worker: Worker, store: Store, ids: list[int], timeout: float = 600) -> dict[int, str]:
@@ -184,8 +185,8 @@ async def test_greedy_replies_equal_the_local_engines_and_activation_is_served_n
 ) -> None:
     from bot.runtime import load_backend
 
-    personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
-    personabot(world, monkeypatch, "persona", "activate", "bard", "v1")
+    await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
+    await personabot(world, monkeypatch, "persona", "activate", "bard", "v1")
     store = Store(world.settings("local").resolved_database_url)
     await store.upgrade()
     outcomes: dict[str, dict[tuple[str, int], str]] = {}
@@ -200,7 +201,7 @@ async def test_greedy_replies_equal_the_local_engines_and_activation_is_served_n
                 texts = await answer(worker, store, ids)
                 got |= {(persona, n): texts[job] for n, job in enumerate(ids)}
             # A new version, activated while vLLM runs, answers the next reply.
-            personabot(world, monkeypatch, "persona", "activate", "corsair", "v2")
+            await personabot(world, monkeypatch, "persona", "activate", "corsair", "v2")
             ids = await add_jobs(store, 2, persona="corsair", channel=f"{backend_name}-pirate-v2-")
             texts = await answer(worker, store, ids)
             got |= {("corsair@v2", n): texts[job] for n, job in enumerate(ids)}
@@ -208,7 +209,7 @@ async def test_greedy_replies_equal_the_local_engines_and_activation_is_served_n
                 loaded = backend.health()["servers"][0]["adapters"]
                 assert "corsair@v2" in loaded and "corsair@v1" not in loaded
                 backend.close()
-            personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
+            await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
             outcomes[backend_name] = got
     finally:
         await store.close()
@@ -249,7 +250,7 @@ async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_
 ) -> None:
     from bot.runtime import load_backend
 
-    personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
+    await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
     settings = world.settings("vllm", max_batch=16)
     store = Store(settings.resolved_database_url)
     await store.upgrade()
@@ -290,8 +291,11 @@ async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_
         texts = await replies(store, ids)  # every job done (none failed), with its reply
         assert len(texts) == 16 and all(texts.values())
         async with store.transaction() as session:
+            channels = select(ReplyJob.channel_id).where(ReplyJob.id.in_(ids))
             answers = await session.scalar(
-                select(func.count()).select_from(Message).where(Message.role == "assistant")
+                select(func.count())
+                .select_from(Message)
+                .where(Message.role == "assistant", Message.channel_id.in_(channels))
             )
             attempts = (
                 await session.execute(select(ReplyJob.attempts).where(ReplyJob.id.in_(ids)))
