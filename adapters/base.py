@@ -7,7 +7,9 @@ rules, cooldowns and commands live in `bot/` and apply to every platform alike.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -22,6 +24,8 @@ class DispatchResult:
     job_ids: list[int] = field(default_factory=list)  # reply jobs queued for this event
     stored: bool = False  # False for duplicates, commands and ignored events
     ignored: str | None = None  # why nothing happened (blocked user, own message, ...)
+    # The database was unreachable: the event waits in the ingest spool (bot.ingest), stored later.
+    spooled: bool = False
 
 
 EventHandler = Callable[[PlatformEvent], Awaitable[DispatchResult]]
@@ -34,6 +38,56 @@ class PartialDelivery(Exception):
         super().__init__(f"{len(delivered_ids)} chunk(s) posted, then {type(cause).__name__}: {cause}")
         self.delivered_ids = list(delivered_ids)
         self.cause = cause
+
+
+class NotAccepted(Exception):
+    """The runtime could neither store nor keep an event (the spool is full or unwritable): an
+    adapter whose platform redelivers (Telegram) leaves it unconfirmed, so it comes again."""
+
+
+class ChannelQueues:
+    """One lock per channel, so its events are handled one at a time, in the order they arrived.
+
+    The ingest spool (`bot.ingest`) relies on it: it keeps a channel's events in order only if the
+    adapter hands them over one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[int | str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, channel_id: int | str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(channel_id, (asyncio.Lock(), 0))
+        self._locks[channel_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[channel_id]
+            if users <= 1:
+                del self._locks[channel_id]
+            else:
+                self._locks[channel_id] = (lock, users - 1)
+
+
+class DeliveryRefused(Exception):
+    """The platform refused the reply for good (the user closed their DMs, the bot lacks permission,
+    the chat is gone): retrying cannot help, so the outbox fails the row at once.
+
+    `code` is "<HTTP status>/<platform error code>" ("403/50007"), or the status alone where the
+    platform has no code of its own; `reason` is the platform's own words.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class DeliveryUnknown(Exception):
+    """A send left for the platform but its answer never came (read timeout, connection dropped
+    after the request): the message may or may not be posted. On a platform without idempotency keys
+    it must not be sent again blindly; the outbox marks the row `unknown` for an operator."""
 
 
 @runtime_checkable
@@ -50,7 +104,15 @@ class PlatformAdapter(Protocol):
 
         `reply.delivered_ids` holds chunks an interrupted earlier attempt already posted; those chunks
         are skipped and their ids returned first. A failure after some chunks were posted raises
-        `PartialDelivery` with their ids, so the retry does not post them again.
+        `PartialDelivery` with their ids, so the retry does not post them again. A refusal that no
+        retry can change is `DeliveryRefused` (as the cause of a `PartialDelivery`, if chunks went
+        out before it); any other exception is taken as transient and retried with backoff.
+        """
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first message of a reply still being generated (streaming); returns its id.
+
+        Only called for adapters with `streaming` on; the reply's delivery later edits this message.
         """
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:

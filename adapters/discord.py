@@ -25,7 +25,6 @@ import logging
 import re
 import unicodedata
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -34,8 +33,16 @@ import yarl
 from discord import app_commands
 from pydantic import SecretStr
 
-from adapters.base import DispatchResult, EventHandler, PartialDelivery
+from adapters.base import (
+    ChannelQueues,
+    DeliveryRefused,
+    DispatchResult,
+    EventHandler,
+    NotAccepted,
+    PartialDelivery,
+)
 from adapters.splitting import split_text
+from bot.commands import COMMAND_MENU
 from bot.config import DiscordSettings, Settings
 from bot.errors import PersonabotError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, Outgoing
@@ -50,14 +57,12 @@ TOKEN_ENV = "DISCORD_TOKEN"
 CONVERSATION_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 # Slash commands: name -> (description, option name and description, or None). The dispatcher owns
 # what they do; these only give Discord their names.
+_SLASH_OPTIONS = {
+    "persona": ("name", "The persona to switch to"),
+    "forget": ("confirm", "Type confirm to go ahead"),
+}
 SLASH_COMMANDS: dict[str, tuple[str, tuple[str, str] | None]] = {
-    "persona": ("Show or change the persona that answers here", ("name", "The persona to switch to")),
-    "personas": ("List the available personas", None),
-    "reset": ("Start the conversation afresh (history is kept)", None),
-    "help": ("What this bot understands", None),
-    "forget": ("Erase what the bot stores of you in this channel", ("confirm", "Type confirm to go ahead")),
-    "optin": ("Let your conversations train the personas", None),
-    "optout": ("Stop your conversations from training the personas", None),
+    name: (description, _SLASH_OPTIONS.get(name)) for name, description in COMMAND_MENU.items()
 }
 
 _MENTION = re.compile(r"<(?P<kind>@!?|@&|#)(?P<id>\d+)>|<a?:(?P<emoji>\w+):\d+>|</(?P<command>[\w -]+):\d+>")
@@ -83,27 +88,6 @@ def clean_text(text: str) -> str:
 def _blank(text: str) -> bool:
     """Nothing a person can read: whitespace and invisible format characters only."""
     return all(c.isspace() or unicodedata.category(c) == "Cf" for c in text)
-
-
-class _ChannelQueues:
-    """One lock per channel, so its events are handled in the order the gateway sent them."""
-
-    def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, channel_id: int) -> AsyncIterator[None]:
-        lock, users = self._locks.get(channel_id, (asyncio.Lock(), 0))
-        self._locks[channel_id] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[channel_id]
-            if users <= 1:
-                del self._locks[channel_id]
-            else:
-                self._locks[channel_id] = (lock, users - 1)
 
 
 class DiscordAdapter:
@@ -152,8 +136,9 @@ class DiscordAdapter:
         self._on_event: EventHandler | None = None
         self._receiving = False
         self._ready = asyncio.Event()
+        self._progress = asyncio.Event()  # a shard connected (see _wait_ready)
         self._connect_task: asyncio.Task[None] | None = None
-        self._queues = _ChannelQueues()
+        self._queues = ChannelQueues()
         self._fetched: OrderedDict[int, ChannelRef] = OrderedDict()  # uncached channels, asked about once
         self._saved_endpoints: tuple[str, yarl.URL] | None = None
 
@@ -166,6 +151,9 @@ class DiscordAdapter:
             "sharded": discord_settings.sharded,
             "shard_count": discord_settings.shard_count,
             "streaming": discord_settings.streaming,
+            "ready_timeout": discord_settings.ready_timeout_seconds,
+            "api_base": discord_settings.api_base,
+            "gateway_url": discord_settings.gateway_url,
         }
         options.update(overrides)
         return cls(discord_settings.resolve_token(TOKEN_ENV), **options)
@@ -224,6 +212,7 @@ class DiscordAdapter:
         client.on_raw_message_delete = self._on_raw_message_delete  # type: ignore[attr-defined]
         client.on_raw_bulk_message_delete = self._on_raw_bulk_message_delete  # type: ignore[attr-defined]
         client.on_resumed = self._on_resumed  # type: ignore[attr-defined]
+        client.on_shard_connect = self._on_shard_connect  # type: ignore[attr-defined]
         if self.identify_delay is not None:
             delay = self.identify_delay
 
@@ -245,24 +234,13 @@ class DiscordAdapter:
         self._point_at_endpoints()
         self.client = client = self._make_client()
         try:
-            await client.login(token)
-        except discord.LoginFailure:
+            await self._login(client, token)
+        except DiscordError:
             await self._abort()
-            raise DiscordTokenError(
-                f"discord: the bot token was rejected (401 Unauthorized); check {TOKEN_ENV}, "
-                "discord.token or discord.token_file"
-            ) from None
-        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            await self._abort()
-            where = yarl.URL(discord.http.Route.BASE).host
-            raise DiscordError(f"discord: cannot log in at {where}: {_describe(exc)}") from None
+            raise
         self._receiving = True
         self._connect_task = asyncio.create_task(client.connect(reconnect=True), name="discord-gateway")
-        ready = asyncio.create_task(self._ready.wait())
-        done, _ = await asyncio.wait(
-            {self._connect_task, ready}, timeout=self.ready_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        ready.cancel()
+        done = await self._wait_ready()
         if self._ready.is_set():
             return
         task = self._connect_task
@@ -284,6 +262,74 @@ class DiscordAdapter:
             f"discord: logged in, but the gateway was not ready within {self.ready_timeout:g} s"
         )
 
+    async def check_token(self) -> None:
+        """Log in once (REST only): `personabot run` reports a bad token before loading the model."""
+        token = self._check_token()
+        self._point_at_endpoints()
+        client = discord.Client(intents=discord.Intents.none())
+        try:
+            await self._login(client, token)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
+            self._restore_endpoints()
+
+    @staticmethod
+    async def _login(client: discord.Client, token: str) -> None:
+        try:
+            await client.login(token)
+        except discord.LoginFailure:
+            raise DiscordTokenError(
+                f"discord: the bot token was rejected (401 Unauthorized); check {TOKEN_ENV}, "
+                "discord.token or discord.token_file"
+            ) from None
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            where = yarl.URL(discord.http.Route.BASE).host
+            raise DiscordError(f"discord: cannot log in at {where}: {_describe(exc)}") from None
+
+    def connection(self) -> asyncio.Task[None] | None:
+        """The gateway task: it ends only when discord.py gives up (see `bot.watchdog`).
+
+        discord.py retries network errors itself; anything else it raises (a parser error on an event
+        it does not know, say) ends this task and the bot would go deaf without a watchdog.
+        """
+        return self._connect_task
+
+    async def reconnect(self) -> None:
+        """A fresh client and session (a RESUME would replay the event that broke the last one)."""
+        on_event = self._on_event
+        assert on_event is not None, "start() first"
+        await self._abort()
+        self._ready.clear()
+        await self.start(on_event)
+
+    async def _wait_ready(self) -> set[asyncio.Future[Any]]:
+        """Wait until ready, or the gateway task ends, or `ready_timeout` passes with no progress.
+
+        Sharded, discord.py logs shards in one after another, 5 s apart (Discord's IDENTIFY limit),
+        so a fixed timeout caps the shard count; each shard that connects restarts the clock.
+        """
+        assert self._connect_task is not None
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            while True:
+                self._progress.clear()
+                progress = asyncio.create_task(self._progress.wait())
+                done, _ = await asyncio.wait(
+                    {self._connect_task, ready, progress},
+                    timeout=self.ready_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                progress.cancel()
+                if progress not in done or ready in done or self._connect_task in done:
+                    return done
+        finally:
+            ready.cancel()
+
+    async def _on_shard_connect(self, shard_id: int) -> None:
+        log.info("Discord shard %d connected", shard_id)
+        self._progress.set()
+
     async def _abort(self) -> None:
         self._receiving = False
         if self.client is not None:
@@ -304,11 +350,21 @@ class DiscordAdapter:
             remote = await self._tree.fetch_commands()
             local = self._tree.get_commands()
 
-            def shape(commands: list[Any]) -> set[tuple[str, str, tuple[str, ...]]]:
-                return {(c.name, c.description, tuple(p.name for p in c.parameters)) for c in commands}
-
-            remote_shape = {(c.name, c.description, tuple(o.name for o in c.options)) for c in remote}
-            if remote_shape != shape(local):
+            # Options by the name Discord shows (`display_name`, after `rename`), not the Python
+            # parameter's name: comparing those made every start look like a change.
+            local_shape = {
+                (
+                    c.name,
+                    c.description,
+                    tuple((p.display_name, p.description, p.required) for p in c.parameters),
+                )
+                for c in local
+            }
+            remote_shape = {
+                (c.name, c.description, tuple((o.name, o.description, o.required) for o in c.options))
+                for c in remote
+            }
+            if remote_shape != local_shape:
                 await self._tree.sync()
                 log.info("registered Discord slash commands: %s", ", ".join(sorted(SLASH_COMMANDS)))
         except discord.HTTPException as exc:
@@ -447,6 +503,16 @@ class DiscordAdapter:
         assert self._on_event is not None
         try:
             return await self._on_event(event)
+        except NotAccepted as exc:
+            # Discord never sends an event again: this one is gone. Say so, loudly and precisely.
+            log.error(
+                "Discord %s %s in channel %s is lost: %s",
+                type(event).__name__,
+                event.platform_message_id,
+                event.channel.key,
+                exc,
+            )
+            return None
         except Exception:
             # One bad event must not stop the bot; the message id says which one.
             log.exception("handling Discord %s %s failed", type(event).__name__, event.platform_message_id)
@@ -477,6 +543,17 @@ class DiscordAdapter:
             log.warning(
                 "could not post a notice in Discord channel %s: %s", message.channel.id, _describe(exc)
             )
+
+    async def answer_later(self, event: Incoming, notice: str) -> None:
+        """A command's answer for a message stored late (it waited in the ingest spool)."""
+        channel = self._messageable(event.channel)
+        reference = None
+        if event.platform_message_id.isdigit() and not event.channel.is_direct:
+            reference = discord.MessageReference(
+                message_id=int(event.platform_message_id), channel_id=channel.id, fail_if_not_exists=False
+            )
+        for index, chunk in enumerate(split_text(clean_text(notice), MESSAGE_LIMIT)):
+            await channel.send(chunk, reference=reference if index == 0 else None, allowed_mentions=_NO_PINGS)  # type: ignore[arg-type]
 
     async def _on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
         message = payload.message
@@ -566,6 +643,8 @@ class DiscordAdapter:
             answer, ephemeral = "Sorry, that failed; the bot's log says why.", True
         elif result.notice:
             answer, ephemeral = result.notice, False
+        elif result.spooled:  # the database is away: the answer comes later, as a message here
+            answer, ephemeral = "The bot is catching up; the answer follows here in a moment.", True
         else:
             answer, ephemeral = "You can't use this bot here.", True
         chunk = (split_text(clean_text(answer), MESSAGE_LIMIT) or ["…"])[0]
@@ -590,47 +669,84 @@ class DiscordAdapter:
         target = self._messageable(reply.channel)
         chunks = split_text(clean_text(reply.text), MESSAGE_LIMIT)
         ids = list(reply.delivered_ids)
-        if reply.streamed_id is not None and not ids:
-            streamed = target.get_partial_message(int(reply.streamed_id))
-            if not chunks:  # nothing to say after all: take the "typing…" placeholder away
-                with contextlib.suppress(discord.NotFound):
-                    await streamed.delete()
-                return []
-            await streamed.edit(content=chunks[0], allowed_mentions=_NO_PINGS)
-            ids.append(reply.streamed_id)
-        reference = None
-        if reply.reply_to and reply.reply_to.isdigit() and not reply.channel.is_direct:
-            reference = discord.MessageReference(
-                message_id=int(reply.reply_to), channel_id=target.id, fail_if_not_exists=False
-            )
         try:
+            if reply.streamed_id is not None and not ids:
+                streamed = target.get_partial_message(int(reply.streamed_id))
+                if not chunks:  # nothing to say after all: take the "typing…" placeholder away
+                    with contextlib.suppress(discord.NotFound):
+                        await streamed.delete()
+                    return []
+                try:
+                    await streamed.edit(content=chunks[0], allowed_mentions=_NO_PINGS)
+                    ids.append(reply.streamed_id)
+                except discord.NotFound:  # someone deleted the preview: post the reply afresh
+                    pass
+            reference = None
+            if reply.reply_to and reply.reply_to.isdigit() and not reply.channel.is_direct:
+                reference = discord.MessageReference(
+                    message_id=int(reply.reply_to), channel_id=target.id, fail_if_not_exists=False
+                )
             for index in range(len(ids), len(chunks)):
-                nonce = f"pb{reply.outbox_id}.{index}" if reply.outbox_id else None
                 sent = await target.send(
                     chunks[index],
-                    nonce=nonce,  # type: ignore[arg-type]
+                    nonce=f"pb{reply.outbox_id}.{index}",  # type: ignore[arg-type]
                     reference=reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=_NO_PINGS,
                 )
                 ids.append(str(sent.id))
         except Exception as exc:
+            failure: Exception = refusal(exc) or exc
             if len(ids) > len(reply.delivered_ids):  # the retry must not post these chunks again
-                raise PartialDelivery(ids, exc) from exc
-            raise
+                raise PartialDelivery(ids, failure) from exc
+            if failure is exc:
+                raise
+            raise failure from exc
         return ids
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first part of a reply still being generated; its nonce comes from the job."""
+        sent = await self._messageable(channel).send(
+            _streamed(text) or "…",
+            nonce=f"pbs{job_id}",  # type: ignore[arg-type]
+            allowed_mentions=_NO_PINGS,
+        )
+        return str(sent.id)
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         """Show streamed text; longer than one message, the first part is shown until the end."""
-        chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
-        if not chunks:
+        shown = _streamed(text)
+        if not shown:
             return
-        shown = chunks[0] if len(chunks) == 1 else chunks[0] + " …"
         message = self._messageable(channel).get_partial_message(int(platform_message_id))
         await message.edit(content=shown, allowed_mentions=_NO_PINGS)
 
     async def typing(self, channel: ChannelRef) -> None:
         assert self.client is not None, "start() first"
         await self.client.http.send_typing(int(channel.thread_id or channel.external_id))
+
+
+def _streamed(text: str) -> str:
+    """Streamed text as one message: longer than that, its first part and a marker."""
+    chunks = split_text(clean_text(text), MESSAGE_LIMIT - 2)
+    if not chunks:
+        return ""
+    return chunks[0] if len(chunks) == 1 else chunks[0] + " …"
+
+
+def refusal(exc: BaseException) -> DeliveryRefused | None:
+    """A Discord answer that no retry can change, as a `DeliveryRefused`; None for transient ones.
+
+    4xx answers are final (403/50007 the user's DMs are closed, 403/50013 missing permissions,
+    404/10003 unknown channel, 400 a malformed message), except 408 and 429 (rate limits, which
+    discord.py already waits out) and 401 (the token, not the reply, is at fault; the connection
+    watchdog deals with it).
+    """
+    if not isinstance(exc, discord.HTTPException) or isinstance(exc, discord.DiscordServerError):
+        return None
+    if exc.status < 400 or exc.status >= 500 or exc.status in (401, 408, 429):
+        return None
+    code = f"{exc.status}/{exc.code}" if exc.code else str(exc.status)
+    return DeliveryRefused(code, exc.text or exc.response.reason or "")
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,8 +2,14 @@
 
 It translates Bot API updates (long polling by default, or a webhook) into `bot.events` and delivers
 outbox rows with `sendMessage` / `editMessageText`; triggers, access rules, cooldowns and commands are
-the dispatcher's. Flood control (429 with `retry_after`) is honoured by PTB's `AIORateLimiter`;
-connection errors and 5xx answers are retried here with exponential backoff.
+the dispatcher's.
+
+Receiving is ours, not PTB's `Updater`: an update is confirmed to Telegram (the next `getUpdates`
+offset, or the webhook's 200) only after the runtime stored it or kept it in its spool, so a crash
+or a database outage never loses one; the Updater confirms what it has merely fetched.
+
+Flood control (429 with `retry_after`) is honoured by PTB's `AIORateLimiter`; connection errors and
+5xx answers are retried here with exponential backoff.
 
 Telegram's quirks handled here, in one place:
 - texts are measured in UTF-16 code units (4,096 per message) and so are entity offsets;
@@ -15,32 +21,47 @@ Telegram's quirks handled here, in one place:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import httpx
+from aiohttp import web
 from pydantic import SecretStr
-from telegram import Message, MessageEntity, ReplyParameters, Update
+from telegram import Bot, BotCommand, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatAction, ChatType
 from telegram.error import (
     BadRequest,
     ChatMigrated,
+    Conflict,
     Forbidden,
     InvalidToken,
     NetworkError,
     RetryAfter,
     TelegramError,
-    TimedOut,
 )
-from telegram.ext import AIORateLimiter, Application, ApplicationBuilder, ContextTypes, TypeHandler
+from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
 from telegram.request import HTTPXRequest
 
-from adapters.base import DispatchResult, EventHandler, PartialDelivery
+from adapters.base import (
+    ChannelQueues,
+    DeliveryRefused,
+    DeliveryUnknown,
+    DispatchResult,
+    EventHandler,
+    NotAccepted,
+    PartialDelivery,
+)
 from adapters.splitting import split_text, utf16_len
+from bot.backoff import backoff
+from bot.commands import COMMAND_MENU
+from bot.config import webhook_url_problem
 from bot.errors import ConfigError, PersonabotError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Edited, Incoming, Outgoing, PlatformEvent
 from bot.logs import RedactingFilter, redact, register_secret
@@ -60,6 +81,12 @@ _SECRET_SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # what setWebhook accepts
 ALLOWED_UPDATES = ["message", "edited_message"]
 
 T = TypeVar("T")
+
+
+class TelegramFatal(PersonabotError):
+    """Polling cannot go on and reconnecting would not help (a revoked token, another poller)."""
+
+    fatal = True  # read by bot.watchdog: stop the process instead of reconnecting
 
 
 class TelegramAdapter:
@@ -84,8 +111,10 @@ class TelegramAdapter:
         network_retries: int = 3,
         retry_backoff: float = 1.0,
         request_timeout: float = 10.0,
+        send_timeout: float = 60.0,
         stream_min_interval: float = 1.0,
         stream_min_growth: int = 40,
+        conflict_seconds: float = 30.0,
     ) -> None:
         self._token = token.get_secret_value() if isinstance(token, SecretStr) else (token or "")
         self._token = self._token.strip()
@@ -107,12 +136,20 @@ class TelegramAdapter:
         self.network_retries = network_retries
         self.retry_backoff = retry_backoff
         self.request_timeout = request_timeout
+        # sendMessage has no idempotency key: a send whose answer is late is waited for this long
+        # rather than given up on (and then of unknown outcome; see `deliver`).
+        self.send_timeout = send_timeout
         # Read by BotApp's StreamingRelay: Telegram allows about one edit a second per chat, and a
         # group's messages (edits included) are limited to 20 a minute, so edits wait for real growth.
         self.streaming = streaming
         self.stream_min_interval = stream_min_interval
         self.stream_min_growth = stream_min_growth
+        self.conflict_seconds = conflict_seconds
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._long_poll: asyncio.Future[Any] | None = None
+        self._webhook: web.AppRunner | None = None
+        self._chats = ChannelQueues()  # webhook requests of one chat are handled one at a time
         self._on_event: EventHandler | None = None
         self._bot_id: int | None = None
         self._bot_username = ""
@@ -153,11 +190,12 @@ class TelegramAdapter:
                 f"(check {TOKEN_ENV}, telegram.token or telegram.token_file)"
             )
         if self.mode == "webhook":
-            parts = urlsplit(self.webhook_url or "")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if not self.webhook_url:
                 raise ConfigError(
                     "telegram.webhook_url: a public https:// URL is required when telegram.mode is 'webhook'"
                 )
+            if (problem := webhook_url_problem(self.webhook_url)) is not None:
+                raise ConfigError(f"telegram.webhook_url: {problem}")
             if not self._webhook_secret or not _SECRET_SHAPE.match(self._webhook_secret):
                 raise ConfigError(
                     "telegram.webhook_secret: required in webhook mode, 1-256 characters of A-Z, a-z, "
@@ -188,12 +226,44 @@ class TelegramAdapter:
             .get_updates_request(requests[1])
             .rate_limiter(_RateLimiter(max_retries=self.flood_retries))
             .job_queue(None)
+            .updater(None)  # receiving is ours (see the module docstring)
             .build()
         )
-        app.add_handler(TypeHandler(Update, self._on_update))
-        app.add_error_handler(self._on_error)
+        await self._get_me(app.initialize, requests)
+        self._app = app
+        self._bot_id = app.bot.id
+        self._bot_username = app.bot.username or ""
+        self._receiving = True  # from here on, stop() has something to stop
+        await self._publish_commands()
         try:
-            await self._retrying("getMe", app.initialize, idempotent=True)
+            if self.mode == "webhook":
+                await self._start_webhook()
+            else:
+                await self._start_polling()
+        except (TelegramError, OSError) as exc:
+            await self.stop()
+            where = (
+                f"the webhook on {self.webhook_listen}:{self.webhook_port}"
+                if self.mode == "webhook"
+                else "long polling"
+            )
+            raise PersonabotError(f"telegram: cannot start {where}: {self._safe(exc)}") from None
+        log.info("telegram: connected as @%s (%s)", self._bot_username, self.mode)
+
+    async def check_token(self) -> None:
+        """The token's shape, then getMe: `personabot run` reports a bad token before loading the model."""
+        self._check_config()
+        request = HTTPXRequest(connect_timeout=self.request_timeout, read_timeout=self.request_timeout)
+        bot = Bot(self._token, base_url=self.base_url, base_file_url=self.base_file_url, request=request)
+        await self._get_me(bot.initialize, (request,))
+        await bot.shutdown()
+
+    async def _get_me(
+        self, initialize: Callable[[], Awaitable[Any]], requests: tuple[HTTPXRequest, ...]
+    ) -> None:
+        """getMe (through `initialize`); a rejected token or an unreachable API is one clear line."""
+        try:
+            await self._retrying("getMe", initialize, idempotent=True)
         except InvalidToken:
             await _close(requests)
             raise PersonabotError(
@@ -205,50 +275,32 @@ class TelegramAdapter:
             raise PersonabotError(
                 f"telegram: cannot reach the Bot API at {_origin(self.base_url)}: {self._safe(exc)}"
             ) from None
-        self._app = app
-        self._bot_id = app.bot.id
-        self._bot_username = app.bot.username or ""
-        self._receiving = True  # from here on, stop() has something to stop
+
+    async def _publish_commands(self) -> None:
+        """Fill Telegram's "/" menu (`setMyCommands`), only when it differs from what Telegram has."""
+        bot = self._bot()
+        wanted = [BotCommand(name, description) for name, description in COMMAND_MENU.items()]
         try:
-            if self.mode == "webhook":
-                assert self.webhook_url is not None
-                await app.updater.start_webhook(  # type: ignore[union-attr]
-                    listen=self.webhook_listen,
-                    port=self.webhook_port,
-                    url_path=urlsplit(self.webhook_url).path.strip("/"),
-                    webhook_url=self.webhook_url,
-                    secret_token=self._webhook_secret,
-                    allowed_updates=ALLOWED_UPDATES,
-                    bootstrap_retries=self.network_retries,
-                )
-            else:
-                await app.updater.start_polling(  # type: ignore[union-attr]
-                    timeout=int(self.poll_timeout),
-                    allowed_updates=ALLOWED_UPDATES,
-                    bootstrap_retries=self.network_retries,
-                    error_callback=self._on_poll_error,
-                )
-            await app.start()
-        except (TelegramError, OSError) as exc:
-            await self.stop()
-            where = (
-                f"the webhook on {self.webhook_listen}:{self.webhook_port}"
-                if self.mode == "webhook"
-                else "long polling"
-            )
-            raise PersonabotError(f"telegram: cannot start {where}: {self._safe(exc)}") from None
-        log.info("telegram: connected as @%s (%s)", self._bot_username, self.mode)
+            current = await self._retrying("getMyCommands", bot.get_my_commands, idempotent=True)
+            if [(c.command, c.description) for c in current] != [(c.command, c.description) for c in wanted]:
+                await self._retrying("setMyCommands", lambda: bot.set_my_commands(wanted), idempotent=True)
+                log.info("telegram: command menu set: %s", ", ".join(f"/{c.command}" for c in wanted))
+        except TelegramError as exc:  # the commands still work when typed; only the menu is missing
+            log.warning("telegram: could not set the command menu: %s", self._safe(exc))
 
     async def stop_receiving(self) -> None:
-        """Stop polling / the webhook; updates already fetched are still dispatched."""
-        app = self._app
-        if app is None or not self._receiving:
+        """Stop polling / the webhook; an update being handled is finished (and confirmed) first."""
+        if not self._receiving:
             return
         self._receiving = False
-        if app.updater is not None and app.updater.running:
-            await app.updater.stop()
-        if app.running:
-            await app.stop()
+        if self._long_poll is not None:
+            self._long_poll.cancel()  # a fetch not handled is not confirmed: Telegram sends it again
+        if self._poller is not None:
+            await asyncio.wait([self._poller])
+            self._poller = None
+        if self._webhook is not None:
+            await self._webhook.cleanup()  # waits for requests in flight
+            self._webhook = None
 
     async def stop(self) -> None:
         await self.stop_receiving()
@@ -259,31 +311,165 @@ class TelegramAdapter:
 
     # -- receiving ---------------------------------------------------------------------------------
 
-    def _on_poll_error(self, exc: TelegramError) -> None:
-        # PTB retries polling itself; say so without the token or a traceback per retry.
-        log.warning("telegram: polling failed (%s); retrying", self._safe(exc))
+    def connection(self) -> asyncio.Task[None] | None:
+        """The polling task, for the watchdog (`bot.watchdog`); it ends only when polling cannot go on.
 
-    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
-        log.error("telegram: handling an update failed: %s", self._safe(context.error))
+        Network errors and 5xx are retried inside it; a revoked token, a parse error on what
+        Telegram sent, or another process polling with this token for `conflict_seconds` end it.
+        A webhook has no such task: its server only stops when told to.
+        """
+        return self._poller
 
-    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def reconnect(self) -> None:
+        """Poll again (the offset is Telegram's: nothing confirmed is lost, nothing unconfirmed skipped)."""
+        if self._poller is not None and not self._poller.done():
+            return
+        await self._start_polling()
+
+    async def _start_polling(self) -> None:
+        bot = self._bot()
+        # A webhook left set (by an earlier webhook-mode run) makes getUpdates fail with a conflict.
+        await self._retrying("deleteWebhook", lambda: bot.delete_webhook(), idempotent=True)
+        self._receiving = True
+        self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
+
+    async def _poll(self) -> None:
+        bot = self._bot()
+        offset: int | None = None
+        failing_since: float | None = None
+        conflict_since: float | None = None
+        delay = self.retry_backoff
+        while self._receiving:
+            try:
+                self._long_poll = asyncio.ensure_future(
+                    bot.get_updates(
+                        offset=offset, timeout=int(self.poll_timeout), allowed_updates=ALLOWED_UPDATES
+                    )
+                )
+                updates = await self._long_poll
+            except asyncio.CancelledError:
+                if not self._receiving:
+                    return  # stop_receiving cancelled the long poll
+                raise
+            except InvalidToken:
+                raise TelegramFatal(
+                    f"telegram: the Bot API rejects the bot token now (revoked?); check {TOKEN_ENV}"
+                ) from None
+            except Conflict as exc:
+                now = time.monotonic()
+                if conflict_since is None:
+                    conflict_since = now
+                    log.warning(
+                        "telegram: another process is polling with this bot token (%s); if it goes on "
+                        "for %g s, this one stops",
+                        self._safe(exc),
+                        self.conflict_seconds,
+                    )
+                elif now - conflict_since >= self.conflict_seconds:
+                    raise TelegramFatal(
+                        f"telegram: another process kept polling with this bot token for "
+                        f"{now - conflict_since:.0f} s (409 Conflict); only one may poll: stop the other "
+                        "one, or run several processes in webhook mode"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            except TelegramError as exc:  # network errors, timeouts, 5xx: Telegram comes back
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("telegram: polling failed (%s); retrying until it works", self._safe(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            finally:
+                self._long_poll = None
+            if failing_since is not None:
+                log.warning("telegram: polling works again after %.1f s", time.monotonic() - failing_since)
+            failing_since = conflict_since = None
+            delay = self.retry_backoff
+            for update in updates:
+                if not await self._receive(update):
+                    await asyncio.sleep(delay)  # not kept: ask for it (and what follows) again
+                    break
+                offset = update.update_id + 1  # confirmed by the next getUpdates
+
+    async def _start_webhook(self) -> None:
+        assert self.webhook_url is not None
+        bot = self._bot()
+        server = web.Application()
+        server.router.add_post("/" + urlsplit(self.webhook_url).path.strip("/"), self._on_webhook)
+        runner = web.AppRunner(server, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.webhook_listen, self.webhook_port).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._webhook = runner
+        await self._retrying(
+            "setWebhook",
+            lambda: bot.set_webhook(
+                url=self.webhook_url, secret_token=self._webhook_secret, allowed_updates=ALLOWED_UPDATES
+            ),
+            idempotent=True,
+        )
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        """Telegram's POST: 200 only once the update is stored or spooled; otherwise it is sent again."""
+        secret = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "")
+        if not self._webhook_secret or not hmac.compare_digest(secret, self._webhook_secret):
+            return web.Response(status=403)
+        if not self._receiving:
+            return web.Response(status=503)  # stopping: Telegram retries, another process takes it
+        try:
+            update = Update.de_json(await request.json(), self._bot())
+        except Exception:  # not an update: nothing Telegram would do better by sending it again
+            log.warning("telegram: the webhook got a body that is not an update; refused")
+            return web.Response(status=400)
+        chat = update.effective_chat
+        async with self._chats.hold(chat.id if chat is not None else 0):
+            kept = await self._receive(update)
+        return web.Response(status=200 if kept else 503)
+
+    async def _receive(self, update: Update) -> bool:
+        """Hand one update to the runtime; False when it was neither stored nor kept (do not confirm)."""
         if update.update_id in self._recent_set:
             log.debug("telegram: update %s delivered again; dropped", update.update_id)
-            return
-        if len(self._recent) == self._recent.maxlen:
-            self._recent_set.discard(self._recent[0])
-        self._recent.append(update.update_id)
-        self._recent_set.add(update.update_id)
+            return True
         try:
             event = self.translate(update)
         except Exception:  # a malformed update must not stop the bot
             log.exception("telegram: could not read update %s; skipped", update.update_id)
-            return
+            self._remember(update.update_id)
+            return True
         if event is None or self._on_event is None:
-            return
-        result = await self._on_event(event)
+            self._remember(update.update_id)
+            return True
+        try:
+            result = await self._on_event(event)
+        except NotAccepted as exc:
+            log.warning(
+                "telegram: update %s left unconfirmed (%s); Telegram sends it again", update.update_id, exc
+            )
+            return False
+        except Exception:  # one bad event must not stop the bot; the update id says which one
+            log.exception("telegram: handling update %s failed; skipped", update.update_id)
+            self._remember(update.update_id)
+            return True
+        self._remember(update.update_id)
         if result.notice and isinstance(event, Incoming):
             await self._answer(event, result)
+        return True
+
+    def _remember(self, update_id: int) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_set.discard(self._recent[0])
+        self._recent.append(update_id)
+        self._recent_set.add(update_id)
+
+    async def answer_later(self, event: Incoming, notice: str) -> None:
+        """A command's answer for a message stored late (it waited in the ingest spool)."""
+        await self._answer(event, DispatchResult(notice=notice))
 
     async def _answer(self, event: Incoming, result: DispatchResult) -> None:
         """A command's answer or a cooldown notice: posted at once, not through the outbox."""
@@ -406,24 +592,37 @@ class TelegramAdapter:
 
     async def deliver(self, reply: Outgoing) -> list[str]:
         chunks = split_text(reply.text, MESSAGE_LIMIT, measure=utf16_len)
-        if reply.outbox_id == 0:
-            chunks = chunks[:1]  # a streaming preview is one message, edited as the reply grows
         ids = list(reply.delivered_ids)
         if not chunks and reply.streamed_id is not None:
             await self._delete(reply.channel, reply.streamed_id)  # an empty reply leaves no preview behind
         reply_to = None if reply.channel.is_direct else reply.reply_to
+        journal = reply.journal
         for index in range(len(ids), len(chunks)):
             try:
                 if index == 0 and reply.streamed_id is not None:
                     if await self._replace(reply.channel, reply.streamed_id, chunks[0]):
                         ids.append(reply.streamed_id)
                         continue
+                # Recorded before the request leaves: a crash before the answer leaves the row marked,
+                # and the send is not repeated blindly after the restart.
+                if journal is not None:
+                    await journal.sending(index, ids)
                 ids.append(await self._send(reply.channel, chunks[index], reply_to if index == 0 else None))
+                if journal is not None:
+                    await journal.sent(ids)
             except Exception as exc:
+                failure: Exception = refusal(exc) or exc
                 if len(ids) > len(reply.delivered_ids):
-                    raise PartialDelivery(ids, exc) from exc
-                raise
+                    raise PartialDelivery(ids, failure) from exc
+                if failure is exc:
+                    raise
+                raise failure from exc
         return ids
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """A streaming preview is one message, edited as the reply grows."""
+        chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
+        return await self._send(channel, chunks[0] if chunks else "…", None)
 
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         chunks = split_text(text, MESSAGE_LIMIT, measure=utf16_len)
@@ -457,10 +656,12 @@ class TelegramAdapter:
                 text=text,
                 message_thread_id=_thread(channel),
                 reply_parameters=reply_parameters,
+                read_timeout=self.send_timeout,
+                write_timeout=self.send_timeout,
             )
 
         try:
-            # A read timeout may mean Telegram posted it: not retried here, so nothing is posted twice.
+            # Only a send that never left is retried: a lost answer may mean Telegram posted it.
             msg = await self._retrying("sendMessage", call, idempotent=False)
         except ChatMigrated as exc:  # the group became a supergroup with a new id
             chat_id = int(exc.new_chat_id)
@@ -518,23 +719,23 @@ class TelegramAdapter:
 
         429s are the rate limiter's (it waits `retry_after`); 4xx answers are final.
         """
-        delay = self.retry_backoff
         for attempt in range(self.network_retries + 1):
             try:
                 return await call()
             except (BadRequest, Forbidden, InvalidToken, RetryAfter, ChatMigrated):
                 raise
-            except TimedOut:
-                if not idempotent or attempt == self.network_retries:
-                    raise
-                exc_name = "timed out"
-            except NetworkError as exc:
+            except NetworkError as exc:  # TimedOut included
+                if not idempotent and _may_have_arrived(exc):
+                    raise DeliveryUnknown(
+                        f"{what}: no answer from Telegram ({self._safe(exc)}); the message may have "
+                        "been posted"
+                    ) from exc
                 if attempt == self.network_retries:
                     raise
                 exc_name = self._safe(exc)
+            delay = backoff(attempt + 1, base=self.retry_backoff, cap=30.0)
             log.warning("telegram: %s failed (%s); retrying in %.1fs", what, exc_name, delay)
             await asyncio.sleep(delay)
-            delay *= 2
         raise AssertionError("unreachable")
 
     def _safe(self, exc: BaseException | None) -> str:
@@ -558,6 +759,28 @@ class _RateLimiter(AIORateLimiter):
         if endpoint == "sendChatAction":
             return await callback(*args, **kwargs)
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+
+def _may_have_arrived(exc: NetworkError) -> bool:
+    """The request may have reached Telegram: it failed after the connection was made (a read or
+    write timeout, a connection dropped mid-request). A refused or timed-out connect, a full pool and
+    an HTTP error answer (5xx: Telegram answered, and did not post) are safe to send again."""
+    cause = exc.__cause__
+    safe = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+    return isinstance(cause, httpx.TransportError) and not isinstance(cause, safe)
+
+
+def refusal(exc: BaseException) -> DeliveryRefused | None:
+    """A Bot API answer that no retry can change, as a `DeliveryRefused`; None for transient ones.
+
+    403 (the bot was blocked by the user, kicked from the group) and 400 (chat not found, message
+    too long, thread not found) are final; timeouts, connection errors, 5xx and 429 are not.
+    """
+    if isinstance(exc, Forbidden):
+        return DeliveryRefused("403", exc.message)
+    if isinstance(exc, BadRequest) and not isinstance(exc, ChatMigrated):
+        return DeliveryRefused("400", exc.message)
+    return None
 
 
 def _guard_loggers() -> None:

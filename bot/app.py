@@ -3,7 +3,8 @@
 `personabot run` builds a `BotApp` from the config; adapter end-to-end tests build one around fake
 platforms. Shutdown order matters, so nothing accepted is lost:
 
-1. adapters stop taking events (they can still deliver);
+1. adapters stop taking events (they can still deliver); events waiting in the ingest spool for an
+   unreachable database get `run.flush_timeout_seconds` to be stored, the rest stay in its file;
 2. the scheduler fires nothing more and gives running jobs the stop timeout;
 3. the worker finishes its batch within `run.stop_timeout_seconds`; jobs it still holds after that go
    back to the queue at once (not after their lease expires);
@@ -17,21 +18,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-from sqlalchemy import update
+from typing import TYPE_CHECKING, Any
 
 from adapters.base import PlatformAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
-from bot.events import utcnow
+from bot.events import Incoming
 from bot.generation.base import GenerationBackend
 from bot.heartbeat import Component, Heartbeats, backend_health
-from bot.store import Store
-from bot.store.models import ReplyJob
+from bot.ingest import Ingest
+from bot.store import Store, jobs, streams
+from bot.stream_follow import StreamFollower, StreamPublisher
 from bot.streaming import StreamingRelay
-from bot.worker import Worker
+from bot.watchdog import ConnectionWatchdog
+from bot.worker import Worker, worker_id
 from personas.registry import PersonaRegistry
 
 if TYPE_CHECKING:
@@ -57,6 +58,14 @@ class BotApp:
         self.registry = registry
         self.adapters = list(adapters)
         self.dispatcher = Dispatcher(settings, store, registry)
+        # Between the adapters and the dispatcher: events the database cannot take now wait here.
+        self.ingest = Ingest(
+            self.dispatcher.handle,
+            settings.data_dir / "spool",
+            "+".join(sorted({a.platform for a in self.adapters})) or "none",
+            max_events=settings.run.spool_max_events,
+            notify=self._answer_late,
+        )
         # An adapter may ask for its platform's edit pace (`stream_min_interval`, `stream_min_growth`).
         self.relays = [
             StreamingRelay(
@@ -64,12 +73,30 @@ class BotApp:
                 streaming=bool(getattr(a, "streaming", False)),
                 min_interval=float(getattr(a, "stream_min_interval", 1.0)),
                 min_growth=int(getattr(a, "stream_min_growth", 1)),
+                remember=self._remember_preview,
             )
             for a in self.adapters
         ]
-        self.pumps = [OutboxPump(store, a, relay=r) for a, r in zip(self.adapters, self.relays, strict=True)]
+        self.pumps = [
+            OutboxPump(store, a, settings.delivery, relay=r)
+            for a, r in zip(self.adapters, self.relays, strict=True)
+        ]
+        # Replies that workers in other processes generate, shown through this process's relays.
+        self.followers = [
+            StreamFollower(store, r, f"{worker_id()}:{r.adapter.platform}") for r in self.relays
+        ]
+        # This process's worker feeds its relays directly, and the store for platforms served elsewhere.
+        served = {a.platform for a in self.adapters}
         self.worker = (
-            Worker(settings, store, registry, backend, observers=self.relays) if backend is not None else None
+            Worker(
+                settings,
+                store,
+                registry,
+                backend,
+                observers=[*self.relays, StreamPublisher(store, skip_platforms=served)],
+            )
+            if backend is not None
+            else None
         )
         self.scheduler = scheduler
         self.heartbeats = (
@@ -77,6 +104,16 @@ class BotApp:
             if heartbeats
             else None
         )
+        self.watchdog = ConnectionWatchdog(
+            self.adapters,
+            attempts=settings.run.reconnect_attempts,
+            backoff_seconds=settings.run.reconnect_backoff_seconds,
+            on_state=self._adapter_state,
+            on_fatal=self._fail,
+        )
+        # Set when a platform connection is lost for good; `personabot run` then exits non-zero.
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         self._stop = asyncio.Event()
         self._pump_tasks: list[asyncio.Task[None]] = []
         self._worker_task: asyncio.Task[None] | None = None
@@ -100,19 +137,22 @@ class BotApp:
     async def start(self) -> None:
         """Start everything; if a part fails to start, what already started is stopped again."""
         try:
+            if self.adapters:
+                await self.ingest.start()
             for adapter in self.adapters:
-                await adapter.start(self.dispatcher.handle)
+                await adapter.start(self.ingest.handle)
                 self._started.append(adapter)
             self._pump_tasks = [
                 asyncio.create_task(p.run(self._stop), name=f"outbox:{p.adapter.platform}")
                 for p in self.pumps
-            ]
+            ] + [asyncio.create_task(f.run(self._stop), name=f"streams:{f.platform}") for f in self.followers]
             if self.worker is not None:
                 self._worker_task = asyncio.create_task(self.worker.run(self._stop), name="worker")
             if self.scheduler is not None:
                 await self.scheduler.start()
             if self.heartbeats is not None:
                 await self.heartbeats.start()
+            self.watchdog.start()
         except BaseException:
             await self.stop(flush_timeout=0)
             raise
@@ -120,11 +160,13 @@ class BotApp:
     async def stop(self, flush_timeout: float | None = None) -> None:
         """Stop taking events, let the scheduler and worker finish, flush the outbox, disconnect."""
         run = self.settings.run
+        await self.watchdog.stop()  # from here on, a connection that ends was ended on purpose
         for adapter in self._started:
             try:
                 await adapter.stop_receiving()
             except Exception:
                 log.exception("the %s adapter did not stop receiving cleanly", adapter.platform)
+        await self.ingest.stop(run.flush_timeout_seconds)
         if self.scheduler is not None:
             await self.scheduler.stop(run.stop_timeout_seconds)
         self._stop.set()
@@ -156,19 +198,29 @@ class BotApp:
         if self.heartbeats is not None:
             await self.heartbeats.stop()
 
+    async def _answer_late(self, event: Incoming, notice: str) -> None:
+        """A command's answer for an event stored from the spool, posted the adapter's way."""
+        for adapter in self._started:
+            answer = getattr(adapter, "answer_later", None)
+            if adapter.platform == event.platform and answer is not None:
+                await answer(event, notice)
+
+    async def _adapter_state(self, platform: str, state: str, detail: dict[str, Any]) -> None:
+        if self.heartbeats is not None:
+            await self.heartbeats.set_state("adapter", platform, state, detail)
+
+    def _fail(self, reason: str) -> None:
+        log.error("giving up: %s", reason)
+        self.failure = reason
+        self.failed.set()
+
+    async def _remember_preview(self, job_id: int, streamed_id: str) -> None:
+        async with self.store.transaction() as session:
+            await streams.remember_preview(session, job_id, streamed_id)
+
     async def _release_worker_jobs(self) -> None:
         """Jobs the stopped worker still leased: pending again now; the cut attempt is not counted."""
         assert self.worker is not None
         async with self.store.transaction() as session:
-            released = await session.execute(
-                update(ReplyJob)
-                .where(ReplyJob.status == "running", ReplyJob.lease_owner == self.worker.owner)
-                .values(
-                    status="pending",
-                    attempts=ReplyJob.attempts - 1,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    available_at=utcnow(),
-                )
-            )
-        log.info("returned %d unfinished job(s) to the queue", released.rowcount)
+            released = await jobs.release_owner(session, self.worker.owner)
+        log.info("returned %d unfinished job(s) to the queue", released)

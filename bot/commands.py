@@ -14,6 +14,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import Incoming
 
+# The commands a platform's menu offers (Discord's slash commands, Telegram's "/" menu), with the
+# line each shows. `/start` is left out: Telegram sends it by itself when a chat opens.
+COMMAND_MENU: dict[str, str] = {
+    "persona": "Show or change the persona that answers here",
+    "personas": "List the available personas",
+    "reset": "Start the conversation afresh (history is kept)",
+    "help": "What this bot understands",
+    "forget": "Erase what the bot stores of you in this channel",
+    "optin": "Let your conversations train the personas",
+    "optout": "Stop your conversations from training the personas",
+}
+
 COMMAND_RE = re.compile(
     r"^\s*(?P<prefix>[/!])(?P<name>[A-Za-z][A-Za-z0-9_]{0,31})(?:@\S+)?(?:\s+(?P<args>.*))?$", re.S
 )

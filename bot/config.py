@@ -13,8 +13,9 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -82,6 +83,33 @@ class DiscordSettings(TokenSettings):
     sharded: bool = False
     shard_count: int | None = None
     streaming: bool = False
+    ready_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long start-up waits for the gateway to be ready (per shard when sharded).",
+    )
+    api_base: str | None = Field(
+        default=None, description="REST API base URL (a proxy, or a test server); unset: Discord's."
+    )
+    gateway_url: str | None = Field(default=None, description="Gateway URL to use instead of Discord's.")
+
+
+# The only ports Telegram delivers webhooks to (https://core.telegram.org/bots/api#setwebhook).
+TELEGRAM_WEBHOOK_PORTS = (443, 80, 88, 8443)
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why Telegram would not deliver to `url`, or None when it would."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return "must be a public https:// URL (Telegram sends webhooks over HTTPS only)"
+    try:
+        port = parts.port or 443
+    except ValueError:
+        return "has an invalid port"
+    if port not in TELEGRAM_WEBHOOK_PORTS:
+        return f"port {port} is not one Telegram sends webhooks to; use 443, 80, 88 or 8443"
+    return None
 
 
 class TelegramSettings(TokenSettings):
@@ -93,14 +121,31 @@ class TelegramSettings(TokenSettings):
     streaming: bool = False
     base_url: str | None = Field(default=None, description="Bot API base URL (a local Bot API server).")
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        if url is not None and (problem := webhook_url_problem(url)) is not None:
+            raise ValueError(problem)
+        return url
+
 
 class WorkerSettings(Section):
     enabled: bool = Field(default=True, description="Run the worker inside `personabot run`.")
     max_batch: int = Field(default=16, ge=1)
-    lease_seconds: float = Field(default=120.0, gt=0)
+    lease_seconds: float = Field(
+        default=6.0,
+        gt=0,
+        description="A claimed job's lease, renewed every third of it while the job runs: a worker "
+        "that dies loses its jobs to another worker within this time.",
+    )
     max_attempts: int = Field(default=3, ge=1)
     retry_backoff_seconds: float = Field(default=5.0, ge=0)
-    poll_seconds: float = Field(default=0.5, gt=0)
+    poll_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="A new job wakes the worker at once (in this process, or through PostgreSQL's "
+        "NOTIFY); this slow poll is the safety net, e.g. for retries that fall due.",
+    )
     kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     metrics_port: int | None = None
 
@@ -207,6 +252,41 @@ class RunSettings(Section):
     flush_timeout_seconds: float = Field(
         default=10.0, gt=0, description="On SIGTERM, how long the outbox gets to deliver what is pending."
     )
+    reconnect_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="A platform connection that ends unexpectedly is restored this many times at most "
+        "(with backoff); then `personabot run` exits non-zero so its supervisor restarts it.",
+    )
+    spool_max_events: int = Field(
+        default=10_000,
+        ge=1,
+        description="Incoming events kept (in memory and in <data_dir>/spool/) while the database is "
+        "unreachable; past this, Telegram updates stay unconfirmed and Discord messages are lost.",
+    )
+    reconnect_backoff_seconds: float = Field(
+        default=2.0, gt=0, description="Wait before the first reconnect; doubled each attempt (max 60 s)."
+    )
+
+
+class DeliverySettings(Section):
+    """The outbox: posting replies on the platforms."""
+
+    deadline_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="A reply that keeps failing for a transient reason (5xx, timeouts, the platform "
+        "unreachable) is retried this long after it was written, then marked failed.",
+    )
+    retry_backoff_seconds: float = Field(
+        default=2.0, ge=0, description="First retry delay of a failed delivery; doubles each attempt."
+    )
+    retry_max_seconds: float = Field(
+        default=60.0, gt=0, description="Longest wait between two delivery attempts."
+    )
+    lease_seconds: float = Field(
+        default=30.0, gt=0, description="Lease of a claimed reply, renewed while it is being posted."
+    )
 
 
 class Settings(BaseSettings):
@@ -233,6 +313,7 @@ class Settings(BaseSettings):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
 
     # Where the values came from, for messages; not a setting.
     config_path: Path | None = Field(default=None, exclude=True)

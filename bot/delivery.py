@@ -1,17 +1,52 @@
-"""Delivering the outbox through an adapter: claim, post, record the platform ids, retry on failure."""
+"""Delivering the outbox through an adapter: claim, post, record the platform ids, retry on failure.
+
+A refusal the platform means for good (`DeliveryRefused`: DMs closed, missing permissions, unknown
+chat) fails the row at once with the platform's code and words. Anything else is transient: retried
+with capped, jittered backoff until the row's deadline (`delivery.deadline_hours` after it was
+written), then failed. `personabot outbox retry` puts failed rows back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import replace
+from datetime import timedelta
 
-from adapters.base import PartialDelivery, PlatformAdapter
+from adapters.base import DeliveryRefused, DeliveryUnknown, PartialDelivery, PlatformAdapter
+from bot.config import DeliverySettings
+from bot.outage import OutageLog
 from bot.store import Store, outbox
+from bot.store.leases import Lease, keep_leases
 from bot.streaming import StreamingRelay
 from bot.worker import worker_id
 
 log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another process holds the row now: this one must not send any more of it."""
+
+
+class RowJournal:
+    """Records an adapter's sends on the outbox row, under the row's lease: the chunk about to be sent
+    before its request leaves, the posted ids once it is answered. A process that dies in between
+    leaves `inflight_chunk` set, and the next holder does not send that chunk blindly again."""
+
+    def __init__(self, store: Store, lease: Lease) -> None:
+        self.store = store
+        self.lease = lease
+
+    async def sending(self, index: int, delivered_ids: list[str]) -> None:
+        async with self.store.transaction() as session:
+            held = await outbox.record_progress(session, self.lease, delivered_ids, inflight=index)
+        if not held:
+            raise LeaseLost(f"outbox {self.lease.id} is held by another process now")
+
+    async def sent(self, delivered_ids: list[str]) -> None:
+        async with self.store.transaction() as session:
+            await outbox.record_progress(session, self.lease, delivered_ids)
 
 
 class OutboxPump:
@@ -21,27 +56,24 @@ class OutboxPump:
         self,
         store: Store,
         adapter: PlatformAdapter,
+        settings: DeliverySettings | None = None,
         *,
         batch: int = 16,
-        lease_seconds: float = 60.0,
-        max_attempts: int = 8,
-        backoff_seconds: float = 2.0,
-        poll_seconds: float = 0.5,
+        poll_seconds: float = 2.0,
         relay: StreamingRelay | None = None,
     ) -> None:
         self.store = store
         self.relay = relay
         self.adapter = adapter
+        self.settings = settings or DeliverySettings()
         self.batch = batch
-        self.lease_seconds = lease_seconds
-        self.max_attempts = max_attempts
-        self.backoff_seconds = backoff_seconds
         self.poll_seconds = poll_seconds
         self.owner = f"{worker_id()}:{adapter.platform}"
 
     async def flush(self) -> int:
         """Deliver everything due now; returns how many replies were posted."""
         posted = 0
+        lease_seconds = self.settings.lease_seconds
         while True:
             async with self.store.transaction() as session:
                 due = await outbox.claim(
@@ -49,39 +81,114 @@ class OutboxPump:
                     platform=self.adapter.platform,
                     owner=self.owner,
                     limit=self.batch,
-                    lease_seconds=self.lease_seconds,
+                    lease_seconds=lease_seconds,
                 )
             if not due:
                 return posted
-            for reply in due:
-                if self.relay is not None and reply.streamed_id is None:
-                    reply = replace(reply, streamed_id=self.relay.take_streamed(reply.job_id))
-                try:
-                    ids = await self.adapter.deliver(reply)
-                except Exception as exc:
-                    log.warning("delivery of outbox %s failed: %s", reply.outbox_id, type(exc).__name__)
-                    async with self.store.transaction() as session:
-                        if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
-                            await outbox.record_progress(session, reply.outbox_id, exc.delivered_ids)
-                        await outbox.mark_failed(
-                            session,
-                            reply.outbox_id,
-                            error=f"{type(exc).__name__}: {exc}",
-                            max_attempts=self.max_attempts,
-                            backoff_seconds=self.backoff_seconds,
-                        )
-                    continue
-                async with self.store.transaction() as session:
-                    await outbox.mark_delivered(session, reply.outbox_id, ids)
-                posted += 1
+            # A batch of slow deliveries (rate limits, retries) may outlive the lease: keep renewing
+            # the leases of the rows not yet settled.
+            unsettled = {item.lease.id: item.lease for item in due}
+            # Channels are posted to side by side; one channel's replies go out one by one, in order.
+            by_channel: dict[str, list[outbox.ClaimedDelivery]] = {}
+            for item in due:
+                by_channel.setdefault(item.reply.channel.key, []).append(item)
+
+            async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
+                counts = await asyncio.gather(
+                    *(self._post_in_order(items, unsettled) for items in by_channel.values())
+                )
+            posted += sum(counts)
+
+    async def _post_in_order(self, items: list[outbox.ClaimedDelivery], unsettled: dict[int, Lease]) -> int:
+        count = 0
+        for item in items:
+            count += await self._deliver(item)
+            unsettled.pop(item.lease.id, None)
+        return count
+
+    async def _deliver(self, item: outbox.ClaimedDelivery) -> bool:
+        """Post one claimed reply and record the outcome; True when it was posted."""
+        reply, lease = item.reply, item.lease
+        if item.inflight is not None:  # an earlier holder died waiting for the platform's answer
+            await self._unknown(
+                item,
+                f"chunk {item.inflight + 1} was being sent when its process stopped; it may have been posted",
+            )
+            return False
+        if self.relay is not None:
+            await self.relay.settle(reply.job_id)  # a preview being posted right now: wait for its id
+            streamed = self.relay.take_streamed(reply.job_id)
+            if reply.streamed_id is None and streamed is not None:
+                reply = replace(reply, streamed_id=streamed)
+        reply = replace(reply, journal=RowJournal(self.store, lease))
+        try:
+            ids = await self.adapter.deliver(reply)
+        except Exception as exc:
+            await self._failed(item, exc)
+            return False
+        async with self.store.transaction() as session:
+            held = await outbox.mark_delivered(session, lease, ids)
+        if not held:
+            log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
+        return True
+
+    async def _failed(self, item: outbox.ClaimedDelivery, exc: Exception) -> None:
+        reply, lease = item.reply, item.lease
+        cause = exc.cause if isinstance(exc, PartialDelivery) else exc
+        where = f"outbox {reply.outbox_id} to {reply.channel.key}"
+        s = self.settings
+        async with self.store.transaction() as session:
+            if isinstance(exc, PartialDelivery):  # the retry posts only what is missing
+                await outbox.record_progress(session, lease, exc.delivered_ids)
+            if isinstance(cause, DeliveryUnknown):
+                await outbox.mark_unknown(session, lease, error=str(cause))
+                log.error(
+                    "%s: %s; not resent (check the chat, then `personabot outbox retry %s` sends it)",
+                    where,
+                    cause,
+                    reply.outbox_id,
+                )
+                return
+            if isinstance(cause, DeliveryRefused):
+                await outbox.mark_refused(session, lease, code=cause.code, reason=cause.reason)
+                log.warning("%s refused for good: %s %s (not retried)", where, cause.code, cause.reason)
+                return
+            error = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            status, delay = await outbox.mark_retry(
+                session,
+                lease,
+                error=error,
+                backoff_seconds=s.retry_backoff_seconds,
+                max_backoff_seconds=s.retry_max_seconds,
+                deadline=timedelta(hours=s.deadline_hours),
+            )
+        if status == "failed":
+            log.error("%s failed (%s) and is past its deadline; given up", where, error)
+        elif status == "pending":
+            log.warning("%s failed (%s); attempt %d, next in %.0f s", where, error, lease.attempt, delay)
+
+    async def _unknown(self, item: outbox.ClaimedDelivery, why: str) -> None:
+        async with self.store.transaction() as session:
+            await outbox.mark_unknown(session, item.lease, error=why)
+        log.error(
+            "outbox %s to %s: %s; not resent (check the chat, then `personabot outbox retry %s` sends it)",
+            item.reply.outbox_id,
+            item.reply.channel.key,
+            why,
+            item.reply.outbox_id,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
+        outage = OutageLog(f"outbox pump for {self.adapter.platform}", log)
+        wakeups, topic = self.store.wakeups, outbox.topic(self.adapter.platform)
         while not stop.is_set():
+            wakeups.clear(topic)  # a reply written from now on wakes the wait below
             try:
                 await self.flush()
-            except Exception:
-                log.exception("outbox pump for %s failed; retrying", self.adapter.platform)
-            try:
-                await asyncio.wait_for(stop.wait(), self.poll_seconds)
-            except TimeoutError:
-                pass
+                outage.ok()
+            except Exception as exc:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                continue
+            # Woken when a reply is written; the slow poll catches retries that become due by time.
+            await wakeups.wait(topic, self.poll_seconds, stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Protocol
 
 
 class ChannelKind(StrEnum):
@@ -113,3 +114,14 @@ class Outgoing:
     # A message already on the platform showing this reply while it streamed: the adapter edits it to
     # the final first chunk instead of posting a new one.
     streamed_id: str | None = None
+    # Where an adapter whose sends have no idempotency key records each send before and after it, so a
+    # send whose outcome is unknown after a crash is never repeated blindly (None: nothing recorded).
+    journal: DeliveryJournal | None = field(default=None, compare=False, repr=False)
+
+
+class DeliveryJournal(Protocol):
+    async def sending(self, index: int, delivered_ids: list[str]) -> None:
+        """Chunk `index` is about to be sent (stored before the request leaves)."""
+
+    async def sent(self, delivered_ids: list[str]) -> None:
+        """The chunks posted so far, the last one just answered."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.events import utcnow
+from bot.outage import OutageLog
 from bot.store import Store
 from bot.store.conversations import _insert_for
 from bot.store.models import Heartbeat
@@ -28,6 +29,7 @@ class Component:
     kind: str  # adapter | worker | scheduler
     name: str  # the platform for adapters; empty otherwise
     detail: dict[str, Any] = field(default_factory=dict)
+    state: str = "running"  # running | failed (a lost platform connection) | stopped
     # Read at every beat and merged into `detail`: state that changes (a remote backend's health).
     live: Callable[[], dict[str, Any]] | None = None
 
@@ -69,18 +71,30 @@ class Heartbeats:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
-    async def beat_all(self, state: str = "running") -> None:
+    async def beat_all(self) -> None:
         for c in self.components:
             detail = c.detail | (c.live() if c.live is not None else {})
-            detail |= {"state": state, "interval": self.interval, "owner": self.owner}
+            detail |= {"state": c.state, "interval": self.interval, "owner": self.owner}
             await beat(self.store, c.key(self.owner), c.kind, detail)
 
+    async def set_state(self, kind: str, name: str, state: str, detail: dict[str, Any]) -> None:
+        """A component's new state (and what explains it), written at once rather than at the next beat."""
+        for c in self.components:
+            if c.kind == kind and c.name == name:
+                c.state = state
+                c.detail = {k: v for k, v in c.detail.items() if k not in ("error", "last_failure")} | detail
+        await self.beat_all()
+
     async def _loop(self) -> None:
+        outage = OutageLog("heartbeats", log)
         while not self._stop.is_set():
             try:
                 await self.beat_all()
-            except Exception:  # a busy or unreachable store must not stop the bot; the next beat retries
-                log.warning("could not write heartbeats", exc_info=True)
+                outage.ok()
+            except (
+                Exception
+            ) as exc:  # a busy or unreachable store must not stop the bot; the next beat retries
+                outage.failed(exc)
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval)
             except TimeoutError:
@@ -91,12 +105,18 @@ class Heartbeats:
         self._task = asyncio.create_task(self._loop(), name="heartbeats")
 
     async def stop(self) -> None:
-        """Last beat: `stopped`, so status tells a clean stop from a crash (nothing if never started)."""
+        """Last beat: `stopped`, so status tells a clean stop from a crash (nothing if never started).
+
+        A component that failed stays `failed`: the process is stopping because of it.
+        """
         self._stop.set()
         if self._task is None:
             return
         await self._task
+        for c in self.components:
+            if c.state != "failed":
+                c.state = "stopped"
         try:
-            await self.beat_all("stopped")
+            await self.beat_all()
         except Exception:
             log.warning("could not record the stop in heartbeats", exc_info=True)

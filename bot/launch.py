@@ -3,12 +3,14 @@
 It applies migrations, starts each platform adapter that has credentials (the console only when asked),
 the worker unless `worker.enabled` is false, and the scheduler unless `scheduler.enabled` is false.
 One line per part says what started, and what was skipped and why. The first SIGTERM / SIGINT stops it
-gracefully (see `BotApp.stop`) and it exits 0; a second one stops it at once.
+gracefully (see `BotApp.stop`) and it exits 0; a second one stops it at once. A platform connection
+lost and not restored (see `bot.watchdog`) stops it the same way, with exit status 3.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import threading
@@ -20,13 +22,16 @@ from adapters.console import ConsoleAdapter
 from bot.app import BotApp
 from bot.config import Settings
 from bot.errors import ConfigError
-from bot.runtime import load_backend, load_registry, open_store
+from bot.generation.base import GenerationBackend
+from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
 from bot.store import Store, conversations
 from bot.store.models import OutboxDelivery, ReplyJob
 from personas.registry import PersonaRegistry
 from personas.versions import active_version
 
 Say = Callable[[str], None]
+# A platform connection was lost and could not be restored (bot.watchdog).
+EXIT_CONNECTION_LOST = 3
 
 
 def _platform_adapters(settings: Settings, say: Say) -> list[PlatformAdapter]:
@@ -131,8 +136,6 @@ async def run_bot(
     stop: asyncio.Event | None = None,
 ) -> int:
     """Run until `stop` is set or a signal arrives; returns the exit code (0 after a clean stop)."""
-    from bot.scheduler import JobScheduler
-
     if say is None:
         stream = sys.stderr if console else sys.stdout
 
@@ -140,8 +143,69 @@ async def run_bot(
             print(line, file=stream, flush=True)
 
     stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        say(f"{signal.Signals(signum).name}: stopping (again to stop at once)")
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+        stop.set()
+
+    # From the start: a SIGTERM while the model is pulled or loaded is a clean stop too (exit 0).
+    for s in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(s, on_signal, s)
+    try:
+        return await _run(settings, console, console_channel, stdin, stdout, say, stop)
+    finally:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+
+
+async def _load_backend_unless_stopped(settings: Settings, stop: asyncio.Event) -> GenerationBackend | None:
+    """The model, loaded (or pulled) in a daemon thread; None when `stop` is set first.
+
+    Not the default executor: `asyncio.run` waits for its threads at exit, so a SIGTERM during a
+    pull would wait for the download. A daemon thread is simply left behind.
+    """
+    loop = asyncio.get_running_loop()
+    loaded: asyncio.Future[GenerationBackend] = loop.create_future()
+
+    def settle(outcome: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(outcome)
+
+    def work() -> None:
+        try:
+            backend = load_backend(settings, allow_pull=True)
+        except BaseException as exc:
+            error = exc  # `exc` is unbound when the except block ends, before the callback runs
+            settle(lambda: loaded.done() or loaded.set_exception(error))
+        else:
+            settle(lambda: loaded.done() or loaded.set_result(backend))
+
+    threading.Thread(target=work, name="load-model", daemon=True).start()
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([loaded, stopped], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if stop.is_set():
+        loaded.cancel()
+        return None
+    return loaded.result()
+
+
+async def _run(
+    settings: Settings,
+    console: bool,
+    console_channel: str,
+    stdin: TextIO | None,
+    stdout: TextIO | None,
+    say: Say,
+    stop: asyncio.Event,
+) -> int:
+    from bot.scheduler import JobScheduler
+
     registry = load_registry(settings)
-    store = await open_store(settings)
+    store = await open_store(settings, wait_seconds=START_WAIT_SECONDS)
     try:
         say(f"database: {store.engine.url.render_as_string(hide_password=True)} (migrations applied)")
         adapters = _platform_adapters(settings, say)
@@ -151,9 +215,16 @@ async def run_bot(
             adapters.append(console_adapter)
         else:
             say("console: skipped: not asked for (--console)")
+        for adapter in adapters:  # a bad token says so now, not after the model has loaded
+            check_token = getattr(adapter, "check_token", None)
+            if check_token is not None:
+                await check_token()
         backend = None
         if settings.worker.enabled:
-            backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
+            backend = await _load_backend_unless_stopped(settings, stop)
+            if backend is None:
+                say("stopped before start-up finished")
+                return 0
         scheduler = JobScheduler(settings, store, registry) if settings.scheduler.enabled else None
         if not adapters and backend is None and scheduler is None:
             raise ConfigError(
@@ -183,26 +254,21 @@ async def run_bot(
                     say(f"scheduler: {problem.job_id}: not scheduled: {problem.message}")
             else:
                 say("scheduler: skipped: scheduler.enabled is false")
-            loop = asyncio.get_running_loop()
-
-            def on_signal(signum: int) -> None:
-                say(f"{signal.Signals(signum).name}: stopping (again to stop at once)")
-                for s in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(s)
-                stop.set()
-
-            for s in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(s, on_signal, s)
             reader = None
             if console_adapter is not None:
                 reader = ConsoleInput(console_adapter, store, stdin or sys.stdin, stop.set).start()
-            await stop.wait()
+            stopped = asyncio.create_task(stop.wait())
+            failed = asyncio.create_task(app.failed.wait())
+            await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            failed.cancel()
             if reader is not None:
                 reader.cancel()
         finally:
-            for s in (signal.SIGTERM, signal.SIGINT):
-                asyncio.get_running_loop().remove_signal_handler(s)
             await app.stop()
+        if app.failure is not None:
+            say(f"stopped: {app.failure} (exit status 3, so a supervisor restarts it)")
+            return EXIT_CONNECTION_LOST
         say("stopped")
         return 0
     finally:

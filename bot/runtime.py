@@ -2,26 +2,54 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from bot.basemodel import MARKER, default_model_dir, pull_default_model, resolve_model
 from bot.config import Settings
 from bot.generation.base import GenerationBackend
 from bot.store import Store
+from bot.store.engine import database_unreachable
 from personas.registry import PersonaRegistry
 
 log = logging.getLogger(__name__)
 
 
-async def open_store(settings: Settings) -> Store:
-    """Open the configured database and apply pending migrations."""
-    store = Store(settings.resolved_database_url)
-    try:
-        await store.upgrade()
-    except BaseException:
-        await store.close()
-        raise
-    return store
+# How long a long-running process (`run`, `worker`) waits at start-up for an unreachable database:
+# started together with it, or restarted during its restart, it should not exit for a blip.
+START_WAIT_SECONDS = 60.0
+
+
+async def open_store(settings: Settings, *, wait_seconds: float = 0.0) -> Store:
+    """Open the configured database and apply pending migrations.
+
+    While the database is unreachable it is tried again for up to `wait_seconds` (one WARNING says so).
+    """
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.5
+    while True:
+        store = Store(settings.resolved_database_url)
+        try:
+            await store.upgrade()
+        except BaseException as exc:
+            await store.close()
+            if (
+                not isinstance(exc, Exception)
+                or not database_unreachable(exc)
+                or time.monotonic() >= deadline
+            ):
+                raise
+            if delay == 0.5:
+                log.warning(
+                    "the database is unreachable (%s); waiting up to %g s for it",
+                    type(exc).__name__,
+                    wait_seconds,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        return store
 
 
 def load_registry(settings: Settings) -> PersonaRegistry:
@@ -31,7 +59,11 @@ def load_registry(settings: Settings) -> PersonaRegistry:
 
 def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationBackend:
     """The configured generation backend (`generation.backend`); pulls the default model first when
-    allowed (the vLLM backend reads only its tokenizer, and imports no torch)."""
+    allowed (the vLLM backend reads only its tokenizer).
+
+    torch is imported only by the local backend, not at module level: a bot process without a worker, or
+    with a worker on vLLM, never needs it and starts seconds sooner.
+    """
     if (
         allow_pull
         and settings.model.path is None

@@ -8,13 +8,16 @@ the last run of every scheduled job with its errors (and a retrain's two held-ou
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 
 from bot.events import utcnow
 from bot.scheduler import runs
+from bot.spool import spool_report
 from bot.store import Store
+from bot.store import outbox as deliveries
 from bot.store.models import Heartbeat, OutboxDelivery, ReplyJob, SchedulerJob
 from personas.versions import list_versions
 
@@ -42,6 +45,9 @@ async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
                 "started_at": row.started_at.isoformat(),
                 "seen_at": row.seen_at.isoformat(),
                 "seen_seconds_ago": _age(row.seen_at, now),
+                # A lost platform connection: what ended it, and how often (see bot.watchdog).
+                "error": detail.get("error"),
+                "last_failure": detail.get("last_failure"),
                 "generation": detail.get("generation"),  # a remote backend's health, as the worker saw it
             }
         )
@@ -105,6 +111,17 @@ async def _queue(session: Any, now: datetime) -> dict[str, Any]:
             "pending": outbox.get("pending", 0),
             "sending": outbox.get("sending", 0),
             "failed": outbox.get("failed", 0),
+            "unknown": outbox.get("unknown", 0),
+            "recent_failures": [
+                {
+                    "id": row.id,
+                    "channel": row.channel,
+                    "status": row.status,
+                    "code": row.error_code,
+                    "error": row.error,
+                }
+                for row in await deliveries.listing(session, failed_only=True, limit=5)
+            ],
         },
     }
 
@@ -149,9 +166,16 @@ async def _schedule(session: Any) -> list[dict[str, Any]]:
 
 
 async def collect_status(
-    store: Store, *, personas: list[str] | None = None, now: datetime | None = None
+    store: Store,
+    *,
+    personas: list[str] | None = None,
+    now: datetime | None = None,
+    spool_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Everything `personabot status` shows, as plain data (its `--json`)."""
+    """Everything `personabot status` shows, as plain data (its `--json`).
+
+    `spool_dir`: this machine's ingest spool (`<data_dir>/spool`), events waiting for the database.
+    """
     now = now or utcnow()
     async with store.transaction() as session:
         return {
@@ -160,7 +184,24 @@ async def collect_status(
             "queue": await _queue(session, now),
             "personas": await _personas(session, personas or []),
             "schedule": await _schedule(session),
+            "spool": spool_report(spool_dir) if spool_dir is not None else [],
         }
+
+
+def render_spool(spool: list[dict[str, Any]]) -> list[str]:
+    """Events waiting in this machine's ingest spool, one line per file."""
+    lines = ["", "ingest spool (events waiting for the database):"]
+    if not spool:
+        lines.append("  empty")
+    for entry in spool:
+        owner = (
+            "held by a running process"
+            if entry["held"]
+            else "no process holds it: replayed at the next start"
+        )
+        oldest = entry["oldest"][:19].replace("T", " ") if entry["oldest"] else "-"
+        lines.append(f"  {entry['path']}: {entry['events']} event(s), oldest from {oldest}; {owner}")
+    return lines
 
 
 def _ago(seconds: float | None) -> str:
@@ -207,7 +248,12 @@ def render_status(report: dict[str, Any]) -> str:
     if not report["components"]:
         lines.append("  none seen (is `personabot run` running against this database?)")
     for c in report["components"]:
-        lines.append(f"  {c['component']}: {c['state']}, last seen {_ago(c['seen_seconds_ago'])}")
+        state = c["state"]
+        if c.get("error"):
+            state += f" ({c['error']})"
+        elif c.get("last_failure"):
+            state += f" (reconnected after: {c['last_failure']['error']})"
+        lines.append(f"  {c['component']}: {state}, last seen {_ago(c['seen_seconds_ago'])}")
         if c.get("generation"):
             lines.append(f"    {generation_line(c['generation'])}")
     q = report["queue"]
@@ -219,7 +265,14 @@ def render_status(report: dict[str, Any]) -> str:
     for f in q["recent_failures"]:
         lines.append(f"  failed job {f['id']} ({f['persona']}): {f['error']}")
     ob = q["outbox"]
-    lines.append(f"  outbox: pending {ob['pending']}, sending {ob['sending']}, failed {ob['failed']}")
+    lines.append(
+        f"  outbox: pending {ob['pending']}, sending {ob['sending']}, failed {ob['failed']}, "
+        f"unknown outcome {ob['unknown']}"
+    )
+    for f in ob["recent_failures"]:
+        code = f" {f['code']}" if f["code"] else ""
+        lines.append(f"  {f['status']} delivery {f['id']} to {f['channel']}:{code} {f['error']}")
+    lines += render_spool(report.get("spool", []))
     lines += ["", "personas:"]
     for p in report["personas"]:
         if p["active_version"]:

@@ -2,9 +2,10 @@
 
 The worker tells every `ReplyObserver` when a job starts, as its text grows, and when it ends. In
 `personabot run` a `StreamingRelay` per adapter turns that into typing indicators and, where the
-persona's platform config enables streaming, a message edited as tokens arrive. When the final reply
-is delivered from the outbox, the relay hands the adapter the streamed message's id (`streamed_id`) so
-it edits that message instead of posting a second one.
+persona's platform config enables streaming, a message edited as tokens arrive. The streamed message's
+id is stored with its job (`remember`), and the final reply's delivery edits that message instead of
+posting a second one, even after a restart. A worker in another process reaches the relay through the
+store (`bot.stream_follow`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from bot.events import ChannelRef, Outgoing
+from bot.events import ChannelRef
 
 if TYPE_CHECKING:
     from adapters.base import PlatformAdapter
@@ -60,6 +62,7 @@ class StreamingRelay:
         typing_interval: float = 4.0,  # platforms show "typing" for ~5 s; refresh before it lapses
         marker: str = " …",
         clock: Callable[[], float] = time.monotonic,
+        remember: Callable[[int, str], Awaitable[None]] | None = None,
     ) -> None:
         self.adapter = adapter
         self.streaming = streaming
@@ -68,6 +71,7 @@ class StreamingRelay:
         self.typing_interval = typing_interval
         self.marker = marker
         self.clock = clock
+        self.remember = remember  # stores a preview's id with its job, so a restart edits it too
         self._typing: dict[int, asyncio.Task[None]] = {}
         self._posted: dict[int, str] = {}  # job id -> platform id of the streamed message
         self._shown: dict[int, tuple[float, int]] = {}  # job id -> (time, length) of the last edit
@@ -75,6 +79,8 @@ class StreamingRelay:
         # One post or edit in flight per reply: partials arriving meanwhile are skipped (the next one
         # carries their text too), so a slow platform never gets two previews of one reply.
         self._busy: dict[int, asyncio.Lock] = {}
+        # Jobs whose final reply is being delivered: a partial arriving late must not overwrite it.
+        self._closed: OrderedDict[int, None] = OrderedDict()
 
     def _mine(self, reply: ActiveReply) -> bool:
         return reply.channel.platform == self.adapter.platform
@@ -95,6 +101,8 @@ class StreamingRelay:
         # Only between on_start and on_end: a partial delivered late must not post a second preview.
         if not (self.streaming and reply.job_id in self._typing and text.strip()):
             return
+        if reply.job_id in self._closed:
+            return
         lock = self._busy.setdefault(reply.job_id, asyncio.Lock())
         if lock.locked():
             return
@@ -105,13 +113,11 @@ class StreamingRelay:
         now = self.clock()
         try:
             if reply.job_id not in self._posted:
-                outgoing = Outgoing(
-                    outbox_id=0, channel=reply.channel, text=text + self.marker, persona=reply.persona
-                )
-                ids = await self.adapter.deliver(outgoing)
-                if ids:
-                    self._posted[reply.job_id] = ids[0]
-                    self._shown[reply.job_id] = (now, len(text))
+                posted = await self.adapter.preview(reply.channel, text + self.marker, reply.job_id)
+                self._posted[reply.job_id] = posted
+                self._shown[reply.job_id] = (now, len(text))
+                if self.remember is not None:
+                    await self.remember(reply.job_id, posted)
                 return
             last_time, last_len = self._shown[reply.job_id]
             if now - last_time >= self.min_interval and len(text) - last_len >= self.min_growth:
@@ -121,6 +127,7 @@ class StreamingRelay:
             log.warning("streaming to %s failed: %s", reply.channel.key, type(exc).__name__)
 
     async def on_end(self, reply: ActiveReply, ok: bool) -> None:
+        self._closed.pop(reply.job_id, None)
         task = self._typing.pop(reply.job_id, None)
         if task is not None:
             task.cancel()
@@ -137,6 +144,21 @@ class StreamingRelay:
                 with contextlib.suppress(Exception):
                     await self.adapter.edit(reply.channel, posted, "(no reply: generation failed)")
 
+    async def settle(self, job_id: int | None) -> None:
+        """The job's final reply is about to be delivered: show no more partials of it, and wait for
+        a preview or edit in flight (a preview's id is needed, an edit must not land after the reply)."""
+        if job_id is None:
+            return
+        self._closed[job_id] = None
+        while len(self._closed) > 1024:  # jobs whose on_end came first are never popped by it
+            self._closed.popitem(last=False)
+        lock = self._busy.get(job_id)
+        if lock is not None:
+            async with lock:
+                pass
+
     def take_streamed(self, job_id: int | None) -> str | None:
         """The streamed message of a finished job, which its final delivery edits in place."""
-        return None if job_id is None else self._finished.pop(job_id, None)
+        if job_id is None:
+            return None
+        return self._finished.pop(job_id, None) or self._posted.get(job_id)

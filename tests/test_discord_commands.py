@@ -161,3 +161,17 @@ async def test_cooldown_sends_one_notice_per_window(sqlite_store: Store, fake: F
         assert len(contents) == 3
     finally:
         await bot.stop()
+
+
+async def test_slash_commands_are_registered_once_not_on_every_start(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    """Registration is rate limited: a second start finds Discord's list unchanged and sends no PUT."""
+    commands = rf"/applications/{fake.application_id}/commands"
+    for _ in range(2):
+        bot = await start_bot(sqlite_store, fake)
+        await bot.stop()
+    assert len(fake.calls("GET", commands)) == 2
+    assert len(fake.calls("PUT", commands)) == 1
+    options = {c["name"]: [o["name"] for o in c.get("options", [])] for c in fake.commands}
+    assert options["persona"] == ["name"] and options["forget"] == ["confirm"]

@@ -64,14 +64,59 @@ async def test_a_failure_between_chunks_never_reposts_the_first(
     long_reply = "First part of the answer. " * 100 + "\n\n" + "Second part. " * 100
     bot = await start_bot(sqlite_store, fake, backend=scripted(lambda _: long_reply.strip()))
     try:
-        fake.fail_next("POST", messages, 403, skip=1)  # the second chunk is refused once
+        fake.fail_next("POST", messages, 502, skip=1)  # the second chunk fails once
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} tell me", mentions=[fake.bot])
         (row,) = await bot.delivered(1)
         posted = fake.posted(w.general)
         assert len(posted) == 2 and row.delivered_ids == [m["id"] for m in posted]
-        assert len(fake.calls("POST", messages)) == 3  # chunk 1, chunk 2 refused, chunk 2 again
+        assert len(fake.calls("POST", messages)) == 3  # chunk 1, chunk 2 failed, chunk 2 again
     finally:
         await bot.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "reason"),
+    [
+        (403, 50007, "Cannot send messages to this user"),
+        (403, 50013, "Missing Permissions"),
+        (404, 10003, "Unknown Channel"),
+    ],
+)
+async def test_a_permanent_refusal_fails_the_row_at_once_with_its_code(
+    sqlite_store: Store,
+    fake: FakeDiscord,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+    code: int,
+    reason: str,
+) -> None:
+    """Closed DMs, missing permissions, an unknown channel: no retry can change them, so the reply
+    fails on its first attempt, with Discord's code and words and the channel kept, logged and shown
+    in `personabot status` (it used to be retried as if the error were temporary)."""
+    from bot.status import collect_status, render_status
+
+    w = build_world(fake)
+    messages = rf"/channels/{w.general['id']}/messages"
+    bot = await start_bot(sqlite_store, fake)
+    try:
+        fake.fail_next("POST", messages, status, code=code, message=reason, times=5)
+        await fake.say(w.general, w.alice, f"{mention(fake.bot)} hello", mentions=[fake.bot])
+        async with asyncio.timeout(10):
+            while not (failed := await bot.rows(OutboxDelivery, OutboxDelivery.status == "failed")):
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # time enough for a retry, were there one
+        (row,) = failed
+        assert row.attempts == 1 and len(fake.calls("POST", messages)) == 1
+        assert row.error_code == f"{status}/{code}" and row.error == reason
+        report = render_status(await collect_status(sqlite_store))
+    finally:
+        await bot.stop()
+    channel = f"discord:{w.general['id']}"
+    assert f"failed delivery {row.id} to {channel}: {status}/{code} {reason}" in report
+    assert any(
+        channel in r.getMessage() and f"{status}/{code}" in r.getMessage() and "not retried" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_gateway_reconnect_and_outage_resume_the_session(
@@ -170,5 +215,27 @@ async def test_sharded_client_from_one_setting(sqlite_store: Store, fake: FakeDi
         for channel in channels:
             (reply,) = await bot.replies(channel, 1)
             assert reply["content"] == "echo: Alice: hi shard"
+    finally:
+        await bot.stop()
+
+
+async def test_many_shards_start_though_together_they_take_longer_than_the_ready_timeout(
+    sqlite_store: Store, fake: FakeDiscord
+) -> None:
+    """Shards log in one after another (5 s apart on Discord); the ready timeout is per shard."""
+    fake.shard_count = 4
+    guilds = [fake.add_guild(f"guild {n}", guild_id=str((0x52000 + n) << 22 | 7)) for n in range(4)]
+    alice = fake.add_user("alice", global_name="Alice")
+    for guild in guilds:
+        fake.add_member(guild, alice)
+    channel = fake.add_channel(guilds[3], "general")
+    settings = load_settings(worker={"poll_seconds": 0.05}, discord={"sharded": True})
+    # 4 shards 0.6 s apart: about 2 s in all, more than the 1.2 s ready timeout.
+    bot = await start_bot(sqlite_store, fake, settings=settings, identify_delay=0.6, ready_timeout=1.2)
+    try:
+        assert sorted(s.shard for s in fake.sessions.values()) == [(n, 4) for n in range(4)]
+        await fake.say(channel, alice, f"{mention(fake.bot)} hi", mentions=[fake.bot])
+        (reply,) = await bot.replies(channel, 1)
+        assert reply["content"] == "echo: Alice: hi"
     finally:
         await bot.stop()

@@ -11,7 +11,10 @@ from bot.store import Store, conversations, jobs
 from bot.store.models import Message, OutboxDelivery, ReplyJob
 
 
-async def add_jobs(store: Store, count: int, persona: str = "assistant", channel: str = "c") -> list[int]:
+async def add_jobs(
+    store: Store, count: int, persona: str = "assistant", channel: str = "c", *, one_channel: bool = False
+) -> list[int]:
+    """`count` messages with their reply jobs, each in its own channel (or all in one, `one_channel`)."""
     ids = []
     async with store.transaction() as session:
         for n in range(count):
@@ -19,7 +22,9 @@ async def add_jobs(store: Store, count: int, persona: str = "assistant", channel
                 session,
                 Incoming(
                     platform="console",
-                    channel=ChannelRef("console", f"{channel}{n}", ChannelKind.DIRECT),
+                    channel=ChannelRef(
+                        "console", channel if one_channel else f"{channel}{n}", ChannelKind.DIRECT
+                    ),
                     author=AuthorRef("console", "ada", "Ada"),
                     text=f"message {n}",
                     platform_message_id=f"m{n}",
@@ -133,7 +138,8 @@ async def test_failures_back_off_then_fail_for_good(store: Store) -> None:
             )
         row = await job_row(store, job_id)
         delay = (row.available_at - before).total_seconds()
-        assert 10 * 2 ** (attempt - 1) - 1 < delay <= 10 * 2 ** (attempt - 1) + 1  # exponential backoff
+        full = 10 * 2 ** (attempt - 1)
+        assert full / 2 - 1 < delay <= full + 1  # exponential backoff, jittered in its upper half
         assert await claim(store, "w") == []  # not due yet
         async with store.transaction() as session:
             await session.execute(update(ReplyJob).values(available_at=utcnow()))

@@ -114,7 +114,7 @@ def test_status_command_prints_text_and_json(
     assert "reply queue:" in text and "pirate: adapter v3 (held-out loss 1.2345)" in text
     assert main(["status", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert set(data) == {"checked_at", "components", "queue", "personas", "schedule"}
+    assert set(data) == {"checked_at", "components", "queue", "personas", "schedule", "spool"}
     assert {p["persona"] for p in data["personas"]} == {"assistant", "pirate", "poet"}
 
     assert main(["schedule", "list"]) == 0

@@ -117,10 +117,11 @@ async def test_job_completes_once_with_reply_and_outbox_in_one_transaction(store
     async with store.transaction() as s:
         assert await jobs.complete(s, job, text="twice", persona="assistant", platform="discord") is None
     async with store.transaction() as s:
-        (out,) = await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30)
+        (claimed,) = await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30)
+    out = claimed.reply
     assert out.text == "answer" and out.reply_to == "m1" and out.job_id == job.id
     async with store.transaction() as s:
-        await outbox.mark_delivered(s, out.outbox_id, ["d1", "d2"])
+        assert await outbox.mark_delivered(s, claimed.lease, ["d1", "d2"])
     async with store.transaction() as s:
         row = await s.get(OutboxDelivery, out.outbox_id)
         reply = await s.get(Message, reply_id)
@@ -187,13 +188,13 @@ async def test_interrupted_delivery_is_claimed_again_with_its_progress(store: St
         await jobs.complete(s, job, text="long answer", persona="assistant", platform="discord")
     async with store.transaction() as s:
         (out,) = await outbox.claim(s, platform="discord", owner="crashing", limit=8, lease_seconds=30)
-        await outbox.record_progress(s, out.outbox_id, ["chunk-1"])
+        await outbox.record_progress(s, out.lease, ["chunk-1"])
         await s.execute(
             update(OutboxDelivery).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
         )
     async with store.transaction() as s:
         (again,) = await outbox.claim(s, platform="discord", owner="restarted", limit=8, lease_seconds=30)
-    assert again.outbox_id == out.outbox_id and again.delivered_ids == ("chunk-1",)
+    assert again.reply.outbox_id == out.reply.outbox_id and again.reply.delivered_ids == ("chunk-1",)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +217,7 @@ async def test_edits_never_rewrite_the_bots_own_replies(store: Store) -> None:
         (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
         reply_id = await jobs.complete(s, job, text="as generated", persona="assistant", platform="discord")
         (out,) = await outbox.claim(s, platform="discord", owner="a", limit=8, lease_seconds=30)
-        await outbox.mark_delivered(s, out.outbox_id, ["bot-1"])
+        await outbox.mark_delivered(s, out.lease, ["bot-1"])
     assert job_id == job.id
     async with store.transaction() as s:
         assert not await conversations.apply_edit(s, Edited("discord", CHANNEL, "bot-1", "streamed … edit"))
@@ -256,3 +257,47 @@ async def test_one_reply_at_a_time_per_channel_in_order(store: Store) -> None:
     async with store.transaction() as s:
         (second,) = await jobs.claim(s, owner="w2", limit=8, lease_seconds=60, max_attempts=3)
     assert second.id == ids[1]
+
+
+async def test_a_delivery_whose_lease_passed_on_writes_nothing(store: Store) -> None:
+    """Progress, delivery and failure by a pump whose lease expired and was claimed again change
+    nothing: the row stays the new holder's."""
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        await jobs.complete(s, job, text="answer", persona="assistant", platform="discord")
+    async with store.transaction() as s:
+        (stale,) = await outbox.claim(s, platform="discord", owner="slow", limit=8, lease_seconds=30)
+        await s.execute(
+            update(OutboxDelivery).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    async with store.transaction() as s:
+        (fresh,) = await outbox.claim(s, platform="discord", owner="slow", limit=8, lease_seconds=30)
+    assert fresh.lease.attempt == stale.lease.attempt + 1  # same owner, a later claim
+    async with store.transaction() as s:
+        assert not await outbox.record_progress(s, stale.lease, ["x"])
+        status, _ = await outbox.mark_retry(
+            s,
+            stale.lease,
+            error="boom",
+            backoff_seconds=1,
+            max_backoff_seconds=1,
+            deadline=timedelta(hours=1),
+        )
+        assert status == "lost"
+        assert not await outbox.mark_delivered(s, stale.lease, ["x"])
+        row = await s.get(OutboxDelivery, fresh.reply.outbox_id)
+        assert row is not None and row.status == "sending" and row.delivered_ids == [] and row.error is None
+    async with store.transaction() as s:
+        assert await outbox.mark_delivered(s, fresh.lease, ["d1"])
+
+
+async def test_a_reply_with_nul_characters_is_stored(store: Store) -> None:
+    """A model's reply may contain NUL (a tiny or broken model emits any byte); PostgreSQL refused it."""
+    await _queue_one(store)
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w", limit=8, lease_seconds=60, max_attempts=3)
+        reply_id = await jobs.complete(s, job, text="a\x00b\ud800", persona="assistant", platform="discord")
+    async with store.transaction() as s:
+        reply = await s.get(Message, reply_id)
+    assert reply is not None and reply.text == "ab\ufffd"

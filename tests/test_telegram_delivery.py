@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
-from bot.events import ChannelKind, ChannelRef, Outgoing
-from bot.store import Store
+from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
+from bot.store import Store, outbox
 from bot.store.models import OutboxDelivery
 from bot.streaming import ActiveReply, StreamingRelay
 from tests.fakes.backend import ScriptedBackend
@@ -213,6 +215,9 @@ class SlowAdapter:
         self.posted.append(reply.text)
         return [str(len(self.posted))]
 
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        return (await self.deliver(Outgoing(outbox_id=1, channel=channel, text=text)))[0]
+
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         await asyncio.sleep(0.05)
         self.edits.append(text)
@@ -233,3 +238,116 @@ async def test_streaming_posts_one_preview_however_fast_tokens_arrive() -> None:
     await relay.on_text(reply, "a partial delivered after the end")
     assert len(adapter.posted) == 1
     assert relay.take_streamed(1) == "1"
+
+
+@pytest.mark.parametrize(
+    ("status", "description"),
+    [(403, "Forbidden: bot was blocked by the user"), (400, "Bad Request: chat not found")],
+)
+async def test_a_refused_reply_fails_at_once_with_telegrams_words(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path, status: int, description: str
+) -> None:
+    """Telegram's final refusals are not retried: the row fails on its first attempt, code and words kept."""
+    api.fail("sendMessage", status, description=description, times=5)
+    async with running_bot(sqlite_store, api, tmp_path) as bot:
+        api.send(CHAT, ADA, "hello?")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "failed"), 1)
+        await asyncio.sleep(0.3)  # time enough for a retry, were there one
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 1 and len(api.calls_of("sendMessage")) == 1
+    assert row.error_code == str(status) and row.error and description.lower().endswith(row.error.lower())
+
+
+async def test_a_long_outage_is_retried_past_any_fixed_count_until_telegram_is_back(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """502s for longer than the old 8 attempts: the reply is still posted, once, when Telegram recovers."""
+    api.fail("sendMessage", 502, times=12, description="Bad Gateway")
+    async with running_bot(sqlite_store, api, tmp_path, network_retries=0) as bot:
+        api.send(CHAT, ADA, "still there?")
+        await bot.wait_until(
+            lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1, timeout=30
+        )
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 13
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: still there?"]
+
+
+async def test_a_transient_failure_past_the_deadline_fails_the_row(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    api.fail("sendMessage", 502, times=10**6, description="Bad Gateway")
+    async with running_bot(sqlite_store, api, tmp_path, network_retries=0) as bot:
+        for pump in bot.app.pumps:
+            pump.settings = pump.settings.model_copy(update={"deadline_hours": 1 / 3600})
+        api.send(CHAT, ADA, "anyone?")
+        await bot.wait_until(
+            lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "failed"), 1, timeout=15
+        )
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts > 1 and row.error is not None and row.error.startswith("still failing after")
+    assert api.bot_messages(CHAT.id) == []
+
+
+async def test_a_slow_answer_to_a_send_is_waited_for_and_posted_once(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """Telegram posts the message but answers after the adapter's general request timeout: the send
+    waits longer (`send_timeout`), so the reply is recorded once instead of timing out and being resent."""
+    api.slow("sendMessage", 1.5)
+    async with running_bot(sqlite_store, api, tmp_path, request_timeout=0.5) as bot:
+        api.send(CHAT, ADA, "take your time")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+        await asyncio.sleep(0.5)
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: take your time"]
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.attempts == 1 and row.inflight_chunk is None
+
+
+async def test_a_send_whose_answer_never_comes_is_not_resent(
+    store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """The answer to a send is lost (past `send_timeout`): the message may be posted, so the row is
+    `unknown`, not retried; `personabot outbox retry` sends it again when an operator says so."""
+    api.slow("sendMessage", 2.0)
+    async with running_bot(store, api, tmp_path, send_timeout=0.5) as bot:
+        api.send(CHAT, ADA, "hello?")
+        async with asyncio.timeout(10):  # the send is out and its chunk marked before the request left
+            while not await bot.count(OutboxDelivery, OutboxDelivery.inflight_chunk == 0):
+                await asyncio.sleep(0.02)
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "unknown"), 1)
+        await asyncio.sleep(2.0)  # the late answer comes and goes; nothing is sent again
+        assert len(api.calls_of("sendMessage")) == 1 and len(api.bot_messages(CHAT.id)) == 1
+        (row,) = await bot.rows(OutboxDelivery)
+        assert "may have been posted" in (row.error or "")
+        async with store.transaction() as session:
+            assert await outbox.requeue(session, [row.id], deadline=timedelta(hours=1)) == [row.id]
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+    assert len(api.bot_messages(CHAT.id)) == 2  # the operator's choice
+
+
+async def test_a_send_cut_off_by_a_crash_is_not_resent_after_the_restart(
+    store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """A process killed between a send and its answer leaves the row leased with its chunk in flight;
+    the next process marks it `unknown` instead of posting it a second time."""
+    api.fail("sendMessage", 500, times=10**6)
+    async with running_bot(store, api, tmp_path, network_retries=0) as bot:
+        api.send(CHAT, ADA, "are you there?")
+        await bot.wait_until(lambda: bot.count(OutboxDelivery), 1)
+    api.clear_failures()
+    async with store.transaction() as session:  # what SIGKILL mid-send leaves behind
+        await session.execute(
+            update(OutboxDelivery).values(
+                status="sending",
+                lease_owner="killed:1:telegram",
+                lease_expires_at=utcnow() - timedelta(seconds=1),
+                inflight_chunk=0,
+            )
+        )
+    sends = len(api.calls_of("sendMessage"))
+    async with running_bot(store, api, tmp_path) as bot:
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "unknown"), 1)
+    assert len(api.calls_of("sendMessage")) == sends and api.bot_messages(CHAT.id) == []
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.error == "chunk 1 was being sent when its process stopped; it may have been posted"

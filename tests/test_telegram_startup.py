@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 
 from adapters.base import DispatchResult
 from adapters.telegram import TelegramAdapter
+from bot.commands import COMMAND_MENU
 from bot.config import load_settings
 from bot.errors import PersonabotError
 from bot.events import Incoming, Outgoing, PlatformEvent
 from bot.logs import setup_logging
+from bot.store import Store
+from tests.fakes.telegram_harness import running_bot
 from tests.fakes.telegram_server import TOKEN, FakeBotAPI, FakeChat, FakeUser
 
 ADA = FakeUser(42, "Ada", "ada")
@@ -143,3 +149,35 @@ async def test_the_token_is_redacted_for_any_handler(
     assert "/bot***/getMe" in caplog.text
     for secret in (TOKEN, OTHER_TOKEN):
         assert secret.split(":")[1] not in caplog.text
+
+
+async def test_the_command_menu_is_set_once(api: FakeBotAPI) -> None:
+    for _ in range(2):
+        adapter = TelegramAdapter(TOKEN, base_url=api.base_url, retry_backoff=0.01)
+        await adapter.start(_ignore)
+        await adapter.stop()
+    assert [(c["command"], c["description"]) for c in api.commands] == list(COMMAND_MENU.items())
+    assert {"persona", "forget", "optout"} <= set(COMMAND_MENU)
+    assert len(api.calls_of("setMyCommands")) == 1  # the second start found the menu unchanged
+
+
+async def test_a_second_poller_on_the_token_stops_this_process_with_a_clear_reason(
+    sqlite_store: Store, api: FakeBotAPI, tmp_path: Path
+) -> None:
+    """Two processes polling one token only steal each other's updates: after `conflict_seconds` of
+    409 Conflict the adapter gives up, and the watchdog stops the process (exit 3 under `run`)."""
+
+    async def other_instance() -> None:
+        async with httpx.AsyncClient() as client:
+            while True:
+                await client.post(f"{api.base_url}{TOKEN}/getUpdates", data={"timeout": "1"})
+
+    async with running_bot(sqlite_store, api, tmp_path, conflict_seconds=1.0) as bot:
+        rival = asyncio.create_task(other_instance())
+        try:
+            await asyncio.wait_for(bot.app.failed.wait(), 15)
+        finally:
+            rival.cancel()
+        assert bot.app.failure is not None
+        assert "another process kept polling with this bot token" in bot.app.failure
+        assert "only one may poll" in bot.app.failure

@@ -10,11 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from bot.errors import PersonabotError
+from adapters.telegram import TelegramAdapter
+from bot.config import load_settings
+from bot.errors import ConfigError, PersonabotError
 from bot.store import Store
 from bot.store.models import Message
 from tests.fakes.telegram_harness import running_bot
-from tests.fakes.telegram_server import FakeBotAPI, FakeChat, FakeUser
+from tests.fakes.telegram_server import TOKEN, FakeBotAPI, FakeChat, FakeUser
 
 ADA = FakeUser(42, "Ada", "ada")
 SECRET = "s3cret-Token_for-webhooks"
@@ -95,3 +97,24 @@ async def test_webhook_config_problems_are_one_clear_line(
             async with running_bot(sqlite_store, api, tmp_path, **webhook_options(port)):
                 pass
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://bot.example.test/hook", "must be a public https:// URL"),
+        ("https://bot.example.test:8080/hook", "port 8080 is not one Telegram sends webhooks to"),
+        ("https:///hook", "must be a public https:// URL"),
+    ],
+)
+def test_a_webhook_url_telegram_would_not_call_is_a_config_error(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^environment: telegram\.webhook_url: Value error, {problem}"):
+        load_settings(telegram={"mode": "webhook", "webhook_url": url})
+    with pytest.raises(ConfigError, match=rf"^telegram\.webhook_url: {problem}"):
+        TelegramAdapter(TOKEN, mode="webhook", webhook_url=url, webhook_secret=SECRET)._check_config()
+
+
+@pytest.mark.parametrize("port", ["", ":443", ":80", ":88", ":8443"])
+def test_the_webhook_ports_telegram_calls_are_accepted(port: str) -> None:
+    settings = load_settings(telegram={"mode": "webhook", "webhook_url": f"https://bot.example.test{port}/h"})
+    assert settings.telegram.webhook_url == f"https://bot.example.test{port}/h"

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import func, select
 
 from bot.store import Store
-from bot.store.models import Message, OutboxDelivery, ReplyJob
+from bot.store.models import Heartbeat, Message, OutboxDelivery, ReplyJob
 from tests.test_jobs import add_jobs
 from tests.test_worker import lively_model, personas_dir
 
@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = 200
 
 
-def write_config(tmp_path: Path, db_url: str, stop_timeout: float = 30.0) -> Path:
+def write_config(
+    tmp_path: Path, db_url: str, stop_timeout: float = 30.0, lease: str = "lease_seconds = 3.0"
+) -> Path:
     model = lively_model(tmp_path / "model")
-    personas = personas_dir(tmp_path / "personas", alpha=4, slow=900)
+    personas = personas_dir(tmp_path / "personas", alpha=4, slow=900, medium=300)
     config = tmp_path / "personabot.toml"
     config.write_text(
         f"""
@@ -39,7 +41,7 @@ device = "cpu"
 
 [worker]
 max_batch = 8
-lease_seconds = 3.0
+{lease}
 retry_backoff_seconds = 0.0
 poll_seconds = 0.05
 
@@ -167,3 +169,102 @@ async def test_sigterm_mid_batch_returns_jobs_and_exits_cleanly(
     )
     assert any(j.status == "pending" for j in jobs)  # 900 tokens each: the stop came mid-batch
     assert re.search(r"[1-9]\d* released", (tmp_path / "w.log").read_text())
+
+
+async def workers_beating(store: Store, procs: list[subprocess.Popen[bytes]]) -> bool:
+    async with store.transaction() as session:
+        names = set((await session.execute(select(Heartbeat.component))).scalars())
+    return all(any(name.endswith(f":{p.pid}") for name in names) for p in procs)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_killed_workers_job_is_answered_by_another_within_15s(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    """With the default lease, a SIGKILLed worker's job is claimed again and answered by the other
+    worker within 15 s, and the later messages of its channel are not held much longer."""
+    config = write_config(tmp_path, db_url, lease="")  # the default lease
+    procs = [start_worker(config, tmp_path / "a.log"), start_worker(config, tmp_path / "b.log")]
+    logs = {p.pid: tmp_path / name for p, name in zip(procs, ("a.log", "b.log"), strict=True)}
+    try:
+        deadline = time.monotonic() + 120
+        while not await workers_beating(store, procs):  # both loaded and polling
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        ids = await add_jobs(store, 3, persona="medium", channel="busy", one_channel=True)
+        while True:
+            async with store.transaction() as session:
+                first = await session.get(ReplyJob, ids[0])
+            assert first is not None and first.status != "done", "generation finished before the kill"
+            if first.status == "running" and first.lease_owner:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        holder = next(p for p in procs if first.lease_owner.endswith(f":{p.pid}"))
+        survivor = next(p for p in procs if p is not holder)
+        await asyncio.sleep(0.3)  # mid-generation
+        holder.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        holder.wait(timeout=30)
+        finished: dict[int, float] = {}
+        while len(finished) < len(ids) and time.monotonic() < killed_at + 60:
+            assert survivor.poll() is None, logs[survivor.pid].read_text()[-2000:]
+            async with store.transaction() as session:
+                done = (
+                    await session.execute(
+                        select(ReplyJob.id).where(ReplyJob.id.in_(ids), ReplyJob.status == "done")
+                    )
+                ).scalars()
+                for job_id in done:
+                    finished.setdefault(job_id, time.monotonic() - killed_at)
+            await asyncio.sleep(0.05)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"answered after the kill: {[round(finished.get(i, -1), 1) for i in ids]} s")
+    assert sorted(finished) == ids, logs[survivor.pid].read_text()[-2000:]
+    assert finished[ids[0]] <= 15.0  # the dead worker's job, by the other worker
+    assert max(finished.values()) <= 20.0  # the channel's later messages were not held behind it
+    async with store.transaction() as session:
+        rows = (await session.execute(select(ReplyJob).where(ReplyJob.id.in_(ids)))).scalars().all()
+        replies = (
+            await session.execute(
+                select(func.count()).select_from(Message).where(Message.role == "assistant")
+            )
+        ).scalar_one()
+    assert replies == len(ids)  # one reply each
+    assert next(r for r in rows if r.id == ids[0]).attempts == 2
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_slow_live_worker_keeps_jobs_that_outlast_their_lease(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    """Leases shorter than a generation: the worker renews them while it generates, so the other worker
+    never takes a job over and every job is answered on its first attempt."""
+    config = write_config(tmp_path, db_url, lease="lease_seconds = 0.6")
+    procs = [start_worker(config, tmp_path / "a.log"), start_worker(config, tmp_path / "b.log")]
+    try:
+        deadline = time.monotonic() + 180
+        while not await workers_beating(store, procs):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        ids = await add_jobs(store, 4, persona="slow")
+        started = time.monotonic()
+        while await scalar(
+            store, select(func.count()).where(ReplyJob.id.in_(ids), ReplyJob.status != "done")
+        ):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    async with store.transaction() as session:
+        rows = (await session.execute(select(ReplyJob).where(ReplyJob.id.in_(ids)))).scalars().all()
+    assert took > 2 * 0.6  # the generations did outlast the lease
+    assert [r.attempts for r in rows] == [1, 1, 1, 1], [(r.id, r.attempts, r.error) for r in rows]

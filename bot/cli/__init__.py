@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "bot.cli.run",
     "bot.cli.worker",
     "bot.cli.status",
+    "bot.cli.outbox",
     "bot.cli.schedule",
     "bot.cli.export",
 ]

@@ -20,7 +20,9 @@ def _status(args: argparse.Namespace) -> int:
     from bot.cli.common import run_async, settings_from
     from bot.errors import PersonabotError
     from bot.runtime import load_registry, open_store
-    from bot.status import collect_status, render_status
+    from bot.spool import spool_report
+    from bot.status import collect_status, render_spool, render_status
+    from bot.store.engine import database_unreachable
 
     settings = settings_from(args)
     try:  # a broken persona folder must not hide the deployment's health
@@ -28,13 +30,27 @@ def _status(args: argparse.Namespace) -> int:
     except PersonabotError:
         slugs = []
 
+    spool_dir = settings.data_dir / "spool"
+
     async def go() -> dict:
         store = await open_store(settings)
         try:
-            return await collect_status(store, personas=slugs)
+            return await collect_status(store, personas=slugs, spool_dir=spool_dir)
         finally:
             await store.close()
 
-    report = run_async(go())
+    try:
+        report = run_async(go())
+    except Exception as exc:
+        if not database_unreachable(exc):
+            raise
+        # The database is away: what this machine still knows is what waits in its spool.
+        spool = spool_report(spool_dir)
+        if args.json:
+            print(json.dumps({"database": f"unreachable: {type(exc).__name__}", "spool": spool}, indent=2))
+        else:
+            print(f"database: unreachable ({type(exc).__name__}: {exc})")
+            print("\n".join(render_spool(spool)[1:]))
+        return 1
     print(json.dumps(report, indent=2) if args.json else render_status(report))
     return 0

@@ -10,15 +10,18 @@ several of them compose into one transaction:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.store import conversations, jobs, outbox
+from bot.store import conversations, jobs, outbox, streams
 from bot.store.engine import create_engine, normalize_url
+from bot.store.wakeups import Wakeups, committed_topics
 
-__all__ = ["Store", "conversations", "jobs", "outbox"]
+__all__ = ["Store", "conversations", "jobs", "outbox", "streams"]
 
 
 class Store:
@@ -28,6 +31,10 @@ class Store:
         self.url = normalize_url(url).render_as_string(hide_password=False)
         self.engine: AsyncEngine = create_engine(self.url, **engine_kwargs)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.wakeups = Wakeups(self)
+        # SQLite has one writer: transactions of this process take turns here instead of meeting in
+        # SQLite's busy handler, which sleeps (up to 100 ms a time) whenever two collide.
+        self._turn = asyncio.Lock() if self.dialect == "sqlite" else None
 
     @property
     def dialect(self) -> str:
@@ -35,9 +42,19 @@ class Store:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A session in one transaction: committed on success, rolled back on any error."""
-        async with self._sessions() as session, session.begin():
-            yield session
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        Once it commits, the loops its writes made work for are woken (`bot.store.wakeups`).
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            if self._turn is not None:
+                await stack.enter_async_context(self._turn)
+            session = await stack.enter_async_context(self._sessions())
+            async with session.begin():
+                yield session
+            topics = committed_topics(session)
+            if topics:
+                self.wakeups.fire(topics)
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration (Alembic)."""
@@ -46,4 +63,5 @@ class Store:
         await upgrade(self.engine)
 
     async def close(self) -> None:
+        await self.wakeups.close()
         await self.engine.dispose()

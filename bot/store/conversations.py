@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.events import AuthorRef, ChannelRef, Deleted, Edited, Incoming, utcnow
+from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, utcnow
 from bot.store.models import Channel, ChannelPersona, Message, User
 
 
@@ -40,6 +40,17 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def storable_text(text: str) -> str:
     """Text every backend can store: no NUL (PostgreSQL rejects it), lone surrogates as U+FFFD."""
     return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+
+
+def channel_ref(channel: Channel) -> ChannelRef:
+    """A stored channel as the adapters name it."""
+    return ChannelRef(
+        platform=channel.platform,
+        external_id=channel.external_id,
+        kind=ChannelKind(channel.kind),
+        thread_id=channel.thread_id,
+        title=channel.title,
+    )
 
 
 def _insert_for(session: AsyncSession):  # type: ignore[no-untyped-def]

@@ -72,3 +72,34 @@ def sync_url(url: str) -> str:
     parsed = normalize_url(url)
     driver = "sqlite" if parsed.get_backend_name() == "sqlite" else "postgresql+psycopg"
     return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """True when `exc` says the database cannot be reached now (refused, dropped, shutting down,
+    starting up, pool exhausted), rather than that a statement is wrong: worth retrying later."""
+    import sqlalchemy.exc as sa
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, OSError | TimeoutError | sa.DisconnectionError | sa.TimeoutError):
+            return True
+        if _is_asyncpg_outage(current):
+            return True
+        if isinstance(current, sa.InterfaceError | sa.OperationalError):
+            # SQLite's "database is locked"; asyncpg's errors arrive wrapped, checked through `orig`.
+            return current.orig is None or database_unreachable(current.orig) or "locked" in str(current)
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
+
+
+def _is_asyncpg_outage(exc: BaseException) -> bool:
+    try:
+        import asyncpg.exceptions as pg
+    except ImportError:  # SQLite-only installs
+        return False
+    outage = (pg.PostgresConnectionError, pg.OperatorInterventionError, pg.InterfaceError)
+    return isinstance(exc, outage) and not isinstance(exc, pg.QueryCanceledError)

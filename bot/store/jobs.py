@@ -2,24 +2,37 @@
 
 Claiming is one `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`: on PostgreSQL
 many workers claim disjoint batches; on SQLite the statement runs under its single writer lock.
-Completing a job checks the lease (owner and attempt number) in the same transaction that writes the
-reply and its outbox row, so a job whose lease expired and was claimed again is answered by exactly one
-worker. A worker renews the leases of a long batch (`extend_leases`); a job vetoed by its persona's
-plugin is closed without a reply (`complete_without_reply`).
+The lease mechanics are `bot.store.leases` (shared with the outbox). Completing a job checks the lease
+(owner and attempt number) in the same transaction that writes the reply and its outbox row, so a job
+whose lease expired and was claimed again is answered by exactly one worker. A worker renews the leases
+of a batch while it runs (`bot.store.leases.keep_leases`); a job vetoed by its persona's plugin is
+closed without a reply (`complete_without_reply`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
+from bot.backoff import backoff
 from bot.events import utcnow
-from bot.store.conversations import _insert_for
-from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
+from bot.store.conversations import _insert_for, storable_text
+from bot.store.leases import Lease, LeasedQueue
+from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.outbox import topic as outbox_topic
+from bot.store.wakeups import wake
+
+QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
+JOBS = "jobs"  # the wake-up topic of workers
+
+
+async def _settled(session: AsyncSession) -> None:
+    """A job left the running state: the next job of its channel may be claimable now."""
+    await wake(session, JOBS)
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,10 @@ class ClaimedJob:
     attempts: int
     created_at: datetime
     lease_owner: str
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.id, self.lease_owner, self.attempts)
 
 
 async def enqueue(
@@ -48,7 +65,7 @@ async def enqueue(
     """Queue a reply job; returns its id, or None when a job with this key already exists."""
     insert = _insert_for(session)
     now = utcnow()
-    return (
+    job_id = (
         await session.execute(
             insert(ReplyJob)
             .values(
@@ -58,7 +75,7 @@ async def enqueue(
                 persona=persona,
                 kind=kind,
                 prompt=prompt,
-                status="pending",
+                status=JobStatus.PENDING,
                 attempts=0,
                 available_at=now,
                 created_at=now,
@@ -67,6 +84,9 @@ async def enqueue(
             .returning(ReplyJob.id)
         )
     ).scalar_one_or_none()
+    if job_id is not None:
+        await wake(session, JOBS)
+    return job_id
 
 
 _earlier = aliased(ReplyJob)
@@ -76,52 +96,47 @@ async def claim(
     session: AsyncSession, *, owner: str, limit: int, lease_seconds: float, max_attempts: int
 ) -> list[ClaimedJob]:
     """Lease up to `limit` jobs that are pending and due, or whose previous lease expired."""
-    now = utcnow()
-    await _fail_exhausted(session, now, max_attempts)
-    claimable = (
-        select(ReplyJob.id)
-        .where(
-            or_(
-                and_(ReplyJob.status == "pending", ReplyJob.available_at <= now),
-                and_(ReplyJob.status == "running", ReplyJob.lease_expires_at < now),
-            ),
+    await _fail_exhausted(session, utcnow(), max_attempts)
+    claimed = await QUEUE.claim(
+        session,
+        owner=owner,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        where=(
             ReplyJob.attempts < max_attempts,
             # One reply at a time per channel, in order: a later job waits until the earlier one's
             # reply is written, so it sees that reply in its history and is posted after it.
             ~exists().where(
                 _earlier.channel_id == ReplyJob.channel_id,
                 _earlier.id < ReplyJob.id,
-                _earlier.status.in_(("pending", "running")),
+                _earlier.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
             ),
-        )
-        .order_by(ReplyJob.available_at, ReplyJob.id)
-        .limit(limit)
-    )
-    if session.bind.dialect.name == "postgresql":
-        claimable = claimable.with_for_update(skip_locked=True)
-    rows = await session.execute(
-        update(ReplyJob)
-        .where(ReplyJob.id.in_(claimable.scalar_subquery()))
-        .values(
-            status="running",
-            attempts=ReplyJob.attempts + 1,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
-        .returning(
-            ReplyJob.id,
+        ),
+        order_by=(ReplyJob.available_at,),
+        values={"started_at": utcnow()},
+        returning=(
             ReplyJob.channel_id,
             ReplyJob.persona,
             ReplyJob.kind,
             ReplyJob.prompt,
             ReplyJob.trigger_message_id,
-            ReplyJob.attempts,
             ReplyJob.created_at,
-        )
+        ),
     )
-    jobs = [ClaimedJob(*row, lease_owner=owner) for row in rows]
-    return sorted(jobs, key=lambda j: j.id)
+    return [
+        ClaimedJob(
+            id=lease.id,
+            channel_id=channel_id,
+            persona=persona,
+            kind=kind,
+            prompt=prompt,
+            trigger_message_id=trigger,
+            attempts=lease.attempt,
+            created_at=created_at,
+            lease_owner=owner,
+        )
+        for lease, (channel_id, persona, kind, prompt, trigger, created_at) in claimed
+    ]
 
 
 async def _fail_exhausted(session: AsyncSession, now: datetime, max_attempts: int) -> None:
@@ -129,21 +144,16 @@ async def _fail_exhausted(session: AsyncSession, now: datetime, max_attempts: in
     await session.execute(
         update(ReplyJob)
         .where(
-            ReplyJob.status == "running",
+            ReplyJob.status == JobStatus.RUNNING,
             ReplyJob.lease_expires_at < now,
             ReplyJob.attempts >= max_attempts,
         )
-        .values(status="failed", error="lease expired on the last attempt", finished_at=now, lease_owner=None)
-    )
-
-
-def _held(job: ClaimedJob) -> tuple[object, ...]:
-    """The job is still running under this very claim (not a later one, even by the same worker)."""
-    return (
-        ReplyJob.id == job.id,
-        ReplyJob.status == "running",
-        ReplyJob.lease_owner == job.lease_owner,
-        ReplyJob.attempts == job.attempts,
+        .values(
+            status=JobStatus.FAILED,
+            error="lease expired on the last attempt",
+            finished_at=now,
+            lease_owner=None,
+        )
     )
 
 
@@ -151,41 +161,21 @@ async def extend_leases(
     session: AsyncSession, claimed: list[ClaimedJob], *, lease_seconds: float
 ) -> set[int]:
     """Push the leases of jobs still being generated; returns the ids this worker still holds."""
-    held: set[int] = set()
-    until = utcnow() + timedelta(seconds=lease_seconds)
-    for job in claimed:
-        result = await session.execute(update(ReplyJob).where(*_held(job)).values(lease_expires_at=until))
-        if result.rowcount == 1:
-            held.add(job.id)
-    return held
+    return await QUEUE.renew(session, [job.lease for job in claimed], lease_seconds=lease_seconds)
 
 
 async def depth(session: AsyncSession) -> int:
     """Jobs waiting to be claimed now: pending and due, or running under an expired lease."""
-    now = utcnow()
-    return int(
-        (
-            await session.execute(
-                select(func.count(ReplyJob.id)).where(
-                    or_(
-                        and_(ReplyJob.status == "pending", ReplyJob.available_at <= now),
-                        and_(ReplyJob.status == "running", ReplyJob.lease_expires_at < now),
-                    )
-                )
-            )
-        ).scalar_one()
-    )
+    return await QUEUE.depth(session)
 
 
 async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note: str) -> bool:
     """Close a job with no reply (its persona's plugin vetoed it): `done`, no `reply_message_id`,
     `error` holding `note`. Returns False when this worker no longer holds the lease."""
-    won = await session.execute(
-        update(ReplyJob)
-        .where(*_held(job))
-        .values(status="done", finished_at=utcnow(), lease_expires_at=None, error=note[:4000])
-    )
-    return won.rowcount == 1
+    held = await QUEUE.finish(session, job.lease, JobStatus.DONE, finished_at=utcnow(), error=note[:4000])
+    if held:
+        await _settled(session)
+    return held
 
 
 async def complete(
@@ -197,12 +187,7 @@ async def complete(
     (another worker answered it); the caller then rolls back and nothing is written.
     """
     now = utcnow()
-    won = await session.execute(
-        update(ReplyJob)
-        .where(*_held(job))
-        .values(status="done", finished_at=now, lease_expires_at=None, error=None)
-    )
-    if won.rowcount != 1:
+    if not await QUEUE.finish(session, job.lease, JobStatus.DONE, finished_at=now, error=None):
         return None
     reply_to = None
     if job.trigger_message_id is not None:
@@ -214,7 +199,13 @@ async def complete(
     message_id = (
         await session.execute(
             _insert_for(session)(Message)
-            .values(channel_id=job.channel_id, role="assistant", persona=persona, text=text, created_at=now)
+            .values(
+                channel_id=job.channel_id,
+                role="assistant",
+                persona=persona,
+                text=storable_text(text),  # a model may emit NUL, which PostgreSQL refuses
+                created_at=now,
+            )
             .returning(Message.id)
         )
     ).scalar_one()
@@ -224,7 +215,7 @@ async def complete(
             channel_id=job.channel_id,
             platform=platform,
             reply_to=reply_to,
-            status="pending",
+            status=OutboxStatus.PENDING,
             attempts=0,
             available_at=now,
             delivered_ids=[],
@@ -233,6 +224,8 @@ async def complete(
     )
     await session.execute(update(ReplyJob).where(ReplyJob.id == job.id).values(reply_message_id=message_id))
     await session.execute(update(Channel).where(Channel.id == job.channel_id).values(last_message_at=now))
+    await wake(session, outbox_topic(platform))
+    await _settled(session)
     return message_id
 
 
@@ -249,23 +242,17 @@ async def fail(
 
     Returns the new status, or "lost" when this worker no longer holds the lease (nothing changed).
     """
-    now = utcnow()
-    final = not retryable or job.attempts >= max_attempts
-    status = "failed" if final else "pending"
-    delay = backoff_seconds * (2 ** max(job.attempts - 1, 0))
-    result = await session.execute(
-        update(ReplyJob)
-        .where(*_held(job))
-        .values(
-            status=status,
-            error=error[:4000],
-            lease_owner=None,
-            lease_expires_at=None,
-            available_at=now + timedelta(seconds=delay),
-            finished_at=now if final else None,
-        )
-    )
-    return status if result.rowcount == 1 else "lost"
+    error = error[:4000]
+    if retryable and job.attempts < max_attempts:
+        delay = backoff(job.attempts, base=backoff_seconds)
+        held = await QUEUE.retry(session, job.lease, after=delay, error=error)
+        if held and delay <= 0:
+            await _settled(session)
+        return JobStatus.PENDING if held else "lost"
+    held = await QUEUE.finish(session, job.lease, JobStatus.FAILED, error=error, finished_at=utcnow())
+    if held:
+        await _settled(session)
+    return JobStatus.FAILED if held else "lost"
 
 
 async def release(session: AsyncSession, job: ClaimedJob) -> bool:
@@ -273,15 +260,15 @@ async def release(session: AsyncSession, job: ClaimedJob) -> bool:
 
     Returns False when this worker no longer held the lease.
     """
-    result = await session.execute(
-        update(ReplyJob)
-        .where(*_held(job))
-        .values(
-            status="pending",
-            attempts=ReplyJob.attempts - 1,
-            lease_owner=None,
-            lease_expires_at=None,
-            available_at=utcnow(),
-        )
-    )
-    return result.rowcount == 1
+    held = await QUEUE.release(session, job.lease)
+    if held:
+        await _settled(session)
+    return held
+
+
+async def release_owner(session: AsyncSession, owner: str) -> int:
+    """Give back every job `owner` still holds (a worker that was cut off at shutdown)."""
+    released = await QUEUE.release_owner(session, owner)
+    if released:
+        await _settled(session)
+    return released

@@ -8,6 +8,7 @@ test runs autogenerate against a migrated database and expects no difference).
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -60,6 +61,23 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobStatus(StrEnum):
+    PENDING = "pending"  # waiting to be claimed (from `available_at`)
+    RUNNING = "running"  # leased by a worker
+    DONE = "done"
+    FAILED = "failed"
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"  # waiting to be claimed (from `available_at`)
+    SENDING = "sending"  # leased by a delivering process
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused for good, or still failing at its deadline
+    # A send may have reached the platform but its answer never came back (Telegram has no idempotency
+    # key): not resent blindly; `personabot outbox retry` resends it once an operator has checked.
+    UNKNOWN = "unknown"
 
 
 def _now() -> datetime:
@@ -142,7 +160,7 @@ class ReplyJob(Base):
     kind: Mapped[str] = mapped_column(String(16), default="reply")  # reply | scheduled
     # Extra instruction for scheduled posts ("Greet the channel good morning").
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|running|done|failed
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -151,6 +169,9 @@ class ReplyJob(Base):
     reply_message_id: Mapped[int | None] = mapped_column(
         ForeignKey("messages.id", ondelete="SET NULL"), nullable=True
     )
+    # The platform message showing this reply while it streamed; the final delivery edits it (kept in
+    # the store so a restart in between never posts the reply as a second message).
+    streamed_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -167,7 +188,7 @@ class OutboxDelivery(Base):
     channel_id: Mapped[int] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
     platform: Mapped[str] = mapped_column(String(32))
     reply_to: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|sending|delivered|failed
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
@@ -175,8 +196,31 @@ class OutboxDelivery(Base):
     # Platform ids of the chunks posted so far, so a retried delivery never posts a chunk twice.
     delivered_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The platform's refusal, "<status>/<platform code>" (e.g. "403/50007"), when it refused for good.
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The chunk whose send was started and not yet answered: after a crash, the send may or may not have
+    # been posted, and a platform without idempotency keys (Telegram) must not send it blindly again.
+    inflight_chunk: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Transient failures are retried until then (unset: `delivery.deadline_hours` after `created_at`).
+    retry_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class ReplyStream(Base):
+    """A reply being generated, as a worker in another process tells the bot process that serves its
+    platform: the text so far, for the typing indicator and streamed edits there."""
+
+    __tablename__ = "reply_streams"
+    __table_args__ = (Index("ix_reply_streams_platform_follower", "platform", "follower"),)
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("reply_jobs.id", ondelete="CASCADE"), primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running | done | failed
+    text: Mapped[str] = mapped_column(Text, default="")
+    # The bot process that shows it (one, so two frontends of a platform never both post a preview).
+    follower: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
 
 
 class AdapterVersion(Base):

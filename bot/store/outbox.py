@@ -1,131 +1,239 @@
-"""The outbox: replies waiting to be posted, claimed by the adapter of their platform with a lease."""
+"""The outbox: replies waiting to be posted, claimed by the adapter of their platform with a lease.
+
+The lease mechanics are `bot.store.leases` (shared with the reply jobs): progress, delivery and failure
+are written only while the caller still holds the row's lease, so a pump whose lease ran out (and whose
+row another pump claimed) never overwrites the newer holder's state.
+"""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
-from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
+from bot.backoff import backoff
+from bot.events import Outgoing, utcnow
+from bot.store.conversations import channel_ref
+from bot.store.leases import Lease, LeasedQueue
+from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.wakeups import wake
+
+QUEUE = LeasedQueue(OutboxDelivery, waiting=OutboxStatus.PENDING, leased=OutboxStatus.SENDING)
+
+
+def topic(platform: str) -> str:
+    """The wake-up topic of a platform's outbox pump."""
+    return f"outbox:{platform}"
+
+
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """An outbox row leased for delivery: the reply to post and the lease every later write checks."""
+
+    lease: Lease
+    reply: Outgoing
+    # The chunk whose send was started by an earlier holder that never recorded its answer.
+    inflight: int | None = None
 
 
 async def claim(
     session: AsyncSession, *, platform: str, owner: str, limit: int, lease_seconds: float
-) -> list[Outgoing]:
+) -> list[ClaimedDelivery]:
     """Lease up to `limit` undelivered replies of `platform`, oldest first."""
-    now = utcnow()
-    claimable = (
-        select(OutboxDelivery.id)
-        .where(
-            OutboxDelivery.platform == platform,
-            or_(
-                and_(OutboxDelivery.status == "pending", OutboxDelivery.available_at <= now),
-                and_(OutboxDelivery.status == "sending", OutboxDelivery.lease_expires_at < now),
-            ),
-        )
-        .order_by(OutboxDelivery.id)
-        .limit(limit)
+    claimed = await QUEUE.claim(
+        session,
+        owner=owner,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        where=(OutboxDelivery.platform == platform,),
     )
-    if session.bind.dialect.name == "postgresql":
-        claimable = claimable.with_for_update(skip_locked=True)
-    ids = (
-        (
-            await session.execute(
-                update(OutboxDelivery)
-                .where(OutboxDelivery.id.in_(claimable.scalar_subquery()))
-                .values(
-                    status="sending",
-                    attempts=OutboxDelivery.attempts + 1,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                )
-                .returning(OutboxDelivery.id)
-            )
-        )
-        .scalars()
-        .all()
-    )
-    if not ids:
+    if not claimed:
         return []
+    leases = {lease.id: lease for lease, _ in claimed}
     rows = await session.execute(
-        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id)
+        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id, ReplyJob.streamed_id)
         .join(Message, Message.id == OutboxDelivery.message_id)
         .join(Channel, Channel.id == OutboxDelivery.channel_id)
         .outerjoin(ReplyJob, ReplyJob.reply_message_id == OutboxDelivery.message_id)
-        .where(OutboxDelivery.id.in_(ids))
+        .where(OutboxDelivery.id.in_(leases))
         .order_by(OutboxDelivery.id)
     )
     return [
-        Outgoing(
-            outbox_id=delivery.id,
-            channel=ChannelRef(
-                platform=channel.platform,
-                external_id=channel.external_id,
-                kind=ChannelKind(channel.kind),
-                thread_id=channel.thread_id,
-                title=channel.title,
+        ClaimedDelivery(
+            leases[delivery.id],
+            Outgoing(
+                outbox_id=delivery.id,
+                channel=channel_ref(channel),
+                text=text,
+                persona=persona,
+                reply_to=delivery.reply_to,
+                delivered_ids=tuple(delivery.delivered_ids or ()),
+                job_id=job_id,
+                streamed_id=streamed_id,
             ),
-            text=text,
-            persona=persona,
-            reply_to=delivery.reply_to,
-            delivered_ids=tuple(delivery.delivered_ids or ()),
-            job_id=job_id,
+            delivery.inflight_chunk,
         )
-        for delivery, text, persona, channel, job_id in rows
+        for delivery, text, persona, channel, job_id, streamed_id in rows
     ]
 
 
-async def record_progress(session: AsyncSession, outbox_id: int, delivered_ids: list[str]) -> None:
-    """Remember the chunks posted so far, so a retry resumes after them."""
-    await session.execute(
-        update(OutboxDelivery).where(OutboxDelivery.id == outbox_id).values(delivered_ids=list(delivered_ids))
-    )
+async def record_progress(
+    session: AsyncSession, lease: Lease, delivered_ids: list[str], *, inflight: int | None = None
+) -> bool:
+    """Remember the chunks posted so far, so a retry resumes after them, and the chunk being sent now
+    (`inflight`); False once the lease is lost."""
+    return await QUEUE.update_held(session, lease, delivered_ids=list(delivered_ids), inflight_chunk=inflight)
 
 
-async def mark_delivered(session: AsyncSession, outbox_id: int, platform_ids: list[str]) -> None:
-    """Record the platform's ids of the posted chunks; the first also becomes the message's id."""
-    now = utcnow()
-    await session.execute(
-        update(OutboxDelivery)
-        .where(OutboxDelivery.id == outbox_id)
-        .values(
-            status="delivered",
-            delivered_ids=list(platform_ids),
-            delivered_at=now,
-            lease_owner=None,
-            lease_expires_at=None,
-            error=None,
-        )
+async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list[str]) -> bool:
+    """Record the platform's ids of the posted chunks; the first also becomes the message's id.
+
+    Returns False (and writes nothing) when the caller no longer holds the lease.
+    """
+    done = await QUEUE.finish(
+        session,
+        lease,
+        OutboxStatus.DELIVERED,
+        delivered_ids=list(platform_ids),
+        delivered_at=utcnow(),
+        error=None,
+        inflight_chunk=None,
     )
-    if platform_ids:
+    if done and platform_ids:
         message_id = (
-            await session.execute(select(OutboxDelivery.message_id).where(OutboxDelivery.id == outbox_id))
+            await session.execute(select(OutboxDelivery.message_id).where(OutboxDelivery.id == lease.id))
         ).scalar_one()
         await session.execute(
             update(Message).where(Message.id == message_id).values(platform_message_id=platform_ids[0])
         )
+    return done
 
 
-async def mark_failed(
-    session: AsyncSession, outbox_id: int, *, error: str, max_attempts: int, backoff_seconds: float
-) -> str:
-    """A failed delivery is retried with backoff, then given up; returns the new status."""
-    now = utcnow()
-    attempts = (
-        await session.execute(select(OutboxDelivery.attempts).where(OutboxDelivery.id == outbox_id))
-    ).scalar_one()
-    final = attempts >= max_attempts
-    await session.execute(
-        update(OutboxDelivery)
-        .where(OutboxDelivery.id == outbox_id)
-        .values(
-            status="failed" if final else "pending",
-            error=error[:4000],
-            lease_owner=None,
-            lease_expires_at=None,
-            available_at=now + timedelta(seconds=backoff_seconds * (2 ** max(attempts - 1, 0))),
-        )
+async def mark_refused(session: AsyncSession, lease: Lease, *, code: str, reason: str) -> bool:
+    """The platform refused the reply for good: failed now, with its code and words kept."""
+    return await QUEUE.finish(
+        session,
+        lease,
+        OutboxStatus.FAILED,
+        error=reason[:4000] or code,
+        error_code=code[:64],
+        inflight_chunk=None,
     )
-    return "failed" if final else "pending"
+
+
+async def mark_unknown(session: AsyncSession, lease: Lease, *, error: str) -> bool:
+    """A send may or may not have been posted (its answer never came): not retried blindly."""
+    return await QUEUE.finish(session, lease, OutboxStatus.UNKNOWN, error=error[:4000])
+
+
+async def mark_retry(
+    session: AsyncSession,
+    lease: Lease,
+    *,
+    error: str,
+    backoff_seconds: float,
+    max_backoff_seconds: float,
+    deadline: timedelta,
+) -> tuple[str, float]:
+    """A transient failure: retried after a capped, jittered backoff until the row's deadline
+    (`retry_until`, else `deadline` after it was written), then failed.
+
+    Returns the new status and the delay before the next attempt; "lost" when the caller no longer
+    holds the lease (nothing changed).
+    """
+    created_at, retry_until = (
+        await session.execute(
+            select(OutboxDelivery.created_at, OutboxDelivery.retry_until).where(OutboxDelivery.id == lease.id)
+        )
+    ).one()
+    until = retry_until or created_at + deadline
+    delay = backoff(lease.attempt, base=backoff_seconds, cap=max_backoff_seconds)
+    if utcnow() + timedelta(seconds=delay) > until:
+        hours = (until - created_at).total_seconds() / 3600
+        held = await QUEUE.finish(
+            session,
+            lease,
+            OutboxStatus.FAILED,
+            error=f"still failing after {hours:g} h: {error}"[:4000],
+            inflight_chunk=None,
+        )
+        return (OutboxStatus.FAILED if held else "lost"), 0.0
+    # The failed send never reached the platform (else the adapter says `DeliveryUnknown`): no chunk
+    # is in flight any more.
+    held = await QUEUE.retry(session, lease, after=delay, error=error[:4000], inflight_chunk=None)
+    return (OutboxStatus.PENDING if held else "lost"), delay
+
+
+async def requeue(session: AsyncSession, ids: list[int] | None, *, deadline: timedelta) -> list[int]:
+    """Failed or unknown deliveries (`ids`, or all of them) pending again now, with a fresh deadline.
+
+    Returns the ids requeued; a delivered or pending row is left alone.
+    """
+    now = utcnow()
+    where = [OutboxDelivery.status.in_((OutboxStatus.FAILED, OutboxStatus.UNKNOWN))]
+    if ids is not None:
+        where.append(OutboxDelivery.id.in_(ids))
+    result = await session.execute(
+        update(OutboxDelivery)
+        .where(*where)
+        .values(
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            available_at=now,
+            retry_until=now + deadline,
+            error=None,
+            error_code=None,
+            inflight_chunk=None,  # the operator checked: send it again
+        )
+        .returning(OutboxDelivery.id, OutboxDelivery.platform)
+    )
+    requeued = result.all()
+    for platform in {platform for _, platform in requeued}:
+        await wake(session, topic(platform))
+    return sorted(row_id for row_id, _ in requeued)
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """One outbox row as `personabot outbox list` and `personabot status` show it."""
+
+    id: int
+    platform: str
+    channel: str
+    status: str
+    attempts: int
+    error_code: str | None
+    error: str | None
+    created_at: datetime
+    text: str
+
+
+async def listing(session: AsyncSession, *, failed_only: bool = False, limit: int = 50) -> list[DeliveryRow]:
+    """Undelivered replies (or only the failed and unknown ones), newest first."""
+    statuses = [OutboxStatus.FAILED, OutboxStatus.UNKNOWN]
+    if not failed_only:
+        statuses += [OutboxStatus.PENDING, OutboxStatus.SENDING]
+    rows = await session.execute(
+        select(OutboxDelivery, Channel, Message.text)
+        .join(Channel, Channel.id == OutboxDelivery.channel_id)
+        .join(Message, Message.id == OutboxDelivery.message_id)
+        .where(OutboxDelivery.status.in_(statuses))
+        .order_by(OutboxDelivery.id.desc())
+        .limit(limit)
+    )
+    return [
+        DeliveryRow(
+            id=row.id,
+            platform=row.platform,
+            channel=channel_ref(channel).key,
+            status=row.status,
+            attempts=row.attempts,
+            error_code=row.error_code,
+            error=row.error,
+            created_at=row.created_at,
+            text=text,
+        )
+        for row, channel, text in rows
+    ]

@@ -49,8 +49,10 @@ from bot.generation.base import (
     run_generation,
 )
 from bot.metrics import WorkerMetrics
+from bot.outage import OutageLog
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
+from bot.store.leases import keep_leases
 from bot.streaming import ReplyObserver
 from bot.worker.adapters import AdapterSync
 from bot.worker.prepare import JobRejected, Prepared, Preparer, load_inputs
@@ -144,17 +146,21 @@ class Worker:
                 ) from None
             log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
+            outage = OutageLog("worker", log)
+            wakeups = self.store.wakeups
             while not stop.is_set():
-                try:
+                wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
+                try:  # a store hiccup must not end the worker; the next round retries
                     claimed = await self.run_once()
-                except Exception:  # a store hiccup must not end the worker; the next poll retries
-                    log.exception(
-                        "worker batch failed; retrying after %ss", self.settings.worker.poll_seconds
-                    )
-                    claimed = 0
-                if claimed == 0:
+                    outage.ok()
+                except Exception as exc:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), self.settings.worker.poll_seconds)
+                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                    continue
+                if claimed == 0:
+                    # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
+                    # due by time (a backoff, an expired lease) and wake-ups missed.
+                    await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
         finally:
             watcher.cancel()
             if server is not None:
@@ -188,15 +194,11 @@ class Worker:
             return 0
         started = time.perf_counter()
         report = BatchReport(claimed=len(claimed))
-        renewer = asyncio.create_task(self._renew_leases(claimed))
-        try:
+        leases = [job.lease for job in claimed]
+        async with keep_leases(self.store, jobs.QUEUE, lambda: leases, lease_seconds=w.lease_seconds):
             prepared = await self._prepare(claimed, report)
             if prepared:
                 await self._generate(prepared, report)
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
         self._log_batch(report, time.perf_counter() - started)
         return len(claimed)
 
@@ -425,16 +427,6 @@ class Worker:
         await fanout.end(item.reply, False)
 
     # -- leases and logs ------------------------------------------------------------------------------
-
-    async def _renew_leases(self, claimed: list[ClaimedJob]) -> None:
-        lease = self.settings.worker.lease_seconds
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                async with self.store.transaction() as session:
-                    await jobs.extend_leases(session, claimed, lease_seconds=lease)
-            except Exception:
-                log.warning("could not renew job leases", exc_info=True)
 
     def _log_batch(self, report: BatchReport, seconds: float) -> None:
         kv = getattr(self.backend, "kv", None)

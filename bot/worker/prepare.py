@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.conversation import history_to_turns
 from bot.errors import PersonaError
-from bot.events import ChannelKind, ChannelRef, utcnow
+from bot.events import ChannelRef, utcnow
 from bot.generation.base import GenerationRequest
 from bot.prompting import ChatRenderer, PromptError, Turn
 from bot.store import conversations
@@ -66,14 +66,7 @@ async def load_inputs(session: AsyncSession, job: ClaimedJob) -> JobInputs | Non
     channel = await session.get(Channel, job.channel_id)
     if channel is None:
         return None
-    ref = ChannelRef(
-        platform=channel.platform,
-        external_id=channel.external_id,
-        kind=ChannelKind(channel.kind),
-        thread_id=channel.thread_id,
-        title=channel.title,
-    )
-    return JobInputs(ref, await conversations.history(session, job.channel_id))
+    return JobInputs(conversations.channel_ref(channel), await conversations.history(session, job.channel_id))
 
 
 def _plugins() -> Any:

@@ -8,7 +8,8 @@ import signal
 
 from bot.config import Settings
 from bot.heartbeat import Component, Heartbeats, backend_health
-from bot.runtime import load_backend, load_registry, open_store
+from bot.runtime import START_WAIT_SECONDS, load_backend, load_registry, open_store
+from bot.stream_follow import StreamPublisher
 from bot.worker.core import Worker
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ async def run_worker_process(settings: Settings) -> int:
     """Work the queue until SIGTERM/SIGINT; returns the exit code (0 after a clean stop)."""
     registry = load_registry(settings)
     backend = await asyncio.to_thread(load_backend, settings, allow_pull=True)
-    store = await open_store(settings)
+    store = await open_store(settings, wait_seconds=START_WAIT_SECONDS)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -30,7 +31,8 @@ async def run_worker_process(settings: Settings) -> int:
 
     for s in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(s, on_signal, s)
-    worker = Worker(settings, store, registry, backend)
+    # Typing indicators and streamed edits happen in the bot processes: they follow the store.
+    worker = Worker(settings, store, registry, backend, observers=[StreamPublisher(store)])
     beats = Heartbeats(
         store,
         [

@@ -56,13 +56,23 @@ from bot.generation.packed import pack_linears  # noqa: E402
 from bot.prompting import ChatRenderer, Turn  # noqa: E402
 from personas.spec import Sampling  # noqa: E402
 
-DEFAULT_MODEL = Path("/tmp/pbdata/models/SmolLM2-135M-Instruct")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOPICS = [
     "the tides", "sourdough bread", "black holes", "chess openings", "the Roman roads", "bees",
     "volcanoes", "jazz", "the printing press", "glaciers", "origami", "coral reefs", "trains",
     "the Moon", "tea", "lighthouses",
 ]  # fmt: skip
+
+
+def find_model(explicit: Path | None) -> Path:
+    """`--model`, else the model the CLI would use: `model.path` from the config or the environment,
+    else the pulled default model in the data directory. `ModelError` says what to run when missing."""
+    if explicit is not None:
+        return explicit
+    from bot.basemodel import resolve_model
+    from bot.config import load_settings
+
+    return resolve_model(load_settings()).folder
 
 
 def rss() -> int:
@@ -716,7 +726,11 @@ def print_report(results: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a model folder (default: the one `personabot run` uses, as configured or pulled)",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="repetitions of each measurement (best is reported)"
@@ -742,6 +756,13 @@ def main() -> int:
         "--vllm-venv", help="(e): a Python environment with vllm (default: tests/vllm/setup_venv.sh)"
     )
     args = parser.parse_args()
+    from bot.errors import PersonabotError
+
+    try:
+        args.model = find_model(args.model)
+    except PersonabotError as exc:
+        print(f"{exc}; or pass --model", file=sys.stderr)
+        return 2
     if not (args.model / "config.json").is_file():
         print(f"no model at {args.model}; pass --model", file=sys.stderr)
         return 2

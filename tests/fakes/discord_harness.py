@@ -91,6 +91,7 @@ async def start_bot(
     *,
     settings: Settings | None = None,
     backend: ScriptedBackend | None = None,
+    heartbeats: bool = False,
     **adapter_options: Any,
 ) -> Bot:
     settings = settings or load_settings(worker={"poll_seconds": 0.05})
@@ -103,10 +104,12 @@ async def start_bot(
     }
     options.update(adapter_options)
     adapter = DiscordAdapter.from_settings(settings, **options)
-    app = BotApp(settings, store, personas(), [adapter], backend)
+    app = BotApp(settings, store, personas(), [adapter], backend, heartbeats=heartbeats)
     for pump in app.pumps:  # quick polling and retries, so each test takes about a second
         pump.poll_seconds = 0.05
-        pump.backoff_seconds = 0.05
+        pump.settings = pump.settings.model_copy(
+            update={"retry_backoff_seconds": 0.05, "retry_max_seconds": 0.2}
+        )
     await app.start()
     return Bot(fake, app, adapter, backend, store)
 

@@ -61,6 +61,8 @@ class Failure:
     status: int
     retry_after: float = 0.0
     skip: int = 0  # matching requests to let through first
+    code: int = 0  # Discord's JSON error code (50007: cannot send messages to this user)
+    message: str = ""
 
 
 @dataclass
@@ -319,13 +321,22 @@ class FakeDiscord:
             return result
 
     def fail_next(
-        self, method: str, path: str, status: int, *, retry_after: float = 0.0, times: int = 1, skip: int = 0
+        self,
+        method: str,
+        path: str,
+        status: int,
+        *,
+        retry_after: float = 0.0,
+        times: int = 1,
+        skip: int = 0,
+        code: int = 0,
+        message: str = "",
     ) -> None:
         """After `skip` matching requests, the next `times` get `status` (a 429 carries `retry_after`
-        and the `Via` header, as Discord's do)."""
+        and the `Via` header, as Discord's do; a refusal carries Discord's `code` and `message`)."""
         for n in range(times):
             self._failures.append(
-                Failure(method, re.compile(path), status, retry_after, skip if n == 0 else 0)
+                Failure(method, re.compile(path), status, retry_after, skip if n == 0 else 0, code, message)
             )
 
     def hold_next(self, method: str, path: str) -> asyncio.Event:
@@ -425,6 +436,17 @@ class FakeDiscord:
 
     async def slash(self, channel: Json, user: Json, command: str, **options: str) -> Json:
         """Run the slash command `/command`; returns the bot's interaction response."""
+        data = self.interaction(channel, user, command, **options)
+        interaction_id = data["id"]
+        waiter: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
+        self._interaction_waiters[interaction_id] = waiter
+        self.interaction_channels[interaction_id] = channel["id"]
+        await self.dispatch("INTERACTION_CREATE", data, guild_id=channel.get("guild_id"))
+        async with asyncio.timeout(10):
+            return await waiter
+
+    def interaction(self, channel: Json, user: Json, command: str, **options: str) -> Json:
+        """The INTERACTION_CREATE payload of `/command` (not dispatched: see `slash`)."""
         interaction_id = self.snowflake()
         token = f"interaction-token-{interaction_id}"
         registered = next((c for c in self.commands if c["name"] == command), None)
@@ -459,12 +481,7 @@ class FakeDiscord:
             }
         else:
             data["user"] = user
-        waiter: asyncio.Future[Json] = asyncio.get_running_loop().create_future()
-        self._interaction_waiters[interaction_id] = waiter
-        self.interaction_channels[interaction_id] = channel["id"]
-        await self.dispatch("INTERACTION_CREATE", data, guild_id=channel.get("guild_id"))
-        async with asyncio.timeout(10):
-            return await waiter
+        return data
 
     # -- gateway --------------------------------------------------------------------------------
 
@@ -607,7 +624,9 @@ class FakeDiscord:
                         429,
                         {"Via": "1.1 google", "Retry-After": str(max(1, round(failure.retry_after)))},
                     )
-                return _error(failure.status, 0, f"{failure.status}: fake outage")
+                return _error(
+                    failure.status, failure.code, failure.message or f"{failure.status}: fake outage"
+                )
         response = await self._route(request.method, path, body, request)
         for hold in self._holds:
             if hold[0] == request.method and hold[1].fullmatch(path):

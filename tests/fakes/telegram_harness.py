@@ -99,9 +99,11 @@ async def running_bot(
     *,
     access: dict[str, Any] | None = None,
     backend: ScriptedBackend | None = None,
+    worker: bool = True,
     **adapter_kw: Any,
 ) -> AsyncIterator[TelegramBot]:
-    """A BotApp with a Telegram adapter pointed at `api`, polling fast, retrying fast."""
+    """A BotApp with a Telegram adapter pointed at `api`, polling fast, retrying fast; with
+    `worker=False` it runs no worker (a separate worker answers, as in a scaled-out deployment)."""
     settings = load_settings(
         default_persona="parrot",
         personas_dir=str(write_personas(tmp_path)),
@@ -114,10 +116,12 @@ async def running_bot(
     adapter_kw.setdefault("poll_timeout", 5)
     adapter = TelegramAdapter(TOKEN, **adapter_kw)
     backend = backend or ScriptedBackend()
-    app = BotApp(settings, store, registry, [adapter], backend)
+    app = BotApp(settings, store, registry, [adapter], backend if worker else None)
     for pump in app.pumps:  # the defaults suit production; tests want answers in milliseconds
         pump.poll_seconds = 0.02
-        pump.backoff_seconds = 0.05
+        pump.settings = pump.settings.model_copy(
+            update={"retry_backoff_seconds": 0.05, "retry_max_seconds": 0.2}
+        )
     await app.start()
     try:
         yield TelegramBot(api, app, adapter, store, backend)

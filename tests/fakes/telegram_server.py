@@ -106,7 +106,10 @@ class FakeBotAPI:
         self.updates: list[dict[str, Any]] = []
         self.messages: dict[tuple[int, int], dict[str, Any]] = {}  # (chat id, message id) -> message
         self.webhook: dict[str, Any] = {"url": "", "secret_token": None}
+        self.commands: list[dict[str, str]] = []  # the "/" menu (setMyCommands)
+        self._polls = 0  # getUpdates calls so far: only the newest one may wait
         self._failures: dict[str, list[_Failure]] = {}
+        self._slow: dict[str, list[float]] = {}  # method -> answer delays of its next calls
         self._update_ids = itertools.count(1000)
         self._message_ids: dict[int, itertools.count[int]] = {}
         self._new_update = asyncio.Condition()
@@ -164,6 +167,11 @@ class FakeBotAPI:
         if retry_after is not None:
             parameters = {**(parameters or {}), "retry_after": retry_after}
         self._failures.setdefault(method, []).append(_Failure(status, text, parameters, times, after))
+
+    def slow(self, method: str, seconds: float, *, times: int = 1) -> None:
+        """The next `times` calls of `method` are carried out at once but answered `seconds` later
+        (a send whose answer is lost or late: the message is already posted)."""
+        self._slow.setdefault(method, []).extend([seconds] * times)
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -270,12 +278,24 @@ class FakeBotAPI:
         if handler is None:
             return _error(404, "Not Found: method not found")
         try:
-            return await handler(call)
+            response = await handler(call)
         except _ApiError as exc:
             return _error(exc.status, exc.description)
+        if self._slow.get(method):
+            await asyncio.sleep(self._slow[method].pop(0))
+        return response
 
     async def _api_getMe(self, call: Call) -> web.Response:
         return _ok(dict(self.bot.to_json(), can_join_groups=True, can_read_all_group_messages=False))
+
+    async def _api_getMyCommands(self, call: Call) -> web.Response:
+        return _ok(self.commands)
+
+    async def _api_setMyCommands(self, call: Call) -> web.Response:
+        self.commands = [
+            {"command": c["command"], "description": c["description"]} for c in call.json("commands")
+        ]
+        return _ok(True)
 
     async def _api_deleteWebhook(self, call: Call) -> web.Response:
         self.webhook = {"url": "", "secret_token": None}
@@ -297,13 +317,23 @@ class FakeBotAPI:
         limit = call.int("limit") or 100
         if offset:  # confirming: updates below the offset are gone for good
             self.updates = [u for u in self.updates if u["update_id"] >= offset]
+        # A newer getUpdates ends the one still waiting, as Telegram does with two pollers.
+        self._polls += 1
+        mine = self._polls
+        await self._notify()
         deadline = time.monotonic() + timeout
         async with self._new_update:
-            while not self.updates and time.monotonic() < deadline:
+            while not self.updates and time.monotonic() < deadline and self._polls == mine:
                 try:
                     await asyncio.wait_for(self._new_update.wait(), deadline - time.monotonic())
                 except TimeoutError:
                     break
+        if self._polls != mine:
+            raise _ApiError(
+                409,
+                "Conflict: terminated by other getUpdates request; make sure that only one bot instance "
+                "is running",
+            )
         return _ok(self.updates[:limit])
 
     async def _api_sendMessage(self, call: Call) -> web.Response:

@@ -1,0 +1,205 @@
+"""One leased queue for every table the store uses as a queue (reply jobs, the outbox).
+
+A row is *waiting* (due from `available_at`) or *leased*: `lease_owner` holds it until
+`lease_expires_at`, and each claim adds one to `attempts`. Every write after the claim (renew, progress,
+finish, retry, release) checks the holder — same owner *and* same attempt number — in its `WHERE`, so
+a holder whose lease expired and was claimed again by someone else (or by itself, later) changes
+nothing. Claiming is one `UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`: on
+PostgreSQL many processes claim disjoint rows; on SQLite the statement runs under its one writer lock.
+
+`keep_leases` renews the leases of rows still being worked on, so leases can be short (a dead holder's
+rows are claimed again within one lease) while a slow but live holder keeps its rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.events import utcnow
+
+if TYPE_CHECKING:
+    from bot.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claim on one row: valid while the row still names this owner and this attempt."""
+
+    id: int
+    owner: str
+    attempt: int
+
+
+class LeasedQueue:
+    """Claim, renew and settle rows of `table` (a model with the lease columns) under a lease."""
+
+    def __init__(self, table: Any, *, waiting: str, leased: str) -> None:
+        self.table = table
+        self.waiting = waiting  # the status of a row waiting to be claimed
+        self.leased = leased  # the status of a claimed row
+
+    def due(self, now: datetime) -> ColumnElement[bool]:
+        """Claimable now: waiting and due, or leased under a lease that has run out."""
+        t = self.table
+        return or_(
+            and_(t.status == self.waiting, t.available_at <= now),
+            and_(t.status == self.leased, t.lease_expires_at < now),
+        )
+
+    def held(self, lease: Lease) -> tuple[ColumnElement[bool], ...]:
+        """The row is still leased under this very claim (not a later one, even by the same owner)."""
+        t = self.table
+        return (
+            t.id == lease.id,
+            t.status == self.leased,
+            t.lease_owner == lease.owner,
+            t.attempts == lease.attempt,
+        )
+
+    async def claim(
+        self,
+        session: AsyncSession,
+        *,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        where: Sequence[ColumnElement[bool]] = (),
+        order_by: Sequence[Any] = (),
+        values: dict[str, Any] | None = None,
+        returning: Sequence[Any] = (),
+    ) -> list[tuple[Lease, tuple[Any, ...]]]:
+        """Lease up to `limit` due rows matching `where`; returns each lease with its `returning` columns."""
+        t = self.table
+        now = utcnow()
+        claimable = select(t.id).where(self.due(now), *where).order_by(*order_by, t.id).limit(limit)
+        if session.bind.dialect.name == "postgresql":
+            claimable = claimable.with_for_update(skip_locked=True)
+        rows = await session.execute(
+            update(t)
+            .where(t.id.in_(claimable.scalar_subquery()))
+            .values(
+                status=self.leased,
+                attempts=t.attempts + 1,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                **(values or {}),
+            )
+            .returning(t.id, t.attempts, *returning)
+        )
+        claimed = [(Lease(row[0], owner, row[1]), tuple(row[2:])) for row in rows]
+        return sorted(claimed, key=lambda c: c[0].id)
+
+    async def renew(
+        self, session: AsyncSession, leases: Iterable[Lease], *, lease_seconds: float
+    ) -> set[int]:
+        """Push the leases still held; returns the ids of those (a lost one is not renewed)."""
+        until = utcnow() + timedelta(seconds=lease_seconds)
+        held: set[int] = set()
+        for lease in leases:
+            if await self.update_held(session, lease, lease_expires_at=until):
+                held.add(lease.id)
+        return held
+
+    async def update_held(self, session: AsyncSession, lease: Lease, **values: Any) -> bool:
+        """Change a row only while the lease is held; False (nothing changed) once it is lost."""
+        result = await session.execute(update(self.table).where(*self.held(lease)).values(**values))
+        return result.rowcount == 1
+
+    async def finish(self, session: AsyncSession, lease: Lease, status: str, **values: Any) -> bool:
+        """Settle a held row for good (`status`: done, delivered, failed, ...) and drop its lease."""
+        return await self.update_held(
+            session, lease, status=status, lease_owner=None, lease_expires_at=None, **values
+        )
+
+    async def retry(self, session: AsyncSession, lease: Lease, *, after: float, **values: Any) -> bool:
+        """Back to waiting, due again in `after` seconds (the attempt counts)."""
+        return await self.update_held(
+            session,
+            lease,
+            status=self.waiting,
+            lease_owner=None,
+            lease_expires_at=None,
+            available_at=utcnow() + timedelta(seconds=after),
+            **values,
+        )
+
+    async def release(self, session: AsyncSession, lease: Lease) -> bool:
+        """Give a held row back at once (shutdown); the cut attempt is not counted."""
+        return await self.update_held(
+            session,
+            lease,
+            status=self.waiting,
+            attempts=self.table.attempts - 1,
+            lease_owner=None,
+            lease_expires_at=None,
+            available_at=utcnow(),
+        )
+
+    async def release_owner(self, session: AsyncSession, owner: str) -> int:
+        """Give back every row `owner` still holds (a holder that was cut off); returns how many."""
+        t = self.table
+        result = await session.execute(
+            update(t)
+            .where(t.status == self.leased, t.lease_owner == owner)
+            .values(
+                status=self.waiting,
+                attempts=t.attempts - 1,
+                lease_owner=None,
+                lease_expires_at=None,
+                available_at=utcnow(),
+            )
+        )
+        return int(result.rowcount)
+
+    async def depth(self, session: AsyncSession, *where: ColumnElement[bool]) -> int:
+        """Rows claimable now."""
+        t = self.table
+        query = select(func.count(t.id)).where(self.due(utcnow()), *where)
+        return int((await session.execute(query)).scalar_one())
+
+
+@contextlib.asynccontextmanager
+async def keep_leases(
+    store: Store,
+    queue: LeasedQueue,
+    leases: Callable[[], Iterable[Lease]],
+    *,
+    lease_seconds: float,
+) -> AsyncIterator[None]:
+    """Renew the leases `leases()` names every third of a lease while the block runs.
+
+    A renewal that fails (the database is briefly unreachable) is tried again at the next beat; the
+    lease holds for two more beats. Writes after the block still check the holder, so a lease lost
+    meanwhile is never acted on.
+    """
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_seconds / 3)
+            current = list(leases())
+            if not current:
+                continue
+            try:
+                async with store.transaction() as session:
+                    await queue.renew(session, current, lease_seconds=lease_seconds)
+            except Exception as exc:
+                log.warning("could not renew %s leases: %s", queue.table.__tablename__, type(exc).__name__)
+
+    task = asyncio.create_task(renew(), name=f"leases:{queue.table.__tablename__}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
