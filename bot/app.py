@@ -26,7 +26,7 @@ from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
 from bot.events import Incoming
 from bot.generation.base import GenerationBackend
-from bot.heartbeat import Component, Heartbeats
+from bot.heartbeat import Component, Heartbeats, backend_health
 from bot.ingest import Ingest
 from bot.store import Store, jobs, streams
 from bot.stream_follow import StreamFollower, StreamPublisher
@@ -122,7 +122,14 @@ class BotApp:
     def _components(self) -> list[Component]:
         parts = [Component("adapter", a.platform) for a in self.adapters]
         if self.worker is not None:
-            parts.append(Component("worker", "", {"personas": [p.slug for p in self.registry.all()]}))
+            parts.append(
+                Component(
+                    "worker",
+                    "",
+                    {"personas": [p.slug for p in self.registry.all()]},
+                    live=backend_health(self.worker.backend),
+                )
+            )
         if self.scheduler is not None:
             parts.append(Component("scheduler", "", {"jobs": sorted(self.scheduler.by_id)}))
         return parts

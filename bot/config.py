@@ -150,6 +150,42 @@ class WorkerSettings(Section):
     metrics_port: int | None = None
 
 
+class VllmSettings(Section):
+    """`generation.backend = "vllm"`: the vLLM servers the worker sends rendered prompts to."""
+
+    urls: list[str] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        description="Base URLs of vLLM OpenAI-compatible servers (replicas); requests go to the least loaded healthy one.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Sent as a bearer token (vLLM's --api-key); else $VLLM_API_KEY."
+    )
+    model: str | None = Field(
+        default=None, description="The served base model name; unset: the first model the server lists."
+    )
+    connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    request_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="A reply that takes longer fails its attempt (retried with backoff)."
+    )
+    stall_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="No token (or first token) for this long fails the attempt."
+    )
+    health_check_seconds: float = Field(
+        default=2.0, gt=0, description="How often an unhealthy server is probed (GET /health)."
+    )
+    adapter_paths: dict[str, str] = Field(
+        default_factory=dict,
+        description="Adapter folder prefixes as this machine sees them -> as the vLLM server sees them.",
+    )
+
+
+class GenerationSettings(Section):
+    backend: Literal["local", "vllm"] = Field(
+        default="local", description="local: the model in the worker process; vllm: vLLM servers."
+    )
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+
+
 class ScheduledPostSettings(Section):
     """A scheduled post written in personabot.toml (`[[scheduler.posts]]`) rather than in persona.toml.
 
@@ -281,6 +317,7 @@ class Settings(BaseSettings):
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     run: RunSettings = Field(default_factory=RunSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)

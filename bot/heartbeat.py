@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +30,18 @@ class Component:
     name: str  # the platform for adapters; empty otherwise
     detail: dict[str, Any] = field(default_factory=dict)
     state: str = "running"  # running | failed (a lost platform connection) | stopped
+    # Read at every beat and merged into `detail`: state that changes (a remote backend's health).
+    live: Callable[[], dict[str, Any]] | None = None
 
     def key(self, owner: str) -> str:
         label = f"{self.kind}:{self.name}" if self.name else self.kind
         return f"{label}@{owner}"
+
+
+def backend_health(backend: Any) -> Callable[[], dict[str, Any]] | None:
+    """A worker component's live detail: its generation backend's `health()` (None when it has none)."""
+    health = getattr(backend, "health", None)
+    return None if health is None else lambda: {"generation": health()}
 
 
 async def beat(store: Store, component: str, kind: str, detail: dict[str, Any]) -> None:
@@ -64,7 +73,8 @@ class Heartbeats:
 
     async def beat_all(self) -> None:
         for c in self.components:
-            detail = c.detail | {"state": c.state, "interval": self.interval, "owner": self.owner}
+            detail = c.detail | (c.live() if c.live is not None else {})
+            detail |= {"state": c.state, "interval": self.interval, "owner": self.owner}
             await beat(self.store, c.key(self.owner), c.kind, detail)
 
     async def set_state(self, kind: str, name: str, state: str, detail: dict[str, Any]) -> None:

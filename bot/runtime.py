@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bot.basemodel import MARKER, default_model_dir, model_sha256, pull_default_model, resolve_model
 from bot.config import Settings
+from bot.generation.base import GenerationBackend
 from bot.store import Store
 from bot.store.engine import database_unreachable
-
-if TYPE_CHECKING:
-    from bot.generation.local import LocalBackend
 from personas.registry import PersonaRegistry
 
 log = logging.getLogger(__name__)
@@ -60,14 +58,17 @@ async def install_bundled(
 ) -> None:
     """Register and activate the personas' shipped adapters on first use (`personas.bundled`); the
     tokenizer is loaded only when one is activated and none is given."""
-    from bot.generation.local import load_tokenizer
     from personas.bundled import install_bundled_adapters
 
+    def the_tokenizer() -> Any:
+        if tokenizer is not None:
+            return tokenizer
+        from bot.generation.local import load_tokenizer  # imports torch: only when there is none
+
+        return load_tokenizer(resolve_model(settings))
+
     await install_bundled_adapters(
-        store,
-        registry.all(),
-        lambda: model_sha256(resolve_model(settings)),
-        lambda: tokenizer if tokenizer is not None else load_tokenizer(resolve_model(settings)),
+        store, registry.all(), lambda: model_sha256(resolve_model(settings)), the_tokenizer
     )
 
 
@@ -76,14 +77,13 @@ def load_registry(settings: Settings) -> PersonaRegistry:
     return PersonaRegistry.from_settings(settings)
 
 
-def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBackend:
-    """The local backend on the configured model; pulls the default model first when allowed.
+def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationBackend:
+    """The configured generation backend (`generation.backend`); pulls the default model first when
+    allowed (the vLLM backend reads only its tokenizer).
 
-    torch is imported here, not at module level: a bot process without a worker never needs it and
-    starts seconds sooner (a frontend restarted after a crash is back that much faster).
+    torch is imported only by the local backend, not at module level: a bot process without a worker, or
+    with a worker on vLLM, never needs it and starts seconds sooner.
     """
-    from bot.generation.local import LocalBackend
-
     if (
         allow_pull
         and settings.model.path is None
@@ -92,4 +92,10 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> LocalBacken
     ):
         log.warning("the default model is not pulled yet; pulling it once now")
         pull_default_model(settings)
+    if settings.generation.backend == "vllm":
+        from bot.generation.vllm import VllmBackend
+
+        return VllmBackend.from_settings(settings)
+    from bot.generation.local import LocalBackend
+
     return LocalBackend(resolve_model(settings), settings.model.device, settings.model.dtype)

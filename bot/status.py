@@ -49,6 +49,7 @@ async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
                 # A lost platform connection: what ended it, and how often (see bot.watchdog).
                 "error": detail.get("error"),
                 "last_failure": detail.get("last_failure"),
+                "generation": detail.get("generation"),  # a remote backend's health, as the worker saw it
             }
         )
     return found
@@ -246,6 +247,16 @@ def _eval_scores(scores: dict[str, Any]) -> str:
     return " ".join(shown)
 
 
+def generation_line(health: dict[str, Any]) -> str:
+    """A worker's remote backend: healthy or not, and each server that is not, with its error."""
+    state = "healthy" if health.get("healthy") else "UNHEALTHY (jobs wait in the queue)"
+    line = f"generation backend {health.get('backend', '?')}: {state}"
+    down = [s for s in health.get("servers", []) if s.get("state") != "healthy"]
+    if down:
+        line += "; " + "; ".join(f"{s['url']} {s['state']}: {s.get('error') or '-'}" for s in down)
+    return line
+
+
 def render_status(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     lines = [f"personabot status at {report['checked_at'][:19].replace('T', ' ')} UTC", "", "components:"]
@@ -258,6 +269,8 @@ def render_status(report: dict[str, Any]) -> str:
         elif c.get("last_failure"):
             state += f" (reconnected after: {c['last_failure']['error']})"
         lines.append(f"  {c['component']}: {state}, last seen {_ago(c['seen_seconds_ago'])}")
+        if c.get("generation"):
+            lines.append(f"    {generation_line(c['generation'])}")
     q = report["queue"]
     lines += ["", "reply queue:"]
     lines.append(f"  pending {q['pending']}, running {q['running']}, failed {q['failed']}, done {q['done']}")

@@ -5,6 +5,8 @@ Every backend offers `generate(requests, on_text)`. A backend may also offer:
 - `generate_batch(requests, callbacks)`: the same, with a callback when each row finishes (so its reply
   is written while longer rows still generate), time-to-first-token reports and cooperative stopping;
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
+- `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
+  jobs queued; `health()`: its state as plain data, shown by `personabot status`.
 
 `run_generation` calls whichever the backend has, so simple backends (test fakes, remote servers)
 keep working.
@@ -12,6 +14,7 @@ keep working.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +69,12 @@ class GenerationCancelled(Exception):
     """`should_stop` said stop: the batch was abandoned; its unfinished requests have no result."""
 
 
+class BackendUnavailable(Exception):
+    """A remote backend could not be reached (connection error, timeout, 5xx): nothing is wrong with the
+    requests. The worker fails the batch's unfinished jobs with a retry and claims no more until the
+    backend's `ready()` says it is back; it does not split the batch to find a culprit."""
+
+
 class GenerationBackend(Protocol):
     tokenizer: Any
 
@@ -113,9 +122,9 @@ def run_generation(
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """A CUDA or CPU allocation failure, which a smaller batch may avoid."""
-    import torch
-
-    if isinstance(exc, torch.OutOfMemoryError):
+    # Only a backend that runs torch can raise its errors; a worker without torch never imports it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return True
     if isinstance(exc, (RuntimeError, MemoryError)):
         text = str(exc).lower()

@@ -14,7 +14,9 @@ One batch:
 5. **Faults.** An out-of-memory error splits the unfinished jobs in halves and retries each half; any
    other generation error is bisected the same way, so one poisonous job fails alone and the others
    still get replies. A failed attempt goes back to the queue with exponential backoff until
-   `worker.max_attempts`, then is `failed` with its error.
+   `worker.max_attempts`, then is `failed` with its error. A remote backend that cannot be reached
+   (`BackendUnavailable`) fails the unfinished jobs alike, without splitting, and no batch is claimed
+   while its `ready()` says it is down: the jobs wait in the queue.
 6. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
    finish; then generation is cancelled between two decode steps and unfinished jobs are released to
    the queue (their attempt not counted). No new batch is claimed.
@@ -44,6 +46,7 @@ from bot.config import Settings
 from bot.errors import ConfigError
 from bot.events import utcnow
 from bot.generation.base import (
+    BackendUnavailable,
     GenerationBackend,
     GenerationCallbacks,
     GenerationCancelled,
@@ -198,6 +201,8 @@ class Worker:
     async def run_once(self) -> int:
         """Claim one batch and answer it; returns how many jobs were claimed."""
         w = self.settings.worker
+        if not await self._backend_ready():
+            return 0
         async with self.store.transaction() as session:
             claimed = await jobs.claim(
                 session,
@@ -218,6 +223,12 @@ class Worker:
                 await self._generate(prepared, report)
         self._log_batch(report, time.perf_counter() - started)
         return len(claimed)
+
+    async def _backend_ready(self) -> bool:
+        """A remote backend that is down (`ready()` False): claim nothing, so the jobs wait in the queue
+        without spending attempts until it is back."""
+        ready = getattr(self.backend, "ready", None)
+        return True if ready is None else bool(await asyncio.to_thread(ready))
 
     # -- preparing ------------------------------------------------------------------------------------
 
@@ -268,6 +279,11 @@ class Worker:
                     for item in rest:
                         await self._release(item, fanout, report)
                 break
+            if isinstance(exc, BackendUnavailable):  # the server's fault, not a job's: no split
+                for item in unfinished:
+                    await self._fail(item.job, f"generation backend unavailable: {exc}", "backend", report)
+                    await fanout.end(item.reply, False)
+                continue
             if len(unfinished) > 1:
                 report.splits += 1
                 half = len(unfinished) // 2
@@ -327,7 +343,7 @@ class Worker:
         try:
             await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
         except Exception as exc:
-            if not isinstance(exc, GenerationCancelled) and not is_out_of_memory(exc):
+            if not isinstance(exc, (GenerationCancelled, BackendUnavailable)) and not is_out_of_memory(exc):
                 log.warning("generating a batch of %d failed", len(batch), exc_info=exc)
             # The traceback's frames hold the failed batch's tensors: drop them before a retry.
             exc.__traceback__ = None

@@ -7,7 +7,7 @@ import logging
 import signal
 
 from bot.config import Settings
-from bot.heartbeat import Component, Heartbeats
+from bot.heartbeat import Component, Heartbeats, backend_health
 from bot.runtime import START_WAIT_SECONDS, install_bundled, load_backend, load_registry, open_store
 from bot.stream_follow import StreamPublisher
 from bot.worker.core import Worker
@@ -41,6 +41,7 @@ async def run_worker_process(settings: Settings) -> int:
                 "worker",
                 "",
                 {"personas": [p.slug for p in registry.all()], "max_batch": settings.worker.max_batch},
+                live=backend_health(backend),
             )
         ],
         interval=settings.run.heartbeat_seconds,
@@ -64,3 +65,6 @@ async def run_worker_process(settings: Settings) -> int:
             loop.remove_signal_handler(s)
         await beats.stop()
         await store.close()
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()

@@ -15,8 +15,14 @@ Every comparison is measured side by side in one run, on the same machine state:
 The engine runs as the worker runs it on the CPU: weights packed once for oneDNN (`bot.generation.packed`);
 (a) and (c) also show it on plain weights.
 (d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
+(e) Serving engines: the same 16 jobs over 4 personas with adapters through the worker's local engine,
+    vLLM (its CPU build here, from `tests/vllm/setup_venv.sh`, when it can be had; `--vllm off` skips
+    it) and sequential peft: aggregate generated tokens/s and median time to first token (from the
+    start of the round) of each. vLLM gets token ids and streams token ids back, as the worker uses it.
 
     .venv/bin/python tests/bench/bench_generation.py [--threads N] [--rounds N] [--json PATH]
+    .venv/bin/python tests/bench/bench_generation.py --only serving [--device cuda --dtype bfloat16
+        --jobs 64 --personas 8 --vllm-venv DIR]      # what tests/gpu/run.sh runs
 
 Prints a table and writes JSON (default tests/bench/results/bench_generation.json).
 """
@@ -458,6 +464,214 @@ def bench_decode(
     }
 
 
+# -- (e) serving engines: local engine, vLLM, sequential peft ----------------------------------------
+
+
+class _FirstToken:
+    """A transformers streamer that notes when the first generated token arrives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.calls += 1  # the first call carries the prompt
+        if self.calls == 2 and self.at is None:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def bench_serving(
+    model_path: Path,
+    tokenizer: Any,
+    folders: list[Path],
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> dict[str, Any]:
+    from peft import PeftModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    jobs, personas, new_tokens = args.jobs, args.personas, args.new_tokens
+    prompts = prompts_for(tokenizer, jobs)
+    names = [f"persona{j % personas}" for j in range(jobs)]
+    # No stop ids: every reply is `new_tokens` long, on every engine.
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
+    requests = [GenerationRequest(p, greedy, (), adapter=n) for p, n in zip(prompts, names, strict=True)]
+    tokens = jobs * new_tokens
+    out: dict[str, Any] = {
+        "jobs": jobs,
+        "personas": personas,
+        "new_tokens": new_tokens,
+        "device": str(device),
+    }
+    out["dtype"] = args.dtype
+    rows: dict[str, dict[str, Any]] = {}
+
+    def record(label: str, seconds: list[float], ttft: list[float], replies: list[list[int]]) -> None:
+        best = min(range(len(seconds)), key=seconds.__getitem__)
+        rows[label] = {
+            "seconds": seconds,
+            "tokens_per_second": tokens / seconds[best],
+            "ttft_median_seconds": ttft[best],
+            "replies": replies,
+        }
+
+    def run_local() -> None:
+        """The worker's local engine (its objects freed on return)."""
+        model = load_model(model_path).to(device=device, dtype=dtype)
+        if device.type == "cpu":
+            pack_linears(model)
+        lora = MultiLora(model)
+        for i in range(personas):
+            lora.load(f"persona{i}", folders[i])
+        engine = BatchEngine(model, tokenizer, lora=lora)
+        engine.generate(requests[:2])  # warm-up
+        seconds, ttft = [], []
+        for _ in range(args.rounds):
+            took, results = timed(lambda: engine.generate(requests))
+            seconds.append(took)
+            ttft.append(statistics.median(r.timings["first_token"] for r in results))
+        record("local_engine", seconds, ttft, [r.token_ids for r in results])
+
+    run_local()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # vLLM, where it can be had.
+    if args.vllm != "off":
+        rows_vllm = bench_vllm(model_path, tokenizer, folders, requests, args, log_dir)
+        if "error" in rows_vllm:
+            out["vllm_skipped"] = rows_vllm["error"]
+            print(f"vLLM skipped: {rows_vllm['error']}", file=sys.stderr)
+        else:
+            record("vllm", rows_vllm["seconds"], rows_vllm["ttft"], rows_vllm["replies"])
+
+    def run_peft() -> None:
+        """Sequential peft: set_adapter + generate, one job after another."""
+        peft_model = PeftModel.from_pretrained(
+            load_model(model_path).to(device=device, dtype=dtype), folders[0], adapter_name="persona0"
+        )
+        for i in range(1, personas):
+            peft_model.load_adapter(folders[i], adapter_name=f"persona{i}")
+        peft_model.eval()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs = {
+            "do_sample": False,
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "eos_token_id": None,
+        }
+
+        def sequential() -> tuple[list[list[int]], list[float]]:
+            started = time.perf_counter()
+            replies, firsts = [], []
+            with torch.inference_mode():
+                for ids, name in zip(prompts, names, strict=True):
+                    peft_model.set_adapter(name)
+                    x = torch.tensor([ids], device=device)
+                    streamer = _FirstToken()
+                    y = peft_model.generate(
+                        input_ids=x,
+                        attention_mask=torch.ones_like(x),
+                        pad_token_id=pad,
+                        streamer=streamer,
+                        **kwargs,
+                    )
+                    replies.append(y[0, len(ids) :].tolist())
+                    firsts.append((streamer.at or time.perf_counter()) - started)
+            return replies, firsts
+
+        with torch.inference_mode():  # warm-up
+            x = torch.tensor([prompts[0]], device=device)
+            peft_model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), pad_token_id=pad, max_new_tokens=4
+            )
+        seconds, ttft = [], []
+        for _ in range(args.rounds):
+            took, (replies, firsts) = timed(sequential)
+            seconds.append(took)
+            ttft.append(statistics.median(firsts))
+        record("peft_sequential", seconds, ttft, replies)
+
+    run_peft()
+    gc.collect()
+
+    reference = rows["peft_sequential"]["replies"]
+    for row in rows.values():
+        row["replies_equal_to_peft_sequential"] = (
+            f"{sum(a == b for a, b in zip(row.pop('replies'), reference, strict=True))}/{jobs}"
+        )
+        row["vs_peft_sequential"] = row["tokens_per_second"] / rows["peft_sequential"]["tokens_per_second"]
+    out["engines"] = rows
+    return out
+
+
+def bench_vllm(
+    model_path: Path,
+    tokenizer: Any,
+    folders: list[Path],
+    requests: list[GenerationRequest],
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> dict[str, Any]:
+    """The same requests through `bot.generation.vllm.VllmBackend` on a vLLM server started here."""
+    from bot.config import VllmSettings
+    from bot.generation.vllm import VllmBackend
+    from tests.vllm.server import VllmServer, vllm_venv
+
+    try:
+        venv = Path(args.vllm_venv) if args.vllm_venv else vllm_venv()
+    except RuntimeError as exc:
+        return {"error": str(exc)}
+    vllm_dtype = "float32" if args.dtype == "float32" else args.dtype
+    extra = ("--max-loras", str(args.personas), "--max-num-seqs", str(max(args.jobs, 16)))
+    server = VllmServer(venv, model_path, log_dir / "bench_vllm.log", dtype=vllm_dtype, extra=extra)
+    server.start()
+    backend = None
+    try:
+        try:
+            startup = server.wait_ready()
+        except RuntimeError as exc:
+            return {"error": str(exc).splitlines()[0]}
+        backend = VllmBackend(VllmSettings(urls=[server.url]), tokenizer, context_window=8192)
+        for i in range(args.personas):
+            backend.load_adapter(f"persona{i}", folders[i])
+        backend.generate(requests[:2])  # warm-up
+        seconds, ttft, replies = [], [], []
+        for _ in range(args.rounds):
+            took, results = timed(lambda: backend.generate(requests))
+            seconds.append(took)
+            ttft.append(statistics.median(r.timings["first_token"] for r in results))
+            replies = [r.token_ids for r in results]
+        return {"seconds": seconds, "ttft": ttft, "replies": replies, "startup_seconds": startup}
+    finally:
+        if backend is not None:
+            backend.close()
+        server.kill(15)
+
+
+def print_serving(e: dict[str, Any]) -> None:
+    print(
+        f"\n(e) serving engines: {e['jobs']} jobs, {e['personas']} personas with adapters, {e['new_tokens']} new tokens each, {e['device']} {e['dtype']}"
+    )
+    print(f"    {'engine':<34}{'tokens/s':>10}{'vs sequential':>16}{'median TTFT':>14}{'same as peft':>14}")
+    labels = {
+        "local_engine": "worker engine (local backend)",
+        "vllm": "vLLM (vllm backend)",
+        "peft_sequential": "peft set_adapter + generate, 1 by 1",
+    }
+    for key, row in e["engines"].items():
+        print(
+            f"    {labels[key]:<34}{row['tokens_per_second']:>10.1f}{row['vs_peft_sequential']:>15.2f}x"
+            f"{row['ttft_median_seconds']:>13.2f}s{row['replies_equal_to_peft_sequential']:>14}"
+        )
+    if "vllm_skipped" in e:
+        print(f"    vLLM: skipped ({e['vllm_skipped']})")
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -533,6 +747,17 @@ def main() -> int:
     parser.add_argument(
         "--json", type=Path, default=ROOT / "tests" / "bench" / "results" / "bench_generation.json"
     )
+    parser.add_argument("--only", choices=["all", "serving"], default="all", help="serving: only (e)")
+    parser.add_argument("--device", default="cpu", help="(e) only: cpu or cuda")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(e) only"
+    )
+    parser.add_argument(
+        "--vllm", choices=["auto", "off"], default="auto", help="(e): vLLM where it can be had"
+    )
+    parser.add_argument(
+        "--vllm-venv", help="(e): a Python environment with vllm (default: tests/vllm/setup_venv.sh)"
+    )
     args = parser.parse_args()
     from bot.errors import PersonabotError
 
@@ -564,6 +789,16 @@ def main() -> int:
         folders = make_adapters(base, Path(tmp), max(8, args.personas), args.lora_r)
         del base
         gc.collect()
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        if args.only == "serving":
+            print("measuring serving engines ...", file=sys.stderr)
+            results["serving"] = bench_serving(args.model, tokenizer, folders, args, args.json.parent)
+            print_serving(results["serving"])
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+            print(f"\nwrote {args.json}")
+            return 0
+        print("measuring serving engines ...", file=sys.stderr)
+        results["serving"] = bench_serving(args.model, tokenizer, folders, args, args.json.parent)
         print("measuring memory ...", file=sys.stderr)
         results["memory"] = bench_memory(args.model, folders)
         print("measuring batching ...", file=sys.stderr)
@@ -578,6 +813,7 @@ def main() -> int:
         )
     results["environment"]["load_average_end"] = os.getloadavg()
     print_report(results)
+    print_serving(results["serving"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.json}")

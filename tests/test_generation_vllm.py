@@ -1,0 +1,382 @@
+"""The vLLM backend against a loopback fake of vLLM's API: requests, adapters, faults, the worker around it.
+
+The same backend runs against real vLLM in `tests/test_vllm_integration.py`; here are the cases real
+vLLM cannot be made to show on demand (a 5xx, a stall, a restart between two requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bot.config import VllmSettings, load_settings
+from bot.generation.base import (
+    BackendUnavailable,
+    GenerationCallbacks,
+    GenerationCancelled,
+    GenerationRequest,
+)
+from bot.generation.vllm import AdapterRejected, RequestRejected, VllmBackend, map_adapter_path
+from bot.heartbeat import Component, Heartbeats, backend_health
+from bot.status import collect_status, render_status
+from bot.store import Store
+from bot.store.models import ReplyJob
+from bot.worker import Worker
+from personas.registry import PersonaRegistry
+from personas.spec import Sampling
+from tests.fakes.vllm_server import BASE, FakeVllm
+from tests.test_jobs import add_jobs
+from tests.tiny import byte_level_tokenizer, save_tiny_model
+
+TOKENIZER = byte_level_tokenizer()
+STOP = TOKENIZER.convert_tokens_to_ids("<|im_end|>")
+GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=50)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeVllm]:
+    server = FakeVllm(TOKENIZER)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def backend(*urls: str, **settings: Any) -> VllmBackend:
+    config = {"connect_timeout_seconds": 1.0, "stall_timeout_seconds": 5.0, "health_check_seconds": 0.05}
+    return VllmBackend(
+        VllmSettings(urls=list(urls), **{**config, **settings}), TOKENIZER, context_window=4096
+    )
+
+
+def request(adapter: str | None = None, max_new: int = 50) -> GenerationRequest:
+    sampling = GREEDY.model_copy(update={"max_new_tokens": max_new})
+    return GenerationRequest([5, 6, 7, 8], sampling, (STOP,), adapter=adapter)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- requests and replies ---------------------------------------------------------------------------------
+
+
+def test_adapter_paths_map_the_longest_prefix() -> None:
+    mapping = {"/data": "/mnt/data", "/data/loras": "/srv/loras/"}
+    assert map_adapter_path("/data/loras/pirate/v1", mapping) == "/srv/loras/pirate/v1"
+    assert map_adapter_path("/data/other", mapping) == "/mnt/data/other"
+    assert map_adapter_path("/database/x", mapping) == "/database/x"  # a prefix of a name is no match
+    assert map_adapter_path("/elsewhere", {}) == "/elsewhere"
+
+
+async def test_token_ids_go_out_and_streamed_token_ids_come_back(fake: FakeVllm) -> None:
+    vllm = backend(fake.url, api_key="sekrit")
+    texts: list[str] = []
+    finished: list[int] = []
+    callbacks = GenerationCallbacks(
+        on_text=lambda i, text: texts.append(text), on_finish=lambda i, r: finished.append(i)
+    )
+    sampling = Sampling(temperature=0.7, top_p=0.8, top_k=0, repetition_penalty=1.2, max_new_tokens=50)
+    seeded = GenerationRequest([5, 6, 7, 8], sampling, (STOP,), seed=42)
+    try:
+        [result] = await asyncio.to_thread(vllm.generate_batch, [seeded], callbacks)
+    finally:
+        vllm.close()
+    assert result.text == f"{BASE} answers 50 tokens" and result.finish_reason == "stop"
+    assert STOP not in result.token_ids and result.token_ids == fake.reply_ids(BASE, 50)
+    assert result.prompt_tokens == 4 and result.timings["first_token"] <= result.timings["total"]
+    assert len(texts) > 3 and texts[-1] == result.text and finished == [0]  # it streamed, in pieces
+    [body] = fake.requests
+    assert "messages" not in body and body["prompt"] == [5, 6, 7, 8]
+    assert body["stop_token_ids"] == [STOP] and body["ignore_eos"] is True and body["stream"] is True
+    assert (body["temperature"], body["top_p"], body["top_k"], body["repetition_penalty"]) == (
+        0.7,
+        0.8,
+        -1,
+        1.2,
+    )
+    assert (body["seed"], body["max_tokens"], body["model"]) == (42, 50, BASE)
+
+
+async def test_max_tokens_ends_a_reply_with_length(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    try:
+        [result] = await asyncio.to_thread(vllm.generate, [request(max_new=3)])
+    finally:
+        vllm.close()
+    assert (len(result.token_ids), result.finish_reason) == (3, "length")
+
+
+async def test_a_rejected_request_is_the_requests_fault_not_the_servers(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.fail_next = [400]
+    try:
+        with pytest.raises(RequestRejected, match="HTTP 400"):
+            await asyncio.to_thread(vllm.generate, [request()])
+        assert vllm.health()["healthy"] is True
+    finally:
+        vllm.close()
+
+
+# -- adapters -----------------------------------------------------------------------------------------------
+
+
+async def test_adapters_load_under_versioned_names_and_old_versions_unload(fake: FakeVllm) -> None:
+    vllm = backend(fake.url, adapter_paths={"/data/loras": "/srv/loras"})
+    try:
+        await asyncio.to_thread(vllm.load_adapter, "pirate@v1", Path("/data/loras/pirate/v1"))
+        assert fake.adapters == {"pirate@v1": "/srv/loras/pirate/v1"}
+        [with_adapter, base] = await asyncio.to_thread(vllm.generate, [request("pirate@v1"), request()])
+        assert with_adapter.text.startswith("pirate@v1 answers") and base.text.startswith(BASE)
+        await asyncio.to_thread(vllm.load_adapter, "pirate@v2", Path("/data/loras/pirate/v2"))
+        await asyncio.to_thread(vllm.unload_adapter, "pirate@v1")
+        assert fake.unloads == ["pirate@v1"] and list(fake.adapters) == ["pirate@v2"]
+    finally:
+        vllm.close()
+
+
+async def test_a_404_after_a_restart_loads_the_adapter_again_and_retries(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    try:
+        await asyncio.to_thread(vllm.load_adapter, "poet@v3", Path("/loras/poet/v3"))
+        fake.forget()  # the server restarted between two requests
+        [result] = await asyncio.to_thread(vllm.generate, [request("poet@v3")])
+    finally:
+        vllm.close()
+    assert result.text.startswith("poet@v3 answers")
+    assert fake.loads == ["poet@v3", "poet@v3"] and [r["model"] for r in fake.requests] == ["poet@v3"] * 2
+
+
+async def test_an_adapter_the_server_refuses_is_an_adapter_error(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.refuse_paths.add("/loras/bad/v1")
+    try:
+        with pytest.raises(AdapterRejected, match="No adapter found"):
+            await asyncio.to_thread(vllm.load_adapter, "bad@v1", Path("/loras/bad/v1"))
+    finally:
+        vllm.close()
+
+
+async def test_an_adapter_loaded_while_the_server_is_down_loads_when_it_is_back(fake: FakeVllm) -> None:
+    port = fake.port
+    await fake.stop()
+    vllm = backend(f"http://127.0.0.1:{port}")
+    try:
+        await asyncio.to_thread(vllm.load_adapter, "pirate@v1", Path("/loras/pirate/v1"))  # no error
+        fake.port = port
+        await fake.start()
+        await asyncio.sleep(0.1)  # health_check_seconds
+        assert await asyncio.to_thread(vllm.ready)
+        [result] = await asyncio.to_thread(vllm.generate, [request("pirate@v1")])
+    finally:
+        vllm.close()
+    assert result.text.startswith("pirate@v1") and fake.loads == ["pirate@v1"]
+
+
+# -- faults ---------------------------------------------------------------------------------------------------
+
+
+async def test_a_5xx_fails_the_attempt_and_a_probe_finds_the_server_again(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.fail_next = [503]
+    try:
+        with pytest.raises(BackendUnavailable, match="HTTP 503"):
+            await asyncio.to_thread(vllm.generate, [request()])
+        health = vllm.health()
+        assert health["healthy"] is False and "503" in health["servers"][0]["error"]
+        await asyncio.sleep(0.1)
+        assert await asyncio.to_thread(vllm.ready)
+        [result] = await asyncio.to_thread(vllm.generate, [request()])
+        assert result.text.startswith(BASE)
+    finally:
+        vllm.close()
+
+
+async def test_a_stalled_server_times_out(fake: FakeVllm) -> None:
+    vllm = backend(fake.url, stall_timeout_seconds=0.3)
+    fake.stall = 3.0  # the reply would come, later than the stall timeout allows
+    try:
+        with pytest.raises(BackendUnavailable, match="timed out"):
+            await asyncio.to_thread(vllm.generate, [request()])
+    finally:
+        vllm.close()
+
+
+async def test_a_down_server_is_unhealthy_and_not_ready() -> None:
+    vllm = backend(f"http://127.0.0.1:{free_port()}")
+    try:
+        assert await asyncio.to_thread(vllm.ready) is False
+        health = vllm.health()
+        assert health["healthy"] is False and health["servers"][0]["state"] == "unhealthy"
+        assert "Connect" in health["servers"][0]["error"]
+        with pytest.raises(BackendUnavailable, match="no vLLM server answers"):
+            await asyncio.to_thread(vllm.generate, [request()])
+    finally:
+        vllm.close()
+
+
+async def test_requests_go_to_the_least_loaded_healthy_server(fake: FakeVllm) -> None:
+    other = FakeVllm(TOKENIZER)
+    await other.start()
+    down = f"http://127.0.0.1:{free_port()}"
+    vllm = backend(down, fake.url, other.url)
+    fake.stall = other.stall = 0.3  # the requests overlap
+    try:
+        results = await asyncio.to_thread(vllm.generate, [request() for _ in range(6)])
+    finally:
+        vllm.close()
+        await other.stop()
+    assert len(results) == 6 and (len(fake.requests), len(other.requests)) == (3, 3)
+
+
+async def test_should_stop_cancels_the_batch(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.stall = 5.0
+    callbacks = GenerationCallbacks(should_stop=lambda: True)
+    try:
+        with pytest.raises(GenerationCancelled):
+            await asyncio.to_thread(vllm.generate_batch, [request(), request()], callbacks)
+    finally:
+        vllm.close()
+
+
+# -- the worker around it ---------------------------------------------------------------------------------------
+
+
+PERSONA = """
+name = "{slug}"
+template = "chatml"
+system_prompt = "You are {slug}."
+dialogues = []
+
+[sampling]
+temperature = 0.0
+repetition_penalty = 1.0
+max_new_tokens = 20
+"""
+
+
+def registry(tmp_path: Path) -> PersonaRegistry:
+    folder = tmp_path / "personas" / "echo"
+    folder.mkdir(parents=True)
+    (folder / "persona.toml").write_text(PERSONA.format(slug="echo"))
+    return PersonaRegistry.discover(tmp_path / "personas", entry_points=False, builtin=False)
+
+
+async def statuses(store: Store, ids: list[int]) -> list[tuple[str, int]]:
+    async with store.transaction() as session:
+        found = (await session.execute(select(ReplyJob).where(ReplyJob.id.in_(ids)))).scalars().all()
+    return [(r.status, r.attempts) for r in sorted(found, key=lambda r: r.id)]
+
+
+async def test_jobs_wait_while_the_server_is_down_and_status_says_so(
+    fake: FakeVllm, sqlite_store: Store, tmp_path: Path
+) -> None:
+    settings = load_settings(worker={"retry_backoff_seconds": 0, "poll_seconds": 0.05})
+    port = fake.port
+    await fake.stop()
+    vllm = backend(f"http://127.0.0.1:{port}")
+    worker = Worker(settings, sqlite_store, registry(tmp_path), vllm)
+    beats = Heartbeats(sqlite_store, [Component("worker", "", live=backend_health(vllm))], interval=60)
+    try:
+        ids = await add_jobs(sqlite_store, 3, persona="echo")
+        for _ in range(3):
+            assert await worker.run_once() == 0  # nothing claimed: no attempt spent
+        assert await statuses(sqlite_store, ids) == [("pending", 0)] * 3
+        await beats.beat_all()
+        report = await collect_status(sqlite_store)
+        text = render_status(report)
+        assert "generation backend vllm: UNHEALTHY" in text and f"127.0.0.1:{port}" in text
+
+        fake.port = port
+        await fake.start()
+        await asyncio.sleep(0.1)
+        fake.fail_next = [500]  # one more failure mid-batch: the attempt fails, the job retries
+        assert await worker.run_once() == 3
+        done = [s for s in await statuses(sqlite_store, ids) if s[0] == "done"]
+        assert len(done) == 2
+        await asyncio.sleep(0.1)
+        while await worker.run_once():
+            pass
+        # Every job answered once; the one whose attempt met the 500 took a second attempt.
+        assert sorted(await statuses(sqlite_store, ids)) == [("done", 1), ("done", 1), ("done", 2)]
+        await beats.beat_all()
+        assert "generation backend vllm: healthy" in render_status(await collect_status(sqlite_store))
+    finally:
+        vllm.close()
+
+
+# -- a worker process on the vLLM backend carries no torch ------------------------------------------------------
+
+
+WATCH_MODULES = textwrap.dedent(
+    """
+    import atexit, json, sys
+    def report():
+        names = [m for m in sys.modules if m in ("torch", "peft") or ".modeling_" in m]
+        print("MODULES " + json.dumps(sorted(names)), flush=True)
+    atexit.register(report)
+    from bot.cli import main
+    code = main(["worker"])
+    sys.exit(code)
+    """
+)
+
+
+async def test_a_worker_process_on_vllm_imports_no_torch_peft_or_model_code(
+    fake: FakeVllm, tmp_path: Path
+) -> None:
+    model = save_tiny_model(tmp_path / "model")
+    data = tmp_path / "data"
+    (data / "personas").mkdir(parents=True)
+    registry(data)  # personas/echo under the data dir
+    database = f"sqlite+aiosqlite:///{data / 'personabot.db'}"
+    store = Store(database)
+    await store.upgrade()
+    ids = await add_jobs(store, 2, persona="echo")
+    env = {
+        **os.environ,
+        "PERSONABOT_DATA_DIR": str(data),
+        "PERSONABOT_MODEL__PATH": str(model),
+        "PERSONABOT_GENERATION__BACKEND": "vllm",
+        "PERSONABOT_GENERATION__VLLM__URLS": json.dumps([fake.url]),
+        "PERSONABOT_WORKER__POLL_SECONDS": "0.05",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WATCH_MODULES,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(s == "done" for s, _ in await statuses(store, ids)):
+                break
+            await asyncio.sleep(0.2)
+        assert all(s == "done" for s, _ in await statuses(store, ids))
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        await store.close()
+    output = out.decode()
+    assert proc.returncode == 0, output
+    line = next(x for x in output.splitlines() if x.startswith("MODULES "))
+    assert json.loads(line[len("MODULES ") :]) == [], output
