@@ -26,6 +26,6 @@ async def test_console_message_is_answered_through_the_store(store: Store) -> No
     await app.start()
     result = await console.send("hello there")
     assert result.job_ids and result.stored
-    await _wait_for(lambda: "echo: hello there" in out.getvalue())
+    await _wait_for(lambda: "echo -> hello there" in out.getvalue())
     await app.stop()
-    assert out.getvalue() == "echo: hello there\n"
+    assert out.getvalue() == "echo -> hello there\n"

@@ -51,7 +51,7 @@ async def test_a_parser_error_is_logged_shown_and_the_gateway_reconnects(
         # Still answering after the reconnect.
         await fake.say(w.general, w.bob, f"{mention(fake.bot)} still there?", mentions=[fake.bot])
         (reply,) = await bot.replies(w.general, 1)
-        assert reply["content"] == "echo: Bobby: still there?"
+        assert reply["content"] == "echo -> still there?"
 
         # Status says it runs again, and what broke it.
         (adapter,) = [c for c in (await collect_status(sqlite_store))["components"] if c["kind"] == "adapter"]

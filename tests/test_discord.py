@@ -46,7 +46,7 @@ async def test_guild_mentions_dms_replies_and_threads(store: Store, fake: FakeDi
             w.general, w.alice, f"{mention(fake.bot)} hello {mention(w.bob)}!", mentions=[fake.bot, w.bob]
         )
         (reply,) = await bot.replies(w.general, 1)
-        assert reply["content"] == "echo: Alice: hello @Bobby!"
+        assert reply["content"] == "echo -> hello @Bobby!"
         assert reply["message_reference"]["message_id"] == first["id"]
         assert "<@" not in bot.backend.prompts[-1]
 
@@ -55,13 +55,13 @@ async def test_guild_mentions_dms_replies_and_threads(store: Store, fake: FakeDi
         # A reply to the bot's message answers, and the earlier line is in the prompt.
         await fake.say(w.general, w.bob, "tell me more", reply_to=reply)
         replies = await bot.replies(w.general, 2)
-        assert replies[1]["content"] == "echo: Bobby: tell me more"
-        assert "Bobby: just chatting" in bot.backend.prompts[-1]
+        assert replies[1]["content"] == "echo -> tell me more"
+        assert "[Bobby] just chatting" in bot.backend.prompts[-1]
 
         # A DM needs no mention and gets no reply reference.
         await fake.say(dm, w.alice, "hi in private")
         (dm_reply,) = await bot.replies(dm, 1)
-        assert dm_reply["content"] == "echo: hi in private"
+        assert dm_reply["content"] == "echo -> hi in private"
         assert "message_reference" not in dm_reply
 
         # Threads and forum posts are conversations of their own; replies go into them.
@@ -69,8 +69,8 @@ async def test_guild_mentions_dms_replies_and_threads(store: Store, fake: FakeDi
         await fake.say(post, w.bob, f"{mention(fake.bot)} forum question", mentions=[fake.bot])
         (thread_reply,) = await bot.replies(thread, 1)
         (post_reply,) = await bot.replies(post, 1)
-        assert thread_reply["content"] == "echo: Alice: thread question"
-        assert post_reply["content"] == "echo: Bobby: forum question"
+        assert thread_reply["content"] == "echo -> thread question"
+        assert post_reply["content"] == "echo -> forum question"
         assert "hello" not in bot.backend.prompts[-1] and "hello" not in bot.backend.prompts[-2]
 
         channels = {(c.external_id, c.thread_id): c for c in await bot.rows(Channel)}

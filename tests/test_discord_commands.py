@@ -72,7 +72,7 @@ async def test_blocked_users_and_roles_are_ignored(sqlite_store: Store, fake: Fa
         await fake.say(w.general, w.bob, "!persona pirate")  # commands are refused too
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} I am welcome", mentions=[fake.bot])
         (reply,) = await bot.replies(w.general, 1)
-        assert reply["content"] == "echo: Alice: I am welcome"
+        assert reply["content"] == "echo -> I am welcome"
         assert [m.text for m in await bot.rows(Message, Message.role == "user")] == ["I am welcome"]
         response = await fake.slash(w.general, w.bob, "personas")
         assert response["data"]["flags"] & 64  # ephemeral: only bob sees the refusal
@@ -156,7 +156,7 @@ async def test_cooldown_sends_one_notice_per_window(sqlite_store: Store, fake: F
         await bot.delivered(2)
         contents = [m["content"] for m in fake.posted(w.general)]
         replies = sorted(c for c in contents if c.startswith("echo"))
-        assert replies == ["echo: Alice: message 0", "echo: Bobby: someone else"]
+        assert replies == ["echo -> message 0", "echo -> someone else"]
         assert sum("Slow down" in c for c in contents) == 1  # one notice, not one per message
         assert len(contents) == 3
     finally:

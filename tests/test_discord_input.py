@@ -66,15 +66,15 @@ async def test_odd_messages_never_crash_the_bot(
         replies = [r["content"] for r in await bot.replies(dm, 5)]
         assert all(len(r) <= 2000 for r in replies)
         # Replies to different messages may finish in any order; the long one is two messages.
-        assert {"echo: [attachment: cat.png]", "echo: [sticker: wave]", "echo: still there?"} < set(replies)
-        long_index = replies.index("echo:")
+        assert {"echo -> [attachment: cat.png]", "echo -> [sticker: wave]", "echo -> still there?"} < set(replies)
+        long_index = replies.index("echo ->")
         assert replies[long_index + 1] == "y" * 2000
         general = [m["content"] for m in await bot.replies(w.general, 3)]
-        assert "echo: Alice: שלום עולם, مرحبا" in general
+        assert "echo -> שלום עולם, مرحبا" in general
         (in_mystery,) = await bot.replies(mystery, 1)
-        assert in_mystery["content"] == "echo: Alice: in a mystery channel"
+        assert in_mystery["content"] == "echo -> in a mystery channel"
         (in_thread,) = await bot.replies(old_thread, 1)
-        assert in_thread["content"] == "echo: Alice: in an old thread"
+        assert in_thread["content"] == "echo -> in an old thread"
         threads = await bot.rows(Channel, Channel.thread_id == old_thread["id"])
         assert [(c.external_id, c.title) for c in threads] == [(w.general["id"], "old thread")]
 

@@ -42,14 +42,14 @@ async def test_429_and_5xx_during_delivery_are_retried_and_posted_once(
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} first", mentions=[fake.bot])
         await bot.delivered(1)
         assert len(fake.calls("POST", messages)) == 2
-        assert [m["content"] for m in fake.posted(w.general)] == ["echo: Alice: first"]
+        assert [m["content"] for m in fake.posted(w.general)] == ["echo -> first"]
 
         # An outage (503) fails the delivery; the outbox retries it with backoff.
         fake.fail_next("POST", messages, 503)
         await fake.say(w.general, w.alice, f"{mention(fake.bot)} second", mentions=[fake.bot])
         await bot.delivered(2)
         assert len(fake.calls("POST", messages)) == 4
-        assert [m["content"] for m in fake.posted(w.general)][1:] == ["echo: Alice: second"]
+        assert [m["content"] for m in fake.posted(w.general)][1:] == ["echo -> second"]
         (failed_once,) = await bot.rows(OutboxDelivery, OutboxDelivery.attempts == 2)
         assert failed_once.status == "delivered"
     finally:
@@ -140,7 +140,7 @@ async def test_gateway_reconnect_and_outage_resume_the_session(
         await fake.wait_until(lambda: len(fake.gateway_paths) >= 3)  # a refused attempt
         fake.gateway_down = False
         replies = await bot.replies(w.general, 2, timeout=15)
-        assert replies[1]["content"] == "echo: Bobby: during the outage"
+        assert replies[1]["content"] == "echo -> during the outage"
         assert fake.resume_count == 2 and fake.identify_count == 1
     finally:
         await bot.stop()
@@ -158,7 +158,7 @@ async def test_a_duplicated_message_create_is_stored_and_answered_once(
         await bot.delivered(2)
         await asyncio.sleep(0.2)  # time for a wrongly queued third reply to show up
         replies = sorted(m["content"] for m in fake.posted(w.general))
-        assert replies == ["echo: Alice: once", "echo: Bobby: next"]
+        assert replies == ["echo -> next", "echo -> once"]  # sorted
         stored = await bot.rows(Message, Message.role == "user")
         assert [m.text for m in stored] == ["once", "next"]
     finally:
@@ -214,7 +214,7 @@ async def test_sharded_client_from_one_setting(sqlite_store: Store, fake: FakeDi
             await fake.say(channel, alice, f"{mention(fake.bot)} hi shard", mentions=[fake.bot])
         for channel in channels:
             (reply,) = await bot.replies(channel, 1)
-            assert reply["content"] == "echo: Alice: hi shard"
+            assert reply["content"] == "echo -> hi shard"
     finally:
         await bot.stop()
 
@@ -236,6 +236,6 @@ async def test_many_shards_start_though_together_they_take_longer_than_the_ready
         assert sorted(s.shard for s in fake.sessions.values()) == [(n, 4) for n in range(4)]
         await fake.say(channel, alice, f"{mention(fake.bot)} hi", mentions=[fake.bot])
         (reply,) = await bot.replies(channel, 1)
-        assert reply["content"] == "echo: Alice: hi"
+        assert reply["content"] == "echo -> hi"
     finally:
         await bot.stop()

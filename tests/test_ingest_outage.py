@@ -171,8 +171,8 @@ async def test_discord_messages_during_an_outage_are_answered_after_it(
             replies = await bot.replies(w.general, 3, timeout=20)
             texts = [r["content"] for r in replies]
             assert [t for t in texts if t.startswith("echo")] == [
-                "echo: Alice: during 0",
-                "echo: Alice: during 1",
+                "echo -> during 0",
+                "echo -> during 1",
             ]
             assert any(t.startswith("Commands: ") for t in texts)  # the command's answer, late
         finally:

@@ -41,7 +41,7 @@ async def test_private_and_group_chats_are_answered_per_the_trigger_rules(
         # A private chat is always answered, without quoting.
         sent = api.send(FakeChat.private(ADA), ADA, "hello there")
         (reply,) = await bot.reply_in(ADA.id)
-        assert reply["text"] == "echo: hello there"
+        assert reply["text"] == "echo -> hello there"
         assert "reply_to_message" not in reply
 
         # In a group, plain chatter is stored but not answered.
@@ -53,20 +53,20 @@ async def test_private_and_group_chats_are_answered_per_the_trigger_rules(
         # A mention is answered, quoting the message; the bot's own @name is not part of the text.
         asked = api.send(GROUP, BOB, f"{MENTION} what's up?", entities=[mention_entity()])
         replies = await bot.reply_in(GROUP.id, 1)
-        assert replies[0]["text"].endswith("Bob: what's up?")
+        assert replies[0]["text"] == "echo -> what's up?"
         assert replies[0]["reply_to_message"]["message_id"] == asked["message_id"]
 
         # A reply to the bot's message is answered.
         api.send(GROUP, BOB, "tell me more", reply_to=replies[0])
         replies = await bot.reply_in(GROUP.id, 2)
-        assert replies[1]["text"].endswith("Bob: tell me more")
+        assert replies[1]["text"] == "echo -> tell me more"
 
         # A trigger keyword, and the persona's name.
         api.send(GROUP, BOB, "who wants a cracker?")
         api.send(GROUP, BOB, "Polly, say hi")
         replies = await bot.reply_in(GROUP.id, 4)
-        answered = {r["text"].removeprefix("echo: ").rsplit("\n", 1)[-1] for r in replies[2:]}  # any order
-        assert answered == {"Bob: who wants a cracker?", "Bob: Polly, say hi"}
+        answered = {r["text"].removeprefix("echo -> ").rsplit("\n", 1)[-1] for r in replies[2:]}  # any order
+        assert answered == {"who wants a cracker?", "Polly, say hi"}
 
         # Only an admin binds the group; then every message is answered.
         api.send(GROUP, BOB, "/persona parrot")
@@ -77,7 +77,7 @@ async def test_private_and_group_chats_are_answered_per_the_trigger_rules(
         assert "now answers in this channel" in replies[5]["text"]
         api.send(GROUP, BOB, "no trigger at all now")
         replies = await bot.reply_in(GROUP.id, 7)
-        assert replies[6]["text"].endswith("Bob: no trigger at all now")
+        assert replies[6]["text"] == "echo -> no trigger at all now"
 
     # The store holds every turn, and the platform ids of the replies.
     assert sent["message_id"] is not None
@@ -102,7 +102,7 @@ async def test_forum_topics_are_separate_conversations(
         api.send(forum, BOB, f"{MENTION} second topic", entities=[mention_entity()], thread_id=22)
         replies = await bot.reply_in(forum.id, 2)
         by_thread = {r["message_thread_id"]: r["text"] for r in replies}
-        assert by_thread == {11: "echo: Ada: first topic", 22: "echo: Bob: second topic"}
+        assert by_thread == {11: "echo -> first topic", 22: "echo -> second topic"}
         channels = await bot.rows(Channel, Channel.external_id == str(forum.id))
         assert sorted(c.thread_id for c in channels) == ["11", "22"]
 
@@ -139,7 +139,7 @@ async def test_duplicate_updates_are_stored_and_answered_once(
         await bot.settle()
         assert len(await bot.user_messages(ADA.id)) == 1
         assert await bot.count(ReplyJob) == 1
-        assert [m["text"] for m in api.bot_messages(ADA.id)] == ["echo: only once, please"]
+        assert [m["text"] for m in api.bot_messages(ADA.id)] == ["echo -> only once, please"]
 
 
 async def test_blocked_users_get_nothing_and_leave_nothing(
@@ -260,7 +260,7 @@ async def test_input_telegram_can_send_is_handled_without_a_crash(
 
         await bot.reply_in(GROUP.id, 1)
         await bot.settle()
-        assert api.bot_messages(GROUP.id)[0]["text"] == "echo: Bob: look at this"
+        assert api.bot_messages(GROUP.id)[0]["text"] == "echo -> look at this"
         texts = [m.text for m in await bot.user_messages(ADA.id)]
         # The photo and the sticker carry no text: nothing to store, nothing to answer.
         assert texts == ["hi 😀", "broken \ufffd surrogate and a  NUL", long_text]

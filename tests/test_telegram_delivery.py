@@ -128,7 +128,7 @@ async def test_flood_control_429_is_waited_out_and_posted_once(
     sends = [c for c in api.calls_of("sendMessage") if c.int("chat_id") == CHAT.id]
     assert len(sends) == 2  # the 429, then the retry
     assert sends[1].at - sends[0].at >= 1.0  # retry_after was honoured
-    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: hello under flood control"]
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> hello under flood control"]
     (row,) = await bot.rows(OutboxDelivery)
     assert row.status == "delivered" and row.attempts == 1
 
@@ -141,7 +141,7 @@ async def test_5xx_answers_are_retried_with_backoff(
         api.send(CHAT, ADA, "through a flaky gateway")
         await bot.reply_in(CHAT.id)
     assert len(api.calls_of("sendMessage")) == 3
-    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: through a flaky gateway"]
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> through a flaky gateway"]
 
 
 async def test_a_group_upgraded_to_a_supergroup_gets_the_reply_at_its_new_id(
@@ -157,7 +157,7 @@ async def test_a_group_upgraded_to_a_supergroup_gets_the_reply_at_its_new_id(
     async with running_bot(sqlite_store, api, tmp_path) as bot:
         api.send(group, ADA, "Polly, hello")
         (reply,) = await bot.reply_in(-1005)
-    assert reply["text"] == "echo: Ada: Polly, hello"
+    assert reply["text"] == "echo -> Polly, hello"
     assert api.bot_messages(group.id) == []
 
 
@@ -197,7 +197,7 @@ async def test_an_undelivered_reply_is_sent_once_after_a_restart(
         await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
     async with running_bot(store, api, tmp_path) as bot:
         await bot.settle()
-    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: are you there?"]
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> are you there?"]
     assert len(await bot.user_messages(CHAT.id)) == 1  # the update was not fetched twice either
 
 
@@ -270,7 +270,7 @@ async def test_a_long_outage_is_retried_past_any_fixed_count_until_telegram_is_b
         )
     (row,) = await bot.rows(OutboxDelivery)
     assert row.attempts == 13
-    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: still there?"]
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> still there?"]
 
 
 async def test_a_transient_failure_past_the_deadline_fails_the_row(
@@ -299,7 +299,7 @@ async def test_a_slow_answer_to_a_send_is_waited_for_and_posted_once(
         api.send(CHAT, ADA, "take your time")
         await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
         await asyncio.sleep(0.5)
-    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo: take your time"]
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> take your time"]
     (row,) = await bot.rows(OutboxDelivery)
     assert row.attempts == 1 and row.inflight_chunk is None
 

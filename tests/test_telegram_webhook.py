@@ -71,7 +71,7 @@ async def test_webhook_accepts_updates_with_the_secret_and_refuses_the_rest(
         assert (no_secret.status_code, wrong_secret.status_code, right.status_code) == (403, 403, 200)
 
         (reply,) = await bot.reply_in(ADA.id)
-        assert reply["text"] == "echo: hello over the webhook"
+        assert reply["text"] == "echo -> hello over the webhook"
         assert [m.text for m in await bot.rows(Message, Message.role == "user")] == ["hello over the webhook"]
 
 

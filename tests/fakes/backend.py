@@ -32,7 +32,7 @@ class ScriptedBackend:
         context_window: int = 4096,
     ) -> None:
         self.tokenizer = tokenizer or byte_level_tokenizer()
-        self.reply_fn = reply_fn or (lambda prompt: f"echo: {last_user_text(prompt)}")
+        self.reply_fn = reply_fn or (lambda prompt: f"echo -> {last_user_text(prompt)}")
         self.delay = delay  # seconds per streamed word, to exercise typing and streaming
         self.context_window = context_window
         self.prompts: list[str] = []  # every prompt seen, decoded, for assertions

@@ -53,8 +53,8 @@ def scripted(reply_fn: Callable[[str], str] | None = None, *, delay: float = 0.0
 
 
 def echo_last_line(prompt: str) -> str:
-    """`echo: <the newest user line>` (group prompts prefix lines with the author's name)."""
-    return "echo: " + last_user_text(prompt).splitlines()[-1]
+    """`echo -> <the newest user line>` (not `echo:`, which a group reply would lose as a speaker tag)."""
+    return "echo -> " + last_user_text(prompt).splitlines()[-1]
 
 
 @dataclass
