@@ -66,7 +66,9 @@ async def test_odd_messages_never_crash_the_bot(
         replies = [r["content"] for r in await bot.replies(dm, 5)]
         assert all(len(r) <= 2000 for r in replies)
         # Replies to different messages may finish in any order; the long one is two messages.
-        assert {"echo -> [attachment: cat.png]", "echo -> [sticker: wave]", "echo -> still there?"} < set(replies)
+        assert {"echo -> [attachment: cat.png]", "echo -> [sticker: wave]", "echo -> still there?"} < set(
+            replies
+        )
         long_index = replies.index("echo ->")
         assert replies[long_index + 1] == "y" * 2000
         general = [m["content"] for m in await bot.replies(w.general, 3)]
