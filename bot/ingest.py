@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from adapters.base import DispatchResult, EventHandler, NotAccepted
+from bot.backoff import backoff
 from bot.events import Incoming, PlatformEvent
 from bot.spool import Spooled, SpoolFile, orphans, read_pending
 from bot.store.engine import database_unreachable
@@ -149,7 +150,7 @@ class Ingest:
             )
 
     async def _replay(self) -> None:
-        delay = self.retry_seconds
+        failures = 0  # in a row, for the backoff
         while True:
             if not self._waiting:
                 self._wake.clear()
@@ -161,8 +162,10 @@ class Ingest:
             except Exception as exc:
                 if database_unreachable(exc):
                     self._outage_began(exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.max_retry_seconds)
+                    failures += 1
+                    await asyncio.sleep(
+                        backoff(failures, base=self.retry_seconds, cap=self.max_retry_seconds, jitter=False)
+                    )
                     continue
                 log.exception(
                     "storing kept %s %s failed; dropped",
@@ -170,7 +173,7 @@ class Ingest:
                     item.event.platform_message_id,
                 )
                 result = None
-            delay = self.retry_seconds
+            failures = 0
             self._waiting.popleft()
             assert self._file is not None
             if self._waiting:

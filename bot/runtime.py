@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from bot.backoff import backoff
 from bot.basemodel import MARKER, default_model_dir, model_sha256, pull_default_model, resolve_model
 from bot.config import Settings
 from bot.generation.base import GenerationBackend
@@ -28,7 +29,7 @@ async def open_store(settings: Settings, *, wait_seconds: float = 0.0) -> Store:
     While the database is unreachable it is tried again for up to `wait_seconds` (one WARNING says so).
     """
     deadline = time.monotonic() + wait_seconds
-    delay = 0.5
+    attempt = 0
     while True:
         store = Store(settings.resolved_database_url)
         try:
@@ -41,14 +42,14 @@ async def open_store(settings: Settings, *, wait_seconds: float = 0.0) -> Store:
                 or time.monotonic() >= deadline
             ):
                 raise
-            if delay == 0.5:
+            attempt += 1
+            if attempt == 1:
                 log.warning(
                     "the database is unreachable (%s); waiting up to %g s for it",
                     type(exc).__name__,
                     wait_seconds,
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(backoff(attempt, base=0.5, cap=5.0, jitter=False))
             continue
         return store
 

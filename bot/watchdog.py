@@ -21,6 +21,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from bot.backoff import backoff
+
 log = logging.getLogger(__name__)
 
 
@@ -106,11 +108,9 @@ class ConnectionWatchdog:
                 return
 
     async def _reconnect(self, adapter: Reconnectable, failure: dict[str, Any]) -> bool:
-        delay = self.backoff_seconds
         last: BaseException | None = None
         for attempt in range(1, self.attempts + 1):
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 60.0)
+            await asyncio.sleep(backoff(attempt, base=self.backoff_seconds, cap=60.0, jitter=False))
             try:
                 await adapter.reconnect()
             except Exception as exc:
