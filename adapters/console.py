@@ -1,14 +1,19 @@
 """The terminal adapter: one console channel, stdin in, stdout out.
 
 With a terminal it shows a prompt and prints replies as they stream; with piped stdin it prints only
-the replies, one block per input line, so it can be scripted.
+the replies, one block per input line, so it can be scripted. `ConsoleAdapter.read` is the one input
+loop: `personabot chat` and `personabot run --console` both use it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import getpass
 import sys
+import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TextIO
 
 from adapters.base import DispatchResult, EventHandler
@@ -56,6 +61,34 @@ class ConsoleAdapter:
             )
         )
 
+    async def read(
+        self, stdin: TextIO, after_line: Callable[[DispatchResult], Awaitable[None]] | None = None
+    ) -> None:
+        """Send each non-blank line of `stdin` until it ends; `after_line` runs after each one is handled.
+
+        The prompt is shown when the previous line is done, so replies never interleave with it.
+        """
+        lines = _lines(stdin)
+        while True:
+            self.prompt()
+            line = await anext(lines, None)
+            if line is None:
+                return
+            text = line.rstrip("\n")
+            if not text.strip():
+                continue
+            result = await self.send(text)
+            if result.notice:
+                self.show(result.notice)
+            if after_line is not None:
+                await after_line(result)
+
+    def prompt(self) -> None:
+        """The input prompt, when a person is typing."""
+        if self.interactive:
+            self.stdout.write("you> ")
+            self.stdout.flush()
+
     def show(self, text: str) -> None:
         """Print one block: a reply or a command's answer."""
         if not self.interactive and self._blocks:
@@ -97,3 +130,24 @@ class ConsoleAdapter:
 
     async def stop(self) -> None:
         self._on_event = None
+
+
+async def _lines(stdin: TextIO) -> AsyncIterator[str]:
+    """Lines of `stdin`, read by a daemon thread so that shutdown never waits on a blocked read."""
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def put(line: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads any more
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+    def read() -> None:
+        try:
+            for line in stdin:
+                put(line)
+        finally:
+            put(None)
+
+    threading.Thread(target=read, name="console-stdin", daemon=True).start()
+    while (line := await lines.get()) is not None:
+        yield line

@@ -10,13 +10,14 @@ import asyncio
 import sys
 from typing import TextIO
 
+from adapters.base import DispatchResult
 from adapters.console import ConsoleAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
 from bot.runtime import install_bundled, load_backend, load_registry, open_store
-from bot.store import conversations
-from bot.store.models import ReplyJob
+from bot.store import Store, conversations, jobs
+from bot.store.models import JobStatus
 from bot.worker import Worker
 
 
@@ -46,40 +47,35 @@ async def run_chat(
             async with store.transaction() as session:
                 channel_id = await conversations.upsert_channel(session, adapter.channel)
                 await conversations.bind_persona(session, channel_id, persona, bound_by=adapter.author.key)
-        await _loop(adapter, worker, pump, store, stdin, settings)
+        await adapter.read(stdin, lambda result: _answer(adapter, worker, pump, store, result, settings))
     finally:
         await store.close()
 
 
-async def _loop(adapter, worker, pump, store, stdin, settings) -> None:  # type: ignore[no-untyped-def]
-    while True:
-        if adapter.interactive:
-            adapter.stdout.write("you> ")
-            adapter.stdout.flush()
-        line = await asyncio.to_thread(stdin.readline)
-        if not line:
-            return
-        text = line.rstrip("\n")
-        if not text.strip():
-            continue
-        result = await adapter.send(text)
-        if result.notice:
-            adapter.show(result.notice)
-        for job_id in result.job_ids:
-            await _wait_for_job(worker, store, job_id, settings.worker.poll_seconds)
-        await pump.flush()
-        for job_id in result.job_ids:
-            async with store.transaction() as session:
-                job = await session.get(ReplyJob, job_id)
-            if job is not None and job.status == "failed":
-                adapter.show(f"(no reply: {job.error})")
+async def _answer(
+    adapter: ConsoleAdapter,
+    worker: Worker,
+    pump: OutboxPump,
+    store: Store,
+    result: DispatchResult,
+    settings: Settings,
+) -> None:
+    """Work the line's reply jobs in this process, deliver the replies, and say which failed."""
+    for job_id in result.job_ids:
+        await _wait_for_job(worker, store, job_id, settings.worker.poll_seconds)
+    await pump.flush()
+    for job_id in result.job_ids:
+        async with store.transaction() as session:
+            state = await jobs.state(session, job_id)
+        if state is not None and state.status == JobStatus.FAILED:
+            adapter.show(f"(no reply: {state.error})")
 
 
-async def _wait_for_job(worker: Worker, store, job_id: int, poll: float) -> None:  # type: ignore[no-untyped-def]
+async def _wait_for_job(worker: Worker, store: Store, job_id: int, poll: float) -> None:
     while True:
         async with store.transaction() as session:
-            job = await session.get(ReplyJob, job_id)
-        if job is None or job.status in ("done", "failed"):
+            state = await jobs.state(session, job_id)
+        if state is None or state.status in (JobStatus.DONE, JobStatus.FAILED):
             return
         if await worker.run_once() == 0:
             await asyncio.sleep(poll)

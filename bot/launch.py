@@ -24,8 +24,7 @@ from bot.config import Settings
 from bot.errors import ConfigError
 from bot.generation.base import GenerationBackend
 from bot.runtime import START_WAIT_SECONDS, install_bundled, load_backend, load_registry, open_store
-from bot.store import Store, conversations
-from bot.store.models import OutboxDelivery, ReplyJob
+from bot.store import Store, conversations, jobs
 from personas.registry import PersonaRegistry
 from personas.versions import active_version
 
@@ -63,66 +62,19 @@ async def _persona_lines(store: Store, registry: PersonaRegistry, say: Say) -> N
                 say(f"persona {persona.slug}: answering with adapter {active.version} (held-out loss {loss})")
 
 
-class ConsoleInput:
-    """Lines from stdin for the console adapter; a daemon thread reads, so shutdown never waits on it."""
-
-    def __init__(self, adapter: ConsoleAdapter, store: Store, stdin: TextIO, on_end: Callable[[], None]):
-        self.adapter = adapter
-        self.store = store
-        self.stdin = stdin
-        self.on_end = on_end
-        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
-
-    def start(self) -> asyncio.Task[None]:
-        loop = asyncio.get_running_loop()
-
-        def read() -> None:
-            for line in self.stdin:
-                loop.call_soon_threadsafe(self._lines.put_nowait, line)
-            loop.call_soon_threadsafe(self._lines.put_nowait, None)
-
-        threading.Thread(target=read, name="console-stdin", daemon=True).start()
-        return asyncio.create_task(self._run(), name="console-input")
-
-    async def _run(self) -> None:
-        while (line := await self._lines.get()) is not None:
-            text = line.rstrip("\n")
-            if not text.strip():
-                continue
-            result = await self.adapter.send(text)
-            if result.notice:
-                self.adapter.show(result.notice)
-        # End of input (piped stdin): stop once every reply to the console has been delivered.
-        await self._wait_until_answered()
-        self.on_end()
-
-    async def _wait_until_answered(self) -> None:
-        from sqlalchemy import func, select
-
-        while True:
-            async with self.store.transaction() as session:
-                channel_id = await conversations.find_channel(session, self.adapter.channel)
-                if channel_id is None:
-                    return
-                busy = (
-                    await session.execute(
-                        select(func.count())
-                        .select_from(ReplyJob)
-                        .where(ReplyJob.channel_id == channel_id, ReplyJob.status.in_(("pending", "running")))
-                    )
-                ).scalar_one() + (
-                    await session.execute(
-                        select(func.count())
-                        .select_from(OutboxDelivery)
-                        .where(
-                            OutboxDelivery.channel_id == channel_id,
-                            OutboxDelivery.status.in_(("pending", "sending")),
-                        )
-                    )
-                ).scalar_one()
-            if not busy:
-                return
-            await asyncio.sleep(0.2)
+async def _read_console(
+    adapter: ConsoleAdapter, store: Store, stdin: TextIO, on_end: Callable[[], None]
+) -> None:
+    """The console's lines; at the end of piped input, stop once every reply to it has been delivered."""
+    await adapter.read(stdin)
+    while True:
+        async with store.transaction() as session:
+            channel_id = await conversations.find_channel(session, adapter.channel)
+            busy = channel_id is not None and await jobs.unanswered(session, channel_id)
+        if not busy:
+            break
+        await asyncio.sleep(0.2)
+    on_end()
 
 
 async def run_bot(
@@ -257,7 +209,9 @@ async def _run(
                 say("scheduler: skipped: scheduler.enabled is false")
             reader = None
             if console_adapter is not None:
-                reader = ConsoleInput(console_adapter, store, stdin or sys.stdin, stop.set).start()
+                reader = asyncio.create_task(
+                    _read_console(console_adapter, store, stdin or sys.stdin, stop.set), name="console-input"
+                )
             stopped = asyncio.create_task(stop.wait())
             failed = asyncio.create_task(app.failed.wait())
             await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)

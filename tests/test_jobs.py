@@ -8,7 +8,7 @@ from sqlalchemy import func, select, update
 
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, utcnow
 from bot.store import Store, conversations, jobs
-from bot.store.models import Message, OutboxDelivery, ReplyJob
+from bot.store.models import JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
 
 
 async def add_jobs(
@@ -194,3 +194,25 @@ async def test_a_vetoed_job_is_done_without_a_reply(store: Store) -> None:
     assert row.status == "done" and row.reply_message_id is None and row.error == "vetoed by the plugin"
     assert await count(store, Message, Message.role == "assistant") == 0
     assert await count(store, OutboxDelivery) == 0
+
+
+async def test_a_channel_is_unanswered_until_its_reply_is_delivered(store: Store) -> None:
+    (job_id,) = await add_jobs(store, 1, channel="u", one_channel=True)
+    async with store.transaction() as session:
+        channel_id = await conversations.find_channel(session, ChannelRef("console", "u", ChannelKind.DIRECT))
+        assert channel_id is not None
+        assert await jobs.unanswered(session, channel_id) == 1  # the pending job
+        state = await jobs.state(session, job_id)
+        assert state == jobs.JobState(JobStatus.PENDING, None)
+        assert await jobs.state(session, job_id + 1000) is None
+        assert await conversations.channel_by_id(session, channel_id) == ChannelRef(
+            "console", "u", ChannelKind.DIRECT
+        )
+        assert await conversations.channel_by_id(session, channel_id + 1000) is None
+    (job,) = await claim(store, "w")
+    async with store.transaction() as session:
+        await jobs.complete(session, job, text="hi", persona="assistant", platform="console")
+        assert (await jobs.state(session, job_id)).status == JobStatus.DONE  # type: ignore[union-attr]
+        assert await jobs.unanswered(session, channel_id) == 1  # now the undelivered reply
+        await session.execute(update(OutboxDelivery).values(status=OutboxStatus.DELIVERED))
+        assert await jobs.unanswered(session, channel_id) == 0

@@ -52,10 +52,9 @@ def _context_window(settings: Settings, location: Any) -> int:
 
 async def _channel_turns(settings: Settings, key: str, persona: str) -> list[Turn]:
     from bot.conversation import history_to_turns
-    from bot.events import ChannelRef
+    from bot.events import ChannelKind, ChannelRef
     from bot.runtime import open_store
     from bot.store import conversations
-    from bot.store.models import Channel
 
     platform, sep, rest = key.partition(":")
     if not sep or not platform or not rest:
@@ -69,12 +68,12 @@ async def _channel_turns(settings: Settings, key: str, persona: str) -> list[Tur
             )
             if channel_id is None:
                 raise PromptError(f"--channel {key!r}: no such channel in the store")
-            channel = await session.get(Channel, channel_id)
+            channel = await conversations.channel_by_id(session, channel_id)
             history = await conversations.history(session, channel_id)
     finally:
         await store.close()
     assert channel is not None
-    return history_to_turns(history, persona=persona, group=channel.kind != "direct")
+    return history_to_turns(history, persona=persona, group=channel.kind != ChannelKind.DIRECT)
 
 
 def _lore_report(rendered: Any) -> list[dict[str, Any]]:

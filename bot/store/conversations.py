@@ -53,6 +53,12 @@ def channel_ref(channel: Channel) -> ChannelRef:
     )
 
 
+async def channel_by_id(session: AsyncSession, channel_id: int) -> ChannelRef | None:
+    """The stored channel `channel_id` as the adapters name it; None when it is gone."""
+    channel = await session.get(Channel, channel_id)
+    return None if channel is None else channel_ref(channel)
+
+
 def _insert_for(session: AsyncSession):  # type: ignore[no-untyped-def]
     """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both backends."""
     return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -167,6 +167,38 @@ async def extend_leases(
 async def depth(session: AsyncSession) -> int:
     """Jobs waiting to be claimed now: pending and due, or running under an expired lease."""
     return await QUEUE.depth(session)
+
+
+@dataclass(frozen=True)
+class JobState:
+    status: JobStatus
+    error: str | None
+
+
+async def state(session: AsyncSession, job_id: int) -> JobState | None:
+    """A job's status and last error; None when there is no such job."""
+    row = (
+        await session.execute(select(ReplyJob.status, ReplyJob.error).where(ReplyJob.id == job_id))
+    ).first()
+    return None if row is None else JobState(JobStatus(row.status), row.error)
+
+
+async def unanswered(session: AsyncSession, channel_id: int) -> int:
+    """A channel's reply jobs not yet finished plus its replies not yet delivered (0: all answered)."""
+    jobs_left = await session.execute(
+        select(func.count())
+        .select_from(ReplyJob)
+        .where(ReplyJob.channel_id == channel_id, ReplyJob.status.in_((JobStatus.PENDING, JobStatus.RUNNING)))
+    )
+    deliveries_left = await session.execute(
+        select(func.count())
+        .select_from(OutboxDelivery)
+        .where(
+            OutboxDelivery.channel_id == channel_id,
+            OutboxDelivery.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING)),
+        )
+    )
+    return int(jobs_left.scalar_one()) + int(deliveries_left.scalar_one())
 
 
 async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note: str) -> bool:

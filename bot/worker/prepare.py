@@ -22,7 +22,6 @@ from bot.replies import speaker_stops
 from bot.store import conversations
 from bot.store.conversations import HistoryMessage
 from bot.store.jobs import ClaimedJob
-from bot.store.models import Channel
 from bot.streaming import ActiveReply
 from bot.worker.adapters import AdapterSync, AdapterUnavailable
 from personas.registry import Persona, PersonaRegistry
@@ -65,10 +64,10 @@ class JobInputs:
 
 async def load_inputs(session: AsyncSession, job: ClaimedJob) -> JobInputs | None:
     """The job's channel and visible history (None when the channel is gone)."""
-    channel = await session.get(Channel, job.channel_id)
+    channel = await conversations.channel_by_id(session, job.channel_id)
     if channel is None:
         return None
-    return JobInputs(conversations.channel_ref(channel), await conversations.history(session, job.channel_id))
+    return JobInputs(channel, await conversations.history(session, job.channel_id))
 
 
 def _plugins() -> Any:
