@@ -145,3 +145,51 @@ def test_nan_weights_are_refused(base: Any, tmp_path: Path) -> None:
     save_file(weights, folder / "adapter_model.safetensors")
     with pytest.raises(AdapterLoadError, match="NaN or infinity"):
         MultiLora(copy.deepcopy(base)).load("x", folder)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"use_dora": True}, "use_dora: DoRA adapters are not supported"),
+        ({"bias": "all"}, "bias: biases"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save: modules_to_save"),
+        ({"lora_bias": True}, "lora_bias: LoRA bias"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication: layer replication"),
+        ({"use_qalora": True}, "use_qalora: QA-LoRA"),
+        # An option this loader has never heard of is refused too, not silently ignored.
+        ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens: the peft option"),
+        # peft itself drops keys it does not know (a newer peft wrote them); so does not the loader.
+        ({"use_future_lora_trick": True}, r"Unexpected keyword arguments \['use_future_lora_trick'\]"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
+    ],
+)
+def test_unsupported_peft_options_name_the_folder_and_the_option(
+    base: Any, tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    folder = make_lora_folder(base, tmp_path / "opt", seed=1)
+    _edit_config(folder, **changes)
+    with pytest.raises(AdapterLoadError, match=message) as caught:
+        MultiLora(copy.deepcopy(base)).load("x", folder)
+    assert str(folder / "adapter_config.json") in str(caught.value)
+
+
+def test_rank_pattern_is_read_from_the_config(base: Any, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        init_lora_weights=False,
+    )
+    get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "ranked")
+    kw = {"linears": _linears(base), "device": torch.device("cpu"), "dtype": torch.float32}
+    loaded = load_adapter(tmp_path / "ranked", name="r", **kw)
+    assert loaded.modules["model.layers.0.self_attn.q_proj"].scaling == 2.0  # 8 / 4
+    assert loaded.modules["model.layers.0.self_attn.v_proj"].scaling == 4.0  # 8 / 2
+    assert loaded.modules["model.layers.0.self_attn.v_proj"].a.shape[0] == 2
+    # A config whose rank disagrees with the weights is refused, not scaled wrongly.
+    _edit_config(tmp_path / "ranked", rank_pattern={})
+    with pytest.raises(AdapterLoadError, match="at rank 4"):
+        load_adapter(tmp_path / "ranked", name="r", **kw)

@@ -115,7 +115,7 @@ async def test_token_ids_go_out_and_streamed_token_ids_come_back(fake: FakeVllm)
 async def test_max_tokens_ends_a_reply_with_length(fake: FakeVllm) -> None:
     vllm = backend(fake.url)
     try:
-        [result] = await asyncio.to_thread(vllm.generate, [request(max_new=3)])
+        [result] = await asyncio.to_thread(vllm.generate_batch, [request(max_new=3)], GenerationCallbacks())
     finally:
         vllm.close()
     assert (len(result.token_ids), result.finish_reason) == (3, "length")
@@ -126,7 +126,7 @@ async def test_a_rejected_request_is_the_requests_fault_not_the_servers(fake: Fa
     fake.fail_next = [400]
     try:
         with pytest.raises(RequestRejected, match="HTTP 400"):
-            await asyncio.to_thread(vllm.generate, [request()])
+            await asyncio.to_thread(vllm.generate_batch, [request()], GenerationCallbacks())
         assert vllm.health()["healthy"] is True
     finally:
         vllm.close()
@@ -140,7 +140,9 @@ async def test_adapters_load_under_versioned_names_and_old_versions_unload(fake:
     try:
         await asyncio.to_thread(vllm.load_adapter, "pirate@v1", Path("/data/loras/pirate/v1"))
         assert fake.adapters == {"pirate@v1": "/srv/loras/pirate/v1"}
-        [with_adapter, base] = await asyncio.to_thread(vllm.generate, [request("pirate@v1"), request()])
+        [with_adapter, base] = await asyncio.to_thread(
+            vllm.generate_batch, [request("pirate@v1"), request()], GenerationCallbacks()
+        )
         assert with_adapter.text.startswith("pirate@v1 answers") and base.text.startswith(BASE)
         await asyncio.to_thread(vllm.load_adapter, "pirate@v2", Path("/data/loras/pirate/v2"))
         await asyncio.to_thread(vllm.unload_adapter, "pirate@v1")
@@ -154,7 +156,7 @@ async def test_a_404_after_a_restart_loads_the_adapter_again_and_retries(fake: F
     try:
         await asyncio.to_thread(vllm.load_adapter, "poet@v3", Path("/loras/poet/v3"))
         fake.forget()  # the server restarted between two requests
-        [result] = await asyncio.to_thread(vllm.generate, [request("poet@v3")])
+        [result] = await asyncio.to_thread(vllm.generate_batch, [request("poet@v3")], GenerationCallbacks())
     finally:
         vllm.close()
     assert result.text.startswith("poet@v3 answers")
@@ -181,7 +183,7 @@ async def test_an_adapter_loaded_while_the_server_is_down_loads_when_it_is_back(
         await fake.start()
         await asyncio.sleep(0.1)  # health_check_seconds
         assert await asyncio.to_thread(vllm.ready)
-        [result] = await asyncio.to_thread(vllm.generate, [request("pirate@v1")])
+        [result] = await asyncio.to_thread(vllm.generate_batch, [request("pirate@v1")], GenerationCallbacks())
     finally:
         vllm.close()
     assert result.text.startswith("pirate@v1") and fake.loads == ["pirate@v1"]
@@ -195,12 +197,12 @@ async def test_a_5xx_fails_the_attempt_and_a_probe_finds_the_server_again(fake: 
     fake.fail_next = [503]
     try:
         with pytest.raises(BackendUnavailable, match="HTTP 503"):
-            await asyncio.to_thread(vllm.generate, [request()])
+            await asyncio.to_thread(vllm.generate_batch, [request()], GenerationCallbacks())
         health = vllm.health()
         assert health["healthy"] is False and "503" in health["servers"][0]["error"]
         await asyncio.sleep(0.1)
         assert await asyncio.to_thread(vllm.ready)
-        [result] = await asyncio.to_thread(vllm.generate, [request()])
+        [result] = await asyncio.to_thread(vllm.generate_batch, [request()], GenerationCallbacks())
         assert result.text.startswith(BASE)
     finally:
         vllm.close()
@@ -211,7 +213,7 @@ async def test_a_stalled_server_times_out(fake: FakeVllm) -> None:
     fake.stall = 3.0  # the reply would come, later than the stall timeout allows
     try:
         with pytest.raises(BackendUnavailable, match="timed out"):
-            await asyncio.to_thread(vllm.generate, [request()])
+            await asyncio.to_thread(vllm.generate_batch, [request()], GenerationCallbacks())
     finally:
         vllm.close()
 
@@ -224,7 +226,7 @@ async def test_a_down_server_is_unhealthy_and_not_ready() -> None:
         assert health["healthy"] is False and health["servers"][0]["state"] == "unhealthy"
         assert "Connect" in health["servers"][0]["error"]
         with pytest.raises(BackendUnavailable, match="no vLLM server answers"):
-            await asyncio.to_thread(vllm.generate, [request()])
+            await asyncio.to_thread(vllm.generate_batch, [request()], GenerationCallbacks())
     finally:
         vllm.close()
 
@@ -236,7 +238,9 @@ async def test_requests_go_to_the_least_loaded_healthy_server(fake: FakeVllm) ->
     vllm = backend(down, fake.url, other.url)
     fake.stall = other.stall = 0.3  # the requests overlap
     try:
-        results = await asyncio.to_thread(vllm.generate, [request() for _ in range(6)])
+        results = await asyncio.to_thread(
+            vllm.generate_batch, [request() for _ in range(6)], GenerationCallbacks()
+        )
     finally:
         vllm.close()
         await other.stop()

@@ -10,18 +10,14 @@ import pytest
 
 from bot.chat import run_chat
 from bot.config import load_settings
-from bot.generation.base import GenerationRequest, GenerationResult
 from tests.fakes.backend import ScriptedBackend, last_user_text
 
 
 class LoopCutBackend(ScriptedBackend):
     """Says its first reply was cut by the loop guard, as the engine reports it."""
 
-    def generate(self, requests: list[GenerationRequest], on_text=None) -> list[GenerationResult]:  # type: ignore[no-untyped-def]
-        results = super().generate(requests, on_text)
-        if len(self.prompts) == 1:
-            results[0].finish_reason = "loop"
-        return results
+    def finish_reason(self, prompt_index: int) -> str:
+        return "loop" if prompt_index == 0 else "stop"
 
 
 def stored(data_dir: Path) -> list[tuple[str, str, int]]:

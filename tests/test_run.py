@@ -210,9 +210,9 @@ class Unstoppable(ScriptedBackend):
         super().__init__(lambda prompt: "a b c d e f g h i j k l", delay=0.1)
         self.finished = threading.Event()
 
-    def generate(self, requests, on_text=None):  # type: ignore[no-untyped-def]
+    def generate_batch(self, requests, callbacks):  # type: ignore[no-untyped-def]
         try:
-            return super().generate(requests, on_text)
+            return super().generate_batch(requests, callbacks)
         finally:
             self.finished.set()
 

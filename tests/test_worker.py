@@ -146,9 +146,6 @@ class Spy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
 
-    def generate(self, requests: list[GenerationRequest], on_text: Any = None) -> list[GenerationResult]:
-        return self.generate_batch(requests, GenerationCallbacks(on_text=on_text))
-
     def generate_batch(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:

@@ -1,14 +1,18 @@
 """`personabot train PERSONA`: one LoRA adapter version, trained, evaluated, written and registered.
 
-The run, in order:
+The run, in order, one function per stage (`train` calls them, passing a `_Run`):
 
-1. read the persona's dialogues, split off the held-out conversations (seeded), render them with
-   `bot.prompting`, audit every row's mask, pack the rows;
-2. measure the base model on the held-out split: assistant-only loss, perplexity, sample replies;
-3. train a peft LoRA through the transformers `Trainer` (so `accelerate launch` / `torchrun`, bf16 on
-   GPU, gradient accumulation and checkpoints all work), with the token-weighted assistant loss;
-4. measure again, then write `<data_dir>/loras/<persona>/<version>/`: the adapter, `manifest.json`,
-   `loss_curve.png`, `report.md`; and record the version in the store (active only with `activate`).
+1. `_plan`: the settings and the version name, from the persona and the command line or from the run
+   being resumed;
+2. `_load_data`: read the persona's dialogues, split off the held-out conversations (seeded), render
+   them with `bot.prompting`, audit every row's mask, pack the rows;
+3. `_measure_baseline`: the base model on the held-out split: assistant-only loss, perplexity, sample
+   replies (`_Probe` takes the same measurements before and after);
+4. `_fit`: train a peft LoRA through the transformers `Trainer` (so `accelerate launch` / `torchrun`,
+   bf16 on GPU, gradient accumulation and checkpoints all work), with the token-weighted assistant loss;
+5. `_finalize`: measure again, then write `<data_dir>/loras/<persona>/<version>/`: the adapter,
+   `manifest.json`, `loss_curve.png`, `report.md`; and record the version in the store (active only
+   with `activate`).
 
 Checkpoints go to `<version>/checkpoints/` while the run lasts; Ctrl-C saves one and stops, and
 `resume` continues the newest unfinished run (or a named one) with its own settings.
@@ -340,102 +344,160 @@ def _plan(settings: Settings, request: TrainRequest, spec: Any, persona_dir: Pat
     return _Plan(hp, version, {}, None)
 
 
-def _describe_version(
-    folder: Path,
-    *,
-    settings: Settings,
-    spec: Any,
-    version: str,
-    paths: Sequence[Path],
-    data_sha: str,
-    hp: Hyperparameters,
-    metrics: dict[str, Any],
-    losses: Sequence[tuple[int, float]],
-    before: Sequence[Any],
-    after: Sequence[Any],
-    started_at: datetime,
-    location: Any,
-    tokenizer_size: int,
-    device: str,
-    shown: int,
-) -> str:
-    """`loss_curve.png`, `report.md` and, last, `manifest.json` next to the saved adapter; the base sha256."""
-    from bot.basemodel import model_sha256
-    from personas.manifest import AdapterManifest, write_manifest
-    from personas.spec import display_path
-    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+@dataclass
+class _Run:
+    """One training run as its stages see it: what was asked, the persona, its data and where it goes."""
 
-    base_sha = model_sha256(location)
-    title = f"{spec.name} ({spec.slug}) {version}"
-    plot_loss_curve(
-        folder / LOSS_CURVE,
-        losses,
-        heldout_before=metrics["heldout_loss_before"],
-        heldout_after=metrics["heldout_loss_after"],
-        final_step=int(metrics["steps"]),
-        title=title,
-    )
-    finished_at = _now()
-    summary = {
-        "persona": spec.slug,
-        "version": version,
-        "base model": f"{settings.model.name} (sha256 {base_sha[:12]}…)",
-        "template": spec.template,
-        "dialogues": ", ".join(display_path(p) for p in paths),
-        "dataset sha256": data_sha,
-        "device": device,
-        "started": started_at.isoformat(timespec="seconds"),
-        "finished": finished_at.isoformat(timespec="seconds"),
-    }
-    write_report(
-        folder / REPORT,
-        title=title,
-        summary=summary,
-        metrics=metrics,
-        hyperparameters=hp.as_dict(),
-        before=before,
-        after=after,
-        shown=shown,
-    )
-    manifest = AdapterManifest(
-        persona=spec.slug,
-        version=version,
-        base_model=settings.model.name,
-        base_model_sha256=base_sha,
-        template=spec.template,
-        dataset_sha256=data_sha,
-        hyperparameters=hp.as_dict(),
-        metrics=metrics,
-        started_at=started_at,
-        finished_at=finished_at,
-        tokenizer_size=tokenizer_size,
-        dataset_files=[display_path(p) for p in paths],
-        system_prompt=spec.raw_system_prompt(),
-    )
-    write_manifest(folder, manifest)
-    return base_sha
+    settings: Settings
+    request: TrainRequest
+    echo: Callable[[str], None]
+    wall_start: float  # `time.perf_counter()` when the run began, for `wall_seconds`
+    persona: Any  # personas.registry.Persona
+    paths: list[Path]  # the dialogue files, the persona's own first
+    data_sha: str
+    hp: Hyperparameters
+    version: str
+    state: dict[str, Any]  # the run state (`run.json`): {} until the baseline is measured
+    started_at: datetime
+    location: Any  # bot.basemodel.ModelLocation
+    tokenizer: Any
+    renderer: Any  # bot.prompting.ChatRenderer
+    system: str  # the persona's system prompt, as trained and as sampled
+    data: Any  # trainer.prepare.PreparedData
+    args: Any  # transformers.TrainingArguments
+    folder: Path
+
+    @property
+    def spec(self) -> Any:
+        return self.persona.spec
+
+    @property
+    def slug(self) -> str:
+        return str(self.persona.spec.slug)
+
+    @property
+    def main(self) -> bool:
+        """The process that evaluates, writes and registers (the only one outside torchrun)."""
+        return bool(self.args.process_index == 0)
+
+    @property
+    def device(self) -> Any:
+        return self.args.device
+
+    def collator(self) -> Any:
+        """A fresh `PackedCollator` (each counts the padding of what it collates)."""
+        from trainer.packing import PackedCollator
+
+        tokenizer = self.tokenizer
+        pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.renderer.end_of_turn_ids[0]
+        )
+        return PackedCollator(pad_id, 8 if self.device.type == "cuda" else 1)
+
+
+@dataclass
+class _Baseline:
+    """The base model measured on the held-out split, before training (kept in the run state)."""
+
+    loss: float
+    samples: list[Any]  # trainer.samples.Sample
+
+
+@dataclass
+class _Fitted:
+    """The trained model and what the fit stage measured."""
+
+    trainer: Any  # trainer.loss.AssistantLossTrainer
+    collator: Any  # trainer.packing.PackedCollator
+    progress: Any  # trainer.progress.ProgressBar
+    seconds: float
+
+
+class _Probe:
+    """The held-out measurements taken before and after training: loss, and sample replies to score."""
+
+    def __init__(self, run: _Run, model: Any) -> None:
+        from personas.style import style_check
+        from trainer.samples import heldout_prompts
+
+        self.run = run
+        self.model = model
+        request, spec = run.request, run.spec
+        self.collate = run.collator()
+        self.check = style_check(spec.style_check)
+        prompts = heldout_prompts(run.data.heldout_conversations)
+        if request.style_prompts is not None:
+            prompts = prompts[: max(request.style_prompts, request.shown_samples)]
+        if not self.check:
+            prompts = prompts[: request.shown_samples]
+        self.prompts = prompts
+        self.max_new = min(spec.sampling.max_new_tokens, request.sample_tokens)
+        window = min(spec.context_window or 2048, model.config.max_position_embeddings)
+        self.prompt_budget = max(16, window - self.max_new)
+
+    def loss(self) -> tuple[float, int]:
+        """Assistant-only loss on the held-out rows, and how many tokens it covers."""
+        from trainer.loss import evaluate_loss
+
+        rows, size = self.run.data.heldout_packed, self.run.hp.batch_size
+        batches = [self.collate(rows[i : i + size]) for i in range(0, len(rows), size)]
+        return evaluate_loss(self.model, batches, self.run.device)
+
+    def samples(self) -> list[Any]:
+        from trainer.samples import Sample, generate_replies
+
+        run = self.run
+        replies = generate_replies(
+            self.model,
+            run.renderer,
+            [turns for _, turns, _ in self.prompts],
+            system=run.system,
+            sampling=run.spec.sampling,
+            max_new_tokens=self.max_new,
+            max_prompt_tokens=self.prompt_budget,
+            seed=run.hp.seed,
+            device=run.device,
+            lore=run.persona.lorebook,
+        )
+        return [
+            Sample(c.where, turns[-1].content, ref, reply)
+            for (c, turns, ref), reply in zip(self.prompts, replies, strict=True)
+        ]
 
 
 def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None] = _echo) -> TrainResult:
     """Train one adapter version of `request.persona`; see the module docstring."""
-    import torch
-    from transformers import AutoModelForCausalLM, set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from bot.cpu_threads import fixed_threads
+    from trainer.threads import CpuThreads
+
+    run = _load_data(settings, request, echo)
+    model = _load_model(run)
+    probe = _Probe(run, model)
+    threads = CpuThreads(fixed_threads(request.threads)) if run.device.type == "cpu" else None
+    if threads is not None:
+        threads.settle()
+    baseline = _measure_baseline(run, probe)
+    fitted = _fit(run, model, threads)
+    if not run.main:
+        _barrier()  # the main process evaluates and writes; the others stay in the process group till then
+        return TrainResult(run.slug, run.version, run.folder, {}, run.hp.as_dict(), False)
+    try:
+        return _finalize(run, probe, baseline, fitted, threads)
+    finally:
+        _barrier()
+
+
+def _load_data(settings: Settings, request: TrainRequest, echo: Callable[[str], None]) -> _Run:
+    """The plan (settings, version), then the dialogues: read, checked, rendered, split and packed."""
     from transformers.utils import logging as hf_logging
 
-    from bot.cpu_threads import fixed_threads
     from bot.generation.local import load_tokenizer
     from bot.prompting import ChatRenderer
     from bot.runtime import load_registry
     from personas.spec import display_path
-    from personas.style import style_check, style_score
     from trainer.data import dataset_sha256, read_conversations
-    from trainer.loss import AssistantLossTrainer, evaluate_loss
-    from trainer.packing import PackedCollator, PackedDataset, padding_fraction
+    from trainer.packing import padding_fraction
     from trainer.prepare import DatasetError, prepare, raise_problems
-    from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
-    from trainer.samples import Sample, generate_replies, heldout_prompts
-    from trainer.threads import CpuThreads
 
     hf_logging.disable_progress_bar()  # weight loading/saving bars; the training bar is ours
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -452,8 +514,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     data_sha = dataset_sha256(paths)
 
     plan = _plan(settings, request, spec, persona_dir, data_sha)
-    hp, version, state = plan.hp, plan.version, plan.state
-    started_at = plan.started_at or started_at
+    hp = plan.hp
 
     location = model_location(settings)
     tokenizer = load_tokenizer(location)
@@ -472,11 +533,29 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         packing=hp.packing,
     )
     args = training_arguments(hp, persona_dir, request.device or settings.model.device, request.save_steps)
-    main = args.process_index == 0
-    version = _agree(version)
+    version = _agree(plan.version)
     folder = persona_dir / version
     args.output_dir = str(folder / CHECKPOINTS)
-    device = args.device
+    run = _Run(
+        settings=settings,
+        request=request,
+        echo=echo,
+        wall_start=wall_start,
+        persona=persona,
+        paths=paths,
+        data_sha=data_sha,
+        hp=hp,
+        version=version,
+        state=plan.state,
+        started_at=plan.started_at or started_at,
+        location=location,
+        tokenizer=tokenizer,
+        renderer=renderer,
+        system=system,
+        data=data,
+        args=args,
+        folder=folder,
+    )
 
     stats = data.train_stats
     steps_per_epoch = math.ceil(
@@ -484,7 +563,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
     )
     planned = hp.max_steps or math.ceil(steps_per_epoch * hp.epochs)
     pad_share = padding_fraction(data.train_packed, hp.batch_size)
-    if main:
+    if run.main:
         echo(
             f"{slug} {version}: {stats.conversations} training / {data.heldout_stats.conversations} held-out "
             f"conversations; {stats.tokens} tokens ({stats.trained_tokens} trained) in "
@@ -492,85 +571,74 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
             f"by the window; padding {pad_share:.1%}; mask audit passed"
         )
         echo(
-            f"{slug} {version}: {planned} steps of {hp.batch_size} x {hp.gradient_accumulation_steps} rows on {device}"
+            f"{slug} {version}: {planned} steps of {hp.batch_size} x {hp.gradient_accumulation_steps} rows on {run.device}"
         )
+    return run
 
-    # Model: float32 master weights; the Trainer adds bf16 autocast on GPU.
+
+def _load_model(run: _Run) -> Any:
+    """The base model in float32 master weights with a fresh LoRA adapter, on the run's device.
+
+    The Trainer adds bf16 autocast on GPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from personas.spec import display_path
+
     model = AutoModelForCausalLM.from_pretrained(
-        location.folder, gguf_file=location.gguf_file, dtype=torch.float32, local_files_only=True
+        run.location.folder, gguf_file=run.location.gguf_file, dtype=torch.float32, local_files_only=True
     )
     model.config.use_cache = False  # a cache would switch off packed-sequence attention masks
-    set_seed(hp.seed)  # the LoRA A matrices start random: the same seed, the same adapter
-    model = lora_model(model, hp, persona_toml)
-    model.to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else renderer.end_of_turn_ids[0]
-    multiple = 8 if device.type == "cuda" else 1
-    eval_collate = PackedCollator(pad_id, multiple)
+    set_seed(run.hp.seed)  # the LoRA A matrices start random: the same seed, the same adapter
+    model = lora_model(model, run.hp, display_path(run.persona.folder / "persona.toml"))
+    model.to(run.device)
+    return model
 
-    def heldout_batches() -> list[dict[str, Any]]:
-        rows = data.heldout_packed
-        return [eval_collate(rows[i : i + hp.batch_size]) for i in range(0, len(rows), hp.batch_size)]
 
-    check = style_check(spec.style_check)
-    prompts = heldout_prompts(data.heldout_conversations)
-    if request.style_prompts is not None:
-        prompts = prompts[: max(request.style_prompts, request.shown_samples)]
-    if not check:
-        prompts = prompts[: request.shown_samples]
-    max_new = min(spec.sampling.max_new_tokens, request.sample_tokens)
-    prompt_budget = max(16, min(spec.context_window or 2048, model.config.max_position_embeddings) - max_new)
+def _measure_baseline(run: _Run, probe: _Probe) -> _Baseline:
+    """The base model's held-out loss and samples: measured once, then read from the run state on resume."""
+    from trainer.samples import Sample
 
-    def samples() -> list[Sample]:
-        replies = generate_replies(
-            model,
-            renderer,
-            [turns for _, turns, _ in prompts],
-            system=system,
-            sampling=spec.sampling,
-            max_new_tokens=max_new,
-            max_prompt_tokens=prompt_budget,
-            seed=hp.seed,
-            device=device,
-            lore=persona.lorebook,
-        )
-        return [
-            Sample(c.where, turns[-1].content, ref, reply)
-            for (c, turns, ref), reply in zip(prompts, replies, strict=True)
-        ]
-
-    threads = CpuThreads(fixed_threads(request.threads)) if device.type == "cpu" else None
-    if threads is not None:
-        threads.settle()
-
-    # Before: the base model.
-    if "before" not in state:
-        folder.mkdir(parents=True, exist_ok=True)
-        with model.disable_adapter():  # exactly the base model, whatever the adapter's initial weights
-            before_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
-            before_samples = samples() if main else []
-        state = {
-            "persona": slug,
-            "version": version,
-            "hyperparameters": hp.as_dict(),
-            "dataset_sha256": data_sha,
-            "started_at": started_at.isoformat(),
+    if "before" not in run.state:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        with probe.model.disable_adapter():  # exactly the base model, whatever the adapter's initial weights
+            before_loss, heldout_tokens = probe.loss()
+            before_samples = probe.samples() if run.main else []
+        run.state = {
+            "persona": run.slug,
+            "version": run.version,
+            "hyperparameters": run.hp.as_dict(),
+            "dataset_sha256": run.data_sha,
+            "started_at": run.started_at.isoformat(),
             "before": {
                 "loss": before_loss,
                 "tokens": heldout_tokens,
                 "samples": [s.__dict__ for s in before_samples],
             },
         }
-        if main:
-            _write_state(folder, state)
-            echo(
-                f"{slug} {version}: base model held-out loss {before_loss:.4f} (ppl {math.exp(before_loss):.2f})"
+        if run.main:
+            _write_state(run.folder, run.state)
+            run.echo(
+                f"{run.slug} {run.version}: base model held-out loss {before_loss:.4f} "
+                f"(ppl {math.exp(before_loss):.2f})"
             )
-    before_loss = float(state["before"]["loss"])
-    before_samples = [Sample(**s) for s in state["before"]["samples"]]
+    before = run.state["before"]
+    return _Baseline(float(before["loss"]), [Sample(**s) for s in before["samples"]])
 
-    collator = PackedCollator(pad_id, multiple)
+
+def _fit(run: _Run, model: Any, threads: Any) -> _Fitted:
+    """Train the adapter (resuming from the newest checkpoint when asked); Ctrl-C saves and stops."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from trainer.loss import AssistantLossTrainer
+    from trainer.packing import PackedDataset
+    from trainer.progress import ProgressBar, StopOnInterrupt, interrupt_requests
+
+    request, folder = run.request, run.folder
+    collator = run.collator()
     trainer = AssistantLossTrainer(
-        model=model, args=args, train_dataset=PackedDataset(data.train_packed), data_collator=collator
+        model=model, args=run.args, train_dataset=PackedDataset(run.data.train_packed), data_collator=collator
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -583,98 +651,158 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         trainer.add_callback(callback)
     trainer.add_callback(stopper)
     checkpoint = latest_checkpoint(folder) if request.resume else None
-    if checkpoint is not None and main:
-        echo(f"{slug} {version}: resuming from {checkpoint.name}")
+    if checkpoint is not None and run.main:
+        run.echo(f"{run.slug} {run.version}: resuming from {checkpoint.name}")
     train_start = time.perf_counter()
     with interrupt_requests(stopper):
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - train_start
+    seconds = time.perf_counter() - train_start
     if stopper.requested and trainer.state.global_step < trainer.state.max_steps:
         saved = latest_checkpoint(folder)
         raise TrainingInterrupted(
             f"stopped at step {trainer.state.global_step}/{trainer.state.max_steps}; checkpoint "
-            f"{saved or folder / CHECKPOINTS}; continue with: personabot train {slug} --resume"
+            f"{saved or folder / CHECKPOINTS}; continue with: personabot train {run.slug} --resume"
         )
-    if not main:
-        _barrier()  # the main process evaluates and writes; the others stay in the process group till then
-        return TrainResult(slug, version, folder, {}, hp.as_dict(), False)
+    return _Fitted(trainer, collator, progress, seconds)
 
-    def finish() -> TrainResult:
-        if threads is not None:
-            threads.settle()
-        after_loss, heldout_tokens = evaluate_loss(model, heldout_batches(), device)
-        model.merge_adapter()  # one matmul per projection while generating; the saved A and B stay as trained
-        try:
-            after_samples = samples()
-        finally:
-            model.unmerge_adapter()
-        losses = [
-            (int(e["step"]), float(e["loss"]))
-            for e in trainer.state.log_history
-            if "loss" in e and "step" in e
-        ]
-        metrics: dict[str, Any] = {
-            "heldout_loss_before": before_loss,
-            "heldout_loss_after": after_loss,
-            "heldout_perplexity_before": math.exp(before_loss),
-            "heldout_perplexity_after": math.exp(after_loss),
-            "heldout_loss_drop": (before_loss - after_loss) / before_loss if before_loss else 0.0,
-            "heldout_trained_tokens": heldout_tokens,
-            "train_loss_final": losses[-1][1] if losses else None,
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "train_conversations": stats.conversations,
-            "heldout_conversations": data.heldout_stats.conversations,
-            "train_tokens": stats.tokens,
-            "train_trained_tokens": stats.trained_tokens,
-            "truncated": stats.truncated + data.heldout_stats.truncated,
-            "dropped": stats.dropped + data.heldout_stats.dropped,
-            "rows": len(data.train_packed),
-            "padding_fraction": collator.padding_fraction,
-            "trained_tokens_per_second": progress.tokens_per_second(),
-            "train_seconds": train_seconds,
-        }
-        if threads is not None and threads.history:
-            metrics["cpu_threads"] = max(set(threads.history), key=threads.history.count)
-        if check is not None:
-            metrics["style_check"] = spec.style_check
-            metrics["style_prompts"] = len(after_samples)
-            metrics["style_score_before"] = style_score(spec.style_check, [s.reply for s in before_samples])
-            metrics["style_score_after"] = style_score(spec.style_check, [s.reply for s in after_samples])
 
-        # The adapter, then what describes it; the manifest is written last (it marks the run finished).
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(folder))
-        (folder / "README.md").unlink(missing_ok=True)  # peft's blank model card; report.md is ours
-        metrics["wall_seconds"] = time.perf_counter() - wall_start
-        base_sha = _describe_version(
-            folder,
-            settings=settings,
-            spec=spec,
-            version=version,
-            paths=paths,
-            data_sha=data_sha,
-            hp=hp,
-            metrics=metrics,
-            losses=losses,
-            before=before_samples,
-            after=after_samples,
-            started_at=started_at,
-            location=location,
-            tokenizer_size=len(tokenizer),
-            device=str(device),
-            shown=request.shown_samples,
-        )
-        shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
-        (folder / RUN_STATE).unlink(missing_ok=True)
-        # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
-        activate_with = (tokenizer, model.config.vocab_size) if request.activate else None
-        activated = asyncio.run(_register(settings, slug, version, folder, base_sha, metrics, activate_with))
-        return TrainResult(slug, version, folder, metrics, hp.as_dict(), activated)
-
+def _finalize(run: _Run, probe: _Probe, baseline: _Baseline, fitted: _Fitted, threads: Any) -> TrainResult:
+    """Measure the trained adapter, write the version folder, register (and maybe activate) it."""
+    if threads is not None:
+        threads.settle()
+    model = probe.model
+    after_loss, heldout_tokens = probe.loss()
+    model.merge_adapter()  # one matmul per projection while generating; the saved A and B stay as trained
     try:
-        return finish()
+        after_samples = probe.samples()
     finally:
-        _barrier()
+        model.unmerge_adapter()
+    state = fitted.trainer.state
+    losses = [(int(e["step"]), float(e["loss"])) for e in state.log_history if "loss" in e and "step" in e]
+    metrics = _metrics(run, baseline.loss, after_loss, heldout_tokens, losses, fitted)
+    if threads is not None and threads.history:
+        metrics["cpu_threads"] = max(set(threads.history), key=threads.history.count)
+    if probe.check is not None:
+        from personas.style import style_score
+
+        style = run.spec.style_check
+        metrics["style_check"] = style
+        metrics["style_prompts"] = len(after_samples)
+        metrics["style_score_before"] = style_score(style, [s.reply for s in baseline.samples])
+        metrics["style_score_after"] = style_score(style, [s.reply for s in after_samples])
+
+    # The adapter, then what describes it; the manifest is written last (it marks the run finished).
+    folder = run.folder
+    fitted.trainer.accelerator.unwrap_model(fitted.trainer.model).save_pretrained(str(folder))
+    (folder / "README.md").unlink(missing_ok=True)  # peft's blank model card; report.md is ours
+    metrics["wall_seconds"] = time.perf_counter() - run.wall_start
+    base_sha = _describe_version(run, metrics, losses, baseline.samples, after_samples)
+    shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
+    (folder / RUN_STATE).unlink(missing_ok=True)
+    # The folder is complete now: if the store is unreachable, `personabot persona activate` registers it.
+    activate_with = (run.tokenizer, model.config.vocab_size) if run.request.activate else None
+    activated = asyncio.run(
+        _register(run.settings, run.slug, run.version, folder, base_sha, metrics, activate_with)
+    )
+    return TrainResult(run.slug, run.version, folder, metrics, run.hp.as_dict(), activated)
+
+
+def _metrics(
+    run: _Run,
+    before_loss: float,
+    after_loss: float,
+    heldout_tokens: int,
+    losses: list[tuple[int, float]],
+    fitted: _Fitted,
+) -> dict[str, Any]:
+    """What the manifest and report say about the run (style scores and wall time are added after)."""
+    stats, heldout = run.data.train_stats, run.data.heldout_stats
+    return {
+        "heldout_loss_before": before_loss,
+        "heldout_loss_after": after_loss,
+        "heldout_perplexity_before": math.exp(before_loss),
+        "heldout_perplexity_after": math.exp(after_loss),
+        "heldout_loss_drop": (before_loss - after_loss) / before_loss if before_loss else 0.0,
+        "heldout_trained_tokens": heldout_tokens,
+        "train_loss_final": losses[-1][1] if losses else None,
+        "steps": fitted.trainer.state.global_step,
+        "epochs": fitted.trainer.state.epoch,
+        "train_conversations": stats.conversations,
+        "heldout_conversations": heldout.conversations,
+        "train_tokens": stats.tokens,
+        "train_trained_tokens": stats.trained_tokens,
+        "truncated": stats.truncated + heldout.truncated,
+        "dropped": stats.dropped + heldout.dropped,
+        "rows": len(run.data.train_packed),
+        "padding_fraction": fitted.collator.padding_fraction,
+        "trained_tokens_per_second": fitted.progress.tokens_per_second(),
+        "train_seconds": fitted.seconds,
+    }
+
+
+def _describe_version(
+    run: _Run,
+    metrics: dict[str, Any],
+    losses: Sequence[tuple[int, float]],
+    before: Sequence[Any],
+    after: Sequence[Any],
+) -> str:
+    """`loss_curve.png`, `report.md` and, last, `manifest.json` next to the saved adapter; the base sha256."""
+    from bot.basemodel import model_sha256
+    from personas.manifest import AdapterManifest, write_manifest
+    from personas.spec import display_path
+    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+
+    spec, folder, hp = run.spec, run.folder, run.hp
+    base_sha = model_sha256(run.location)
+    title = f"{spec.name} ({spec.slug}) {run.version}"
+    plot_loss_curve(
+        folder / LOSS_CURVE,
+        losses,
+        heldout_before=metrics["heldout_loss_before"],
+        heldout_after=metrics["heldout_loss_after"],
+        final_step=int(metrics["steps"]),
+        title=title,
+    )
+    finished_at = _now()
+    summary = {
+        "persona": spec.slug,
+        "version": run.version,
+        "base model": f"{run.settings.model.name} (sha256 {base_sha[:12]}…)",
+        "template": spec.template,
+        "dialogues": ", ".join(display_path(p) for p in run.paths),
+        "dataset sha256": run.data_sha,
+        "device": str(run.device),
+        "started": run.started_at.isoformat(timespec="seconds"),
+        "finished": finished_at.isoformat(timespec="seconds"),
+    }
+    write_report(
+        folder / REPORT,
+        title=title,
+        summary=summary,
+        metrics=metrics,
+        hyperparameters=hp.as_dict(),
+        before=before,
+        after=after,
+        shown=run.request.shown_samples,
+    )
+    manifest = AdapterManifest(
+        persona=spec.slug,
+        version=run.version,
+        base_model=run.settings.model.name,
+        base_model_sha256=base_sha,
+        template=spec.template,
+        dataset_sha256=run.data_sha,
+        hyperparameters=hp.as_dict(),
+        metrics=metrics,
+        started_at=run.started_at,
+        finished_at=finished_at,
+        tokenizer_size=len(run.tokenizer),
+        dataset_files=[display_path(p) for p in run.paths],
+        system_prompt=spec.raw_system_prompt(),
+    )
+    write_manifest(folder, manifest)
+    return base_sha
 
 
 class _Null:

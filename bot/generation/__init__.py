@@ -15,7 +15,6 @@ from bot.generation.base import (
     GenerationCancelled,
     GenerationRequest,
     GenerationResult,
-    run_generation,
 )
 
 __all__ = [
@@ -26,5 +25,4 @@ __all__ = [
     "GenerationCancelled",
     "GenerationRequest",
     "GenerationResult",
-    "run_generation",
 ]

@@ -1,15 +1,12 @@
 """What the worker asks of a generation backend.
 
-Every backend offers `generate(requests, on_text)`. A backend may also offer:
+Every backend offers `generate_batch(requests, callbacks)`: the batch's replies, with a callback as
+text streams, when each row's first token comes, when each row finishes (so its reply is written while
+longer rows still generate), and a check for cooperative stopping. A backend may also offer:
 
-- `generate_batch(requests, callbacks)`: the same, with a callback when each row finishes (so its reply
-  is written while longer rows still generate), time-to-first-token reports and cooperative stopping;
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
 - `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
   jobs queued; `health()`: its state as plain data, shown by `personabot status`.
-
-`run_generation` calls whichever the backend has, so simple backends (test fakes, remote servers)
-keep working.
 """
 
 from __future__ import annotations
@@ -78,10 +75,10 @@ class BackendUnavailable(Exception):
 class GenerationBackend(Protocol):
     tokenizer: Any
 
-    def generate(
-        self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
+    def generate_batch(
+        self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:
-        """Generate every request (as one batch where the backend can); blocking."""
+        """Generate every request (as one batch where the backend can), calling `callbacks`; blocking."""
 
 
 @runtime_checkable
@@ -92,32 +89,6 @@ class AdapterHost(Protocol):
         """Load a peft adapter folder under `name`; returns its size in bytes."""
 
     def unload_adapter(self, name: str) -> None: ...
-
-
-def run_generation(
-    backend: GenerationBackend, requests: list[GenerationRequest], callbacks: GenerationCallbacks
-) -> list[GenerationResult]:
-    """Generate with `generate_batch` when the backend has it, else `generate` plus the same callbacks."""
-    batch = getattr(backend, "generate_batch", None)
-    if batch is not None:
-        return list(batch(requests, callbacks))
-    seen: set[int] = set()
-
-    def on_text(index: int, text: str) -> None:
-        if index not in seen:
-            seen.add(index)
-            if callbacks.on_first_token is not None:
-                callbacks.on_first_token(index)
-        if callbacks.on_text is not None:
-            callbacks.on_text(index, text)
-
-    results = backend.generate(requests, on_text)
-    for index, result in enumerate(results):
-        if index not in seen and callbacks.on_first_token is not None:
-            callbacks.on_first_token(index)
-        if callbacks.on_finish is not None:
-            callbacks.on_finish(index, result)
-    return results
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

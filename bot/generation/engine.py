@@ -168,11 +168,6 @@ class BatchEngine:
                 shared = min(common_prefix(entry.ids, row.ids), len(row.ids) - 1)
                 if shared > 0:
                     row.entry, row.reused = entry, shared
-            if row.reused:
-                self.kv.stats.hits += 1
-                self.kv.stats.reused_tokens += row.reused
-            else:
-                self.kv.stats.misses += 1
         return row
 
     @staticmethod

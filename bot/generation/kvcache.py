@@ -19,16 +19,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
 
 
-class BatchKV:
+class BatchKV(Cache):
     """A `[rows, kv_heads, capacity, head_dim]` key and value buffer per layer, filled column by column.
 
-    It offers the one method the attention layers call, `update`, so it can be passed to a Hugging Face
-    model as its cache; masks and positions are given explicitly by the engine.
+    A transformers `Cache` that keeps its own buffers instead of per-layer cache objects: it implements
+    what the attention layers and mask helpers call (`update`, `get_seq_length`, `get_mask_sizes`); the
+    engine gives masks and positions explicitly. Anything else transformers asks of a cache finds the
+    base class with no layers and fails, rather than a duck-typed object silently missing a method.
     """
 
     def __init__(self, rows: int, capacity: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(layers=[])
         self.rows = rows
         self.capacity = capacity
         self.device = device
@@ -64,6 +68,10 @@ class BatchKV:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv length, kv offset) of the next forward: every column up to the ones it writes."""
+        return self.start + query_length, 0
 
     def load_row(self, row: int, column: int, entry: ChannelKV, length: int) -> None:
         """Copy the first `length` cached columns of `entry` into `row`, starting at `column`."""
@@ -111,14 +119,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-@dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    reused_tokens: int = 0
-    evictions: int = 0
-
-
 class KVCacheLRU:
     """Channels' caches, least recently used evicted first, within `budget_bytes` (0 turns it off)."""
 
@@ -127,7 +127,6 @@ class KVCacheLRU:
         self._entries: OrderedDict[str, ChannelKV] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
-        self.stats = CacheStats()
 
     @property
     def nbytes(self) -> int:
@@ -156,7 +155,6 @@ class KVCacheLRU:
             while self._bytes > self.budget_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= evicted.nbytes
-                self.stats.evictions += 1
 
     def drop_matching(self, predicate: Any) -> int:
         """Forget entries whose key matches (an adapter was unloaded); returns how many."""

@@ -18,7 +18,7 @@ import torch
 
 from bot.basemodel import ModelLocation
 from bot.errors import ConfigError
-from bot.generation.base import GenerationCallbacks, GenerationRequest, GenerationResult, TokenCallback
+from bot.generation.base import GenerationCallbacks, GenerationRequest, GenerationResult
 from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import KVCacheLRU
 from bot.generation.lora import MultiLora
@@ -131,11 +131,6 @@ class LocalBackend:
     @property
     def adapters(self) -> list[str]:
         return sorted(self.lora.adapters)
-
-    def generate(
-        self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
-    ) -> list[GenerationResult]:
-        return self.engine.generate(requests, GenerationCallbacks(on_text=on_text))
 
     def generate_batch(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks

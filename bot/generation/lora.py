@@ -10,38 +10,75 @@ gather, two batched matmuls and one scatter-add, whatever the mix of adapters:
     y = base(x);  y[rows] += scaling * bmm(bmm(x[rows], A), B)
 
 Each row only pays for its own adapter's rank. Rows on the base model (no adapter) take no slot.
-Adapters are read straight from a peft adapter folder (`adapter_config.json` and
-`adapter_model.safetensors`) with the scaling peft would use, so a row's output equals peft's output
-for that adapter. Each loaded adapter costs its own weights' bytes; the base model is never copied.
+Adapters are read with peft's own loaders (`PeftConfig.from_pretrained`, `load_peft_weights`) and get
+the rank and scaling peft would give them, so a row's output equals peft's output for that adapter; a
+config option this loader does not implement is refused, naming the folder and the option. Each loaded adapter costs its own weights' bytes; the base model is never copied.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bot.errors import PersonabotError
 
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
 
 class AdapterLoadError(PersonabotError):
     """A LoRA adapter folder cannot be used with the loaded base model."""
 
 
-# peft options that change the math of a LoRA layer; an adapter using them is refused, not misread.
-_UNSUPPORTED = {
+# `LoraConfig` fields this loader honours, or that do not change a loaded adapter's math (bookkeeping,
+# dropout, how the weights were initialised). Every other field must keep peft's default: an option
+# this loader does not implement (DoRA, bias, modules_to_save, one a newer peft adds...) is refused.
+_HONOURED = {
+    "task_type",
+    "peft_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "r",
+    "target_modules",
+    "exclude_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "runtime_config",
+    "ensure_weight_tying",
+}
+# Names for the refused options an operator is most likely to meet.
+_WHAT = {
     "use_dora": "DoRA adapters",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "trainable_token_indices": "trainable token indices",
     "target_parameters": "LoRA on raw parameters",
     "layer_replication": "layer replication",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) adapters",
+    "bias": "biases (bias other than 'none')",
     "lora_bias": "LoRA bias",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "block-diagonal LoRA",
@@ -68,47 +105,50 @@ class LoraAdapter:
         return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
 
 
-def _pattern_value(patterns: dict[str, int | float], module_name: str, default: float) -> float:
-    # The same matching rule as peft's `get_pattern_key`: the pattern matches a suffix of the key.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return float(value)
-    return default
+def read_config(folder: Path) -> LoraConfig:
+    """The folder's `LoraConfig`, read by peft; any option this loader does not implement is refused."""
+    from peft import LoraConfig, PeftConfig
 
-
-def _read_config(folder: Path) -> dict[str, object]:
     path = folder / "adapter_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterLoadError(f"{path}: not found (is {folder} a peft adapter folder?)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{path}: cannot read: {exc}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"{path}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterLoadError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, what in _UNSUPPORTED.items():
-        if config.get(key):
-            raise AdapterLoadError(f"{path}: {key}: {what} are not supported by the batched worker")
-    if config.get("bias", "none") != "none":
-        raise AdapterLoadError(f"{path}: bias: only 'none' is supported")
+    if not path.is_file():  # checked here: peft would look for it on the Hugging Face Hub
+        raise AdapterLoadError(f"{path}: not found (is {folder} a peft adapter folder?)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = PeftConfig.from_pretrained(str(folder))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise AdapterLoadError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(config, LoraConfig):
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise AdapterLoadError(f"{path}: peft_type {kind!r} is not LORA")
+    # peft drops the options it does not know (a newer peft wrote them) with a warning: refuse instead.
+    for warning in caught:
+        if "Unexpected keyword arguments" in str(warning.message):
+            raise AdapterLoadError(f"{path}: {warning.message}".split(" for class")[0] + " (newer peft?)")
+    default = LoraConfig()
+    for field in dataclasses.fields(LoraConfig):
+        if field.name in _HONOURED:
+            continue
+        value = getattr(config, field.name)
+        if value != getattr(default, field.name):
+            what = _WHAT.get(field.name, f"the peft option {field.name}")
+            raise AdapterLoadError(
+                f"{path}: {field.name}: {what} are not supported by the batched worker (it is {value!r})"
+            )
     return config
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from peft.utils import load_peft_weights
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    path = folder / "adapter_model.safetensors"
-    if not path.is_file():
-        if (folder / "adapter_model.bin").is_file():
-            raise AdapterLoadError(f"{folder}: adapter_model.bin is not supported; save it as safetensors")
-        raise AdapterLoadError(f"{path}: not found")
+    if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        # checked here: peft would look for the weights on the Hugging Face Hub
+        raise AdapterLoadError(f"{folder / 'adapter_model.safetensors'}: not found")
     try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterLoadError(f"{path}: corrupt or unreadable safetensors file: {exc}") from None
+        return load_peft_weights(str(folder), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterLoadError(f"{folder}: corrupt or unreadable safetensors file: {exc}") from None
 
 
 def _module_name(key: str) -> tuple[str, str] | None:
@@ -117,6 +157,17 @@ def _module_name(key: str) -> tuple[str, str] | None:
     if match is None:
         return None
     return match.group(1), match.group(2)
+
+
+def _rank_and_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]:
+    """The rank and scaling peft gives `module_name` (the same lookup as `LoraModel._create_and_replace`)."""
+    from peft.utils.other import get_pattern_key
+
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
+    alpha = config.alpha_pattern.get(
+        get_pattern_key(config.alpha_pattern.keys(), module_name), config.lora_alpha
+    )
+    return int(r), (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
 
 
 def load_adapter(
@@ -131,7 +182,7 @@ def load_adapter(
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterLoadError(f"adapter folder {folder} does not exist")
-    config = _read_config(folder)
+    config = read_config(folder)
     tensors = _read_tensors(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -141,10 +192,7 @@ def load_adapter(
             raise AdapterLoadError(f"{folder}: {key} is {what}; only LoRA on linear layers is supported")
         pairs.setdefault(parsed[0], {})[parsed[1]] = tensor
     if not pairs:
-        raise AdapterLoadError(f"{folder}: adapter_model.safetensors holds no LoRA weights")
-    alpha = float(config.get("lora_alpha", 8))  # type: ignore[arg-type]
-    rslora = bool(config.get("use_rslora", False))
-    alpha_pattern = dict(config.get("alpha_pattern") or {})  # type: ignore[call-overload]
+        raise AdapterLoadError(f"{folder}: the adapter holds no LoRA weights")
     modules: dict[str, LoraModule] = {}
     for module_name, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
@@ -156,16 +204,15 @@ def load_adapter(
                 "(was the adapter trained on another model?)"
             )
         a, b = pair["A"], pair["B"]
-        r = a.shape[0]
+        r, scaling = _rank_and_scaling(config, module_name)
         if a.shape != (r, linear.in_features) or b.shape != (linear.out_features, r):
             raise AdapterLoadError(
                 f"{folder}: {module_name}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
-                f"the base layer ({linear.in_features} -> {linear.out_features}); trained on another model?"
+                f"the base layer ({linear.in_features} -> {linear.out_features}) at rank {r}; "
+                "trained on another model?"
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterLoadError(f"{folder}: {module_name}: weights contain NaN or infinity")
-        module_alpha = _pattern_value(alpha_pattern, module_name, alpha)
-        scaling = module_alpha / math.sqrt(r) if rslora else module_alpha / r
         modules[module_name] = LoraModule(
             a.to(device=device, dtype=dtype).contiguous(),
             b.to(device=device, dtype=dtype).contiguous(),

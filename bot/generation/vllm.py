@@ -49,7 +49,6 @@ from bot.generation.base import (
     GenerationCancelled,
     GenerationRequest,
     GenerationResult,
-    TokenCallback,
 )
 from bot.generation.detok import IncrementalDecoder
 
@@ -467,11 +466,6 @@ class VllmBackend:
             raise _ServerDown(_describe(exc)) from None
 
     # -- generation -----------------------------------------------------------------------------------------
-
-    def generate(
-        self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
-    ) -> list[GenerationResult]:
-        return self.generate_batch(requests, GenerationCallbacks(on_text=on_text))
 
     def generate_batch(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks

@@ -52,7 +52,6 @@ from bot.generation.base import (
     GenerationCancelled,
     GenerationResult,
     is_out_of_memory,
-    run_generation,
 )
 from bot.metrics import WorkerMetrics
 from bot.outage import OutageLog
@@ -341,7 +340,7 @@ class Worker:
         report.generated += len(batch)
         self.metrics.batch_size.observe(len(batch))
         try:
-            await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
+            await asyncio.to_thread(self.backend.generate_batch, requests, callbacks)
         except Exception as exc:
             if not isinstance(exc, (GenerationCancelled, BackendUnavailable)) and not is_out_of_memory(exc):
                 log.warning("generating a batch of %d failed", len(batch), exc_info=exc)

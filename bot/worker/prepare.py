@@ -52,7 +52,6 @@ class Prepared:
     reply: ActiveReply
     context: Any  # personas.plugins.PromptContext, handed to after_generation
     stream_text: bool  # False when an after_generation hook may veto or rewrite the text
-    dropped_turns: int = 0
     question: str = ""  # the message answered (or the scheduled prompt), for the reply's language check
 
 
@@ -190,7 +189,6 @@ class Preparer:
             reply=ActiveReply(job.id, inputs.channel, persona.slug),
             context=context,
             stream_text=not _after_hook(self.plugins, persona),
-            dropped_turns=rendered.dropped_turns,
             question=job.prompt or _last_user_text(inputs.history, job.trigger_message_id),
         )
 

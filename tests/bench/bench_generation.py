@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from bot.generation.base import GenerationRequest  # noqa: E402
+from bot.generation.base import GenerationCallbacks, GenerationRequest  # noqa: E402
 from bot.generation.engine import BatchEngine  # noqa: E402
 from bot.generation.kvcache import KVCacheLRU  # noqa: E402
 from bot.generation.lora import MultiLora  # noqa: E402
@@ -639,10 +639,10 @@ def bench_vllm(
         backend = VllmBackend(VllmSettings(urls=[server.url]), tokenizer, context_window=8192)
         for i in range(args.personas):
             backend.load_adapter(f"persona{i}", folders[i])
-        backend.generate(requests[:2])  # warm-up
+        backend.generate_batch(requests[:2], GenerationCallbacks())  # warm-up
         seconds, ttft, replies = [], [], []
         for _ in range(args.rounds):
-            took, results = timed(lambda: backend.generate(requests))
+            took, results = timed(lambda: backend.generate_batch(requests, GenerationCallbacks()))
             seconds.append(took)
             ttft.append(statistics.median(r.timings["first_token"] for r in results))
             replies = [r.token_ids for r in results]

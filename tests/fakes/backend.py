@@ -1,8 +1,9 @@
 """A deterministic generation backend for tests that need replies but not a language model.
 
-It follows the real backend's interface (a tokenizer, `generate(requests, on_text)`), so the real
-worker, renderer, store and outbox run around it. The reply is computed from the rendered prompt by
-`reply_fn` (default: echo the last user line), and streamed word by word through `on_text`.
+It follows the real backend's interface (a tokenizer, `generate_batch(requests, callbacks)`), so the
+real worker, renderer, store and outbox run around it. The reply is computed from the rendered prompt
+by `reply_fn` (default: echo the last user line), and streamed word by word through `on_text`. Like a
+remote server, it does not stop between words when asked to (`should_stop` is not checked).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bot.generation.base import GenerationRequest, GenerationResult, TokenCallback
+from bot.generation.base import GenerationCallbacks, GenerationRequest, GenerationResult
 from tests.tiny import byte_level_tokenizer
 
 
@@ -37,8 +38,12 @@ class ScriptedBackend:
         self.context_window = context_window
         self.prompts: list[str] = []  # every prompt seen, decoded, for assertions
 
-    def generate(
-        self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
+    def finish_reason(self, prompt_index: int) -> str:
+        """Why the reply to the `prompt_index`-th prompt seen ended (a subclass may say "loop")."""
+        return "stop"
+
+    def generate_batch(
+        self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:
         results = []
         for index, request in enumerate(requests):
@@ -49,8 +54,14 @@ class ScriptedBackend:
             for n in range(1, len(words) + 1):
                 if self.delay:
                     time.sleep(self.delay)
-                if on_text is not None:
-                    on_text(index, " ".join(words[:n]))
+                if n == 1 and callbacks.on_first_token is not None:
+                    callbacks.on_first_token(index)
+                if callbacks.on_text is not None:
+                    callbacks.on_text(index, " ".join(words[:n]))
             ids = self.tokenizer(reply, add_special_tokens=False)["input_ids"]
-            results.append(GenerationResult(ids, reply, "stop", prompt_tokens=len(request.prompt_ids)))
+            reason = self.finish_reason(len(self.prompts) - 1)
+            results.append(GenerationResult(ids, reply, reason, prompt_tokens=len(request.prompt_ids)))
+        for index, result in enumerate(results):
+            if callbacks.on_finish is not None:
+                callbacks.on_finish(index, result)
         return results
