@@ -21,14 +21,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import and_, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from bot.events import utcnow
 from bot.files import atomic_write_text
-from bot.store import Store
-from bot.store.models import Channel, Erasure, Message, ReplyJob, User
+from bot.store import Store, consent
 
 SOURCES_SUFFIX = ".sources.json"
 
@@ -69,57 +66,12 @@ async def collect_conversations(
     conversation_gap: timedelta = timedelta(minutes=30),
 ) -> list[Conversation]:
     """The persona's exportable conversations, oldest first (see the module docstring for the rules)."""
-    asked = aliased(Message)
-    answer = aliased(Message)
-    erased = exists().where(
-        Erasure.platform == User.platform,
-        Erasure.user_external_id == User.external_id,
-        or_(Erasure.channel_id.is_(None), Erasure.channel_id == asked.channel_id),
-        Erasure.requested_at >= asked.created_at,
-    )
-    query = (
-        select(
-            asked.id,
-            asked.text,
-            asked.created_at,
-            answer.text,
-            answer.created_at,
-            User.platform,
-            User.external_id,
-            Channel.platform,
-            Channel.external_id,
-            Channel.thread_id,
-            Channel.context_floor_id,
-        )
-        .select_from(ReplyJob)
-        .join(asked, asked.id == ReplyJob.trigger_message_id)
-        .join(answer, answer.id == ReplyJob.reply_message_id)
-        .join(User, User.id == asked.user_id)
-        .join(Channel, Channel.id == asked.channel_id)
-        .where(
-            ReplyJob.persona == persona,
-            ReplyJob.status == "done",
-            asked.role == "user",
-            asked.deleted_at.is_(None),
-            answer.deleted_at.is_(None),
-            User.is_bot.is_(False),
-            User.training_opt_in.is_(True),
-            User.opt_in_changed_at.is_not(None),
-            User.opt_in_changed_at <= asked.created_at,
-            ~erased,
-        )
-        .order_by(asked.channel_id, asked.id)
-    )
-    if since is not None:
-        query = query.where(asked.created_at >= since)
-    if until is not None:
-        query = query.where(asked.created_at < until)
-
+    rows = await consent.exportable_exchanges(session, persona, since=since, until=until)
     conversations: list[Conversation] = []
     current: Conversation | None = None
     previous_id = -1
     previous_asked: datetime | None = None
-    for row in await session.execute(query):
+    for row in rows:
         (msg_id, text, asked_at, reply, replied_at, u_platform, u_id, c_platform, c_id, thread, floor) = row
         if not text.strip() or not reply.strip():
             continue
@@ -185,19 +137,9 @@ def exports_dir(data_dir: Path) -> Path:
 
 async def _excluded_users(session: AsyncSession) -> tuple[set[str], set[tuple[str, str]]]:
     """Users opted out now, and (user, chat) pairs erased with `/forget`."""
-    opted_out = {
-        f"{p}:{e}"
-        for p, e in await session.execute(
-            select(User.platform, User.external_id).where(User.training_opt_in.is_(False))
-        )
-    }
+    opted_out = {f"{p}:{e}" for p, e in await consent.opted_out_users(session)}
     erased: set[tuple[str, str]] = set()
-    rows = await session.execute(
-        select(Erasure.platform, Erasure.user_external_id, Channel.platform, Channel.external_id).outerjoin(
-            Channel, and_(Channel.id == Erasure.channel_id)
-        )
-    )
-    for platform, user, c_platform, c_id in rows:
+    for platform, user, c_platform, c_id in await consent.erasures(session):
         chat = f"{c_platform}:{c_id}" if c_platform is not None else "*"
         erased.add((f"{platform}:{user}", chat))
     return opted_out, erased

@@ -14,11 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.events import utcnow
 from bot.outage import OutageLog
-from bot.store import Store
-from bot.store.conversations import _insert_for
-from bot.store.models import Heartbeat
+from bot.store import Store, heartbeats
 from bot.worker import worker_id
 
 log = logging.getLogger(__name__)
@@ -46,16 +43,8 @@ def backend_health(backend: Any) -> Callable[[], dict[str, Any]] | None:
 
 async def beat(store: Store, component: str, kind: str, detail: dict[str, Any]) -> None:
     """Insert or refresh one component's row."""
-    now = utcnow()
     async with store.transaction() as session:
-        insert = _insert_for(session)(Heartbeat).values(
-            component=component, kind=kind, detail=detail, started_at=now, seen_at=now
-        )
-        await session.execute(
-            insert.on_conflict_do_update(
-                index_elements=["component"], set_={"detail": insert.excluded.detail, "seen_at": now}
-            )
-        )
+        await heartbeats.beat(session, component, kind, detail)
 
 
 class Heartbeats:

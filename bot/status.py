@@ -12,14 +12,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bot.events import utcnow
 from bot.scheduler import runs
 from bot.spool import spool_report
-from bot.store import Store
+from bot.store import Store, heartbeats, jobs
 from bot.store import outbox as deliveries
-from bot.store.models import Heartbeat, OutboxDelivery, ReplyJob, SchedulerJob
+from bot.store.models import SchedulerJob
 from personas.versions import list_versions
 
 STALE_BEATS = 3  # a component not seen for this many intervals is reported stale
@@ -30,9 +30,8 @@ def _age(then: datetime | None, now: datetime) -> float | None:
 
 
 async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
-    rows = (await session.execute(select(Heartbeat).order_by(Heartbeat.kind, Heartbeat.component))).scalars()
     found = []
-    for row in rows:
+    for row in await heartbeats.listing(session):
         detail = dict(row.detail or {})
         interval = float(detail.get("interval") or 15.0)
         state = detail.get("state", "running")
@@ -56,34 +55,10 @@ async def _components(session: Any, now: datetime) -> list[dict[str, Any]]:
 
 
 async def _queue(session: Any, now: datetime) -> dict[str, Any]:
-    counts = dict(
-        (await session.execute(select(ReplyJob.status, func.count()).group_by(ReplyJob.status))).all()
-    )
-    oldest = (
-        await session.execute(
-            select(ReplyJob)
-            .where(ReplyJob.status == "pending")
-            .order_by(ReplyJob.created_at, ReplyJob.id)
-            .limit(1)
-        )
-    ).scalar_one_or_none()
-    failures = (
-        await session.execute(
-            select(ReplyJob)
-            .where(ReplyJob.status == "failed")
-            .order_by(ReplyJob.finished_at.desc(), ReplyJob.id.desc())
-            .limit(5)
-        )
-    ).scalars()
-    outbox = dict(
-        (
-            await session.execute(
-                select(OutboxDelivery.status, func.count())
-                .where(OutboxDelivery.status != "delivered")
-                .group_by(OutboxDelivery.status)
-            )
-        ).all()
-    )
+    counts = await jobs.status_counts(session)
+    oldest = await jobs.oldest_pending(session)
+    failures = await jobs.failures(session, limit=5)
+    outbox = await deliveries.status_counts(session)
     return {
         "pending": counts.get("pending", 0),
         "running": counts.get("running", 0),

@@ -216,3 +216,22 @@ async def test_a_channel_is_unanswered_until_its_reply_is_delivered(store: Store
         assert await jobs.unanswered(session, channel_id) == 1  # now the undelivered reply
         await session.execute(update(OutboxDelivery).values(status=OutboxStatus.DELIVERED))
         assert await jobs.unanswered(session, channel_id) == 0
+
+
+async def test_queue_overview_for_status_and_eval(store: Store) -> None:
+    first, second = await add_jobs(store, 2, channel="o")
+    async with store.transaction() as session:
+        assert await jobs.unfinished(session)
+        assert (await jobs.oldest_pending(session)).id == first  # type: ignore[union-attr]
+    claimed = await claim(store, "w", attempts=1)
+    async with store.transaction() as session:
+        for job in claimed:
+            await jobs.fail(
+                session, job, error=f"boom {job.id}", retryable=False, max_attempts=1, backoff_seconds=0
+            )
+    async with store.transaction() as session:
+        assert not await jobs.unfinished(session)
+        assert await jobs.oldest_pending(session) is None
+        assert await jobs.status_counts(session) == {"failed": 2}
+        assert [j.error for j in await jobs.failures(session, limit=1)] == [f"boom {second}"]  # latest first
+        assert {j.id for j in await jobs.failures(session)} == {first, second}

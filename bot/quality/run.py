@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from bot.config import Settings
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming
@@ -28,7 +28,7 @@ from bot.generation.base import GenerationBackend
 from bot.quality.questions import Conversation
 from bot.quality.report import EvalReport, ReplyScore, score_replies
 from bot.store import Store, conversations, jobs
-from bot.store.models import AdapterVersion, ReplyJob
+from bot.store.models import AdapterVersion
 from bot.worker.core import ReplyRecord, Worker
 from personas.registry import Persona, PersonaRegistry
 
@@ -97,10 +97,8 @@ async def _ask(store: Store, conversation: Conversation, turn: int, group: bool,
 async def _answer_all(worker: Worker, store: Store) -> None:
     while True:
         async with store.transaction() as session:
-            left = (
-                await session.execute(select(ReplyJob.id).where(ReplyJob.status.in_(("pending", "running"))))
-            ).first()
-        if left is None:
+            left = await jobs.unfinished(session)
+        if not left:
             return
         if await worker.run_once() == 0:
             await asyncio.sleep(0.01)
@@ -145,12 +143,7 @@ async def evaluate(
                 if progress is not None:
                     progress(len(records), total)
             async with store.transaction() as session:
-                failed = {
-                    row.id: row.error or "failed"
-                    for row in (
-                        await session.execute(select(ReplyJob).where(ReplyJob.status == "failed"))
-                    ).scalars()
-                }
+                failed = {row.id: row.error or "failed" for row in await jobs.failures(session)}
         finally:
             await store.close()
     scored: list[ReplyScore] = []

@@ -201,6 +201,40 @@ async def unanswered(session: AsyncSession, channel_id: int) -> int:
     return int(jobs_left.scalar_one()) + int(deliveries_left.scalar_one())
 
 
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    """How many jobs are in each status."""
+    rows = await session.execute(select(ReplyJob.status, func.count()).group_by(ReplyJob.status))
+    return {str(status): int(n) for status, n in rows.all()}
+
+
+async def oldest_pending(session: AsyncSession) -> ReplyJob | None:
+    """The job that has waited longest."""
+    query = (
+        select(ReplyJob)
+        .where(ReplyJob.status == JobStatus.PENDING)
+        .order_by(ReplyJob.created_at, ReplyJob.id)
+        .limit(1)
+    )
+    return (await session.execute(query)).scalar_one_or_none()
+
+
+async def failures(session: AsyncSession, limit: int | None = None) -> list[ReplyJob]:
+    """Failed jobs, the latest first (all of them when `limit` is None)."""
+    query = (
+        select(ReplyJob)
+        .where(ReplyJob.status == JobStatus.FAILED)
+        .order_by(ReplyJob.finished_at.desc(), ReplyJob.id.desc())
+        .limit(limit)
+    )
+    return list((await session.execute(query)).scalars())
+
+
+async def unfinished(session: AsyncSession) -> bool:
+    """Whether any job is still pending or running."""
+    query = select(ReplyJob.id).where(ReplyJob.status.in_((JobStatus.PENDING, JobStatus.RUNNING))).limit(1)
+    return (await session.execute(query)).first() is not None
+
+
 async def complete_without_reply(session: AsyncSession, job: ClaimedJob, *, note: str) -> bool:
     """Close a job with no reply (its persona's plugin vetoed it): `done`, no `reply_message_id`,
     `error` holding `note`. Returns False when this worker no longer holds the lease."""

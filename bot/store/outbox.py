@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backoff import backoff
@@ -208,6 +208,16 @@ class DeliveryRow:
     error: str | None
     created_at: datetime
     text: str
+
+
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    """How many deliveries are in each status, delivered ones left out."""
+    rows = await session.execute(
+        select(OutboxDelivery.status, func.count())
+        .where(OutboxDelivery.status != OutboxStatus.DELIVERED)
+        .group_by(OutboxDelivery.status)
+    )
+    return {str(status): int(n) for status, n in rows.all()}
 
 
 async def listing(session: AsyncSession, *, failed_only: bool = False, limit: int = 50) -> list[DeliveryRow]:
