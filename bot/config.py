@@ -147,6 +147,12 @@ class WorkerSettings(Section):
         "NOTIFY); this slow poll is the safety net, e.g. for retries that fall due.",
     )
     kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    language_retries: int = Field(
+        default=2,
+        ge=0,
+        description="A reply to an English message that comes out in another language is generated "
+        "again, sampled with fixed seeds, up to this many times; the first English one is kept.",
+    )
     metrics_port: int | None = None
 
 
