@@ -59,7 +59,7 @@ async def install_bundled(
 ) -> None:
     """Register and activate the personas' shipped adapters on first use (`personas.bundled`); the
     tokenizer is loaded only when one is activated and none is given."""
-    from personas.bundled import install_bundled_adapters
+    from personas.bundled import install_bundled_adapters, untrained, untrained_hint
 
     def the_tokenizer() -> Any:
         if tokenizer is not None:
@@ -71,6 +71,8 @@ async def install_bundled(
     await install_bundled_adapters(
         store, registry.all(), lambda: model_sha256(resolve_model(settings)), the_tokenizer
     )
+    for persona in await untrained(store, registry.all()):
+        log.warning("%s", untrained_hint(persona))
 
 
 def load_registry(settings: Settings) -> PersonaRegistry:
