@@ -7,8 +7,9 @@ share: which process does the work of one occurrence is decided by the unique ru
 `scheduled_runs` (see `bot.scheduler.runs`), and the others skip it. On start, a process runs each
 job's latest occurrence missed while no process ran (when the job has run before and the occurrence
 is at most `scheduler.misfire_grace_seconds` old), and finishes occurrences a stopped or crashed
-process left unfinished. Only APScheduler's public API is used, with a memory job store as its FAQ
-asks of several processes; `scheduled_runs` rows older than `scheduler.run_history_days` are pruned.
+process left unfinished. APScheduler is used through its public API and its documented extension
+point for custom executors (`bot.scheduler.executor`), with a memory job store in each process, as its
+FAQ asks of several processes; `scheduled_runs` rows older than `scheduler.run_history_days` are pruned.
 """
 
 from __future__ import annotations
