@@ -188,9 +188,10 @@ class JobScheduler:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Fire nothing more; give running jobs `timeout` seconds, then interrupt them."""
-        if self._aps is not None and self._aps.running:
-            self._aps.pause()  # at once: the shutdown itself runs on a later turn of the loop
-            self._aps.shutdown(wait=False)
+        aps, self._aps = self._aps, None
+        if aps is not None and aps.running:
+            aps.pause()  # at once: the shutdown itself runs on a later turn of the loop
+            aps.shutdown(wait=False)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=timeout)
