@@ -225,8 +225,13 @@ async def last_runs(session: AsyncSession) -> dict[str, RunRecord]:
     return {row.job_id: RunRecord.of(row) for row in rows.scalars()}
 
 
-async def last_run(session: AsyncSession, job_id: str, *, status: str | None = None) -> RunRecord | None:
+async def last_run(
+    session: AsyncSession, job_id: str, *, status: str | None = None, problems: bool = True
+) -> RunRecord | None:
+    """The job's newest run; `problems=False` leaves out recorded config problems (not runs at all)."""
     query = select(ScheduledRun).where(ScheduledRun.job_id == job_id)
+    if not problems:
+        query = query.where(~ScheduledRun.run_key.contains(PROBLEM_MARK))
     if status is not None:
         query = query.where(ScheduledRun.status == status)
     row = (

@@ -127,7 +127,7 @@ class JobScheduler:
             if missed is None:
                 continue
             async with self.store.transaction() as session:
-                last = await runs.last_run(session, job.id)
+                last = await runs.last_run(session, job.id, problems=False)
             if last is None or last.scheduled_for >= missed:
                 continue  # new job, or that occurrence is recorded (the claim would refuse it anyway)
             log.info("scheduler: catching up %s of %s, missed while nothing ran", job.id, missed.isoformat())
