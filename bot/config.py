@@ -218,6 +218,12 @@ class SchedulerSettings(Section):
     retention_days: float | None = Field(
         default=None, gt=0, description="Prune messages older than this many days (unset: keep them)."
     )
+    run_history_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Records of finished scheduled runs (`scheduled_runs`) older than this many days are "
+        "deleted; each job's newest is kept.",
+    )
     retention_channels: dict[str, float] = Field(
         default_factory=dict,
         description="Per-channel retention in days, keyed `platform:id` (or `platform:id/thread`); "

@@ -10,6 +10,7 @@ from typing import Any
 from bot.backoff import backoff
 from bot.basemodel import MARKER, default_model_dir, model_sha256, pull_default_model, resolve_model
 from bot.config import Settings
+from bot.extras import require
 from bot.generation.base import GenerationBackend
 from bot.store import Store
 from bot.store.engine import database_unreachable
@@ -87,6 +88,8 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationB
     torch is imported only by the local backend, not at module level: a bot process without a worker, or
     with a worker on vLLM, never needs it and starts seconds sooner.
     """
+    if settings.generation.backend == "local":
+        require("local", 'the local generation backend (generation.backend = "local")')
     if (
         allow_pull
         and settings.model.path is None
