@@ -10,4 +10,5 @@ packages = find_packages(
     include=["bot", "bot.*", "adapters", "adapters.*", "personas", "personas.*", "trainer", "trainer.*"]
 )
 packages += ["bot.migrations", "bot.migrations.versions"]
-setup(packages=packages, package_dir={"bot.migrations": "migrations"})
+# `personabot.py`: the command's entry point, under the distribution's own name (see its docstring).
+setup(packages=packages, package_dir={"bot.migrations": "migrations"}, py_modules=["personabot"])

@@ -147,6 +147,12 @@ class WorkerSettings(Section):
         "NOTIFY); this slow poll is the safety net, e.g. for retries that fall due.",
     )
     kv_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    language_retries: int = Field(
+        default=2,
+        ge=0,
+        description="A reply to an English message that comes out in another language is generated "
+        "again, sampled with fixed seeds, up to this many times; the first English one is kept.",
+    )
     metrics_port: int | None = None
 
 
@@ -211,6 +217,12 @@ class SchedulerSettings(Section):
     )
     retention_days: float | None = Field(
         default=None, gt=0, description="Prune messages older than this many days (unset: keep them)."
+    )
+    run_history_days: float = Field(
+        default=30.0,
+        gt=0,
+        description="Records of finished scheduled runs (`scheduled_runs`) older than this many days are "
+        "deleted; each job's newest is kept.",
     )
     retention_channels: dict[str, float] = Field(
         default_factory=dict,

@@ -49,6 +49,7 @@ def setup_logging(level: str = "INFO") -> None:
         "asyncio",
         "discord.gateway",
         "apscheduler.executors",
+        "apscheduler.scheduler",  # "Added job ..." per job at every start; bot.launch lists them once
         "alembic",
     )
     for noisy in noisy_loggers:

@@ -9,8 +9,10 @@ speaker's line ("\\nalice:").
 `is_english` is the language-drift heuristic: it counts common function words of English and of German,
 French, Italian, Spanish, Portuguese and Dutch; a text is not English when it has at least two foreign
 ones and more foreign than English ones, or when over a third of its letters are outside the Latin
-script. A reply to an English message that is not English is kept out of later prompts (as is one the
-loop guard cut), and `personabot eval` counts such replies as drift.
+script. A reply to an English message that is not English is generated again (`retry_sampling`: sampled,
+a fixed seed per attempt; `worker.language_retries` times at most) and the first English one is kept; if
+none is, the first reply is stored but kept out of later prompts (as is one the loop guard cut), and
+`personabot eval` counts it as drift.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from personas.spec import Sampling
 
 # A speaker tag at the start of a reply: one to three name-like words (letters first; digits, dots,
 # dashes and apostrophes inside) followed by a colon ("Alice:", "**Bob**:"), or in brackets with or
@@ -64,9 +68,29 @@ def is_english(reply: str) -> bool:
     return not letters or latin * 3 >= 2 * len(letters)
 
 
+def drifted(question: str, reply: str) -> bool:
+    """The reply to an English message is not English."""
+    return is_english(question) and not is_english(reply)
+
+
+# A language retry samples: greedy decoding would give the same reply again. Moderate settings, and a
+# seed per attempt, so a retried reply is as repeatable as a first one.
+RETRY_TEMPERATURE = 0.7
+RETRY_TOP_P = 0.9
+RETRY_SEED_STEP = 7919
+
+
+def retry_sampling(sampling: Sampling, seed: int | None, attempt: int) -> tuple[Sampling, int | None]:
+    """Sampling settings and seed for language retry `attempt` (1, 2, ...) of a reply (an unseeded reply
+    retries unseeded)."""
+    if sampling.temperature == 0:
+        sampling = sampling.model_copy(update={"temperature": RETRY_TEMPERATURE, "top_p": RETRY_TOP_P})
+    return sampling, None if seed is None else seed + RETRY_SEED_STEP * attempt
+
+
 def keep_out_of_prompts(question: str, reply: str, finish_reason: str) -> bool:
     """A reply later prompts should not carry: cut by the loop guard, or not English when asked in English."""
-    return finish_reason == "loop" or (is_english(question) and not is_english(reply))
+    return finish_reason == "loop" or drifted(question, reply)
 
 
 def speaker_prefix(text: str) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 from bot.backoff import backoff
 from bot.basemodel import MARKER, default_model_dir, model_sha256, pull_default_model, resolve_model
 from bot.config import Settings
+from bot.extras import require
 from bot.generation.base import GenerationBackend
 from bot.store import Store
 from bot.store.engine import database_unreachable
@@ -59,7 +60,7 @@ async def install_bundled(
 ) -> None:
     """Register and activate the personas' shipped adapters on first use (`personas.bundled`); the
     tokenizer is loaded only when one is activated and none is given."""
-    from personas.bundled import install_bundled_adapters
+    from personas.bundled import install_bundled_adapters, untrained, untrained_hint
 
     def the_tokenizer() -> Any:
         if tokenizer is not None:
@@ -71,6 +72,8 @@ async def install_bundled(
     await install_bundled_adapters(
         store, registry.all(), lambda: model_sha256(resolve_model(settings)), the_tokenizer
     )
+    for persona in await untrained(store, registry.all()):
+        log.warning("%s", untrained_hint(persona))
 
 
 def load_registry(settings: Settings) -> PersonaRegistry:
@@ -85,6 +88,8 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationB
     torch is imported only by the local backend, not at module level: a bot process without a worker, or
     with a worker on vLLM, never needs it and starts seconds sooner.
     """
+    if settings.generation.backend == "local":
+        require("local", 'the local generation backend (generation.backend = "local")')
     if (
         allow_pull
         and settings.model.path is None

@@ -1,9 +1,10 @@
-"""`personabot status`: the health of a deployment, read from the store alone.
+"""`personabot status`: the health of a deployment, read from the store.
 
 It works from any machine that reaches the database, while the bot runs or not: components seen
 (heartbeats), the reply queue, the outbox, each persona's active adapter with its held-out loss, and
 the last run of every scheduled job with its errors (and a retrain's two held-out losses and two eval
-reports' scores).
+reports' scores). Which jobs are scheduled, and when they run next, comes from the config's plan
+(every process computes the same), since each scheduler keeps its jobs in memory.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from bot.events import utcnow
-from bot.scheduler import runs
+from bot.scheduler import JobDef, runs
 from bot.spool import spool_report
 from bot.store import Store, heartbeats, jobs
 from bot.store import outbox as deliveries
-from bot.store.models import SchedulerJob
 from personas.versions import list_versions
 
 STALE_BEATS = 3  # a component not seen for this many intervals is reported stale
@@ -122,19 +120,17 @@ async def _personas(session: Any, slugs: list[str]) -> list[dict[str, Any]]:
     return result
 
 
-async def _schedule(session: Any) -> list[dict[str, Any]]:
-    stored = {
-        job_id: datetime.fromtimestamp(ts, UTC) if ts is not None else None
-        for job_id, ts in await session.execute(select(SchedulerJob.id, SchedulerJob.next_run_time))
-    }
+async def _schedule(session: Any, plan: list[JobDef], now: datetime) -> list[dict[str, Any]]:
+    planned = {job.id: job.trigger.get_next_fire_time(None, now) for job in plan}
     last = await runs.last_runs(session)
     jobs = []
-    for job_id in sorted(set(stored) | set(last)):
+    for job_id in sorted(set(planned) | set(last)):
         run = last.get(job_id)
+        nxt = planned.get(job_id)
         entry: dict[str, Any] = {
             "job_id": job_id,
-            "scheduled": job_id in stored,
-            "next_run": stored[job_id].isoformat() if stored.get(job_id) else None,
+            "scheduled": job_id in planned,
+            "next_run": nxt.astimezone(UTC).isoformat() if nxt is not None else None,
             "last_run": run.as_dict() if run is not None else None,
         }
         jobs.append(entry)
@@ -147,10 +143,13 @@ async def collect_status(
     personas: list[str] | None = None,
     now: datetime | None = None,
     spool_dir: Path | None = None,
+    plan: list[JobDef] | None = None,
 ) -> dict[str, Any]:
     """Everything `personabot status` shows, as plain data (its `--json`).
 
     `spool_dir`: this machine's ingest spool (`<data_dir>/spool`), events waiting for the database.
+    `plan`: the scheduled jobs of the config (`bot.scheduler.plan_jobs`); without it, jobs are listed
+    from their recorded runs only.
     """
     now = now or utcnow()
     async with store.transaction() as session:
@@ -159,7 +158,7 @@ async def collect_status(
             "components": await _components(session, now),
             "queue": await _queue(session, now),
             "personas": await _personas(session, personas or []),
-            "schedule": await _schedule(session),
+            "schedule": await _schedule(session, plan or [], now),
             "spool": spool_report(spool_dir) if spool_dir is not None else [],
         }
 
@@ -274,7 +273,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"  {p['persona']}: {text}{unknown}")
     lines += ["", "scheduled jobs:"]
     if not report["schedule"]:
-        lines.append("  none (the scheduler has not started against this database)")
+        lines.append("  none (nothing is configured to run, and nothing has run)")
     for j in report["schedule"]:
         nxt = j["next_run"][:19].replace("T", " ") if j["next_run"] else "-"
         last = run_line(j["last_run"]) if j["last_run"] else "never run"

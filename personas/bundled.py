@@ -71,3 +71,21 @@ async def install_bundled_adapters(
         installed.append(f"{persona.slug}@{manifest.version}")
         log.info("persona %s: activated its bundled adapter %s", persona.slug, manifest.version)
     return installed
+
+
+async def untrained(store: Store, personas: Iterable[Persona]) -> list[Persona]:
+    """Personas that have dialogues to train on but no active adapter: they answer with their system
+    prompt alone, which a small model rarely keeps in character."""
+    from personas.versions import active_versions
+
+    async with store.transaction() as session:
+        active = await active_versions(session)
+    return [p for p in personas if p.spec.dialogues and p.slug not in active]
+
+
+def untrained_hint(persona: Persona) -> str:
+    return (
+        f"persona {persona.slug} has dialogues but no trained adapter: it answers with its system prompt "
+        f"alone and may not sound like itself; `personabot train {persona.slug} --activate` trains one "
+        "(10-15 min on 2 CPU cores)"
+    )

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +34,7 @@ from bot.store.models import ReplyJob
 from bot.worker import Worker
 from personas.registry import PersonaRegistry
 from personas.spec import Sampling
+from tests.botonly import bot_only_python
 from tests.fakes.vllm_server import BASE, FakeVllm
 from tests.test_jobs import add_jobs
 from tests.tiny import byte_level_tokenizer, save_tiny_model
@@ -361,7 +361,7 @@ async def test_a_worker_process_on_vllm_imports_no_torch_peft_or_model_code(
         "PERSONABOT_WORKER__POLL_SECONDS": "0.05",
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
+        bot_only_python(tmp_path / "venv"),  # torch, peft, ... are not even installed there
         "-c",
         WATCH_MODULES,
         env=env,

@@ -72,3 +72,27 @@ def test_the_builtin_bundled_adapters_are_small_and_pinned() -> None:
         assert sum(p.stat().st_size for p in folder.iterdir()) <= 10_000_000
         manifest = read_manifest(folder)
         assert manifest.persona == slug and len(manifest.base_model_sha256) == 64
+
+
+async def test_chat_says_when_a_persona_with_dialogues_has_no_trained_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import io
+
+    from bot.chat import run_chat
+    from bot.config import load_settings
+    from tests.fakes.backend import ScriptedBackend
+
+    folder = tmp_path / "data" / "personas" / "sage"
+    folder.mkdir(parents=True)
+    (folder / "persona.toml").write_text('name = "Sage"\nsystem_prompt = "Be wise."\n')
+    (folder / "dialogues.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Greetings."}]}\n'
+    )
+    monkeypatch.setattr("bot.chat.load_backend", lambda settings, allow_pull: ScriptedBackend())
+    with caplog.at_level(logging.WARNING, logger="bot.runtime"):
+        await run_chat(load_settings(), persona="sage", stdin=io.StringIO("hello\n"), stdout=io.StringIO())
+    hints = [r.getMessage() for r in caplog.records if "no trained adapter" in r.getMessage()]
+    sage = [h for h in hints if h.startswith("persona sage has dialogues")]
+    assert len(sage) == 1 and "`personabot train sage --activate`" in sage[0]
+    assert not any("persona assistant" in h for h in hints)  # no dialogues: nothing to train

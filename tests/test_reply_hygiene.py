@@ -10,6 +10,7 @@ import pytest
 
 from bot.chat import run_chat
 from bot.config import load_settings
+from bot.generation.base import GenerationRequest
 from tests.fakes.backend import ScriptedBackend, last_user_text
 
 
@@ -40,12 +41,61 @@ async def test_a_drifted_reply_is_delivered_but_left_out_of_later_prompts(
         return "Der Königin der Deutschland ist der deutsche Capital!" if "Germany" in q else "Paris."
 
     backend = ScriptedBackend(reply)
+    monkeypatch.setenv("PERSONABOT_WORKER__LANGUAGE_RETRIES", "2")
     out = await chat(backend, monkeypatch, "What's the capital of Germany?\nAnd what about France?\n")
-    assert "Der Königin" in out  # delivered
-    assert "What's the capital of Germany?" in backend.prompts[1]
-    assert "Königin" not in backend.prompts[1]  # but not carried forward
+    assert "Der Königin" in out  # no attempt was English: the first reply is delivered
+    assert len(backend.prompts) == 4  # the first answer, two language retries, the next question
+    assert "What's the capital of Germany?" in backend.prompts[3]
+    assert "Königin" not in backend.prompts[3]  # but not carried forward
     rows = stored(tmp_path / "data")
     assert [r[2] for r in rows] == [0, 1, 0, 0]
+
+
+class FrenchFirstBackend(ScriptedBackend):
+    """Answers in French unless it samples (as a language retry does), then in English."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda prompt: "")
+        self.requests: list[GenerationRequest] = []
+
+    def reply_for(self, request: GenerationRequest, prompt: str) -> str:
+        self.requests.append(request)
+        return "La capitale de la France est Paris." if request.sampling.temperature == 0 else "Paris."
+
+
+async def test_a_reply_that_drifts_out_of_english_is_generated_again_with_a_fixed_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = FrenchFirstBackend()
+    out = await chat(backend, monkeypatch, "What's the capital of France?\nAnd of Italy?\n")
+    assert "La capitale" not in out and out.count("Paris.") == 2
+    first, retry, _second, second_retry = backend.requests
+    assert first.sampling.temperature == 0  # the default persona decodes greedily
+    assert retry.sampling.temperature > 0 and retry.prompt_ids == first.prompt_ids
+    assert "Italy" in backend.tokenizer.decode(second_retry.prompt_ids)
+    rows = stored(tmp_path / "data")
+    assert [(r[0], r[1], r[2]) for r in rows][1] == ("assistant", "Paris.", 0)
+    with sqlite3.connect(tmp_path / "data" / "personabot.db") as conn:
+        assert [r[0] for r in conn.execute("select error from reply_jobs order by id")] == [None, None]
+
+
+def test_language_retries_are_seeded_when_the_reply_was() -> None:
+    from bot.replies import retry_sampling
+    from personas.spec import Sampling
+
+    greedy = Sampling(temperature=0.0, top_p=1.0)
+    first, second = retry_sampling(greedy, 10, 1), retry_sampling(greedy, 10, 2)
+    assert first[0].temperature > 0 and first[1] != second[1] and first == retry_sampling(greedy, 10, 1)
+    assert retry_sampling(greedy, None, 1)[1] is None
+    warm = Sampling(temperature=0.9, top_p=0.8)
+    assert retry_sampling(warm, 3, 1)[0] == warm  # a sampling persona keeps its own settings
+
+
+async def test_language_retries_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONABOT_WORKER__LANGUAGE_RETRIES", "0")
+    backend = FrenchFirstBackend()
+    out = await chat(backend, monkeypatch, "What's the capital of France?\n")
+    assert "La capitale de la France est Paris." in out and len(backend.requests) == 1
 
 
 async def test_a_reply_the_loop_guard_cut_is_left_out_and_reset_still_works(

@@ -92,12 +92,16 @@ async def test_sigterm_while_the_model_loads_exits_0(tmp_path: Path) -> None:
     assert "SIGTERM: stopping" in log and "stopped before start-up finished" in log
 
 
-def test_a_bot_process_without_a_worker_does_not_import_torch() -> None:
-    """A frontend (`worker.enabled = false`) restarted after a crash is back seconds sooner."""
+def test_a_bot_process_without_a_worker_does_not_import_torch(tmp_path: Path) -> None:
+    """A frontend (`worker.enabled = false`) restarted after a crash is back seconds sooner; it runs
+    without torch installed (tests/test_bot_only_install.py runs the whole process so)."""
     import subprocess
+
+    from tests.botonly import bot_only_python
 
     check = (
         "import sys, bot.cli, bot.launch, adapters.telegram, adapters.discord; print('torch' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    python = bot_only_python(tmp_path / "venv")
+    out = subprocess.run([python, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

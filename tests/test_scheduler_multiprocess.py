@@ -1,6 +1,6 @@
 """Two scheduler processes on one PostgreSQL database never both run the same occurrence.
 
-Each process runs a real `JobScheduler` (APScheduler on the shared job store) with retention due
+Each process runs a real `JobScheduler` (its own APScheduler, jobs in memory) with retention due
 every half second, and also fires the same 40 occurrences of a scheduled post by hand, as fast as it
 can, once both processes are ready. Every occurrence a process actually works on is appended to its
 own file; across both files each occurrence appears exactly once, though both tried them all.

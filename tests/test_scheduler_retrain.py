@@ -295,7 +295,7 @@ async def test_a_failing_trainer_is_a_recorded_error(store: Store, setup: tuple[
     assert result.status == "error"
     assert result.summary.startswith("training pirate failed (exit 3): CUDA out of memory (log: ")
     assert retention.status == "ok"
-    report = render_status(await collect_status(store))
+    report = render_status(await collect_status(store, plan=scheduler.jobs))
     assert "retrain:pirate: next 2026" in report or "retrain:pirate: next 20" in report
     assert "error at" in report and "training pirate failed (exit 3): CUDA out of memory" in report
     assert await active(store) is None

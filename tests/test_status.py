@@ -17,7 +17,7 @@ from bot.app import BotApp
 from bot.cli import main
 from bot.config import load_settings
 from bot.events import utcnow
-from bot.scheduler import JobScheduler
+from bot.scheduler import JobDef, JobScheduler
 from bot.status import collect_status, render_status
 from bot.store import Store, conversations, jobs
 from bot.store.models import AdapterVersion
@@ -27,7 +27,7 @@ from tests.fakes.backend import ScriptedBackend
 from tests.test_scheduler import NOW, channel
 
 
-async def fill(store: Store) -> None:
+async def fill(store: Store) -> list[JobDef]:
     """Two pending jobs, one failed one, an active adapter with its held-out loss, scheduled runs."""
     async with store.transaction() as session:
         channel_id = await conversations.upsert_channel(session, channel("console:status"))
@@ -49,11 +49,12 @@ async def fill(store: Store) -> None:
         await scheduler.run_occurrence("retention", NOW)
     finally:
         await scheduler.stop()
+    return scheduler.jobs
 
 
 async def test_status_reports_queue_adapters_and_schedule(store: Store) -> None:
-    await fill(store)
-    report = await collect_status(store, personas=["pirate", "poet"])
+    plan = await fill(store)
+    report = await collect_status(store, personas=["pirate", "poet"], plan=plan)
     queue = report["queue"]
     assert (queue["pending"], queue["failed"]) == (2, 1)
     assert queue["oldest_pending"]["persona"] == "pirate"

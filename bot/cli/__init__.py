@@ -62,6 +62,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PersonabotError as exc:
         print(f"personabot: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        from bot.extras import missing_extra
+
+        missing = missing_extra(exc, f"`personabot {args.command}`")
+        if missing is None:
+            raise
+        print(f"personabot: error: {missing}", file=sys.stderr)
+        return missing.exit_code
     except KeyboardInterrupt:
         print("personabot: interrupted", file=sys.stderr)
         return 130

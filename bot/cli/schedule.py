@@ -24,29 +24,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from sqlalchemy import select
+    from datetime import UTC
 
     from bot.events import utcnow
     from bot.runtime import load_registry, open_store
     from bot.scheduler import plan_jobs, runs
-    from bot.store.models import SchedulerJob
 
     settings = settings_from(args)
     defs, problems = plan_jobs(settings, load_registry(settings))
     store = await open_store(settings)
     try:
         async with store.transaction() as session:
-            stored = dict((await session.execute(select(SchedulerJob.id, SchedulerJob.next_run_time))).all())
             last = await runs.last_runs(session)
     finally:
         await store.close()
-    from datetime import UTC, datetime
 
     now = utcnow()
     listed = []
     for job in defs:
-        ts = stored.get(job.id)
-        nxt = datetime.fromtimestamp(ts, UTC) if ts is not None else job.trigger.get_next_fire_time(None, now)
+        nxt = job.trigger.get_next_fire_time(None, now)  # the same in every process
         run = last.get(job.id)
         listed.append(
             {

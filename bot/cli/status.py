@@ -20,22 +20,25 @@ def _status(args: argparse.Namespace) -> int:
     from bot.cli.common import run_async, settings_from
     from bot.errors import PersonabotError
     from bot.runtime import load_registry, open_store
+    from bot.scheduler import plan_jobs
     from bot.spool import spool_report
     from bot.status import collect_status, render_spool, render_status
     from bot.store.engine import database_unreachable
 
     settings = settings_from(args)
     try:  # a broken persona folder must not hide the deployment's health
-        slugs = [p.slug for p in load_registry(settings).all()]
+        registry = load_registry(settings)
+        slugs = [p.slug for p in registry.all()]
+        plan = plan_jobs(settings, registry)[0] if settings.scheduler.enabled else []
     except PersonabotError:
-        slugs = []
+        slugs, plan = [], []
 
     spool_dir = settings.data_dir / "spool"
 
     async def go() -> dict:
         store = await open_store(settings)
         try:
-            return await collect_status(store, personas=slugs, spool_dir=spool_dir)
+            return await collect_status(store, personas=slugs, spool_dir=spool_dir, plan=plan)
         finally:
             await store.close()
 

@@ -74,6 +74,9 @@ OVERRIDES = (
 
 
 def _train(args: argparse.Namespace) -> int:
+    from bot.extras import require
+
+    require("train", "`personabot train`")
     from trainer.audit import MaskAuditError
     from trainer.run import TrainRequest, train
 

@@ -1,4 +1,4 @@
-"""Periodic work: retention, scheduled posts and retraining, on APScheduler with a shared job store."""
+"""Periodic work: retention, scheduled posts and retraining, on APScheduler; `scheduled_runs` makes each run once."""
 
 from bot.scheduler.errors import ScheduleError
 from bot.scheduler.jobs import JobDef, JobProblem, plan_jobs

@@ -1,6 +1,6 @@
 """What the scheduler runs: one definition per job, planned from the config and the personas.
 
-Job ids are stable, so the job store, `scheduled_runs` and `personabot schedule run JOB_ID` agree:
+Job ids are stable, so every process, `scheduled_runs` and `personabot schedule run JOB_ID` agree:
 
 - `retention`: prune old messages (when `scheduler.retention_days` or `retention_channels` is set);
 - `post:<persona>:<n>`: the persona's n-th `[[schedule]]` entry in persona.toml;
@@ -14,7 +14,7 @@ plan: it becomes a `JobProblem`, logged and recorded for `personabot status`, an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -139,6 +139,17 @@ def cron_trigger(cron: str, timezone: str) -> CronTrigger:
 
 def interval_trigger(seconds: float) -> IntervalTrigger:
     return IntervalTrigger(seconds=seconds, start_date=ANCHOR, timezone=UTC)
+
+
+def latest_fire(trigger: BaseTrigger, since: datetime, until: datetime) -> datetime | None:
+    """The trigger's last occurrence in `[since, until)`, or None: what a catch-up after downtime runs."""
+    latest = None
+    fire = trigger.get_next_fire_time(None, since)
+    while fire is not None and fire < until:
+        latest = fire
+        # With a previous fire time both trigger kinds step to the occurrence right after it.
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+    return latest.astimezone(UTC) if latest is not None else None
 
 
 def _post_job(entry: PostEntry) -> JobDef:

@@ -1,6 +1,6 @@
 """Occurrences of scheduled jobs as rows of `scheduled_runs`: who runs each one, and how it went.
 
-Several processes may fire the same occurrence (each runs APScheduler on the shared job store). The
+Several processes may fire the same occurrence (each runs its own APScheduler on the same plan). The
 unique `run_key` decides: `INSERT ... ON CONFLICT DO NOTHING` succeeds for exactly one of them, and
 only that process runs the job. A row left `running` by a process that died is taken over by the next
 process that fires or recovers that occurrence, with a compare-and-set `UPDATE`, so again one wins.
@@ -196,6 +196,18 @@ async def record_problem(session: AsyncSession, job_id: str, message: str, *, ow
     )
 
 
+async def prune(session: AsyncSession, *, before: datetime, job_id: str | None = None) -> int:
+    """Delete finished runs started before `before` (of `job_id`, or of every job); each job's newest
+    run is kept, so `personabot status` and the catch-up after downtime still see when it last ran."""
+    newest = select(func.max(ScheduledRun.id)).group_by(ScheduledRun.job_id)
+    query = delete(ScheduledRun).where(
+        ScheduledRun.started_at < before, ScheduledRun.status != "running", ScheduledRun.id.not_in(newest)
+    )
+    if job_id is not None:
+        query = query.where(ScheduledRun.job_id == job_id)
+    return (await session.execute(query)).rowcount
+
+
 async def last_runs(session: AsyncSession) -> dict[str, RunRecord]:
     """The newest run (or recorded problem) of every job id, by start time."""
     newest = (
@@ -213,8 +225,13 @@ async def last_runs(session: AsyncSession) -> dict[str, RunRecord]:
     return {row.job_id: RunRecord.of(row) for row in rows.scalars()}
 
 
-async def last_run(session: AsyncSession, job_id: str, *, status: str | None = None) -> RunRecord | None:
+async def last_run(
+    session: AsyncSession, job_id: str, *, status: str | None = None, problems: bool = True
+) -> RunRecord | None:
+    """The job's newest run; `problems=False` leaves out recorded config problems (not runs at all)."""
     query = select(ScheduledRun).where(ScheduledRun.job_id == job_id)
+    if not problems:
+        query = query.where(~ScheduledRun.run_key.contains(PROBLEM_MARK))
     if status is not None:
         query = query.where(ScheduledRun.status == status)
     row = (

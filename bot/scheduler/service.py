@@ -1,11 +1,15 @@
-"""The scheduler: APScheduler 3.x (`AsyncIOScheduler`) with its job store in the store's database.
+"""The scheduler: APScheduler 3.x (`AsyncIOScheduler`) with its jobs in memory, one per process.
 
-Every process that runs a scheduler (`personabot run`, more than one on PostgreSQL) syncs the planned
-jobs into the shared job store on start and fires them when due. Which process does the work of one
-occurrence is decided by the unique run key in `scheduled_runs` (see `bot.scheduler.runs`): the others
-skip it. On start, occurrences a stopped or crashed process left unfinished within the misfire grace
-time are run again; jobs whose trigger is unchanged keep their stored next run time, so an occurrence
-missed while nothing ran is still run, up to `scheduler.misfire_grace_seconds` late.
+Every process that runs a scheduler (`personabot run`, more than one on PostgreSQL) plans the same jobs
+from the config and fires them when due; interval jobs are aligned to one anchor and cron jobs to the
+clock, so all of them compute the same occurrences. The database, not the job store, is what they
+share: which process does the work of one occurrence is decided by the unique run key in
+`scheduled_runs` (see `bot.scheduler.runs`), and the others skip it. On start, a process runs each
+job's latest occurrence missed while no process ran (when the job has run before and the occurrence
+is at most `scheduler.misfire_grace_seconds` old), and finishes occurrences a stopped or crashed
+process left unfinished. APScheduler is used through its public API and its documented extension
+point for custom executors (`bot.scheduler.executor`), with a memory job store in each process, as its
+FAQ asks of several processes; `scheduled_runs` rows older than `scheduler.run_history_days` are pruned.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from bot.config import Settings
 from bot.errors import PersonabotError
@@ -26,12 +30,10 @@ from bot.export import exports_dir, scrub_exports
 from bot.scheduler import runs
 from bot.scheduler.errors import ScheduleError
 from bot.scheduler.executor import OccurrenceExecutor, scheduled_job
-from bot.scheduler.jobs import JobDef, JobOutcome, plan_jobs
-from bot.scheduler.jobstore import SharedJobStore, job_store_engine
+from bot.scheduler.jobs import JobDef, JobOutcome, latest_fire, plan_jobs
 from bot.scheduler.posts import queue_post
 from bot.scheduler.retention import prune
 from bot.scheduler.retrain import Retrainer
-from bot.scheduler.threaded import ThreadedScheduler
 from bot.store import Store
 from personas.registry import PersonaRegistry
 
@@ -52,7 +54,7 @@ class RunResult:
 
 
 class JobScheduler:
-    """Plans, stores and fires the scheduled jobs of one process."""
+    """Plans and fires the scheduled jobs of one process."""
 
     def __init__(
         self,
@@ -70,8 +72,7 @@ class JobScheduler:
         self.jobs, self.problems = plan_jobs(settings, registry)
         self.by_id = {job.id: job for job in self.jobs}
         self.retrainer = retrainer or Retrainer(settings, store, registry)
-        self._aps: ThreadedScheduler | None = None
-        self._engine: Engine | None = None
+        self._aps: AsyncIOScheduler | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -80,44 +81,57 @@ class JobScheduler:
     def grace(self) -> timedelta:
         return timedelta(seconds=self.settings.scheduler.misfire_grace_seconds)
 
+    @property
+    def history(self) -> timedelta:
+        """How long a finished occurrence's row is kept in `scheduled_runs`."""
+        return timedelta(days=self.settings.scheduler.run_history_days)
+
     async def start(self) -> None:
-        """Record the plan's problems, sync the jobs into the job store, recover, start firing."""
+        """Record the plan's problems, prune old runs, catch up and recover, start firing."""
         async with self.store.transaction() as session:
             await runs.clear_problems(session)
             for problem in self.problems:
                 log.error("scheduler: %s: %s", problem.job_id, problem.message)
                 await runs.record_problem(session, problem.job_id, problem.message, owner=self.owner)
-        self._engine = job_store_engine(self.store.url)
-        self._aps = ThreadedScheduler(
-            event_loop=asyncio.get_running_loop(),
+            pruned = await runs.prune(session, before=utcnow() - self.history)
+        if pruned:
+            log.info("scheduler: pruned %d run record(s) older than %s", pruned, self.history)
+        self._aps = AsyncIOScheduler(
             timezone=UTC,
-            jobstores={"default": SharedJobStore(self._engine)},
-            executors={"default": OccurrenceExecutor(self)},
+            executors={"default": OccurrenceExecutor(self.run_occurrence, self.spawn)},
             job_defaults={
                 "coalesce": True,
                 "max_instances": 1,
                 "misfire_grace_time": max(1, int(self.grace.total_seconds())),
             },
         )
-        await self._aps.call(self._aps.start, paused=True)
-        await self._aps.call(self._sync_jobs)
+        # Paused, jobs get their next run time but none fires until the catch-up has been decided.
+        self._aps.start(paused=True)
+        now = utcnow()
+        for job in self.jobs:
+            self._aps.add_job(scheduled_job, trigger=job.trigger, id=job.id, name=job.description)
+        await self._catch_up(now)
         await self._recover()
         self._aps.resume()
 
-    def _sync_jobs(self) -> None:
+    async def _catch_up(self, now: datetime) -> None:
+        """Run each job's latest occurrence that fell due while no process ran, if within the grace.
+
+        A job that never ran before (new in the config) starts with its next occurrence instead, so a
+        first start at 09:05 does not post the 09:00 greeting.
+        """
         assert self._aps is not None
-        stored = {job.id: job for job in self._aps.get_jobs()}
+        upcoming = {job.id: job.next_run_time for job in self._aps.get_jobs()}
         for job in self.jobs:
-            old = stored.pop(job.id, None)
-            # Unchanged: keep the stored next run time, so a missed occurrence still runs.
-            if old is not None and repr(old.trigger) == repr(job.trigger):
+            missed = latest_fire(job.trigger, now - self.grace, upcoming.get(job.id) or now)
+            if missed is None:
                 continue
-            self._aps.add_job(
-                scheduled_job, trigger=job.trigger, id=job.id, name=job.description, replace_existing=True
-            )
-        for job_id in stored:
-            log.info("scheduler: %s is no longer configured; removing it", job_id)
-            self._aps.remove_job(job_id)
+            async with self.store.transaction() as session:
+                last = await runs.last_run(session, job.id, problems=False)
+            if last is None or last.scheduled_for >= missed:
+                continue  # new job, or that occurrence is recorded (the claim would refuse it anyway)
+            log.info("scheduler: catching up %s of %s, missed while nothing ran", job.id, missed.isoformat())
+            self.spawn(self.run_occurrence(job.id, missed))
 
     def _stale_after(self, job: JobDef | None) -> timedelta:
         """How long a `running` row of another host counts as alive (same host: its pid is checked)."""
@@ -174,17 +188,16 @@ class JobScheduler:
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Fire nothing more; give running jobs `timeout` seconds, then interrupt them."""
-        if self._aps is not None:
-            await self._aps.close()
+        aps, self._aps = self._aps, None
+        if aps is not None and aps.running:
+            aps.pause()  # at once: the shutdown itself runs on a later turn of the loop
+            aps.shutdown(wait=False)
         pending = [t for t in self._tasks if not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=timeout)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        if self._engine is not None:
-            self._engine.dispose()
-            self._engine = None
 
     # -- running one occurrence -------------------------------------------------------------------
 
@@ -229,14 +242,18 @@ class JobScheduler:
             else:
                 message = f"{type(exc).__name__}: {exc}"
                 log.exception("scheduler: %s failed", job_id)
-            async with self.store.transaction() as session:
-                await runs.finish(session, run_id, status="error", error=message)
+            await self._finish(job_id, run_id, status="error", error=message)
             return RunResult(job_id, scheduled_for, "error", message)
         detail = outcome.detail | {"summary": outcome.summary}
-        async with self.store.transaction() as session:
-            await runs.finish(session, run_id, status=outcome.status, detail=detail)
+        await self._finish(job_id, run_id, status=outcome.status, detail=detail)
         log.info("scheduler: %s: %s", job_id, outcome.summary)
         return RunResult(job_id, scheduled_for, outcome.status, outcome.summary, detail)
+
+    async def _finish(self, job_id: str, run_id: int, **outcome: Any) -> None:
+        async with self.store.transaction() as session:
+            await runs.finish(session, run_id, **outcome)
+            # Each job trims its own history as it runs; `start` trims jobs no longer configured.
+            await runs.prune(session, before=utcnow() - self.history, job_id=job_id)
 
     async def _execute(self, job: JobDef, scheduled_for: datetime, *, force: bool) -> JobOutcome:
         if job.kind == "retention":
@@ -264,6 +281,6 @@ class JobScheduler:
         return await self.run_occurrence(job_id, utcnow(), manual=True, force=force)
 
     async def next_run_times(self) -> dict[str, datetime | None]:
-        """Next fire time of each stored job (the scheduler must be started)."""
+        """Next fire time of each job (the scheduler must be started)."""
         assert self._aps is not None
-        return {job.id: job.next_run_time for job in await self._aps.call(self._aps.get_jobs)}
+        return {job.id: job.next_run_time for job in self._aps.get_jobs()}

@@ -67,13 +67,6 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     return create_async_engine(parsed, **kwargs)
 
 
-def sync_url(url: str) -> str:
-    """The same database for synchronous tools (APScheduler's job store), password kept."""
-    parsed = normalize_url(url)
-    driver = "sqlite" if parsed.get_backend_name() == "sqlite" else "postgresql+psycopg"
-    return parsed.set(drivername=driver).render_as_string(hide_password=False)
-
-
 def database_unreachable(exc: BaseException) -> bool:
     """True when `exc` says the database cannot be reached now (refused, dropped, shutting down,
     starting up, pool exhausted), rather than that a statement is wrong: worth retrying later."""

@@ -16,15 +16,12 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Text,
-    Unicode,
     UniqueConstraint,
     false,
 )
@@ -294,16 +291,3 @@ class Erasure(Base):
     user_external_id: Mapped[str] = mapped_column(String(128))
     channel_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
-
-
-class SchedulerJob(Base):
-    """APScheduler's job store (`SQLAlchemyJobStore`), declared here so migrations own the table.
-
-    The columns are exactly the ones APScheduler 3.x creates; it finds the table and uses it as is.
-    """
-
-    __tablename__ = "apscheduler_jobs"
-
-    id: Mapped[str] = mapped_column(Unicode(191), primary_key=True)
-    next_run_time: Mapped[float | None] = mapped_column(Float(25), index=True, nullable=True)
-    job_state: Mapped[bytes] = mapped_column(LargeBinary)

@@ -28,13 +28,17 @@ Before a reply is stored, a leaked speaker prefix ("alice: ...") is stripped in 
 (`bot.replies`), so no later prompt carries it. A reply the loop guard cut (at the last sentence before
 the loop), or one not in English answering an English message, is stored and delivered but marked
 `excluded_from_prompts`: later prompts leave it out, so one bad reply does not pull the next ones the
-same way. The job's `error` column notes what was done. `/reset` works as before.
+same way. The job's `error` column notes what was done. `/reset` works as before. Before that, a reply
+that drifted out of English is generated again (sampled, a fixed seed per attempt) up to
+`worker.language_retries` times, batched with the other retries of its batch; the first English attempt
+is kept, else the first reply.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -55,7 +59,7 @@ from bot.generation.base import (
 )
 from bot.metrics import WorkerMetrics
 from bot.outage import OutageLog
-from bot.replies import clean_reply, keep_out_of_prompts
+from bot.replies import clean_reply, drifted, keep_out_of_prompts, retry_sampling
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.store.leases import keep_leases
@@ -82,6 +86,18 @@ class ReplyRecord:
     stripped_prefix: str | None
 
 
+def _language_retry(item: Prepared, result: GenerationResult) -> Prepared:
+    """`item` set up for its next language attempt, remembering its first reply."""
+    attempt = item.language_attempt + 1
+    sampling, seed = retry_sampling(item.request.sampling, item.request.seed, attempt)
+    return dataclasses.replace(
+        item,
+        request=dataclasses.replace(item.request, sampling=sampling, seed=seed),
+        language_attempt=attempt,
+        first_result=item.first_result or result,
+    )
+
+
 def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -103,6 +119,7 @@ class BatchReport:
     prompt_tokens: int = 0
     kv_hits: int = 0
     splits: int = 0
+    language_retries: int = 0
     first_tokens: list[float] = field(default_factory=list)
     adapters: set[str] = field(default_factory=set)
     personas: set[str] = field(default_factory=set)
@@ -262,14 +279,20 @@ class Worker:
             if item.request.adapter:
                 report.adapters.add(item.request.adapter)
         finished: dict[int, asyncio.Task[None]] = {}  # job id -> its completion
+        retries: list[Prepared] = []  # replies that drifted into another language, to generate again
         pending = list(prepared)
         batches = [pending]
         while batches:
             batch = batches.pop(0)
-            outcome = await self._generate_once(batch, fanout, finished, report, loop)
+            retries.clear()
+            outcome = await self._generate_once(batch, fanout, finished, report, loop, retries)
+            if retries:
+                report.language_retries += len(retries)
+                batches.append(list(retries))
             if outcome is None:
                 continue
-            unfinished = [p for p in batch if p.job.id not in finished]
+            handed_on = {p.job.id for p in retries}
+            unfinished = [p for p in batch if p.job.id not in finished and p.job.id not in handed_on]
             exc = outcome
             if isinstance(exc, GenerationCancelled):
                 for item in unfinished:
@@ -310,8 +333,14 @@ class Worker:
         finished: dict[int, asyncio.Task[None]],
         report: BatchReport,
         loop: asyncio.AbstractEventLoop,
+        retries: list[Prepared],
     ) -> BaseException | None:
-        """Generate one (sub-)batch; returns the exception that stopped it, if any."""
+        """Generate one (sub-)batch; returns the exception that stopped it, if any.
+
+        A reply that drifted out of English (`bot.replies.drifted`) is not completed: it is put in
+        `retries`, with sampling for its next attempt, while attempts are left.
+        """
+        max_retries = self.settings.worker.language_retries
         begun = time.perf_counter()
 
         def on_text(index: int, text: str) -> None:
@@ -324,9 +353,16 @@ class Worker:
 
         def on_finish(index: int, result: GenerationResult) -> None:
             item = batch[index]
+            retry = item.language_attempt < max_retries and drifted(item.question, result.text)
 
             def schedule() -> None:
-                finished[item.job.id] = loop.create_task(self._complete(item, result, fanout, report))
+                if retry:
+                    retries.append(_language_retry(item, result))
+                    return
+                first = item.first_result
+                # No attempt came out in English: the first reply (the persona's own sampling) stands.
+                final = first if first is not None and drifted(item.question, result.text) else result
+                finished[item.job.id] = loop.create_task(self._complete(item, final, fanout, report))
 
             loop.call_soon_threadsafe(schedule)
 
@@ -486,7 +522,8 @@ class Worker:
             report.generated,
             len(report.personas),
             len(report.adapters),
-            f", {report.splits} splits" if report.splits else "",
+            (f", {report.splits} splits" if report.splits else "")
+            + (f", {report.language_retries} language retries" if report.language_retries else ""),
             report.replied,
             report.vetoed,
             report.retried,

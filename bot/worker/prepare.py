@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.conversation import history_to_turns
 from bot.errors import PersonaError
 from bot.events import ChannelRef, utcnow
-from bot.generation.base import GenerationRequest
+from bot.generation.base import GenerationRequest, GenerationResult
 from bot.prompting import ChatRenderer, PromptError, Turn
 from bot.replies import speaker_stops
 from bot.store import conversations
@@ -53,6 +53,8 @@ class Prepared:
     context: Any  # personas.plugins.PromptContext, handed to after_generation
     stream_text: bool  # False when an after_generation hook may veto or rewrite the text
     question: str = ""  # the message answered (or the scheduled prompt), for the reply's language check
+    language_attempt: int = 0  # language retries made so far (`bot.replies.retry_sampling`)
+    first_result: GenerationResult | None = None  # the first attempt's reply, kept if no retry is English
 
 
 @dataclass

@@ -38,6 +38,10 @@ class ScriptedBackend:
         self.context_window = context_window
         self.prompts: list[str] = []  # every prompt seen, decoded, for assertions
 
+    def reply_for(self, request: GenerationRequest, prompt: str) -> str:
+        """The reply to one request (a subclass may look at its sampling settings)."""
+        return self.reply_fn(prompt)
+
     def finish_reason(self, prompt_index: int) -> str:
         """Why the reply to the `prompt_index`-th prompt seen ended (a subclass may say "loop")."""
         return "stop"
@@ -49,7 +53,7 @@ class ScriptedBackend:
         for index, request in enumerate(requests):
             prompt = self.tokenizer.decode(request.prompt_ids)
             self.prompts.append(prompt)
-            reply = self.reply_fn(prompt)
+            reply = self.reply_for(request, prompt)
             words = reply.split(" ")
             for n in range(1, len(words) + 1):
                 if self.delay:
