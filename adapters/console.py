@@ -11,14 +11,23 @@ import sys
 import uuid
 from typing import TextIO
 
-from adapters.base import DispatchResult, EventHandler
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, Outgoing
+from bot.events import (
+    AuthorRef,
+    ChannelKind,
+    ChannelRef,
+    DispatchResult,
+    EventHandler,
+    Incoming,
+    Outgoing,
+    PlatformConventions,
+)
 
 PLATFORM = "console"
 
 
 class ConsoleAdapter:
     platform = PLATFORM
+    conventions = PlatformConventions()
 
     def __init__(
         self,

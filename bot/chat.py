@@ -15,7 +15,7 @@ from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
 from bot.runtime import install_bundled, load_backend, load_registry, open_store
-from bot.store import conversations
+from bot.store import Store, conversations
 from bot.store.models import ReplyJob
 from bot.worker import Worker
 
@@ -51,7 +51,9 @@ async def run_chat(
         await store.close()
 
 
-async def _loop(adapter, worker, pump, store, stdin, settings) -> None:  # type: ignore[no-untyped-def]
+async def _loop(
+    adapter: ConsoleAdapter, worker: Worker, pump: OutboxPump, store: Store, stdin: TextIO, settings: Settings
+) -> None:
     while True:
         if adapter.interactive:
             adapter.stdout.write("you> ")
@@ -75,7 +77,7 @@ async def _loop(adapter, worker, pump, store, stdin, settings) -> None:  # type:
                 adapter.show(f"(no reply: {job.error})")
 
 
-async def _wait_for_job(worker: Worker, store, job_id: int, poll: float) -> None:  # type: ignore[no-untyped-def]
+async def _wait_for_job(worker: Worker, store: Store, job_id: int, poll: float) -> None:
     while True:
         async with store.transaction() as session:
             job = await session.get(ReplyJob, job_id)

@@ -159,7 +159,7 @@ async def _schedule(session: Any) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "job_id": job_id,
             "scheduled": job_id in stored,
-            "next_run": stored[job_id].isoformat() if stored.get(job_id) else None,
+            "next_run": next_run.isoformat() if (next_run := stored.get(job_id)) else None,
             "last_run": run.as_dict() if run is not None else None,
         }
         jobs.append(entry)

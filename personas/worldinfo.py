@@ -64,8 +64,8 @@ def _entry(obj: Any, where: str, scan_depth: int, expand: Callable[[str], str]) 
     if not isinstance(obj, dict):
         raise PersonaError(f"{where}: expected an object")
     f = _Fields(obj, where)
-    ext = obj.get("extensions") if isinstance(obj.get("extensions"), dict) else {}
-    x = _Fields(ext, f"{where}.extensions")
+    ext = obj.get("extensions")
+    x = _Fields(ext if isinstance(ext, dict) else {}, f"{where}.extensions")
     logic = x.get("selectiveLogic", kind=int, default=None)
     logic = f.get("selectiveLogic", kind=int, default=logic if logic is not None else 0)
     if logic not in SELECTIVE_LOGIC:

@@ -636,7 +636,7 @@ def train(settings: Settings, request: TrainRequest, echo: Callable[[str], None]
         }
         if threads is not None and threads.history:
             metrics["cpu_threads"] = max(set(threads.history), key=threads.history.count)
-        if check is not None:
+        if check is not None and spec.style_check is not None:
             metrics["style_check"] = spec.style_check
             metrics["style_prompts"] = len(after_samples)
             metrics["style_score_before"] = style_score(spec.style_check, [s.reply for s in before_samples])

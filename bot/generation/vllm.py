@@ -506,7 +506,7 @@ class VllmBackend:
             # is the servers', the batch waits for them.
             own = [e for e in errors if not isinstance(e, BackendUnavailable)]
             raise (own or errors)[0]
-        return outcomes
+        return [o for o in outcomes if not isinstance(o, BaseException)]
 
     @staticmethod
     async def _until(should_stop: Any) -> None:

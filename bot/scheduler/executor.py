@@ -11,16 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.executors.base import BaseExecutor
 
 from bot.scheduler.threaded import submit_on_loop
 
-if TYPE_CHECKING:
-    from bot.scheduler.service import JobScheduler
+T = TypeVar("T")
+
+
+class OccurrenceRunner(Protocol):
+    """What the executor needs of `bot.scheduler.service.JobScheduler` (declared here, so the two
+    modules do not import each other)."""
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]: ...
+
+    async def run_occurrence(self, job_id: str, scheduled_for: datetime) -> object: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +41,7 @@ async def scheduled_job(**_: Any) -> None:
 
 
 class OccurrenceExecutor(BaseExecutor):
-    def __init__(self, runner: JobScheduler) -> None:
+    def __init__(self, runner: OccurrenceRunner) -> None:
         super().__init__()
         self._runner = runner
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import SchedulerSettings
 from bot.store import Store
+from bot.store.engine import rowcount
 from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,6 @@ async def prune(store: Store, settings: SchedulerSettings, now: datetime) -> dic
                     ReplyJob.finished_at < cutoff,
                 )
             )
-        detail["deleted_scheduled_jobs"] = gone.rowcount
+        detail["deleted_scheduled_jobs"] = rowcount(gone)
     log.info("retention: deleted %d messages", detail["deleted_messages"])
     return detail

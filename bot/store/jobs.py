@@ -208,7 +208,7 @@ async def complete(
                 select(Message.platform_message_id).where(Message.id == job.trigger_message_id)
             )
         ).scalar_one_or_none()
-    message_id = (
+    message_id: int = (
         await session.execute(
             _insert_for(session)(Message)
             .values(

@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.generation.base import AdapterHost, GenerationBackend
+from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ class AdapterSync:
 
     async def refresh(self, session: AsyncSession) -> None:
         """Read the active versions and load/unload adapters to match (loading runs in a thread)."""
-        from personas.versions import active_versions
-
         self.active = await active_versions(session)
         if not self.supported:
             if self.active and not self._warned:
