@@ -28,7 +28,7 @@ from sqlalchemy.orm import aliased
 from bot.events import utcnow
 from bot.files import atomic_write_text
 from bot.store import Store
-from bot.store.models import Channel, Erasure, Message, ReplyJob, User
+from bot.store.models import Channel, Erasure, JobStatus, Message, ReplyJob, User
 
 SOURCES_SUFFIX = ".sources.json"
 
@@ -98,7 +98,7 @@ async def collect_conversations(
         .join(Channel, Channel.id == asked.channel_id)
         .where(
             ReplyJob.persona == persona,
-            ReplyJob.status == "done",
+            ReplyJob.status == JobStatus.DONE,
             asked.role == "user",
             asked.deleted_at.is_(None),
             answer.deleted_at.is_(None),

@@ -6,10 +6,13 @@ Every backend offers `generate(requests, on_text)`. A backend may also offer:
   is written while longer rows still generate), time-to-first-token reports and cooperative stopping;
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
 - `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
-  jobs queued; `health()`: its state as plain data, shown by `personabot status`.
+  jobs queued; `health()`: its state as plain data, shown by `personabot status` (`RemoteBackend`).
+- a KV cache reused across turns, its budget and a way to give memory back (`LocalMemory`).
+- `close()`: resources to free when the worker stops (`Closeable`).
 
-`run_generation` calls whichever the backend has, so simple backends (test fakes, remote servers)
-keep working.
+Each optional capability is a runtime-checkable Protocol: the worker asks `isinstance`, so a backend
+has a capability only by offering all of its parts. `run_generation` calls whichever of `generate_batch`
+and `generate` the backend has, so simple backends (test fakes, remote servers) keep working.
 """
 
 from __future__ import annotations
@@ -76,7 +79,12 @@ class BackendUnavailable(Exception):
 
 
 class GenerationBackend(Protocol):
+    # A transformers tokenizer (or one that behaves like it): its many methods are the library's.
     tokenizer: Any
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model attends to; prompts are fitted into it."""
 
     def generate(
         self, requests: list[GenerationRequest], on_text: TokenCallback | None = None
@@ -92,6 +100,43 @@ class AdapterHost(Protocol):
         """Load a peft adapter folder under `name`; returns its size in bytes."""
 
     def unload_adapter(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class RemoteBackend(Protocol):
+    """A backend on servers that can be down while the worker runs."""
+
+    def ready(self) -> bool:
+        """False while no server can take requests (blocking; quick when healthy)."""
+
+    def health(self) -> dict[str, object]:
+        """Its state as plain data, shown by `personabot status`."""
+
+
+class KVStats(Protocol):
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached KV tensors hold."""
+
+
+@runtime_checkable
+class LocalMemory(Protocol):
+    """A backend holding a KV cache in this process's memory (reused across a channel's turns)."""
+
+    @property
+    def kv(self) -> KVStats: ...
+
+    def set_kv_budget(self, budget_bytes: int) -> None:
+        """Cap the KV cache (`worker.kv_cache_bytes`); 0 turns reuse off."""
+
+    def release_memory(self) -> None:
+        """After a failed batch (out of memory): give freed blocks back to the device."""
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    def close(self) -> None:
+        """Free what the backend holds (connections, threads); called when the worker stops."""
 
 
 def run_generation(

@@ -28,7 +28,7 @@ from bot.generation.base import GenerationBackend
 from bot.quality.questions import Conversation
 from bot.quality.report import EvalReport, ReplyScore, score_replies
 from bot.store import Store, conversations, jobs
-from bot.store.models import AdapterVersion, ReplyJob
+from bot.store.models import AdapterVersion, JobStatus, ReplyJob
 from bot.worker.core import ReplyRecord, Worker
 from personas.registry import Persona, PersonaRegistry
 
@@ -98,7 +98,9 @@ async def _answer_all(worker: Worker, store: Store) -> None:
     while True:
         async with store.transaction() as session:
             left = (
-                await session.execute(select(ReplyJob.id).where(ReplyJob.status.in_(("pending", "running"))))
+                await session.execute(
+                    select(ReplyJob.id).where(ReplyJob.status.in_((JobStatus.PENDING, JobStatus.RUNNING)))
+                )
             ).first()
         if left is None:
             return
@@ -148,7 +150,7 @@ async def evaluate(
                 failed = {
                     row.id: row.error or "failed"
                     for row in (
-                        await session.execute(select(ReplyJob).where(ReplyJob.status == "failed"))
+                        await session.execute(select(ReplyJob).where(ReplyJob.status == JobStatus.FAILED))
                     ).scalars()
                 }
         finally:

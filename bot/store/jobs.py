@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from sqlalchemy import exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -250,7 +251,7 @@ async def fail(
     max_attempts: int,
     backoff_seconds: float,
     retryable: bool = True,
-) -> str:
+) -> JobStatus | Literal["lost"]:
     """Record a failed attempt: back to pending after a backoff, or failed for good.
 
     Returns the new status, or "lost" when this worker no longer holds the lease (nothing changed).
