@@ -25,6 +25,7 @@ import logging
 import re
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -215,14 +216,21 @@ class DiscordAdapter:
         tree = app_commands.CommandTree(client)
         for name, (description, option) in SLASH_COMMANDS.items():
             tree.add_command(self._slash_command(name, description, option))
-        client.setup_hook = self._setup_hook  # type: ignore[method-assign]
-        client.on_ready = self._on_ready  # type: ignore[attr-defined]
-        client.on_message = self._on_message  # type: ignore[attr-defined]
-        client.on_raw_message_edit = self._on_raw_message_edit  # type: ignore[attr-defined]
-        client.on_raw_message_delete = self._on_raw_message_delete  # type: ignore[attr-defined]
-        client.on_raw_bulk_message_delete = self._on_raw_bulk_message_delete  # type: ignore[attr-defined]
-        client.on_resumed = self._on_resumed  # type: ignore[attr-defined]
-        client.on_shard_connect = self._on_shard_connect  # type: ignore[attr-defined]
+        # discord.py looks event handlers up as `on_<event>` attributes of the client, which is what its
+        # `@client.event` decorator sets; hooks (`setup_hook`) are overridable methods. Set by name,
+        # as the decorator does: the stubs declare neither as assignable.
+        handlers: dict[str, Callable[..., Awaitable[None]]] = {
+            "setup_hook": self._setup_hook,
+            "on_ready": self._on_ready,
+            "on_message": self._on_message,
+            "on_raw_message_edit": self._on_raw_message_edit,
+            "on_raw_message_delete": self._on_raw_message_delete,
+            "on_raw_bulk_message_delete": self._on_raw_bulk_message_delete,
+            "on_resumed": self._on_resumed,
+            "on_shard_connect": self._on_shard_connect,
+        }
+        for name, handler in handlers.items():
+            setattr(client, name, handler)
         if self.identify_delay is not None:
             delay = self.identify_delay
 
@@ -230,7 +238,7 @@ class DiscordAdapter:
                 if not initial:
                     await asyncio.sleep(delay)
 
-            client.before_identify_hook = before_identify_hook  # type: ignore[method-assign]
+            setattr(client, "before_identify_hook", before_identify_hook)  # noqa: B010 (see handlers)
         self._tree = tree
         return client
 

@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -52,6 +52,9 @@ from bot.generation.base import (
     TokenCallback,
 )
 from bot.generation.detok import IncrementalDecoder
+
+if TYPE_CHECKING:
+    from bot.basemodel import ModelLocation
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +261,7 @@ class VllmBackend:
             raise ValueError("generation.vllm.urls is empty")
         self.settings = settings
         self.tokenizer = tokenizer
+        self.location: ModelLocation | None = None  # the base model's files, when built from settings
         self._config_window = context_window
         self.servers = [_Server(url.rstrip("/")) for url in settings.urls]
         self.device = "vllm " + ", ".join(s.url for s in self.servers)  # for the worker's start-up line
@@ -284,7 +288,7 @@ class VllmBackend:
             load_tokenizer_only(location.folder),
             context_window=_context_window(location.folder),
         )
-        backend.location = location  # type: ignore[attr-defined]
+        backend.location = location
         if not backend.ready():
             log.warning("no vLLM server answers yet (%s); jobs wait until one does", backend.down_message())
         return backend

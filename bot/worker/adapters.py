@@ -60,7 +60,8 @@ class AdapterSync:
                 )
                 self._warned = True
             return
-        host: AdapterHost = self.backend  # type: ignore[assignment]
+        host = self.backend
+        assert isinstance(host, AdapterHost)  # `supported` said so
         for persona, (name, _path) in list(self.loaded.items()):
             wanted = self.active.get(persona)
             if wanted is None or adapter_name(persona, wanted[0]) != name or wanted[1] != _path:
