@@ -585,6 +585,7 @@ class DiscordAdapter:
                 message_id=int(event.platform_message_id), channel_id=channel.id, fail_if_not_exists=False
             )
         for index, chunk in enumerate(split_text(clean_text(notice), MESSAGE_LIMIT)):
+            # discord.py's overloads leave out None, which `send` takes as "no reference".
             await channel.send(chunk, reference=reference if index == 0 else None, allowed_mentions=_NO_PINGS)  # type: ignore[arg-type]
 
     async def _on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
