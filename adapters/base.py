@@ -9,26 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
 
-from bot.events import ChannelRef, Outgoing, PlatformEvent
-
-
-@dataclass
-class DispatchResult:
-    """What the runtime did with an event, so the adapter can show it the platform's way."""
-
-    notice: str | None = None  # a command's answer or a cooldown notice, not part of the conversation
-    job_ids: list[int] = field(default_factory=list)  # reply jobs queued for this event
-    stored: bool = False  # False for duplicates, commands and ignored events
-    ignored: str | None = None  # why nothing happened (blocked user, own message, ...)
-    # The database was unreachable: the event waits in the ingest spool (bot.ingest), stored later.
-    spooled: bool = False
-
-
-EventHandler = Callable[[PlatformEvent], Awaitable[DispatchResult]]
+from bot.events import ChannelRef, EventHandler, Incoming, Outgoing, PlatformConventions
 
 
 class PartialDelivery(Exception):
@@ -38,11 +22,6 @@ class PartialDelivery(Exception):
         super().__init__(f"{len(delivered_ids)} chunk(s) posted, then {type(cause).__name__}: {cause}")
         self.delivered_ids = list(delivered_ids)
         self.cause = cause
-
-
-class NotAccepted(Exception):
-    """The runtime could neither store nor keep an event (the spool is full or unwritable): an
-    adapter whose platform redelivers (Telegram) leaves it unconfirmed, so it comes again."""
 
 
 class ChannelQueues:
@@ -92,9 +71,11 @@ class DeliveryUnknown(Exception):
 
 @runtime_checkable
 class PlatformAdapter(Protocol):
-    """What every adapter offers the runtime."""
+    """What every adapter offers the runtime. Optional capabilities are the Protocols below; the
+    runtime checks for them with `isinstance`, so an adapter has one only by declaring all its parts."""
 
     platform: str
+    conventions: PlatformConventions  # how its users write commands (`bot.dispatch` reads it)
 
     async def start(self, on_event: EventHandler) -> None:
         """Connect and begin passing events to `on_event`; returns once connected."""
@@ -109,12 +90,6 @@ class PlatformAdapter(Protocol):
         out before it); any other exception is taken as transient and retried with backoff.
         """
 
-    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
-        """Post the first message of a reply still being generated (streaming); returns its id.
-
-        Only called for adapters with `streaming` on; the reply's delivery later edits this message.
-        """
-
     async def edit(self, channel: ChannelRef, platform_message_id: str, text: str) -> None:
         """Replace the text of a message the bot posted (streaming)."""
 
@@ -126,3 +101,37 @@ class PlatformAdapter(Protocol):
 
     async def stop(self) -> None:
         """Disconnect (after `stop_receiving`, or instead of it)."""
+
+
+@runtime_checkable
+class Previews(Protocol):
+    """An adapter that can post a preview of a reply still being generated (edited as it grows)."""
+
+    async def preview(self, channel: ChannelRef, text: str, job_id: int) -> str:
+        """Post the first message of a reply still being generated; returns its id.
+
+        Only called with streaming on; the reply's delivery later edits this message.
+        """
+
+
+@runtime_checkable
+class StreamingAdapter(Previews, Protocol):
+    """An adapter that streams replies where its operator enabled it, at its platform's pace."""
+
+    streaming: bool  # on where the operator enabled it (`[discord] streaming`, `[telegram] streaming`)
+    stream_min_interval: float  # seconds between two edits of one preview (the platform's rate limits)
+    stream_min_growth: int  # characters a preview must grow by before it is edited again
+
+
+@runtime_checkable
+class AnswersLater(Protocol):
+    """An adapter that can post a command's answer for an event stored late (from the ingest spool)."""
+
+    async def answer_later(self, event: Incoming, notice: str) -> None: ...
+
+
+@runtime_checkable
+class ChecksToken(Protocol):
+    """An adapter that can check its credentials before `start` (so a bad token fails fast)."""
+
+    async def check_token(self) -> None: ...

@@ -16,14 +16,23 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TextIO
 
-from adapters.base import DispatchResult, EventHandler
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, Outgoing
+from bot.events import (
+    AuthorRef,
+    ChannelKind,
+    ChannelRef,
+    DispatchResult,
+    EventHandler,
+    Incoming,
+    Outgoing,
+    PlatformConventions,
+)
 
 PLATFORM = "console"
 
 
 class ConsoleAdapter:
     platform = PLATFORM
+    conventions = PlatformConventions()
 
     def __init__(
         self,

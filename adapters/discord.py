@@ -25,6 +25,7 @@ import logging
 import re
 import unicodedata
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -33,19 +34,24 @@ import yarl
 from discord import app_commands
 from pydantic import SecretStr
 
-from adapters.base import (
-    ChannelQueues,
-    DeliveryRefused,
-    DispatchResult,
-    EventHandler,
-    NotAccepted,
-    PartialDelivery,
-)
+from adapters.base import ChannelQueues, DeliveryRefused, PartialDelivery
 from adapters.splitting import split_text
 from bot.commands import COMMAND_MENU
 from bot.config import DiscordSettings, Settings
 from bot.errors import PersonabotError
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, Outgoing
+from bot.events import (
+    AuthorRef,
+    ChannelKind,
+    ChannelRef,
+    Deleted,
+    DispatchResult,
+    Edited,
+    EventHandler,
+    Incoming,
+    NotAccepted,
+    Outgoing,
+    PlatformConventions,
+)
 from bot.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,7 @@ class DiscordAdapter:
     platform = PLATFORM
     # Streaming edits at most once a second: Discord allows about five edits per 5 s per channel.
     stream_min_interval = 1.0
+    stream_min_growth = 1
     # A slash command's answer is due within 3 s; after this long the bot defers and answers in a
     # follow-up message instead.
     interaction_defer_after = 2.0
@@ -113,10 +120,12 @@ class DiscordAdapter:
         ready_timeout: float = 60.0,
         sync_commands: bool = True,
         identify_delay: float | None = None,
+        command_prefix: str = "!",
     ) -> None:
         """`api_base` / `gateway_url` point discord.py elsewhere (a fake Discord in tests); note that
         discord.py keeps them process-wide, so one process talks to one Discord. `identify_delay`
         overrides discord.py's 5 s pause between shard IDENTIFYs (only for a server that allows it).
+        `command_prefix` starts text commands besides "/" (slash commands arrive as interactions).
         """
         raw = token.get_secret_value() if isinstance(token, SecretStr) else token
         self._token = (raw or "").strip()
@@ -126,6 +135,7 @@ class DiscordAdapter:
         self.sharded = sharded
         self.shard_count = shard_count
         self.streaming = streaming
+        self.conventions = PlatformConventions(command_prefixes="/" + command_prefix)
         self.api_base = api_base
         self.gateway_url = gateway_url
         self.guild_ready_timeout = guild_ready_timeout
@@ -151,6 +161,7 @@ class DiscordAdapter:
             "sharded": discord_settings.sharded,
             "shard_count": discord_settings.shard_count,
             "streaming": discord_settings.streaming,
+            "command_prefix": discord_settings.command_prefix,
             "ready_timeout": discord_settings.ready_timeout_seconds,
             "api_base": discord_settings.api_base,
             "gateway_url": discord_settings.gateway_url,
@@ -205,14 +216,21 @@ class DiscordAdapter:
         tree = app_commands.CommandTree(client)
         for name, (description, option) in SLASH_COMMANDS.items():
             tree.add_command(self._slash_command(name, description, option))
-        client.setup_hook = self._setup_hook  # type: ignore[method-assign]
-        client.on_ready = self._on_ready  # type: ignore[attr-defined]
-        client.on_message = self._on_message  # type: ignore[attr-defined]
-        client.on_raw_message_edit = self._on_raw_message_edit  # type: ignore[attr-defined]
-        client.on_raw_message_delete = self._on_raw_message_delete  # type: ignore[attr-defined]
-        client.on_raw_bulk_message_delete = self._on_raw_bulk_message_delete  # type: ignore[attr-defined]
-        client.on_resumed = self._on_resumed  # type: ignore[attr-defined]
-        client.on_shard_connect = self._on_shard_connect  # type: ignore[attr-defined]
+        # discord.py looks event handlers up as `on_<event>` attributes of the client, which is what its
+        # `@client.event` decorator sets; hooks (`setup_hook`) are overridable methods. Set by name,
+        # as the decorator does: the stubs declare neither as assignable.
+        handlers: dict[str, Callable[..., Awaitable[None]]] = {
+            "setup_hook": self._setup_hook,
+            "on_ready": self._on_ready,
+            "on_message": self._on_message,
+            "on_raw_message_edit": self._on_raw_message_edit,
+            "on_raw_message_delete": self._on_raw_message_delete,
+            "on_raw_bulk_message_delete": self._on_raw_bulk_message_delete,
+            "on_resumed": self._on_resumed,
+            "on_shard_connect": self._on_shard_connect,
+        }
+        for name, handler in handlers.items():
+            setattr(client, name, handler)
         if self.identify_delay is not None:
             delay = self.identify_delay
 
@@ -220,7 +238,7 @@ class DiscordAdapter:
                 if not initial:
                     await asyncio.sleep(delay)
 
-            client.before_identify_hook = before_identify_hook  # type: ignore[method-assign]
+            setattr(client, "before_identify_hook", before_identify_hook)  # noqa: B010 (see handlers)
         self._tree = tree
         return client
 
@@ -303,7 +321,7 @@ class DiscordAdapter:
         self._ready.clear()
         await self.start(on_event)
 
-    async def _wait_ready(self) -> set[asyncio.Future[Any]]:
+    async def _wait_ready(self) -> set[asyncio.Task[Any]]:
         """Wait until ready, or the gateway task ends, or `ready_timeout` passes with no progress.
 
         Sharded, discord.py logs shards in one after another, 5 s apart (Discord's IDENTIFY limit),
@@ -337,7 +355,8 @@ class DiscordAdapter:
                 await self.client.close()
         if self._connect_task is not None:
             self._connect_task.cancel()
-            with contextlib.suppress(BaseException):
+            # The connection's end: the cancellation just asked for, or an error `_connect` reported.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._connect_task
             self._connect_task = None
         self._restore_endpoints()
@@ -348,7 +367,12 @@ class DiscordAdapter:
             return
         try:
             remote = await self._tree.fetch_commands()
-            local = self._tree.get_commands()
+            # Ours are all plain slash commands (no groups, no context menus).
+            local = [
+                c
+                for c in self._tree.get_commands(type=discord.AppCommandType.chat_input)
+                if isinstance(c, app_commands.Command)
+            ]
 
             # Options by the name Discord shows (`display_name`, after `rename`), not the Python
             # parameter's name: comparing those made every start look like a change.
@@ -361,7 +385,14 @@ class DiscordAdapter:
                 for c in local
             }
             remote_shape = {
-                (c.name, c.description, tuple((o.name, o.description, o.required) for o in c.options))
+                (
+                    c.name,
+                    c.description,
+                    tuple(
+                        (o.name, o.description, o.required if isinstance(o, app_commands.Argument) else None)
+                        for o in c.options
+                    ),
+                )
                 for c in remote
             }
             if remote_shape != local_shape:
@@ -538,7 +569,8 @@ class DiscordAdapter:
         reference = message.to_reference(fail_if_not_exists=False) if message.guild is not None else None
         try:
             for index, chunk in enumerate(split_text(clean_text(notice), MESSAGE_LIMIT)):
-                await message.channel.send(chunk, reference=reference if index == 0 else None)
+                # discord.py's overloads leave out None, which `send` takes as "no reference".
+                await message.channel.send(chunk, reference=reference if index == 0 else None)  # type: ignore[arg-type]
         except discord.HTTPException as exc:
             log.warning(
                 "could not post a notice in Discord channel %s: %s", message.channel.id, _describe(exc)
@@ -553,6 +585,7 @@ class DiscordAdapter:
                 message_id=int(event.platform_message_id), channel_id=channel.id, fail_if_not_exists=False
             )
         for index, chunk in enumerate(split_text(clean_text(notice), MESSAGE_LIMIT)):
+            # discord.py's overloads leave out None, which `send` takes as "no reference".
             await channel.send(chunk, reference=reference if index == 0 else None, allowed_mentions=_NO_PINGS)  # type: ignore[arg-type]
 
     async def _on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
@@ -689,7 +722,8 @@ class DiscordAdapter:
             for index in range(len(ids), len(chunks)):
                 sent = await target.send(
                     chunks[index],
-                    nonce=f"pb{reply.outbox_id}.{index}",  # type: ignore[arg-type]
+                    nonce=f"pb{reply.outbox_id}.{index}",
+                    # discord.py's overloads leave out None, which `send` takes as "no reference".
                     reference=reference if index == 0 else None,  # type: ignore[arg-type]
                     allowed_mentions=_NO_PINGS,
                 )
@@ -707,7 +741,7 @@ class DiscordAdapter:
         """Post the first part of a reply still being generated; its nonce comes from the job."""
         sent = await self._messageable(channel).send(
             _streamed(text) or "…",
-            nonce=f"pbs{job_id}",  # type: ignore[arg-type]
+            nonce=f"pbs{job_id}",
             allowed_mentions=_NO_PINGS,
         )
         return str(sent.id)

@@ -49,21 +49,25 @@ from telegram.error import (
 from telegram.ext import AIORateLimiter, Application, ApplicationBuilder
 from telegram.request import HTTPXRequest
 
-from adapters.base import (
-    ChannelQueues,
-    DeliveryRefused,
-    DeliveryUnknown,
-    DispatchResult,
-    EventHandler,
-    NotAccepted,
-    PartialDelivery,
-)
+from adapters.base import ChannelQueues, DeliveryRefused, DeliveryUnknown, PartialDelivery
 from adapters.splitting import split_text, utf16_len
 from bot.backoff import backoff
 from bot.commands import COMMAND_MENU
 from bot.config import webhook_url_problem
 from bot.errors import ConfigError, PersonabotError
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Edited, Incoming, Outgoing, PlatformEvent
+from bot.events import (
+    AuthorRef,
+    ChannelKind,
+    ChannelRef,
+    DispatchResult,
+    Edited,
+    EventHandler,
+    Incoming,
+    NotAccepted,
+    Outgoing,
+    PlatformConventions,
+    PlatformEvent,
+)
 from bot.logs import RedactingFilter, redact, register_secret
 
 if TYPE_CHECKING:
@@ -93,6 +97,8 @@ class TelegramAdapter:
     """Telegram through the Bot API; one instance per bot token."""
 
     platform = PLATFORM
+    # Telegram sends "/start" by itself when a user opens a chat with the bot.
+    conventions = PlatformConventions(opening_command="start")
 
     def __init__(
         self,
@@ -483,16 +489,16 @@ class TelegramAdapter:
     def translate(self, update: Update) -> PlatformEvent | None:
         """The normalized event for an update, or None when it is nothing the bot handles."""
         if update.edited_message is not None:
-            msg = update.edited_message
-            text = self._text_of(msg)
+            edited = update.edited_message
+            text = self._text_of(edited)
             if not text.strip():
                 return None
             return Edited(
                 platform=PLATFORM,
-                channel=self._channel(msg),
-                platform_message_id=str(msg.message_id),
+                channel=self._channel(edited),
+                platform_message_id=str(edited.message_id),
                 text=text,
-                edited_at=_aware(msg.edit_date),
+                edited_at=_aware(edited.edit_date),
             )
         msg = update.message
         if msg is None:

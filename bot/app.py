@@ -20,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from adapters.base import PlatformAdapter
+from adapters.base import AnswersLater, PlatformAdapter, StreamingAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
@@ -57,7 +57,9 @@ class BotApp:
         self.store = store
         self.registry = registry
         self.adapters = list(adapters)
-        self.dispatcher = Dispatcher(settings, store, registry)
+        self.dispatcher = Dispatcher(
+            settings, store, registry, conventions={a.platform: a.conventions for a in self.adapters}
+        )
         # Between the adapters and the dispatcher: events the database cannot take now wait here.
         self.ingest = Ingest(
             self.dispatcher.handle,
@@ -66,15 +68,17 @@ class BotApp:
             max_events=settings.run.spool_max_events,
             notify=self._answer_late,
         )
-        # An adapter may ask for its platform's edit pace (`stream_min_interval`, `stream_min_growth`).
+        # A streaming adapter sets its platform's edit pace; the others get typing indicators only.
         self.relays = [
             StreamingRelay(
                 a,
-                streaming=bool(getattr(a, "streaming", False)),
-                min_interval=float(getattr(a, "stream_min_interval", 1.0)),
-                min_growth=int(getattr(a, "stream_min_growth", 1)),
+                streaming=a.streaming,
+                min_interval=a.stream_min_interval,
+                min_growth=a.stream_min_growth,
                 remember=self._remember_preview,
             )
+            if isinstance(a, StreamingAdapter)
+            else StreamingRelay(a, remember=self._remember_preview)
             for a in self.adapters
         ]
         self.pumps = [
@@ -178,7 +182,8 @@ class BotApp:
                     run.stop_timeout_seconds,
                 )
                 self._worker_task.cancel()
-                with contextlib.suppress(BaseException):
+                # Its end is the cancellation asked for, or an error already logged by the worker.
+                with contextlib.suppress(Exception, asyncio.CancelledError):
                     await self._worker_task
                 await self._release_worker_jobs()
         await asyncio.gather(*self._pump_tasks, return_exceptions=True)
@@ -201,9 +206,8 @@ class BotApp:
     async def _answer_late(self, event: Incoming, notice: str) -> None:
         """A command's answer for an event stored from the spool, posted the adapter's way."""
         for adapter in self._started:
-            answer = getattr(adapter, "answer_later", None)
-            if adapter.platform == event.platform and answer is not None:
-                await answer(event, notice)
+            if adapter.platform == event.platform and isinstance(adapter, AnswersLater):
+                await adapter.answer_later(event, notice)
 
     async def _adapter_state(self, platform: str, state: str, detail: dict[str, Any]) -> None:
         if self.heartbeats is not None:

@@ -10,11 +10,11 @@ import asyncio
 import sys
 from typing import TextIO
 
-from adapters.base import DispatchResult
 from adapters.console import ConsoleAdapter
 from bot.config import Settings
 from bot.delivery import OutboxPump
 from bot.dispatch import Dispatcher
+from bot.events import DispatchResult
 from bot.runtime import install_bundled, load_backend, load_registry, open_store
 from bot.store import Store, conversations, jobs
 from bot.store.models import JobStatus

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bot.prompting import Turn
+from bot.prompting.types import Role
 from bot.store.conversations import HistoryMessage
 
 
@@ -37,6 +38,7 @@ def history_to_turns(
     newest = max((i for i, m in enumerate(shown) if m.role in ("user", "assistant")), default=-1)
     turns: list[Turn] = []
     for index, message in enumerate(shown):
+        role: Role
         if message.role == "assistant" and message.persona == persona:
             role, content, name = "assistant", message.text, None
         elif message.role == "assistant":
@@ -51,7 +53,7 @@ def history_to_turns(
         if turns and turns[-1].role == role and not (is_newest and separate_newest and group):
             turns[-1] = Turn(role, f"{turns[-1].content}\n{content}", turns[-1].name)
         else:
-            turns.append(Turn(role, content, name))  # type: ignore[arg-type]
+            turns.append(Turn(role, content, name))
     while turns and turns[0].role != "user":
         turns.pop(0)
     return turns

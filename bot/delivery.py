@@ -19,6 +19,7 @@ from bot.config import DeliverySettings
 from bot.outage import OutageLog
 from bot.store import Store, outbox
 from bot.store.leases import Lease, keep_leases
+from bot.store.models import OutboxStatus
 from bot.streaming import StreamingRelay
 from bot.worker import worker_id
 
@@ -162,9 +163,9 @@ class OutboxPump:
                 max_backoff_seconds=s.retry_max_seconds,
                 deadline=timedelta(hours=s.deadline_hours),
             )
-        if status == "failed":
+        if status == OutboxStatus.FAILED:
             log.error("%s failed (%s) and is past its deadline; given up", where, error)
-        elif status == "pending":
+        elif status == OutboxStatus.PENDING:
             log.warning("%s failed (%s); attempt %d, next in %.0f s", where, error, lease.attempt, delay)
 
     async def _unknown(self, item: outbox.ClaimedDelivery, why: str) -> None:

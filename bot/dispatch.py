@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
-from adapters.base import DispatchResult
 from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
 from bot.config import Settings
-from bot.events import Deleted, Edited, Incoming, PlatformEvent, utcnow
+from bot.events import Deleted, DispatchResult, Edited, Incoming, PlatformConventions, PlatformEvent, utcnow
 from bot.store import Store, consent, conversations, jobs, privacy
 from bot.triggers import responders
 from personas.registry import PersonaRegistry
@@ -19,8 +19,17 @@ log = logging.getLogger(__name__)
 class Dispatcher:
     """Turns normalized platform events into stored messages, command answers and reply jobs."""
 
-    def __init__(self, settings: Settings, store: Store, registry: PersonaRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        registry: PersonaRegistry,
+        conventions: Mapping[str, PlatformConventions] | None = None,
+    ) -> None:
+        """`conventions`: each platform's, as its adapter declares them; a platform not in it gets the
+        defaults ("/" commands)."""
         self.settings = settings
+        self.conventions = dict(conventions or {})
         self.store = store
         self.registry = registry
         self.access = AccessPolicy(settings.access)
@@ -38,8 +47,16 @@ class Dispatcher:
             "optout": self._cmd_optout,
         }
 
-    def command_prefixes(self, platform: str) -> str:
-        return "/" + (self.settings.discord.command_prefix if platform == "discord" else "")
+    def _command(self, event: Incoming) -> tuple[CommandHandler, str] | None:
+        """The handler and arguments of a command this message is, in its platform's conventions."""
+        conventions = self.conventions.get(event.platform, PlatformConventions())
+        command = parse_command(event.text, conventions.command_prefixes)
+        if command is None:
+            return None
+        if command.name == conventions.opening_command:
+            return self._cmd_start, command.args
+        handler = self.commands.get(command.name)
+        return None if handler is None else (handler, command.args)
 
     async def handle(self, event: PlatformEvent) -> DispatchResult:
         if isinstance(event, Edited):
@@ -57,15 +74,14 @@ class Dispatcher:
         if refusal is not None:
             log.info("ignored %s message: %s", event.platform, refusal)
             return DispatchResult(ignored=refusal)
-        command = parse_command(event.text, self.command_prefixes(event.platform))
-        if command is not None and command.name in self.commands:
+        command = self._command(event)
+        if command is not None:
+            handler, args = command
             async with self.store.transaction() as session:
                 channel_id = await conversations.upsert_channel(session, event.channel)
                 await conversations.upsert_user(session, event.author)
-                ctx = CommandContext(
-                    event, command.args, session, channel_id, self.access.is_admin(event.author)
-                )
-                notice = await self.commands[command.name](ctx)
+                ctx = CommandContext(event, args, session, channel_id, self.access.is_admin(event.author))
+                notice = await handler(ctx)
             return DispatchResult(notice=notice)
         if not event.text.strip():
             return DispatchResult(ignored="empty message")
@@ -82,8 +98,8 @@ class Dispatcher:
                 return DispatchResult(stored=True)
             allowed, notify = self.cooldowns.check(event.author, event.channel)
             if not allowed:
-                notice = "Slow down a little, please; I'll answer again in a moment." if notify else None
-                return DispatchResult(stored=True, notice=notice, ignored="cooldown")
+                slow_down = "Slow down a little, please; I'll answer again in a moment." if notify else None
+                return DispatchResult(stored=True, notice=slow_down, ignored="cooldown")
             job_ids = []
             for persona in answering:
                 job_id = await jobs.enqueue(
@@ -186,7 +202,8 @@ class Dispatcher:
         return "Commands: " + ", ".join(f"/{name}" for name in sorted(self.commands))
 
     async def _cmd_start(self, ctx: CommandContext) -> str:
-        """The greeting of the persona that answers here (Telegram sends /start when a chat opens)."""
+        """The greeting of the persona that answers here; also the answer to a platform's opening
+        command (`PlatformConventions.opening_command`)."""
         bound = await conversations.bound_personas(ctx.session, ctx.channel_id)
         slug = next((s for s in bound if s in self.registry), self.settings.default_persona)
         persona = self.registry.get(slug)

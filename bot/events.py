@@ -6,6 +6,7 @@ personabot knows a platform's API. They are frozen, so a handler cannot change a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -97,6 +98,39 @@ class Deleted:
 
 
 PlatformEvent = Incoming | Edited | Deleted
+
+
+@dataclass
+class DispatchResult:
+    """What the runtime did with an event, so the adapter can show it the platform's way."""
+
+    notice: str | None = None  # a command's answer or a cooldown notice, not part of the conversation
+    job_ids: list[int] = field(default_factory=list)  # reply jobs queued for this event
+    stored: bool = False  # False for duplicates, commands and ignored events
+    ignored: str | None = None  # why nothing happened (blocked user, own message, ...)
+    # The database was unreachable: the event waits in the ingest spool (bot.ingest), stored later.
+    spooled: bool = False
+
+
+# What an adapter hands each event to (the runtime's ingest); it answers with what was done.
+EventHandler = Callable[[PlatformEvent], Awaitable[DispatchResult]]
+
+
+class NotAccepted(Exception):
+    """The runtime could neither store nor keep an event (the spool is full or unwritable): an
+    adapter whose platform redelivers (Telegram) leaves it unconfirmed, so it comes again."""
+
+
+@dataclass(frozen=True)
+class PlatformConventions:
+    """How users of a platform address the bot, declared by its adapter and read by the runtime, so the
+    runtime's commands work the platform's way without naming a platform."""
+
+    # Characters that start a command ("/" everywhere; Discord adds its text-command prefix, "!").
+    command_prefixes: str = "/"
+    # A command the platform sends by itself when a user opens a chat with the bot (Telegram's
+    # "/start"); the runtime answers it with the persona's greeting. None: the platform sends none.
+    opening_command: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from bot.generation.base import GenerationBackend, RemoteBackend
 from bot.outage import OutageLog
 from bot.store import Store, heartbeats
 from bot.worker import worker_id
@@ -35,10 +36,11 @@ class Component:
         return f"{label}@{owner}"
 
 
-def backend_health(backend: Any) -> Callable[[], dict[str, Any]] | None:
+def backend_health(backend: GenerationBackend) -> Callable[[], dict[str, Any]] | None:
     """A worker component's live detail: its generation backend's `health()` (None when it has none)."""
-    health = getattr(backend, "health", None)
-    return None if health is None else lambda: {"generation": health()}
+    if not isinstance(backend, RemoteBackend):
+        return None
+    return lambda: {"generation": backend.health()}
 
 
 async def beat(store: Store, component: str, kind: str, detail: dict[str, Any]) -> None:

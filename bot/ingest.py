@@ -24,9 +24,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from adapters.base import DispatchResult, EventHandler, NotAccepted
 from bot.backoff import backoff
-from bot.events import Incoming, PlatformEvent
+from bot.events import DispatchResult, EventHandler, Incoming, NotAccepted, PlatformEvent
 from bot.spool import Spooled, SpoolFile, orphans, read_pending
 from bot.store.engine import database_unreachable
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import TextIO
+from typing import Any, TextIO
 
-from adapters.base import PlatformAdapter
+from adapters.base import ChecksToken, PlatformAdapter
 from adapters.console import ConsoleAdapter
 from bot.app import BotApp
 from bot.config import Settings
@@ -122,22 +123,31 @@ async def _load_backend_unless_stopped(settings: Settings, stop: asyncio.Event) 
     loop = asyncio.get_running_loop()
     loaded: asyncio.Future[GenerationBackend] = loop.create_future()
 
-    def settle(outcome: Callable[[], None]) -> None:
+    def settle(outcome: Callable[[], object]) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             loop.call_soon_threadsafe(outcome)
+
+    def resolve(backend: GenerationBackend | None, error: BaseException | None) -> None:
+        if loaded.done():
+            return
+        if backend is not None:
+            loaded.set_result(backend)
+        else:
+            loaded.set_exception(error or RuntimeError("no backend loaded"))
 
     def work() -> None:
         try:
             backend = load_backend(settings, allow_pull=True)
         except BaseException as exc:
-            error = exc  # `exc` is unbound when the except block ends, before the callback runs
-            settle(lambda: loaded.done() or loaded.set_exception(error))
+            # bound now: `exc` is unbound when the except block ends, before the callback runs
+            settle(functools.partial(resolve, None, exc))
         else:
-            settle(lambda: loaded.done() or loaded.set_result(backend))
+            settle(functools.partial(resolve, backend, None))
 
     threading.Thread(target=work, name="load-model", daemon=True).start()
     stopped = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([loaded, stopped], return_when=asyncio.FIRST_COMPLETED)
+    either: list[asyncio.Future[Any]] = [loaded, stopped]  # two result types: asyncio.wait takes one
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     if stop.is_set():
         loaded.cancel()
@@ -168,9 +178,8 @@ async def _run(
         else:
             say("console: skipped: not asked for (--console)")
         for adapter in adapters:  # a bad token says so now, not after the model has loaded
-            check_token = getattr(adapter, "check_token", None)
-            if check_token is not None:
-                await check_token()
+            if isinstance(adapter, ChecksToken):
+                await adapter.check_token()
         backend = None
         if settings.worker.enabled:
             backend = await _load_backend_unless_stopped(settings, stop)

@@ -17,12 +17,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from adapters.base import PlatformAdapter, Previews
 from bot.events import ChannelRef
-
-if TYPE_CHECKING:
-    from adapters.base import PlatformAdapter
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +63,10 @@ class StreamingRelay:
         remember: Callable[[int, str], Awaitable[None]] | None = None,
     ) -> None:
         self.adapter = adapter
+        # Streaming needs an adapter that can post previews (`adapters.base.Previews`).
+        if streaming and not isinstance(adapter, Previews):
+            raise TypeError(f"the {adapter.platform} adapter cannot stream: it has no preview()")
+        self._previews: Previews | None = adapter if isinstance(adapter, Previews) else None
         self.streaming = streaming
         self.min_interval = min_interval
         self.min_growth = min_growth
@@ -113,7 +115,8 @@ class StreamingRelay:
         now = self.clock()
         try:
             if reply.job_id not in self._posted:
-                posted = await self.adapter.preview(reply.channel, text + self.marker, reply.job_id)
+                assert self._previews is not None  # `streaming` is on only for adapters that preview
+                posted = await self._previews.preview(reply.channel, text + self.marker, reply.job_id)
                 self._posted[reply.job_id] = posted
                 self._shown[reply.job_id] = (now, len(text))
                 if self.remember is not None:

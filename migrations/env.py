@@ -31,7 +31,10 @@ def _run_online() -> None:
     from bot.store.engine import create_engine
 
     async def go() -> None:
-        engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+        url = context.config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("migrations: alembic config has no sqlalchemy.url")
+        engine = create_engine(url)
         async with engine.begin() as conn:
             await conn.run_sync(_run)
         await engine.dispose()

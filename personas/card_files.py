@@ -64,6 +64,7 @@ def png_text_chunks(raw: bytes, source: str) -> dict[str, str]:
                         f"(limit {MAX_IMAGE_PIXELS} pixels)"
                     )
                 # Chunks after the image data (where card tools put them) are read when it loads.
+                # `text` is PNG-only (PngImageFile): Pillow's stubs do not have it on Image.
                 return {str(k): str(v) for k, v in image.text.items()}  # type: ignore[attr-defined]
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PersonaError(f"{source}: refused as a decompression bomb: {exc}") from None

@@ -243,7 +243,7 @@ def parse_examples(
     ctx = ctx or MacroContext(char, user, char)
     names = "".join(f"|{re.escape(n)}" for n in (char, user) if n)
     speaker = re.compile(_SPEAKER_TEMPLATE.format(names=names), re.I)
-    conversations = []
+    conversations: list[list[dict[str, str]]] = []
     for block in re.split(r"<start>", _lf(mes_example), flags=re.I):
         messages: list[dict[str, str]] = []
         for line in block.splitlines():

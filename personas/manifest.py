@@ -58,6 +58,8 @@ class AdapterManifest(BaseModel):
     files: dict[str, str] = Field(
         default_factory=dict, description="sha256 of each adapter file, checked before activation."
     )
+    dataset_files: list[str] = Field(default_factory=list, description="The dialogue files trained on.")
+    system_prompt: str = Field(default="", description="The persona's system prompt when trained (raw).")
 
     @field_validator("format")
     @classmethod

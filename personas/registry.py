@@ -18,7 +18,7 @@ import importlib.metadata
 import logging
 import random
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
@@ -95,8 +95,12 @@ class Persona:
         from personas.worldinfo import merge, read_lorebook
 
         ctx = self.macros()
+
+        def expander(index: int) -> Callable[[str], str]:
+            return lambda text: expand(text, ctx, f"lore.{index}")
+
         books = [
-            read_lorebook(self.folder / rel, self.spec.lore, lambda text, i=i: expand(text, ctx, f"lore.{i}"))
+            read_lorebook(self.folder / rel, self.spec.lore, expander(i))
             for i, rel in enumerate(self.spec.lorebooks)
         ]
         return merge(books, self.spec.lore)

@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bot.errors import PersonaError
 from bot.events import utcnow
 from bot.store import Store
+from bot.store.engine import dialect_of
 from bot.store.models import AdapterVersion
 from personas.manifest import (
     ADAPTER_CONFIG,
@@ -340,7 +341,7 @@ def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
 async def _locked_rows(session: AsyncSession, persona: str) -> list[AdapterVersion]:
     """The persona's versions, locked on PostgreSQL so concurrent activations take turns."""
     query = select(AdapterVersion).where(AdapterVersion.persona == persona).order_by(AdapterVersion.id)
-    if session.bind.dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         query = query.with_for_update()
     return list((await session.execute(query)).scalars())
 

@@ -20,12 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from bot.errors import PersonaError
-from bot.prompting.lorebook import DEFAULT_SCAN_DEPTH, DEFAULT_TOKEN_BUDGET, Lorebook, LoreEntry
+from bot.prompting.lorebook import (
+    DEFAULT_SCAN_DEPTH,
+    DEFAULT_TOKEN_BUDGET,
+    Lorebook,
+    LoreEntry,
+    Position,
+    SelectiveLogic,
+)
 from personas.card_files import load_json, read_limited
 from personas.spec import LoreSettings, display_path
 
-SELECTIVE_LOGIC = {0: "and_any", 1: "not_all", 2: "not_any", 3: "and_all"}
-POSITIONS = {"before_char": "before_char", "after_char": "after_char", 0: "before_char"}
+SELECTIVE_LOGIC: dict[int, SelectiveLogic] = {0: "and_any", 1: "not_all", 2: "not_any", 3: "and_all"}
+POSITIONS: dict[str | int, Position] = {
+    "before_char": "before_char",
+    "after_char": "after_char",
+    0: "before_char",
+}
 
 
 class _Fields:
@@ -64,8 +75,8 @@ def _entry(obj: Any, where: str, scan_depth: int, expand: Callable[[str], str]) 
     if not isinstance(obj, dict):
         raise PersonaError(f"{where}: expected an object")
     f = _Fields(obj, where)
-    ext = obj.get("extensions") if isinstance(obj.get("extensions"), dict) else {}
-    x = _Fields(ext, f"{where}.extensions")
+    ext = obj.get("extensions")
+    x = _Fields(ext if isinstance(ext, dict) else {}, f"{where}.extensions")
     logic = x.get("selectiveLogic", kind=int, default=None)
     logic = f.get("selectiveLogic", kind=int, default=logic if logic is not None else 0)
     if logic not in SELECTIVE_LOGIC:
@@ -92,13 +103,13 @@ def _entry(obj: Any, where: str, scan_depth: int, expand: Callable[[str], str]) 
         keys=keys,
         secondary_keys=secondary,
         selective=f.get("selective", kind=bool, default=False),
-        selective_logic=SELECTIVE_LOGIC[logic],  # type: ignore[arg-type]
+        selective_logic=SELECTIVE_LOGIC[logic],
         constant=f.get("constant", kind=bool, default=False),
         enabled=enabled,
         case_sensitive=bool(case),
         insertion_order=int(order),
         priority=int(priority) if priority is not None else None,
-        position=POSITIONS.get(position, "after_char"),  # type: ignore[arg-type]
+        position=POSITIONS.get(position, "after_char"),
         scan_depth=depth if depth is not None else scan_depth,
         name=str(f.get("name", kind=str, default="") or f.get("comment", kind=str, default="")),
         source=where,

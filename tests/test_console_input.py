@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from adapters.base import DispatchResult
+from bot.events import DispatchResult
 from adapters.console import ConsoleAdapter
 from bot.events import Incoming
 

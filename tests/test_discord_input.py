@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from adapters.base import DispatchResult
 from adapters.discord import DiscordAdapter, DiscordError, DiscordTokenError, clean_text
 from bot.config import load_settings
-from bot.events import PlatformEvent
+from bot.events import DispatchResult, PlatformEvent
 from bot.logs import setup_logging
 from bot.store import Store
 from bot.store.models import Channel, Message

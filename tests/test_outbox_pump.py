@@ -13,7 +13,7 @@ from adapters.base import DeliveryRefused
 from bot.cli import main
 from bot.config import DeliverySettings
 from bot.delivery import OutboxPump
-from bot.events import Outgoing
+from bot.events import Outgoing, PlatformConventions
 from bot.store import Store, jobs
 from bot.store.models import OutboxDelivery
 from tests.test_jobs import add_jobs
@@ -34,6 +34,7 @@ class SlowPlatform:
     """Takes `seconds` to post each reply and records every post."""
 
     platform = "console"
+    conventions = PlatformConventions()
 
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds = seconds

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
+from adapters.discord import DiscordAdapter
+from adapters.telegram import TelegramAdapter
 from bot.config import load_settings
 from bot.dispatch import Dispatcher
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming
@@ -99,7 +101,9 @@ async def test_forgetting_someone_the_store_never_saw_still_records_the_request(
 
 async def test_forget_command_asks_first_and_works_on_every_platform(store: Store) -> None:
     settings = load_settings()
-    dispatcher = Dispatcher(settings, store, PersonaRegistry.discover())
+    # Each platform's command conventions, as its adapter declares them (Discord adds "!" commands).
+    conventions = {"discord": DiscordAdapter(None).conventions, "telegram": TelegramAdapter.conventions}
+    dispatcher = Dispatcher(settings, store, PersonaRegistry.discover(), conventions=conventions)
     for platform, prefix in (("console", "/"), ("discord", "!"), ("telegram", "/")):
         channel = ChannelRef(platform, "c1", ChannelKind.DIRECT)
         user = AuthorRef(platform, "u1", "User")

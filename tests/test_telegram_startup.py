@@ -11,12 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.base import DispatchResult
 from adapters.telegram import TelegramAdapter
 from bot.commands import COMMAND_MENU
 from bot.config import load_settings
 from bot.errors import PersonabotError
-from bot.events import Incoming, Outgoing, PlatformEvent
+from bot.events import DispatchResult, Incoming, Outgoing, PlatformEvent
 from bot.logs import setup_logging
 from bot.store import Store
 from tests.fakes.telegram_harness import running_bot

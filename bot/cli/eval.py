@@ -45,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     report = run_eval(settings, target, questions, group=args.group, seed=args.seed, progress=progress)
     print(file=sys.stderr)
-    written = []
+    written: list[Path] = []
     if target.adapter is not None:
         written += report.write(target.adapter)
     if args.out is not None:

@@ -54,7 +54,7 @@ def _export(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from bot.events import utcnow
-    from bot.export import export_persona, exports_dir
+    from bot.export import ExportResult, export_persona, exports_dir
     from bot.runtime import load_registry, open_store
 
     settings = settings_from(args)
@@ -63,7 +63,7 @@ def _export(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise PersonabotError(f"--out {out}: is a folder; give a file name")
 
-    async def go():  # type: ignore[no-untyped-def]
+    async def go() -> ExportResult:
         store = await open_store(settings)
         try:
             return await export_persona(

@@ -6,11 +6,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.cli.common import run_async, settings_from
 from bot.config import Settings
 from bot.errors import PersonaError
+
+if TYPE_CHECKING:  # imported where used: each subcommand loads only what it needs
+    from personas.registry import Persona, PersonaRegistry
+    from personas.versions import BaseModelFacts, VersionInfo
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=_export_card)
 
 
-def _registry(settings: Settings) -> Any:
+def _registry(settings: Settings) -> PersonaRegistry:
     from personas.registry import PersonaRegistry
 
     return PersonaRegistry.from_settings(settings)
@@ -82,7 +86,7 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
-async def _versions(settings: Settings, persona: str | None = None) -> list[Any]:
+async def _versions(settings: Settings, persona: str | None = None) -> list[VersionInfo]:
     from bot.runtime import open_store
     from personas.versions import list_versions
 
@@ -98,7 +102,7 @@ def _list(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     registry = _registry(settings)
     active = {v.persona: v for v in run_async(_versions(settings)) if v.is_active}
-    items = []
+    items: list[dict[str, Any]] = []  # printed as JSON
     for p in registry.all():
         version = active.get(p.slug)
         items.append(
@@ -213,13 +217,13 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _base(settings: Settings) -> Any:
+def _base(settings: Settings) -> BaseModelFacts:
     from personas.versions import base_model_facts
 
     return base_model_facts(settings)
 
 
-async def _activate_async(settings: Settings, slug: str, version: str) -> Any:
+async def _activate_async(settings: Settings, slug: str, version: str) -> VersionInfo:
     from bot.runtime import open_store
     from personas.manifest import adapter_dir
     from personas.versions import activate, get_version, list_versions, register_folder
@@ -252,7 +256,7 @@ async def _activate_async(settings: Settings, slug: str, version: str) -> Any:
         await store.close()
 
 
-def _template_note(persona: Any, path: str) -> None:
+def _template_note(persona: Persona, path: str) -> None:
     from personas.manifest import read_manifest
 
     try:
@@ -283,7 +287,7 @@ def _rollback(args: argparse.Namespace) -> int:
     persona = _registry(settings).get(args.slug)
     base = _base(settings)
 
-    async def go() -> Any:
+    async def go() -> VersionInfo:
         from bot.runtime import open_store
 
         store = await open_store(settings)
@@ -310,7 +314,7 @@ def _deactivate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     _registry(settings).get(args.slug)
 
-    async def go() -> Any:
+    async def go() -> VersionInfo | None:
         from bot.runtime import open_store
 
         store = await open_store(settings)

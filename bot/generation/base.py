@@ -6,7 +6,12 @@ longer rows still generate), and a check for cooperative stopping. A backend may
 
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
 - `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
-  jobs queued; `health()`: its state as plain data, shown by `personabot status`.
+  jobs queued; `health()`: its state as plain data, shown by `personabot status` (`RemoteBackend`).
+- a KV cache reused across turns, its budget and a way to give memory back (`LocalMemory`).
+- `close()`: resources to free when the worker stops (`Closeable`).
+
+Each optional capability is a runtime-checkable Protocol: the worker asks `isinstance`, so a backend
+has a capability only by offering all of its parts.
 """
 
 from __future__ import annotations
@@ -73,7 +78,12 @@ class BackendUnavailable(Exception):
 
 
 class GenerationBackend(Protocol):
+    # A transformers tokenizer (or one that behaves like it): its many methods are the library's.
     tokenizer: Any
+
+    @property
+    def context_window(self) -> int:
+        """Tokens the model attends to; prompts are fitted into it."""
 
     def generate_batch(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
@@ -89,6 +99,43 @@ class AdapterHost(Protocol):
         """Load a peft adapter folder under `name`; returns its size in bytes."""
 
     def unload_adapter(self, name: str) -> None: ...
+
+
+@runtime_checkable
+class RemoteBackend(Protocol):
+    """A backend on servers that can be down while the worker runs."""
+
+    def ready(self) -> bool:
+        """False while no server can take requests (blocking; quick when healthy)."""
+
+    def health(self) -> dict[str, object]:
+        """Its state as plain data, shown by `personabot status`."""
+
+
+class KVStats(Protocol):
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached KV tensors hold."""
+
+
+@runtime_checkable
+class LocalMemory(Protocol):
+    """A backend holding a KV cache in this process's memory (reused across a channel's turns)."""
+
+    @property
+    def kv(self) -> KVStats: ...
+
+    def set_kv_budget(self, budget_bytes: int) -> None:
+        """Cap the KV cache (`worker.kv_cache_bytes`); 0 turns reuse off."""
+
+    def release_memory(self) -> None:
+        """After a failed batch (out of memory): give freed blocks back to the device."""
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    def close(self) -> None:
+        """Free what the backend holds (connections, threads); called when the worker stops."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

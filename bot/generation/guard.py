@@ -68,8 +68,8 @@ def loop_start(text: str) -> int | None:
     words = [(s, w) for s, w in words if w]
     runs: dict[tuple[str, ...], list[int]] = {}
     for i in range(len(words) - NGRAM_WORDS + 1):
-        key = tuple(w for _, w in words[i : i + NGRAM_WORDS])
-        where = runs.setdefault(key, [])
+        run = tuple(w for _, w in words[i : i + NGRAM_WORDS])
+        where = runs.setdefault(run, [])
         # Overlapping occurrences of one run ("a a a a a a a a") still count: each is a new start.
         where.append(words[i][0])
         if len(where) == LOOP_REPEATS:

@@ -69,7 +69,8 @@ def load_model(location: ModelLocation, device: torch.device, dtype: torch.dtype
     model = AutoModelForCausalLM.from_pretrained(
         location.folder, gguf_file=location.gguf_file, dtype=dtype, local_files_only=True
     )
-    return model.to(device).eval()
+    # transformers wraps `to` with functools.wraps, which mypy reads as a function taking the model.
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 class LocalBackend:

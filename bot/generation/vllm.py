@@ -38,7 +38,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 
@@ -51,6 +51,9 @@ from bot.generation.base import (
     GenerationResult,
 )
 from bot.generation.detok import IncrementalDecoder
+
+if TYPE_CHECKING:
+    from bot.basemodel import ModelLocation
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +260,7 @@ class VllmBackend:
             raise ValueError("generation.vllm.urls is empty")
         self.settings = settings
         self.tokenizer = tokenizer
+        self.location: ModelLocation | None = None  # the base model's files, when built from settings
         self._config_window = context_window
         self.servers = [_Server(url.rstrip("/")) for url in settings.urls]
         self.device = "vllm " + ", ".join(s.url for s in self.servers)  # for the worker's start-up line
@@ -283,7 +287,7 @@ class VllmBackend:
             load_tokenizer_only(location.folder),
             context_window=_context_window(location.folder),
         )
-        backend.location = location  # type: ignore[attr-defined]
+        backend.location = location
         if not backend.ready():
             log.warning("no vLLM server answers yet (%s); jobs wait until one does", backend.down_message())
         return backend
@@ -500,7 +504,7 @@ class VllmBackend:
             # is the servers', the batch waits for them.
             own = [e for e in errors if not isinstance(e, BackendUnavailable)]
             raise (own or errors)[0]
-        return outcomes
+        return [o for o in outcomes if not isinstance(o, BaseException)]
 
     @staticmethod
     async def _until(should_stop: Any) -> None:

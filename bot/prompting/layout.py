@@ -80,7 +80,7 @@ def parse(text: str) -> Form:
 def _keyed(form: Form, kinds: dict[int, str], what: str) -> Form:
     """`form` with holes keyed by kind; each expected message must appear exactly once."""
     seen = [h.key for h in form.holes]
-    if sorted(seen) != sorted(kinds):  # type: ignore[type-var]
+    if sorted(seen) != sorted(kinds):
         raise Unsegmentable(f"{what} does not show each message's content exactly once")
     return Form(form.statics, tuple(Hole(kinds[int(h.key)], h.lstrip, h.rstrip) for h in form.holes))
 

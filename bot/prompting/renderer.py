@@ -24,7 +24,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from bot.prompting.encoder import PlainEncoder, StaticEncoder, structural_tokens
 from bot.prompting.errors import PromptError
@@ -107,9 +107,12 @@ class PromptCache:
 
     def __init__(self) -> None:
         self.owner: object | None = None
-        self.entries: dict[Hashable, Any] = {}
+        self.entries: dict[Hashable, object] = {}
         self.hits = 0
         self.misses = 0
+
+
+_T = TypeVar("_T")
 
 
 class _Memo:
@@ -119,9 +122,9 @@ class _Memo:
         self.cache = cache
         self.owner = owner
         self.old = cache.entries if cache is not None and cache.owner is owner else {}
-        self.new: dict[Hashable, Any] = {}
+        self.new: dict[Hashable, object] = {}
 
-    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+    def get(self, key: Hashable, make: Callable[[], _T]) -> _T:
         value = self.new.get(key)
         if value is None:
             value = self.old.get(key)
@@ -132,7 +135,13 @@ class _Memo:
             elif self.cache is not None:
                 self.cache.hits += 1
             self.new[key] = value
-        return value
+        # A key's first element names its kind ("text", "first", a role), and one kind is always
+        # made by the same function: the cached value has the type `make` returns.
+        return cast(_T, value)
+
+    def encoded(self, text: str, plain: PlainEncoder) -> tuple[int, ...]:
+        """`text` tokenized as plain text, once per text."""
+        return self.get(("text", text), lambda: tuple(plain.encode(text)))
 
     def commit(self) -> None:
         if self.cache is not None:
@@ -417,7 +426,7 @@ class ChatRenderer:
             texts.append(form.statics[index].text)
             text = slot.text(values[slot.kind])
             start = len(ids)
-            ids.extend(memo.get(("text", text), lambda text=text: tuple(self.plain.encode(text))))
+            ids.extend(memo.encoded(text, self.plain))
             texts.append(text)
             if trained and slot.kind == "content":
                 spans = ((start, len(ids) + form.trained_tail),)
@@ -498,7 +507,7 @@ class ChatRenderer:
             role, content = contents[int(hole.key)]
             text = leads[index] + hole.shape(content)
             start = len(ids)
-            ids.extend(memo.get(("text", text), lambda text=text: tuple(self.plain.encode(text))))
+            ids.extend(memo.encoded(text, self.plain))
             texts.append(text)
             if role == "assistant":
                 after = compiled[index + 1].ids
@@ -566,7 +575,7 @@ class ChatRenderer:
         scanned = scan_window([t.content for t in body], [t.role for t in body])
 
         def count(text: str) -> int:
-            return len(memo.get(("text", text), lambda: tuple(self.plain.encode(text))))
+            return len(memo.encoded(text, self.plain))
 
         inserted = activate(lore, scanned, count)
         return compose(system, inserted), inserted

@@ -38,7 +38,7 @@ def word_count(reply: str) -> int:
 
 def distinct_2(replies: Sequence[str]) -> float:
     """Distinct word bigrams over all word bigrams of all replies (0.0 when there are none)."""
-    bigrams = []
+    bigrams: list[tuple[str, str]] = []
     for reply in replies:
         words = reply.lower().split()
         bigrams.extend(itertools.pairwise(words))

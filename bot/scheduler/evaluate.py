@@ -68,7 +68,7 @@ def heldout_losses(
     ]
     model: Any = AutoModelForCausalLM.from_pretrained(
         location.folder, gguf_file=location.gguf_file, dtype=torch.float32, local_files_only=True
-    ).to(device)
+    ).to(device)  # type: ignore[arg-type]  # transformers wraps `to` with functools.wraps: mypy misreads it
     model.config.use_cache = False
     losses = []
     for adapter in adapters:

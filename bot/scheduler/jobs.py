@@ -194,14 +194,14 @@ def plan_jobs(settings: Settings, registry: PersonaRegistry) -> tuple[list[JobDe
         )
 
     for persona in registry.all():
-        for index, post in enumerate(persona.spec.schedule):
+        for index, scheduled in enumerate(persona.spec.schedule):
             entry = PostEntry(
                 persona=persona.slug,
                 index=str(index),
-                cron=post.cron,
-                timezone=post.timezone,
-                prompt=post.prompt,
-                channels=tuple(post.channels),
+                cron=scheduled.cron,
+                timezone=scheduled.timezone,
+                prompt=scheduled.prompt,
+                channels=tuple(scheduled.channels),
                 source=f"{display_path(persona.folder / 'persona.toml')}: schedule.{index}",
             )
             try:

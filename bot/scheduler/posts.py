@@ -72,7 +72,8 @@ async def queue_post(
                 "reason": f"{entry.source}: no channel to post in: list `channels` in the entry, or bind "
                 f"the persona to a channel with /persona {persona.slug}",
             }
-        queued, already = [], []
+        queued: list[str] = []
+        already: list[str] = []
         for channel_id, key in targets:
             job_id = await jobs.enqueue(
                 session,

@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import SchedulerSettings
 from bot.store import Store
-from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob
+from bot.store.engine import rowcount
+from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ async def channel_cutoffs(
 def _prunable(cutoff: datetime) -> Any:
     """Messages older than `cutoff` that no unfinished job or delivery needs."""
     live_job = exists().where(
-        ReplyJob.trigger_message_id == Message.id, ReplyJob.status.in_(("pending", "running"))
+        ReplyJob.trigger_message_id == Message.id, ReplyJob.status.in_((JobStatus.PENDING, JobStatus.RUNNING))
     )
     live_delivery = exists().where(
-        OutboxDelivery.message_id == Message.id, OutboxDelivery.status.in_(("pending", "sending"))
+        OutboxDelivery.message_id == Message.id,
+        OutboxDelivery.status.in_((OutboxStatus.PENDING, OutboxStatus.SENDING)),
     )
     return (Message.created_at < cutoff) & ~live_job & ~live_delivery
 
@@ -107,10 +109,10 @@ async def prune(store: Store, settings: SchedulerSettings, now: datetime) -> dic
             gone = await session.execute(
                 delete(ReplyJob).where(
                     ReplyJob.trigger_message_id.is_(None),
-                    ReplyJob.status.in_(("done", "failed")),
+                    ReplyJob.status.in_((JobStatus.DONE, JobStatus.FAILED)),
                     ReplyJob.finished_at < cutoff,
                 )
             )
-        detail["deleted_scheduled_jobs"] = gone.rowcount
+        detail["deleted_scheduled_jobs"] = rowcount(gone)
     log.info("retention: deleted %d messages", detail["deleted_messages"])
     return detail

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
 from bot.store.conversations import _insert_for
+from bot.store.engine import rowcount
 from bot.store.models import ScheduledRun
 
 # ok: done; skipped: nothing to do, with the reason (e.g. too little data); error: failed, with why;
@@ -141,7 +142,7 @@ async def claim(
         )
         .values(status="running", owner=owner, started_at=now, finished_at=None, error=None)
     )
-    return existing.id if taken.rowcount == 1 else None
+    return existing.id if rowcount(taken) == 1 else None
 
 
 async def finish(

@@ -31,7 +31,7 @@ class Store:
         self.url = normalize_url(url).render_as_string(hide_password=False)
         self.engine: AsyncEngine = create_engine(self.url, **engine_kwargs)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.wakeups = Wakeups(self)
+        self.wakeups = Wakeups(self.engine)
         # SQLite has one writer: transactions of this process take turns here instead of meeting in
         # SQLite's busy handler, which sleeps (up to 100 ms a time) whenever two collide.
         self._turn = asyncio.Lock() if self.dialect == "sqlite" else None

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, utcnow
-from bot.store.models import Channel, ChannelPersona, Message, User
+from bot.store.engine import dialect_of, rowcount
+from bot.store.models import Base, Channel, ChannelPersona, Message, User
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,14 @@ async def channel_by_id(session: AsyncSession, channel_id: int) -> ChannelRef | 
     return None if channel is None else channel_ref(channel)
 
 
-def _insert_for(session: AsyncSession):  # type: ignore[no-untyped-def]
-    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both backends."""
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+def _insert_for(session: AsyncSession) -> Callable[[type[Base]], postgresql.Insert]:
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both backends.
+
+    Typed as PostgreSQL's: SQLite's has the same `on_conflict_do_*` and `excluded` API.
+    """
+    if dialect_of(session) == "postgresql":
+        return postgresql.insert
+    return cast(Callable[[type[Base]], postgresql.Insert], sqlite.insert)
 
 
 async def upsert_channel(session: AsyncSession, ref: ChannelRef) -> int:
@@ -175,7 +183,7 @@ async def apply_edit(session: AsyncSession, event: Edited) -> bool:
         )
         .values(text=storable_text(event.text), edited_at=event.edited_at)
     )
-    return result.rowcount > 0
+    return rowcount(result) > 0
 
 
 async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
@@ -188,7 +196,7 @@ async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
         .where(Message.channel_id == channel_id, Message.platform_message_id == event.platform_message_id)
         .values(text="", deleted_at=event.deleted_at)
     )
-    return result.rowcount > 0
+    return rowcount(result) > 0
 
 
 async def history(session: AsyncSession, channel_id: int, limit: int = 500) -> list[HistoryMessage]:

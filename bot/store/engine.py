@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, CursorResult, make_url
 from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from bot.errors import StoreError
 
@@ -65,6 +65,18 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(parsed, **kwargs)
+
+
+def dialect_of(session: AsyncSession) -> str:
+    """ "sqlite" or "postgresql": the database this session talks to."""
+    return session.get_bind().dialect.name
+
+
+def rowcount(result: object) -> int:
+    """Rows an UPDATE or DELETE matched. SQLAlchemy types `execute()` as a plain `Result`; for DML it
+    is a `CursorResult`, which has the count."""
+    assert isinstance(result, CursorResult), f"not the result of an UPDATE/DELETE: {result!r}"
+    return result.rowcount
 
 
 def database_unreachable(exc: BaseException) -> bool:

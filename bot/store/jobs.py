@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -274,7 +275,7 @@ async def complete(
                 select(Message.platform_message_id).where(Message.id == job.trigger_message_id)
             )
         ).scalar_one_or_none()
-    message_id = (
+    message_id: int = (
         await session.execute(
             _insert_for(session)(Message)
             .values(
@@ -316,7 +317,7 @@ async def fail(
     max_attempts: int,
     backoff_seconds: float,
     retryable: bool = True,
-) -> str:
+) -> JobStatus | Literal["lost"]:
     """Record a failed attempt: back to pending after a backoff, or failed for good.
 
     Returns the new status, or "lost" when this worker no longer holds the lease (nothing changed).

@@ -19,15 +19,20 @@ import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
+from bot.store.engine import dialect_of, rowcount
 
-if TYPE_CHECKING:
-    from bot.store import Store
+
+class Transactions(Protocol):
+    """What `keep_leases` needs of a `bot.store.Store` (named here: the package imports this module)."""
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[AsyncSession]: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +88,7 @@ class LeasedQueue:
         t = self.table
         now = utcnow()
         claimable = select(t.id).where(self.due(now), *where).order_by(*order_by, t.id).limit(limit)
-        if session.bind.dialect.name == "postgresql":
+        if dialect_of(session) == "postgresql":
             claimable = claimable.with_for_update(skip_locked=True)
         rows = await session.execute(
             update(t)
@@ -114,7 +119,7 @@ class LeasedQueue:
     async def update_held(self, session: AsyncSession, lease: Lease, **values: Any) -> bool:
         """Change a row only while the lease is held; False (nothing changed) once it is lost."""
         result = await session.execute(update(self.table).where(*self.held(lease)).values(**values))
-        return result.rowcount == 1
+        return rowcount(result) == 1
 
     async def finish(self, session: AsyncSession, lease: Lease, status: str, **values: Any) -> bool:
         """Settle a held row for good (`status`: done, delivered, failed, ...) and drop its lease."""
@@ -160,7 +165,7 @@ class LeasedQueue:
                 available_at=utcnow(),
             )
         )
-        return int(result.rowcount)
+        return rowcount(result)
 
     async def depth(self, session: AsyncSession, *where: ColumnElement[bool]) -> int:
         """Rows claimable now."""
@@ -171,7 +176,7 @@ class LeasedQueue:
 
 @contextlib.asynccontextmanager
 async def keep_leases(
-    store: Store,
+    store: Transactions,
     queue: LeasedQueue,
     leases: Callable[[], Iterable[Lease]],
     *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -136,7 +137,7 @@ async def mark_retry(
     backoff_seconds: float,
     max_backoff_seconds: float,
     deadline: timedelta,
-) -> tuple[str, float]:
+) -> tuple[OutboxStatus | Literal["lost"], float]:
     """A transient failure: retried after a capped, jittered backoff until the row's deadline
     (`retry_until`, else `deadline` after it was written), then failed.
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import AuthorRef, ChannelRef, utcnow
+from bot.store.engine import rowcount
 from bot.store.models import Channel, Erasure, Message, OutboxDelivery, ReplyJob, User
 
 
@@ -64,19 +65,20 @@ async def forget_user(session: AsyncSession, author: AuthorRef, channel: Channel
         )
         # Children first: the schema cascades too, but SQLite only with its foreign_keys pragma on.
         await session.execute(delete(OutboxDelivery).where(OutboxDelivery.message_id.in_(reply_ids)))
-        job_count = (await session.execute(delete(ReplyJob).where(ReplyJob.id.in_(triggered)))).rowcount
-        replies = (await session.execute(delete(Message).where(Message.id.in_(reply_ids)))).rowcount
-        messages = (await session.execute(delete(Message).where(Message.id.in_(own)))).rowcount
+        job_count = rowcount(await session.execute(delete(ReplyJob).where(ReplyJob.id.in_(triggered))))
+        replies = rowcount(await session.execute(delete(Message).where(Message.id.in_(reply_ids))))
+        messages = rowcount(await session.execute(delete(Message).where(Message.id.in_(own))))
         if not (await session.execute(select(exists().where(Message.user_id == user_id)))).scalar():
             await session.execute(delete(User).where(User.id == user_id))
 
     now = utcnow()
-    erasure_ids = []
-    for channel_id in channel_ids or [None]:
+    erasure_ids: list[int] = []
+    targets: list[int | None] = [*channel_ids] if channel_ids else [None]
+    for channel_id in targets:
         erasure_ids.append(
             (
                 await session.execute(
-                    Erasure.__table__.insert()
+                    insert(Erasure)
                     .values(
                         platform=author.platform,
                         user_external_id=author.external_id,

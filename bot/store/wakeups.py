@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.backoff import backoff
-
-if TYPE_CHECKING:
-    from bot.store import Store
+from bot.store.engine import dialect_of
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ async def wake(session: AsyncSession, topic: str) -> None:
     if topic in topics:
         return
     topics.add(topic)
-    if session.bind.dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         await session.execute(
             text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic}
         )
@@ -44,14 +42,15 @@ async def wake(session: AsyncSession, topic: str) -> None:
 
 def committed_topics(session: AsyncSession) -> set[str]:
     """The topics a committed transaction woke (taken, so they are fired once)."""
-    return session.info.pop(_PENDING, set())
+    topics: set[str] = session.info.pop(_PENDING, set())
+    return topics
 
 
 class Wakeups:
     """The waiting side: one event per topic, set by local commits and by PostgreSQL notifications."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine  # the store's; PostgreSQL notifications are listened for on its database
         self._events: dict[str, asyncio.Event] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -86,7 +85,7 @@ class Wakeups:
         return event.is_set()
 
     def _listen(self) -> None:
-        if self._listener is None and self.store.dialect == "postgresql":
+        if self._listener is None and self.engine.dialect.name == "postgresql":
             self._listener = asyncio.create_task(self._listen_forever(), name="store-notifications")
 
     async def _listen_forever(self) -> None:
@@ -94,7 +93,7 @@ class Wakeups:
         comes back (notifications sent meanwhile are lost)."""
         import asyncpg
 
-        url = self.store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         failures = 0
         while True:
             conn: Any = None

@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.generation.base import AdapterHost, GenerationBackend
+from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ class AdapterSync:
 
     async def refresh(self, session: AsyncSession) -> None:
         """Read the active versions and load/unload adapters to match (loading runs in a thread)."""
-        from personas.versions import active_versions
-
         self.active = await active_versions(session)
         if not self.supported:
             if self.active and not self._warned:
@@ -61,7 +60,8 @@ class AdapterSync:
                 )
                 self._warned = True
             return
-        host: AdapterHost = self.backend  # type: ignore[assignment]
+        host = self.backend
+        assert isinstance(host, AdapterHost)  # `supported` said so
         for persona, (name, _path) in list(self.loaded.items()):
             wanted = self.active.get(persona)
             if wanted is None or adapter_name(persona, wanted[0]) != name or wanted[1] != _path:

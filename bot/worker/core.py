@@ -55,6 +55,8 @@ from bot.generation.base import (
     GenerationCallbacks,
     GenerationCancelled,
     GenerationResult,
+    LocalMemory,
+    RemoteBackend,
     is_out_of_memory,
 )
 from bot.metrics import WorkerMetrics
@@ -63,6 +65,7 @@ from bot.replies import clean_reply, drifted, keep_out_of_prompts, retry_samplin
 from bot.store import Store, jobs
 from bot.store.jobs import ClaimedJob
 from bot.store.leases import keep_leases
+from bot.store.models import JobStatus
 from bot.streaming import ReplyObserver
 from bot.worker.adapters import AdapterSync
 from bot.worker.prepare import JobRejected, Prepared, Preparer, load_inputs
@@ -158,11 +161,9 @@ class Worker:
             stop_timeout = 0.8 * settings.run.stop_timeout_seconds
         self.stop_timeout = stop_timeout
         self.adapters = AdapterSync(backend)
-        window = int(getattr(backend, "context_window", 2048))
-        self.preparer = Preparer(registry, backend.tokenizer, window, seed=seed)
-        set_budget = getattr(backend, "set_kv_budget", None)
-        if set_budget is not None:
-            set_budget(settings.worker.kv_cache_bytes)
+        self.preparer = Preparer(registry, backend.tokenizer, backend.context_window, seed=seed)
+        if isinstance(backend, LocalMemory):
+            backend.set_kv_budget(settings.worker.kv_cache_bytes)
         self._stop: asyncio.Event | None = None
         self._stopping_since: float | None = None
 
@@ -243,8 +244,9 @@ class Worker:
     async def _backend_ready(self) -> bool:
         """A remote backend that is down (`ready()` False): claim nothing, so the jobs wait in the queue
         without spending attempts until it is back."""
-        ready = getattr(self.backend, "ready", None)
-        return True if ready is None else bool(await asyncio.to_thread(ready))
+        if not isinstance(self.backend, RemoteBackend):
+            return True
+        return await asyncio.to_thread(self.backend.ready)
 
     # -- preparing ------------------------------------------------------------------------------------
 
@@ -382,9 +384,8 @@ class Worker:
                 log.warning("generating a batch of %d failed", len(batch), exc_info=exc)
             # The traceback's frames hold the failed batch's tensors: drop them before a retry.
             exc.__traceback__ = None
-            release = getattr(self.backend, "release_memory", None)
-            if release is not None:
-                await asyncio.to_thread(release)
+            if isinstance(self.backend, LocalMemory):
+                await asyncio.to_thread(self.backend.release_memory)
             await asyncio.sleep(0)  # completions scheduled by the thread before it raised
             return exc
         await asyncio.sleep(0)
@@ -399,7 +400,7 @@ class Worker:
         report.tokens += len(result.token_ids)
         report.prompt_tokens += result.prompt_tokens
         report.cached_tokens += result.cached_tokens
-        if item.request.cache_key is not None and hasattr(self.backend, "kv"):
+        if item.request.cache_key is not None and isinstance(self.backend, LocalMemory):
             hit = result.cached_tokens > 0
             report.kv_hits += hit
             self.metrics.kv_lookup(hit, result.cached_tokens)
@@ -491,7 +492,9 @@ class Worker:
         except Exception:  # the lease expires and the job is claimed again
             log.exception("job %s: recording the failure failed", job.id)
             return
-        outcome = {"pending": "retried", "failed": "failed"}.get(status, "lost")
+        outcome = (
+            "retried" if status == JobStatus.PENDING else "failed" if status == JobStatus.FAILED else "lost"
+        )
         setattr(report, outcome, getattr(report, outcome) + 1)
         self.metrics.jobs.labels(outcome).inc()
 
@@ -509,9 +512,8 @@ class Worker:
     # -- leases and logs ------------------------------------------------------------------------------
 
     def _log_batch(self, report: BatchReport, seconds: float) -> None:
-        kv = getattr(self.backend, "kv", None)
-        if kv is not None:
-            self.metrics.kv_bytes.set(kv.nbytes)
+        if isinstance(self.backend, LocalMemory):
+            self.metrics.kv_bytes.set(self.backend.kv.nbytes)
         ttft = sorted(report.first_tokens)
         median = ttft[len(ttft) // 2] if ttft else 0.0
         log.info(

@@ -7,6 +7,7 @@ import logging
 import signal
 
 from bot.config import Settings
+from bot.generation.base import Closeable
 from bot.heartbeat import Component, Heartbeats, backend_health
 from bot.runtime import START_WAIT_SECONDS, install_bundled, load_backend, load_registry, open_store
 from bot.stream_follow import StreamPublisher
@@ -65,6 +66,5 @@ async def run_worker_process(settings: Settings) -> int:
             loop.remove_signal_handler(s)
         await beats.stop()
         await store.close()
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
+        if isinstance(backend, Closeable):
+            backend.close()
