@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 
-from bot.events import DispatchResult
 from adapters.console import ConsoleAdapter
-from bot.events import Incoming
+from bot.events import DispatchResult, Incoming
 
 
 async def test_each_line_is_sent_after_the_prompt_and_blank_lines_are_skipped() -> None:
