@@ -71,7 +71,7 @@ class OutboxPump:
         self.owner = f"{worker_id()}:{adapter.platform}"
 
     async def flush(self) -> int:
-        """Deliver everything due now; returns how many replies were posted."""
+        """Deliver everything due when it is called; returns how many replies were posted."""
         posted = 0
         lease_seconds = self.settings.lease_seconds
         while True:
@@ -98,6 +98,9 @@ class OutboxPump:
                     *(self._post_in_order(items, unsettled) for items in by_channel.values())
                 )
             posted += sum(counts)
+            if len(due) < self.batch:
+                # Everything due was claimed; a reply written meanwhile wakes `run` again.
+                return posted
 
     async def _post_in_order(self, items: list[outbox.ClaimedDelivery], unsettled: dict[int, Lease]) -> int:
         count = 0

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.store import conversations, jobs, outbox, streams
 from bot.store.engine import create_engine, normalize_url
-from bot.store.wakeups import Wakeups, committed_topics
+from bot.store.wakeups import Wakeups, committed_topics, notify_before_commit
 
 __all__ = ["Store", "conversations", "jobs", "outbox", "streams"]
 
@@ -52,6 +52,7 @@ class Store:
             session = await stack.enter_async_context(self._sessions())
             async with session.begin():
                 yield session
+                await notify_before_commit(session)
             topics = committed_topics(session)
             if topics:
                 self.wakeups.fire(topics)

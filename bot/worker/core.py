@@ -149,6 +149,7 @@ class Worker:
             set_budget(settings.worker.kv_cache_bytes)
         self._stop: asyncio.Event | None = None
         self._stopping_since: float | None = None
+        self._next_housekeeping = 0.0
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -179,9 +180,10 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), outage.failed(exc))
                     continue
-                if claimed == 0:
-                    # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
-                    # due by time (a backoff, an expired lease) and wake-ups missed.
+                if claimed < self.settings.worker.max_batch:
+                    # Everything due was claimed: wait to be woken by a new (or newly claimable) job,
+                    # at once if one came meanwhile. The slow poll catches jobs that become due by
+                    # time (a backoff, an expired lease) and wake-ups missed.
                     await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
         finally:
             watcher.cancel()
@@ -203,6 +205,9 @@ class Worker:
         w = self.settings.worker
         if not await self._backend_ready():
             return 0
+        # Jobs found only by time (a dead worker's last attempt) and the queue-depth gauge: once per
+        # poll, not on every claim.
+        housekeeping = time.monotonic() >= self._next_housekeeping
         async with self.store.transaction() as session:
             claimed = await jobs.claim(
                 session,
@@ -210,8 +215,12 @@ class Worker:
                 limit=w.max_batch,
                 lease_seconds=w.lease_seconds,
                 max_attempts=w.max_attempts,
+                fail_exhausted=housekeeping,
             )
-            self.metrics.queue_depth.set(await jobs.depth(session))
+            if housekeeping:
+                self.metrics.queue_depth.set(await jobs.depth(session))
+        if housekeeping:
+            self._next_housekeeping = time.monotonic() + w.poll_seconds
         if not claimed:
             return 0
         started = time.perf_counter()
@@ -238,7 +247,7 @@ class Worker:
                 await self.adapters.refresh(session)
             except Exception:  # keep serving with the adapters already loaded
                 log.exception("could not read the active adapter versions")
-            inputs = [await load_inputs(session, job) for job in claimed]
+            inputs = await load_inputs(session, claimed)
         self.metrics.adapters_loaded.set(len(self.adapters.loaded))
         prepared = []
         for job, job_inputs in zip(claimed, inputs, strict=True):

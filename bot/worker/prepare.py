@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.conversation import history_to_turns
 from bot.errors import PersonaError
-from bot.events import ChannelRef, utcnow
+from bot.events import ChannelKind, ChannelRef, utcnow
 from bot.generation.base import GenerationRequest
 from bot.prompting import ChatRenderer, PromptError, Turn
 from bot.replies import speaker_stops
@@ -63,12 +64,30 @@ class JobInputs:
     history: list[HistoryMessage]
 
 
-async def load_inputs(session: AsyncSession, job: ClaimedJob) -> JobInputs | None:
-    """The job's channel and visible history (None when the channel is gone)."""
-    channel = await session.get(Channel, job.channel_id)
-    if channel is None:
-        return None
-    return JobInputs(conversations.channel_ref(channel), await conversations.history(session, job.channel_id))
+_channels = Channel.__table__
+_CHANNELS = select(
+    _channels.c.id,
+    _channels.c.platform,
+    _channels.c.external_id,
+    _channels.c.kind,
+    _channels.c.thread_id,
+    _channels.c.title,
+).where(_channels.c.id.in_(bindparam("ids", expanding=True)))
+
+
+async def load_inputs(session: AsyncSession, claimed: list[ClaimedJob]) -> list[JobInputs | None]:
+    """Each job's channel and visible history (None when the channel is gone), in `claimed`'s order."""
+    rows = await session.execute(_CHANNELS, {"ids": sorted({job.channel_id for job in claimed})})
+    channels = {
+        row.id: ChannelRef(row.platform, row.external_id, ChannelKind(row.kind), row.thread_id, row.title)
+        for row in rows
+    }
+    inputs: list[JobInputs | None] = []
+    for job in claimed:
+        channel = channels.get(job.channel_id)
+        history = await conversations.history(session, job.channel_id) if channel is not None else []
+        inputs.append(JobInputs(channel, history) if channel is not None else None)
+    return inputs
 
 
 def _plugins() -> Any:
