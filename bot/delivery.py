@@ -129,8 +129,7 @@ class OutboxPump:
         except Exception as exc:
             await self._failed(item, exc)
             return False
-        async with self.store.transaction() as session:
-            held = await outbox.mark_delivered(session, lease, ids)
+        held = await self.store.group.run(lambda session: outbox.mark_delivered(session, lease, ids))
         if not held:
             log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
         return True
