@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from adapters.base import DispatchResult
 from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
@@ -70,7 +72,7 @@ class Dispatcher:
         if not event.text.strip():
             return DispatchResult(ignored="empty message")
 
-        async with self.store.transaction() as session:
+        async def store_and_queue(session: AsyncSession) -> DispatchResult:
             stored = await conversations.ingest(session, event)
             if not stored.created:
                 return DispatchResult(ignored="duplicate event")
@@ -80,6 +82,8 @@ class Dispatcher:
             )
             if not answering:
                 return DispatchResult(stored=True)
+            # (A transaction that fails after this is tried again: the cooldown counts the message
+            # twice, as it always did when storing failed and the event was spooled and replayed.)
             allowed, notify = self.cooldowns.check(event.author, event.channel)
             if not allowed:
                 notice = "Slow down a little, please; I'll answer again in a moment." if notify else None
@@ -95,7 +99,10 @@ class Dispatcher:
                 )
                 if job_id is not None:
                     job_ids.append(job_id)
-        return DispatchResult(stored=True, job_ids=job_ids)
+            return DispatchResult(stored=True, job_ids=job_ids)
+
+        # Messages arriving together (other channels, other users) share a commit.
+        return await self.store.group.run(store_and_queue)
 
     # -- commands -------------------------------------------------------------------------------
 
