@@ -344,7 +344,7 @@ class TelegramAdapter:
         offset: int | None = None
         failing_since: float | None = None
         conflict_since: float | None = None
-        delay = self.retry_backoff
+        failures = 0  # in a row, for the backoff (bot.backoff: doubling from `retry_backoff`, 30 s cap)
         while self._receiving:
             try:
                 self._long_poll = asyncio.ensure_future(
@@ -377,27 +377,33 @@ class TelegramAdapter:
                         f"{now - conflict_since:.0f} s (409 Conflict); only one may poll: stop the other "
                         "one, or run several processes in webhook mode"
                     ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                failures += 1
+                await asyncio.sleep(self._poll_backoff(failures))
                 continue
             except TelegramError as exc:  # network errors, timeouts, 5xx: Telegram comes back
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log.warning("telegram: polling failed (%s); retrying until it works", self._safe(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                failures += 1
+                await asyncio.sleep(self._poll_backoff(failures))
                 continue
             finally:
                 self._long_poll = None
             if failing_since is not None:
                 log.warning("telegram: polling works again after %.1f s", time.monotonic() - failing_since)
             failing_since = conflict_since = None
-            delay = self.retry_backoff
+            failures = 0
             for update in updates:
                 if not await self._receive(update):
-                    await asyncio.sleep(delay)  # not kept: ask for it (and what follows) again
+                    # Not kept: ask for it (and what follows) again.
+                    await asyncio.sleep(self._poll_backoff(1))
                     break
                 offset = update.update_id + 1  # confirmed by the next getUpdates
+
+    def _poll_backoff(self, failures: int) -> float:
+        """The wait after `failures` failed polls in a row: `retry_backoff`, doubling, at most 30 s
+        (unjittered: one poller per token, nobody to spread out from)."""
+        return backoff(failures, base=self.retry_backoff, cap=30.0, jitter=False)
 
     async def _start_webhook(self) -> None:
         assert self.webhook_url is not None

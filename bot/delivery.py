@@ -72,7 +72,7 @@ class OutboxPump:
         self.owner = f"{worker_id()}:{adapter.platform}"
 
     async def flush(self) -> int:
-        """Deliver everything due now; returns how many replies were posted."""
+        """Deliver everything due when it is called; returns how many replies were posted."""
         posted = 0
         lease_seconds = self.settings.lease_seconds
         while True:
@@ -99,6 +99,9 @@ class OutboxPump:
                     *(self._post_in_order(items, unsettled) for items in by_channel.values())
                 )
             posted += sum(counts)
+            if len(due) < self.batch:
+                # Everything due was claimed; a reply written meanwhile wakes `run` again.
+                return posted
 
     async def _post_in_order(self, items: list[outbox.ClaimedDelivery], unsettled: dict[int, Lease]) -> int:
         count = 0
@@ -127,8 +130,7 @@ class OutboxPump:
         except Exception as exc:
             await self._failed(item, exc)
             return False
-        async with self.store.transaction() as session:
-            held = await outbox.mark_delivered(session, lease, ids)
+        held = await self.store.group.run(lambda session: outbox.mark_delivered(session, lease, ids))
         if not held:
             log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
         return True

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from bot.access import AccessPolicy, Cooldowns
 from bot.commands import CommandContext, CommandHandler, parse_command
 from bot.config import Settings
@@ -86,7 +88,7 @@ class Dispatcher:
         if not event.text.strip():
             return DispatchResult(ignored="empty message")
 
-        async with self.store.transaction() as session:
+        async def store_and_queue(session: AsyncSession) -> DispatchResult:
             stored = await conversations.ingest(session, event)
             if not stored.created:
                 return DispatchResult(ignored="duplicate event")
@@ -96,6 +98,8 @@ class Dispatcher:
             )
             if not answering:
                 return DispatchResult(stored=True)
+            # (A transaction that fails after this is tried again: the cooldown counts the message
+            # twice, as it always did when storing failed and the event was spooled and replayed.)
             allowed, notify = self.cooldowns.check(event.author, event.channel)
             if not allowed:
                 slow_down = "Slow down a little, please; I'll answer again in a moment." if notify else None
@@ -111,7 +115,10 @@ class Dispatcher:
                 )
                 if job_id is not None:
                     job_ids.append(job_id)
-        return DispatchResult(stored=True, job_ids=job_ids)
+            return DispatchResult(stored=True, job_ids=job_ids)
+
+        # Messages arriving together (other channels, other users) share a commit.
+        return await self.store.group.run(store_and_queue)
 
     # -- commands -------------------------------------------------------------------------------
 

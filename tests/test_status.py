@@ -19,7 +19,7 @@ from bot.config import load_settings
 from bot.events import utcnow
 from bot.scheduler import JobDef, JobScheduler
 from bot.status import collect_status, render_status
-from bot.store import Store, conversations, jobs
+from bot.store import Store, conversations, jobs, outbox
 from bot.store.models import AdapterVersion
 from personas import versions
 from personas.registry import PersonaRegistry
@@ -75,6 +75,27 @@ async def test_status_reports_queue_adapters_and_schedule(store: Store) -> None:
     assert "poet: base model (no adapter active)" in text
     assert "retention: next " in text and "last: ok at 2026-" in text
     assert "post:nobody:c0: not scheduled; last: error at" in text
+
+
+async def test_status_shows_a_refused_delivery_with_its_code_channel_and_words(store: Store) -> None:
+    async with store.transaction() as session:
+        channel_id = await conversations.upsert_channel(session, channel("discord:dm-7"))
+        await jobs.enqueue(session, channel_id=channel_id, persona="pirate", dedupe_key="k")
+    async with store.transaction() as session:
+        (job,) = await jobs.claim(session, owner="w", limit=1, lease_seconds=60, max_attempts=1)
+        await jobs.complete(session, job, text="ahoy", persona="pirate", platform="discord")
+    async with store.transaction() as session:
+        (item,) = await outbox.claim(session, platform="discord", owner="p", limit=1, lease_seconds=30)
+        await outbox.mark_refused(
+            session, item.lease, code="403/50007", reason="Cannot send messages to this user"
+        )
+    report = await collect_status(store, personas=["pirate"])
+    (failure,) = report["queue"]["outbox"]["recent_failures"]
+    assert failure["code"] == "403/50007" and failure["channel"] == "discord:dm-7"
+    assert (
+        f"failed delivery {item.reply.outbox_id} to discord:dm-7: 403/50007 Cannot send messages to this user"
+        in render_status(report)
+    )
 
 
 async def test_heartbeats_show_running_stale_and_stopped(store: Store) -> None:

@@ -11,7 +11,7 @@ from bot.errors import StoreError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming
 from bot.store import Store, conversations, jobs, outbox
 from bot.store.engine import normalize_url
-from bot.store.models import Message, OutboxDelivery, ReplyJob
+from bot.store.models import Channel, Message, OutboxDelivery, ReplyJob, User
 
 CHANNEL = ChannelRef("discord", "100", ChannelKind.GROUP, title="general")
 ADA = AuthorRef("discord", "1", "Ada")
@@ -39,6 +39,32 @@ async def test_redelivered_event_is_stored_once(store: Store) -> None:
     assert first.message_id == again.message_id
     async with store.transaction() as s:
         assert (await s.execute(select(func.count()).select_from(Message))).scalar_one() == 1
+
+
+async def test_last_message_at_follows_the_newest_message_and_a_redelivery_does_not_move_it_back(
+    store: Store,
+) -> None:
+    t0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    async with store.transaction() as s:
+        first = await conversations.ingest(s, message("m1", at=t0))
+        await conversations.ingest(s, message("m2", at=t0 + timedelta(minutes=5)))
+    async with store.transaction() as s:
+        await conversations.ingest(s, message("m1", at=t0))  # the platform redelivers the older one
+        channel = await s.get(Channel, first.channel_id)
+        assert channel is not None and channel.last_message_at == t0 + timedelta(minutes=5)
+        assert channel.title == "general" and channel.kind == "group"
+
+
+async def test_a_changed_display_name_is_kept(store: Store) -> None:
+    async with store.transaction() as s:
+        first = await conversations.ingest(s, message("m1"))
+        renamed = AuthorRef("discord", "1", "Ada L.")
+        again = await conversations.ingest(
+            s, Incoming("discord", CHANNEL, renamed, "hi", platform_message_id="m2")
+        )
+        assert again.user_id == first.user_id
+        user = await s.get(User, first.user_id)
+        assert user is not None and user.display_name == "Ada L."
 
 
 async def test_same_platform_id_in_another_channel_is_another_message(store: Store) -> None:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from adapters.telegram import TelegramAdapter
+from bot.backoff import backoff
 from bot.commands import COMMAND_MENU
 from bot.config import load_settings
 from bot.errors import PersonabotError
@@ -180,3 +181,30 @@ async def test_a_second_poller_on_the_token_stops_this_process_with_a_clear_reas
         assert bot.app.failure is not None
         assert "another process kept polling with this bot token" in bot.app.failure
         assert "only one may poll" in bot.app.failure
+
+
+async def test_polling_failures_back_off_with_the_one_helper_and_start_over_once_it_works(
+    api: FakeBotAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """getUpdates failing three times waits `retry_backoff` doubling (bot.backoff, unjittered, 30 s
+    cap), and a failure after a good poll starts from `retry_backoff` again."""
+    import adapters.telegram as telegram
+
+    waits: list[tuple[int, float]] = []
+
+    def recording(attempt: int, **kwargs: object) -> float:
+        delay = backoff(attempt, **kwargs)  # type: ignore[arg-type]
+        waits.append((attempt, delay))
+        return delay
+
+    monkeypatch.setattr(telegram, "backoff", recording)
+    api.fail("getUpdates", 502, times=3, description="Bad Gateway")
+    adapter = TelegramAdapter(TOKEN, base_url=api.base_url, retry_backoff=0.02, poll_timeout=0.2)
+    await adapter.start(_ignore)
+    try:
+        await api.wait_for(lambda: len(api.calls_of("getUpdates")) >= 5, 10)
+        api.fail("getUpdates", 502, times=1, description="Bad Gateway")
+        await api.wait_for(lambda: len(waits) >= 4, 10)
+    finally:
+        await adapter.stop()
+    assert waits[:4] == [(1, 0.02), (2, 0.04), (3, 0.08), (1, 0.02)]

@@ -19,7 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.store import conversations, jobs, outbox, streams
 from bot.store.engine import create_engine, normalize_url
-from bot.store.wakeups import Wakeups, committed_topics
+from bot.store.group import GroupCommit
+from bot.store.wakeups import Wakeups, committed_topics, notify_before_commit
 
 __all__ = ["Store", "conversations", "jobs", "outbox", "streams"]
 
@@ -32,6 +33,8 @@ class Store:
         self.engine: AsyncEngine = create_engine(self.url, **engine_kwargs)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.wakeups = Wakeups(self.engine)
+        # Writes that come together (replies written, deliveries recorded) share a commit.
+        self.group = GroupCommit(self)
         # SQLite has one writer: transactions of this process take turns here instead of meeting in
         # SQLite's busy handler, which sleeps (up to 100 ms a time) whenever two collide.
         self._turn = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -52,6 +55,7 @@ class Store:
             session = await stack.enter_async_context(self._sessions())
             async with session.begin():
                 yield session
+                await notify_before_commit(session)
             topics = committed_topics(session)
             if topics:
                 self.wakeups.fire(topics)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Executable, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,6 +57,27 @@ def channel_ref(channel: Channel) -> ChannelRef:
     )
 
 
+_channels = Channel.__table__
+# Built once: statement construction and cache-key work cost more than the query (`bench_pipeline`).
+_CHANNELS = select(
+    _channels.c.id,
+    _channels.c.platform,
+    _channels.c.external_id,
+    _channels.c.kind,
+    _channels.c.thread_id,
+    _channels.c.title,
+).where(_channels.c.id.in_(bindparam("ids", expanding=True)))
+
+
+async def channels_by_id(session: AsyncSession, ids: Iterable[int]) -> dict[int, ChannelRef]:
+    """The stored channels among `ids`, as the adapters name them (gone ones are left out)."""
+    rows = await session.execute(_CHANNELS, {"ids": sorted(set(ids))})
+    return {
+        row.id: ChannelRef(row.platform, row.external_id, ChannelKind(row.kind), row.thread_id, row.title)
+        for row in rows
+    }
+
+
 async def channel_by_id(session: AsyncSession, channel_id: int) -> ChannelRef | None:
     """The stored channel `channel_id` as the adapters name it; None when it is gone."""
     channel = await session.get(Channel, channel_id)
@@ -72,96 +94,146 @@ def _insert_for(session: AsyncSession) -> Callable[[type[Base]], postgresql.Inse
     return cast(Callable[[type[Base]], postgresql.Insert], sqlite.insert)
 
 
-async def upsert_channel(session: AsyncSession, ref: ChannelRef) -> int:
-    insert = _insert_for(session)
-    await session.execute(
-        insert(Channel)
-        .values(
-            platform=ref.platform,
-            external_id=ref.external_id,
-            thread_id=ref.thread_id,
-            kind=ref.kind.value,
-            title=ref.title,
-            created_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["platform", "external_id", "thread_id"])
-    )
+# Hot-path statements are built once per dialect, on the Core tables, with bound parameters: building
+# an ORM statement and its cache key costs more CPU than running it. The `*_SQL` builders below take
+# the dialect's name.
+_channels, _users, _messages = Channel.__table__, User.__table__, Message.__table__
+
+
+def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+_FIND_CHANNEL = select(_channels.c.id).where(
+    _channels.c.platform == bindparam("platform"),
+    _channels.c.external_id == bindparam("external_id"),
+    _channels.c.thread_id == bindparam("thread_id"),
+)
+_FIND_USER = select(_users.c.id, _users.c.display_name).where(
+    _users.c.platform == bindparam("platform"), _users.c.external_id == bindparam("external_id")
+)
+
+
+@functools.cache
+def _insert_channel_sql(dialect: str) -> Executable:
     return (
-        await session.execute(
-            select(Channel.id).where(
-                Channel.platform == ref.platform,
-                Channel.external_id == ref.external_id,
-                Channel.thread_id == ref.thread_id,
-            )
-        )
-    ).scalar_one()
+        _dialect_insert(dialect)(_channels)
+        .on_conflict_do_nothing(index_elements=["platform", "external_id", "thread_id"])
+        .returning(_channels.c.id)
+    )
+
+
+@functools.cache
+def _ingest_channel_sql(dialect: str) -> Executable:
+    """Insert the channel or, when it exists, move its `last_message_at` forward: its id either way."""
+    stmt = _dialect_insert(dialect)(_channels)
+    last, new = _channels.c.last_message_at, stmt.excluded.last_message_at
+    return stmt.on_conflict_do_update(
+        index_elements=["platform", "external_id", "thread_id"],
+        set_={"last_message_at": case((or_(last.is_(None), last < new), new), else_=last)},
+    ).returning(_channels.c.id)
+
+
+@functools.cache
+def _upsert_user_sql(dialect: str) -> Executable:
+    stmt = _dialect_insert(dialect)(_users)
+    # Keep the display name current; everything else about the user is left alone.
+    return stmt.on_conflict_do_update(
+        index_elements=["platform", "external_id"], set_={"display_name": stmt.excluded.display_name}
+    ).returning(_users.c.id)
+
+
+@functools.cache
+def _insert_message_sql(dialect: str) -> Executable:
+    return (
+        _dialect_insert(dialect)(_messages)
+        .on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])
+        .returning(_messages.c.id)
+    )
+
+
+_FIND_MESSAGE = select(_messages.c.id).where(
+    _messages.c.channel_id == bindparam("channel_id"),
+    _messages.c.platform_message_id == bindparam("platform_message_id"),
+)
+
+
+def _channel_values(ref: ChannelRef) -> dict[str, object]:
+    return {
+        "platform": ref.platform,
+        "external_id": ref.external_id,
+        "thread_id": ref.thread_id,
+        "kind": ref.kind.value,
+        "title": ref.title,
+        "created_at": utcnow(),
+    }
+
+
+async def upsert_channel(session: AsyncSession, ref: ChannelRef) -> int:
+    """The channel's id, stored first if it is new."""
+    key = {"platform": ref.platform, "external_id": ref.external_id, "thread_id": ref.thread_id}
+    found = (await session.execute(_FIND_CHANNEL, key)).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    inserted = (
+        await session.execute(_insert_channel_sql(dialect_of(session)), _channel_values(ref))
+    ).scalar_one_or_none()
+    # None: another transaction stored it meanwhile.
+    return int(inserted if inserted is not None else (await session.execute(_FIND_CHANNEL, key)).scalar_one())
 
 
 async def find_channel(session: AsyncSession, ref: ChannelRef) -> int | None:
-    return (
-        await session.execute(
-            select(Channel.id).where(
-                Channel.platform == ref.platform,
-                Channel.external_id == ref.external_id,
-                Channel.thread_id == ref.thread_id,
-            )
-        )
-    ).scalar_one_or_none()
+    key = {"platform": ref.platform, "external_id": ref.external_id, "thread_id": ref.thread_id}
+    return (await session.execute(_FIND_CHANNEL, key)).scalar_one_or_none()
 
 
 async def upsert_user(session: AsyncSession, ref: AuthorRef) -> int:
-    insert = _insert_for(session)
-    stmt = insert(User).values(
-        platform=ref.platform,
-        external_id=ref.external_id,
-        display_name=ref.display_name,
-        is_bot=ref.is_bot,
-        training_opt_in=False,
-        created_at=utcnow(),
-    )
-    # Keep the display name current; everything else about the user is left alone.
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["platform", "external_id"], set_={"display_name": stmt.excluded.display_name}
-    )
-    await session.execute(stmt)
-    return (
-        await session.execute(
-            select(User.id).where(User.platform == ref.platform, User.external_id == ref.external_id)
-        )
-    ).scalar_one()
+    """The user's id, stored first if new; a changed display name is updated."""
+    found = (
+        await session.execute(_FIND_USER, {"platform": ref.platform, "external_id": ref.external_id})
+    ).one_or_none()
+    if found is not None and found.display_name == ref.display_name:
+        return int(found.id)  # the usual case: read only, no row lock
+    values = {
+        "platform": ref.platform,
+        "external_id": ref.external_id,
+        "display_name": ref.display_name,
+        "is_bot": ref.is_bot,
+        "training_opt_in": False,
+        "created_at": utcnow(),
+    }
+    return int((await session.execute(_upsert_user_sql(dialect_of(session)), values)).scalar_one())
 
 
 async def ingest(session: AsyncSession, event: Incoming) -> IngestResult:
     """Store a user's message once, however often the platform delivers it."""
-    channel_id = await upsert_channel(session, event.channel)
+    dialect = dialect_of(session)
+    channel_id = (
+        await session.execute(
+            _ingest_channel_sql(dialect), {**_channel_values(event.channel), "last_message_at": event.sent_at}
+        )
+    ).scalar_one()
     user_id = await upsert_user(session, event.author)
-    insert = _insert_for(session)
     inserted = (
         await session.execute(
-            insert(Message)
-            .values(
-                channel_id=channel_id,
-                user_id=user_id,
-                role="user",
-                text=storable_text(event.text),
-                platform_message_id=event.platform_message_id,
-                reply_to=event.reply_to,
-                created_at=event.sent_at,
-            )
-            .on_conflict_do_nothing(index_elements=["channel_id", "platform_message_id"])
-            .returning(Message.id)
+            _insert_message_sql(dialect),
+            {
+                "channel_id": channel_id,
+                "user_id": user_id,
+                "role": "user",
+                "text": storable_text(event.text),
+                "platform_message_id": event.platform_message_id,
+                "reply_to": event.reply_to,
+                "created_at": event.sent_at,
+                "excluded_from_prompts": False,
+            },
         )
     ).scalar_one_or_none()
     if inserted is not None:
-        await session.execute(
-            update(Channel).where(Channel.id == channel_id).values(last_message_at=event.sent_at)
-        )
         return IngestResult(inserted, channel_id, user_id, created=True)
     existing = (
         await session.execute(
-            select(Message.id).where(
-                Message.channel_id == channel_id, Message.platform_message_id == event.platform_message_id
-            )
+            _FIND_MESSAGE, {"channel_id": channel_id, "platform_message_id": event.platform_message_id}
         )
     ).scalar_one()
     return IngestResult(existing, channel_id, user_id, created=False)
@@ -199,31 +271,48 @@ async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
     return rowcount(result) > 0
 
 
+_HISTORY = (
+    select(
+        _messages.c.id,
+        _messages.c.role,
+        _messages.c.text,
+        _users.c.display_name,
+        _messages.c.persona,
+        _messages.c.created_at,
+    )
+    .select_from(_messages.outerjoin(_users, _users.c.id == _messages.c.user_id))
+    .where(
+        _messages.c.channel_id == bindparam("channel_id"),
+        # After the channel's `/reset` floor, if any (ids start at 1).
+        _messages.c.id
+        > func.coalesce(
+            select(_channels.c.context_floor_id)
+            .where(_channels.c.id == bindparam("channel_id"))
+            .scalar_subquery(),
+            0,
+        ),
+        _messages.c.deleted_at.is_(None),
+        _messages.c.excluded_from_prompts.is_(False),
+    )
+    .order_by(_messages.c.id.desc())
+    .limit(bindparam("limit"))
+)
+
+
 async def history(session: AsyncSession, channel_id: int, limit: int = 500) -> list[HistoryMessage]:
     """The channel's visible messages since its last `/reset`, oldest first (at most `limit`); replies
     marked `excluded_from_prompts` are left out."""
-    floor = (
-        await session.execute(select(Channel.context_floor_id).where(Channel.id == channel_id))
-    ).scalar_one_or_none()
-    query = (
-        select(Message, User.display_name)
-        .outerjoin(User, User.id == Message.user_id)
-        .where(
-            Message.channel_id == channel_id,
-            Message.deleted_at.is_(None),
-            Message.excluded_from_prompts.is_(False),
-        )
-        .order_by(Message.id.desc())
-        .limit(limit)
-    )
-    if floor is not None:
-        query = query.where(Message.id > floor)
-    rows = (await session.execute(query)).all()
+    rows = (await session.execute(_HISTORY, {"channel_id": channel_id, "limit": limit})).all()
     return [
         HistoryMessage(
-            id=m.id, role=m.role, text=m.text, author=name or "", persona=m.persona, created_at=m.created_at
+            id=m.id,
+            role=m.role,
+            text=m.text,
+            author=m.display_name or "",
+            persona=m.persona,
+            created_at=m.created_at,
         )
-        for m, name in reversed(rows)
+        for m in reversed(rows)
     ]
 
 
@@ -237,13 +326,16 @@ async def reset_context(session: AsyncSession, channel_id: int) -> None:
     )
 
 
+_bindings = ChannelPersona.__table__
+_BOUND = (
+    select(_bindings.c.persona)
+    .where(_bindings.c.channel_id == bindparam("channel_id"))
+    .order_by(_bindings.c.created_at, _bindings.c.persona)
+)
+
+
 async def bound_personas(session: AsyncSession, channel_id: int) -> list[str]:
-    rows = await session.execute(
-        select(ChannelPersona.persona)
-        .where(ChannelPersona.channel_id == channel_id)
-        .order_by(ChannelPersona.created_at, ChannelPersona.persona)
-    )
-    return list(rows.scalars())
+    return list((await session.execute(_BOUND, {"channel_id": channel_id})).scalars())
 
 
 async def bind_persona(

@@ -11,17 +11,18 @@ closed without a reply (`complete_without_reply`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import Executable, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
 from bot.backoff import backoff
 from bot.events import utcnow
-from bot.store.conversations import _insert_for, storable_text
+from bot.store.conversations import _dialect_insert, storable_text
+from bot.store.engine import dialect_of
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
 from bot.store.outbox import topic as outbox_topic
@@ -29,6 +30,13 @@ from bot.store.wakeups import wake
 
 QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
 JOBS = "jobs"  # the wake-up topic of workers
+# Hot paths use the Core tables and statements built once (see `bot.store.conversations`).
+_jobs, _messages, _outbox, _channels = (
+    ReplyJob.__table__,
+    Message.__table__,
+    OutboxDelivery.__table__,
+    Channel.__table__,
+)
 
 
 async def _settled(session: AsyncSession) -> None:
@@ -53,6 +61,15 @@ class ClaimedJob:
         return Lease(self.id, self.lease_owner, self.attempts)
 
 
+@functools.cache
+def _enqueue_sql(dialect: str) -> Executable:
+    return (
+        _dialect_insert(dialect)(_jobs)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(_jobs.c.id)
+    )
+
+
 async def enqueue(
     session: AsyncSession,
     *,
@@ -64,25 +81,22 @@ async def enqueue(
     prompt: str | None = None,
 ) -> int | None:
     """Queue a reply job; returns its id, or None when a job with this key already exists."""
-    insert = _insert_for(session)
     now = utcnow()
     job_id = (
         await session.execute(
-            insert(ReplyJob)
-            .values(
-                dedupe_key=dedupe_key,
-                channel_id=channel_id,
-                trigger_message_id=trigger_message_id,
-                persona=persona,
-                kind=kind,
-                prompt=prompt,
-                status=JobStatus.PENDING,
-                attempts=0,
-                available_at=now,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["dedupe_key"])
-            .returning(ReplyJob.id)
+            _enqueue_sql(dialect_of(session)),
+            {
+                "dedupe_key": dedupe_key,
+                "channel_id": channel_id,
+                "trigger_message_id": trigger_message_id,
+                "persona": persona,
+                "kind": kind,
+                "prompt": prompt,
+                "status": JobStatus.PENDING,
+                "attempts": 0,
+                "available_at": now,
+                "created_at": now,
+            },
         )
     ).scalar_one_or_none()
     if job_id is not None:
@@ -90,39 +104,43 @@ async def enqueue(
     return job_id
 
 
-_earlier = aliased(ReplyJob)
+_earlier = _jobs.alias("earlier")
 
 
 async def claim(
-    session: AsyncSession, *, owner: str, limit: int, lease_seconds: float, max_attempts: int
+    session: AsyncSession,
+    *,
+    owner: str,
+    limit: int,
+    lease_seconds: float,
+    max_attempts: int,
+    fail_exhausted: bool = True,
 ) -> list[ClaimedJob]:
-    """Lease up to `limit` jobs that are pending and due, or whose previous lease expired."""
-    await _fail_exhausted(session, utcnow(), max_attempts)
+    """Lease up to `limit` jobs that are pending and due, or whose previous lease expired.
+
+    With `fail_exhausted`, jobs whose worker died on their last attempt are failed first (a worker
+    does that once per poll, not on every claim: they are only found by time)."""
+    if fail_exhausted:
+        await _fail_exhausted(session, utcnow(), max_attempts)
+    c = _jobs.c
     claimed = await QUEUE.claim(
         session,
         owner=owner,
         limit=limit,
         lease_seconds=lease_seconds,
         where=(
-            ReplyJob.attempts < max_attempts,
+            c.attempts < max_attempts,
             # One reply at a time per channel, in order: a later job waits until the earlier one's
             # reply is written, so it sees that reply in its history and is posted after it.
             ~exists().where(
-                _earlier.channel_id == ReplyJob.channel_id,
-                _earlier.id < ReplyJob.id,
-                _earlier.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
+                _earlier.c.channel_id == c.channel_id,
+                _earlier.c.id < c.id,
+                _earlier.c.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
             ),
         ),
-        order_by=(ReplyJob.available_at,),
+        order_by=(c.available_at,),
         values={"started_at": utcnow()},
-        returning=(
-            ReplyJob.channel_id,
-            ReplyJob.persona,
-            ReplyJob.kind,
-            ReplyJob.prompt,
-            ReplyJob.trigger_message_id,
-            ReplyJob.created_at,
-        ),
+        returning=(c.channel_id, c.persona, c.kind, c.prompt, c.trigger_message_id, c.created_at),
     )
     return [
         ClaimedJob(
@@ -264,49 +282,67 @@ async def complete(
     (another worker answered it); the caller then rolls back and nothing is written.
     """
     now = utcnow()
-    if not await QUEUE.finish(
-        session, job.lease, JobStatus.DONE, finished_at=now, error=note[:4000] if note else None
-    ):
-        return None
-    reply_to = None
-    if job.trigger_message_id is not None:
-        reply_to = (
-            await session.execute(
-                select(Message.platform_message_id).where(Message.id == job.trigger_message_id)
-            )
-        ).scalar_one_or_none()
-    message_id: int = (
+    message_id = (
         await session.execute(
-            _insert_for(session)(Message)
-            .values(
-                channel_id=job.channel_id,
-                role="assistant",
-                persona=persona,
-                text=storable_text(text),  # a model may emit NUL, which PostgreSQL refuses
-                created_at=now,
-                excluded_from_prompts=exclude_from_prompts,
-            )
-            .returning(Message.id)
+            _insert_reply_sql(dialect_of(session)),
+            {
+                "channel_id": job.channel_id,
+                "role": "assistant",
+                "persona": persona,
+                "text": storable_text(text),  # a model may emit NUL, which PostgreSQL refuses
+                "created_at": now,
+                "excluded_from_prompts": exclude_from_prompts,
+            },
         )
     ).scalar_one()
+    if not await QUEUE.finish(
+        session,
+        job.lease,
+        JobStatus.DONE,
+        finished_at=now,
+        error=note[:4000] if note else None,
+        reply_message_id=message_id,
+    ):
+        # Another worker holds the job now: take back the message, so this call writes nothing.
+        await session.execute(_DELETE_MESSAGE, {"id": message_id})
+        return None
     await session.execute(
-        _insert_for(session)(OutboxDelivery).values(
-            message_id=message_id,
-            channel_id=job.channel_id,
-            platform=platform,
-            reply_to=reply_to,
-            status=OutboxStatus.PENDING,
-            attempts=0,
-            available_at=now,
-            delivered_ids=[],
-            created_at=now,
-        )
+        _INSERT_DELIVERY,
+        {
+            "message_id": message_id,
+            "channel_id": job.channel_id,
+            "platform": platform,
+            "trigger_message_id": job.trigger_message_id,
+            "status": OutboxStatus.PENDING,
+            "attempts": 0,
+            "available_at": now,
+            "delivered_ids": [],
+            "created_at": now,
+        },
     )
-    await session.execute(update(ReplyJob).where(ReplyJob.id == job.id).values(reply_message_id=message_id))
-    await session.execute(update(Channel).where(Channel.id == job.channel_id).values(last_message_at=now))
+    await session.execute(_CHANNEL_SPOKE, {"channel_id": job.channel_id, "now": now})
     await wake(session, outbox_topic(platform))
     await _settled(session)
     return message_id
+
+
+@functools.cache
+def _insert_reply_sql(dialect: str) -> Executable:
+    return _dialect_insert(dialect)(_messages).returning(_messages.c.id)
+
+
+_DELETE_MESSAGE = delete(_messages).where(_messages.c.id == bindparam("id"))
+# The reply answers the trigger's platform message (NULL for a scheduled post).
+_INSERT_DELIVERY = insert(_outbox).values(
+    reply_to=select(_messages.c.platform_message_id)
+    .where(_messages.c.id == bindparam("trigger_message_id"))
+    .scalar_subquery()
+)
+_CHANNEL_SPOKE = (
+    update(_channels)
+    .where(_channels.c.id == bindparam("channel_id"))
+    .values(last_message_at=bindparam("now"))
+)
 
 
 async def fail(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ClauseElement, ColumnElement, Update, and_, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
@@ -50,27 +50,48 @@ class LeasedQueue:
     """Claim, renew and settle rows of `table` (a model with the lease columns) under a lease."""
 
     def __init__(self, table: Any, *, waiting: str, leased: str) -> None:
-        self.table = table
+        self.table = table.__table__  # Core statements: no ORM bookkeeping on these hot paths
+        self.c = self.table.c
         self.waiting = waiting  # the status of a row waiting to be claimed
         self.leased = leased  # the status of a claimed row
+        # `update_held` statements by the columns they set, built once (see `_held_update`).
+        self._held_updates: dict[tuple[str, ...], Update] = {}
 
     def due(self, now: datetime) -> ColumnElement[bool]:
         """Claimable now: waiting and due, or leased under a lease that has run out."""
-        t = self.table
+        c = self.c
         return or_(
-            and_(t.status == self.waiting, t.available_at <= now),
-            and_(t.status == self.leased, t.lease_expires_at < now),
+            and_(c.status == self.waiting, c.available_at <= now),
+            and_(c.status == self.leased, c.lease_expires_at < now),
         )
 
     def held(self, lease: Lease) -> tuple[ColumnElement[bool], ...]:
         """The row is still leased under this very claim (not a later one, even by the same owner)."""
-        t = self.table
+        c = self.c
         return (
-            t.id == lease.id,
-            t.status == self.leased,
-            t.lease_owner == lease.owner,
-            t.attempts == lease.attempt,
+            c.id == lease.id,
+            c.status == self.leased,
+            c.lease_owner == lease.owner,
+            c.attempts == lease.attempt,
         )
+
+    def _held_update(self, columns: tuple[str, ...]) -> Update:
+        """`UPDATE ... SET <columns> WHERE <held>` with bound parameters, built once per column set:
+        building a statement costs more CPU than running it."""
+        stmt = self._held_updates.get(columns)
+        if stmt is None:
+            c = self.c
+            stmt = self._held_updates[columns] = (
+                update(self.table)
+                .where(
+                    c.id == bindparam("held_id"),
+                    c.status == self.leased,
+                    c.lease_owner == bindparam("held_owner"),
+                    c.attempts == bindparam("held_attempt"),
+                )
+                .values({name: bindparam(f"v_{name}", type_=c[name].type) for name in columns})
+            )
+        return stmt
 
     async def claim(
         self,
@@ -85,22 +106,22 @@ class LeasedQueue:
         returning: Sequence[Any] = (),
     ) -> list[tuple[Lease, tuple[Any, ...]]]:
         """Lease up to `limit` due rows matching `where`; returns each lease with its `returning` columns."""
-        t = self.table
+        t, c = self.table, self.c
         now = utcnow()
-        claimable = select(t.id).where(self.due(now), *where).order_by(*order_by, t.id).limit(limit)
+        claimable = select(c.id).where(self.due(now), *where).order_by(*order_by, c.id).limit(limit)
         if dialect_of(session) == "postgresql":
             claimable = claimable.with_for_update(skip_locked=True)
         rows = await session.execute(
             update(t)
-            .where(t.id.in_(claimable.scalar_subquery()))
+            .where(c.id.in_(claimable.scalar_subquery()))
             .values(
                 status=self.leased,
-                attempts=t.attempts + 1,
+                attempts=c.attempts + 1,
                 lease_owner=owner,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 **(values or {}),
             )
-            .returning(t.id, t.attempts, *returning)
+            .returning(c.id, c.attempts, *returning)
         )
         claimed = [(Lease(row[0], owner, row[1]), tuple(row[2:])) for row in rows]
         return sorted(claimed, key=lambda c: c[0].id)
@@ -118,7 +139,12 @@ class LeasedQueue:
 
     async def update_held(self, session: AsyncSession, lease: Lease, **values: Any) -> bool:
         """Change a row only while the lease is held; False (nothing changed) once it is lost."""
-        result = await session.execute(update(self.table).where(*self.held(lease)).values(**values))
+        if any(isinstance(value, ClauseElement) for value in values.values()):
+            result = await session.execute(update(self.table).where(*self.held(lease)).values(**values))
+        else:
+            params = {f"v_{name}": value for name, value in values.items()}
+            params.update(held_id=lease.id, held_owner=lease.owner, held_attempt=lease.attempt)
+            result = await session.execute(self._held_update(tuple(sorted(values))), params)
         return rowcount(result) == 1
 
     async def finish(self, session: AsyncSession, lease: Lease, status: str, **values: Any) -> bool:
@@ -145,7 +171,7 @@ class LeasedQueue:
             session,
             lease,
             status=self.waiting,
-            attempts=self.table.attempts - 1,
+            attempts=self.c.attempts - 1,
             lease_owner=None,
             lease_expires_at=None,
             available_at=utcnow(),
@@ -153,13 +179,13 @@ class LeasedQueue:
 
     async def release_owner(self, session: AsyncSession, owner: str) -> int:
         """Give back every row `owner` still holds (a holder that was cut off); returns how many."""
-        t = self.table
+        c = self.c
         result = await session.execute(
-            update(t)
-            .where(t.status == self.leased, t.lease_owner == owner)
+            update(self.table)
+            .where(c.status == self.leased, c.lease_owner == owner)
             .values(
                 status=self.waiting,
-                attempts=t.attempts - 1,
+                attempts=c.attempts - 1,
                 lease_owner=None,
                 lease_expires_at=None,
                 available_at=utcnow(),
@@ -169,8 +195,7 @@ class LeasedQueue:
 
     async def depth(self, session: AsyncSession, *where: ColumnElement[bool]) -> int:
         """Rows claimable now."""
-        t = self.table
-        query = select(func.count(t.id)).where(self.due(utcnow()), *where)
+        query = select(func.count(self.c.id)).where(self.due(utcnow()), *where)
         return int((await session.execute(query)).scalar_one())
 
 
@@ -199,9 +224,9 @@ async def keep_leases(
                 async with store.transaction() as session:
                     await queue.renew(session, current, lease_seconds=lease_seconds)
             except Exception as exc:
-                log.warning("could not renew %s leases: %s", queue.table.__tablename__, type(exc).__name__)
+                log.warning("could not renew %s leases: %s", queue.table.name, type(exc).__name__)
 
-    task = asyncio.create_task(renew(), name=f"leases:{queue.table.__tablename__}")
+    task = asyncio.create_task(renew(), name=f"leases:{queue.table.name}")
     try:
         yield
     finally:

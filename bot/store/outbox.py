@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backoff import backoff
-from bot.events import Outgoing, utcnow
+from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
 from bot.store.conversations import channel_ref
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob
@@ -48,36 +48,68 @@ async def claim(
         owner=owner,
         limit=limit,
         lease_seconds=lease_seconds,
-        where=(OutboxDelivery.platform == platform,),
+        where=(_outbox.c.platform == platform,),
     )
     if not claimed:
         return []
     leases = {lease.id: lease for lease, _ in claimed}
-    rows = await session.execute(
-        select(OutboxDelivery, Message.text, Message.persona, Channel, ReplyJob.id, ReplyJob.streamed_id)
-        .join(Message, Message.id == OutboxDelivery.message_id)
-        .join(Channel, Channel.id == OutboxDelivery.channel_id)
-        .outerjoin(ReplyJob, ReplyJob.reply_message_id == OutboxDelivery.message_id)
-        .where(OutboxDelivery.id.in_(leases))
-        .order_by(OutboxDelivery.id)
-    )
+    rows = await session.execute(_CLAIMED, {"ids": list(leases)})
     return [
         ClaimedDelivery(
-            leases[delivery.id],
+            leases[row.id],
             Outgoing(
-                outbox_id=delivery.id,
-                channel=channel_ref(channel),
-                text=text,
-                persona=persona,
-                reply_to=delivery.reply_to,
-                delivered_ids=tuple(delivery.delivered_ids or ()),
-                job_id=job_id,
-                streamed_id=streamed_id,
+                outbox_id=row.id,
+                channel=ChannelRef(
+                    platform=row.platform,
+                    external_id=row.external_id,
+                    kind=ChannelKind(row.kind),
+                    thread_id=row.thread_id,
+                    title=row.title,
+                ),
+                text=row.text,
+                persona=row.persona,
+                reply_to=row.reply_to,
+                delivered_ids=tuple(row.delivered_ids or ()),
+                job_id=row.job_id,
+                streamed_id=row.streamed_id,
             ),
-            delivery.inflight_chunk,
+            row.inflight_chunk,
         )
-        for delivery, text, persona, channel, job_id, streamed_id in rows
+        for row in rows
     ]
+
+
+_outbox, _messages, _channels, _jobs = (
+    OutboxDelivery.__table__,
+    Message.__table__,
+    Channel.__table__,
+    ReplyJob.__table__,
+)
+# What a claimed delivery needs to be posted: plain columns (no ORM objects), one row each.
+_CLAIMED = (
+    select(
+        _outbox.c.id,
+        _outbox.c.reply_to,
+        _outbox.c.delivered_ids,
+        _outbox.c.inflight_chunk,
+        _messages.c.text,
+        _messages.c.persona,
+        _channels.c.platform,
+        _channels.c.external_id,
+        _channels.c.kind,
+        _channels.c.thread_id,
+        _channels.c.title,
+        _jobs.c.id.label("job_id"),
+        _jobs.c.streamed_id,
+    )
+    .select_from(
+        _outbox.join(_messages, _messages.c.id == _outbox.c.message_id)
+        .join(_channels, _channels.c.id == _outbox.c.channel_id)
+        .outerjoin(_jobs, _jobs.c.reply_message_id == _outbox.c.message_id)
+    )
+    .where(_outbox.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_outbox.c.id)
+)
 
 
 async def record_progress(
@@ -103,13 +135,19 @@ async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list
         inflight_chunk=None,
     )
     if done and platform_ids:
-        message_id = (
-            await session.execute(select(OutboxDelivery.message_id).where(OutboxDelivery.id == lease.id))
-        ).scalar_one()
-        await session.execute(
-            update(Message).where(Message.id == message_id).values(platform_message_id=platform_ids[0])
-        )
+        await session.execute(_NAME_REPLY, {"outbox_id": lease.id, "first_id": platform_ids[0]})
     return done
+
+
+# The posted reply's message takes the platform's id of its first chunk.
+_NAME_REPLY = (
+    update(_messages)
+    .where(
+        _messages.c.id
+        == select(_outbox.c.message_id).where(_outbox.c.id == bindparam("outbox_id")).scalar_subquery()
+    )
+    .values(platform_message_id=bindparam("first_id"))
+)
 
 
 async def mark_refused(session: AsyncSession, lease: Lease, *, code: str, reason: str) -> bool:

@@ -3,7 +3,7 @@
 A write that makes work for a loop calls `wake(session, topic)` in its transaction ("jobs" for the
 worker, "outbox:<platform>" for that platform's outbox pump). When the transaction commits, waiters in
 this process are woken at once; on PostgreSQL the same transaction also sends `NOTIFY personabot,
-'<topic>'`, which PostgreSQL delivers at commit to every process listening (one extra connection per
+'<topic>'` (one statement for all its topics, just before it commits), which PostgreSQL delivers at commit to every process listening (one extra connection per
 process, opened by the first waiter). A rolled-back transaction wakes nobody. Waiters still poll
 slowly as a safety net: for rows that become due by time (backoff, an expired lease) and for
 notifications missed while the listening connection was down.
@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.backoff import backoff
@@ -30,14 +31,22 @@ _PENDING = "personabot.wake"  # session.info key: topics to wake once the transa
 
 async def wake(session: AsyncSession, topic: str) -> None:
     """Wake the waiters of `topic` once this transaction commits (in every process on PostgreSQL)."""
-    topics: set[str] = session.info.setdefault(_PENDING, set())
-    if topic in topics:
-        return
-    topics.add(topic)
-    if dialect_of(session) == "postgresql":
-        await session.execute(
-            text("SELECT pg_notify(:channel, :topic)"), {"channel": CHANNEL, "topic": topic}
-        )
+    session.info.setdefault(_PENDING, set()).add(topic)
+
+
+async def notify_before_commit(session: AsyncSession) -> None:
+    """PostgreSQL: send the transaction's wake-ups as NOTIFYs, all in one statement (delivered by
+    PostgreSQL at commit, dropped by a rollback). `Store.transaction` calls it last thing."""
+    topics = session.info.get(_PENDING)
+    if topics and dialect_of(session) == "postgresql":
+        ordered = sorted(topics)
+        params = {f"t{i}": topic for i, topic in enumerate(ordered)}
+        await session.execute(_notify_sql(len(ordered)), {"channel": CHANNEL, **params})
+
+
+@functools.cache
+def _notify_sql(count: int) -> TextClause:
+    return text("SELECT " + ", ".join(f"pg_notify(:channel, :t{i})" for i in range(count)))
 
 
 def committed_topics(session: AsyncSession) -> set[str]:

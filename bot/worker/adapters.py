@@ -1,6 +1,6 @@
 """Keeping the backend's LoRA adapters in step with the active adapter versions in the store.
 
-Before each batch the worker reads `personas.versions.active_versions` (one small query). A newly
+With each batch it claims, the worker reads `personas.versions.active_versions` (one small query). A newly
 activated version is loaded under the name `persona@version` before the batch runs; a version that is
 no longer active is unloaded (and its channels' KV caches dropped with it). A persona with no active
 version answers with the base model. A version whose folder fails to load is remembered with its error:
@@ -16,10 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from bot.generation.base import AdapterHost, GenerationBackend
-from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +46,10 @@ class AdapterSync:
         self.active: dict[str, tuple[str, str]] = {}  # persona -> (version, path), as last read
         self._warned = False
 
-    async def refresh(self, session: AsyncSession) -> None:
-        """Read the active versions and load/unload adapters to match (loading runs in a thread)."""
-        self.active = await active_versions(session)
+    async def sync(self, active: dict[str, tuple[str, str]]) -> None:
+        """Load/unload adapters to match the active versions (persona -> (version, path), as
+        `personas.versions.active_versions` reads them); loading runs in a thread."""
+        self.active = active
         if not self.supported:
             if self.active and not self._warned:
                 log.warning(

@@ -68,9 +68,10 @@ from bot.store.leases import keep_leases
 from bot.store.models import JobStatus
 from bot.streaming import ReplyObserver
 from bot.worker.adapters import AdapterSync
-from bot.worker.prepare import JobRejected, Prepared, Preparer, load_inputs
+from bot.worker.prepare import JobInputs, JobRejected, Prepared, Preparer, load_inputs
 from bot.worker.stream import ObserverFanout
 from personas.registry import PersonaRegistry
+from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ class Worker:
             backend.set_kv_budget(settings.worker.kv_cache_bytes)
         self._stop: asyncio.Event | None = None
         self._stopping_since: float | None = None
+        self._next_housekeeping = 0.0
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -196,9 +198,10 @@ class Worker:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), outage.failed(exc))
                     continue
-                if claimed == 0:
-                    # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
-                    # due by time (a backoff, an expired lease) and wake-ups missed.
+                if claimed < self.settings.worker.max_batch:
+                    # Everything due was claimed: wait to be woken by a new (or newly claimable) job,
+                    # at once if one came meanwhile. The slow poll catches jobs that become due by
+                    # time (a backoff, an expired lease) and wake-ups missed.
                     await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
         finally:
             watcher.cancel()
@@ -220,6 +223,11 @@ class Worker:
         w = self.settings.worker
         if not await self._backend_ready():
             return 0
+        # Jobs found only by time (a dead worker's last attempt) and the queue-depth gauge: once per
+        # poll, not on every claim.
+        housekeeping = time.monotonic() >= self._next_housekeeping
+        # One transaction claims the batch and reads what preparing it needs (the active adapter
+        # versions, each job's channel and history); a failure leaves the jobs unclaimed.
         async with self.store.transaction() as session:
             claimed = await jobs.claim(
                 session,
@@ -227,15 +235,22 @@ class Worker:
                 limit=w.max_batch,
                 lease_seconds=w.lease_seconds,
                 max_attempts=w.max_attempts,
+                fail_exhausted=housekeeping,
             )
-            self.metrics.queue_depth.set(await jobs.depth(session))
+            if housekeeping:
+                self.metrics.queue_depth.set(await jobs.depth(session))
+            if claimed:
+                active = await active_versions(session)
+                inputs = await load_inputs(session, claimed)
+        if housekeeping:
+            self._next_housekeeping = time.monotonic() + w.poll_seconds
         if not claimed:
             return 0
         started = time.perf_counter()
         report = BatchReport(claimed=len(claimed))
         leases = [job.lease for job in claimed]
         async with keep_leases(self.store, jobs.QUEUE, lambda: leases, lease_seconds=w.lease_seconds):
-            prepared = await self._prepare(claimed, report)
+            prepared = await self._prepare(claimed, inputs, active, report)
             if prepared:
                 await self._generate(prepared, report)
         self._log_batch(report, time.perf_counter() - started)
@@ -250,13 +265,14 @@ class Worker:
 
     # -- preparing ------------------------------------------------------------------------------------
 
-    async def _prepare(self, claimed: list[ClaimedJob], report: BatchReport) -> list[Prepared]:
-        async with self.store.transaction() as session:
-            try:
-                await self.adapters.refresh(session)
-            except Exception:  # keep serving with the adapters already loaded
-                log.exception("could not read the active adapter versions")
-            inputs = [await load_inputs(session, job) for job in claimed]
+    async def _prepare(
+        self,
+        claimed: list[ClaimedJob],
+        inputs: list[JobInputs | None],
+        active: dict[str, tuple[str, str]],
+        report: BatchReport,
+    ) -> list[Prepared]:
+        await self.adapters.sync(active)
         self.metrics.adapters_loaded.set(len(self.adapters.loaded))
         prepared = []
         for job, job_inputs in zip(claimed, inputs, strict=True):
@@ -448,8 +464,8 @@ class Worker:
                 await self._fail(job, "the model produced an empty reply", "empty", report)
                 await fanout.end(item.reply, False)
                 return
-            async with self.store.transaction() as session:
-                written = await jobs.complete(
+            written = await self.store.group.run(
+                lambda session: jobs.complete(
                     session,
                     job,
                     text=final,
@@ -458,6 +474,7 @@ class Worker:
                     note="; ".join(notes) or None,
                     exclude_from_prompts=exclude,
                 )
+            )
         except Exception as exc:
             log.exception("job %s: writing the reply failed", job.id)
             await self._fail(job, f"writing the reply failed: {type(exc).__name__}: {exc}", "store", report)

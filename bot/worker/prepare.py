@@ -63,12 +63,15 @@ class JobInputs:
     history: list[HistoryMessage]
 
 
-async def load_inputs(session: AsyncSession, job: ClaimedJob) -> JobInputs | None:
-    """The job's channel and visible history (None when the channel is gone)."""
-    channel = await conversations.channel_by_id(session, job.channel_id)
-    if channel is None:
-        return None
-    return JobInputs(channel, await conversations.history(session, job.channel_id))
+async def load_inputs(session: AsyncSession, claimed: list[ClaimedJob]) -> list[JobInputs | None]:
+    """Each job's channel and visible history (None when the channel is gone), in `claimed`'s order."""
+    channels = await conversations.channels_by_id(session, {job.channel_id for job in claimed})
+    inputs: list[JobInputs | None] = []
+    for job in claimed:
+        channel = channels.get(job.channel_id)
+        history = await conversations.history(session, job.channel_id) if channel is not None else []
+        inputs.append(JobInputs(channel, history) if channel is not None else None)
+    return inputs
 
 
 def _plugins() -> Any:

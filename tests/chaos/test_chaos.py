@@ -156,16 +156,20 @@ async def scenario(tmp: Path, db_url: str) -> Run:
             sender.send(tg_chats[n % CHANNELS], tg_users[n % USERS], f"hello {n}", trigger)
             return tally.add(trigger)
 
-        outage = {"on": False}
+        outage = {"on": False, "over": False}
 
         async def load() -> None:
             gap = LOAD_SECONDS / MESSAGES
-            for n in range(MESSAGES):
+            n = 0
+            # The faults wait for recoveries, which take longer on a busy machine: the load goes on
+            # past MESSAGES until PostgreSQL's outage is over, so messages always arrive during it.
+            while n < MESSAGES or not outage["over"]:
                 tags = {"db-outage"} if outage["on"] else set()
                 if n % 2:
                     say_telegram(n, tags)
                 else:
                     await say_discord(n, tags)
+                n += 1
                 await asyncio.sleep(gap)
 
         loader = asyncio.create_task(load())
@@ -221,6 +225,7 @@ async def scenario(tmp: Path, db_url: str) -> Run:
         finally:
             outage["on"] = False
             pg_ctl("start")
+            outage["over"] = True
         run.faults.append(f"PostgreSQL stopped {DB_OUTAGE:.0f} s (pg_ctlcluster), started again")
 
         await loader
