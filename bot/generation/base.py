@@ -5,6 +5,9 @@ Every backend offers `generate(requests, on_text)`. A backend may also offer:
 - `generate_batch(requests, callbacks)`: the same, with a callback when each row finishes (so its reply
   is written while longer rows still generate), time-to-first-token reports and cooperative stopping;
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
+- `submit(requests, callbacks)`: `generate_batch` without blocking (a `concurrent.futures.Future`), for
+  a backend that batches on its own (vLLM): the worker then keeps `worker.max_batch` jobs in flight and
+  claims one whenever another ends, instead of one batch at a time;
 - `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
   jobs queued; `health()`: its state as plain data, shown by `personabot status`.
 

@@ -2,7 +2,8 @@
 
 Before each batch the worker reads `personas.versions.active_versions` (one small query). A newly
 activated version is loaded under the name `persona@version` before the batch runs; a version that is
-no longer active is unloaded (and its channels' KV caches dropped with it). A persona with no active
+no longer active is unloaded (and its channels' KV caches dropped with it) - once no request in flight
+uses it (`busy`: a worker that refills continuously has requests of an earlier claim still streaming). A persona with no active
 version answers with the base model. A version whose folder fails to load is remembered with its error:
 that persona's jobs fail with the error, and loading is tried again after `retry_seconds` (the files may
 be fixed in place) or as soon as another version is activated.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +48,18 @@ class AdapterSync:
         self.loaded: dict[str, tuple[str, str]] = {}  # persona -> (adapter name, path)
         self.failed: dict[str, _Failed] = {}  # adapter name -> why it did not load
         self.active: dict[str, tuple[str, str]] = {}  # persona -> (version, path), as last read
+        self.retired: set[str] = set()  # adapter names no longer active, unloaded once not busy
         self._warned = False
+        self._lock = asyncio.Lock()  # one refresh at a time (claims answered concurrently)
 
-    async def refresh(self, session: AsyncSession) -> None:
-        """Read the active versions and load/unload adapters to match (loading runs in a thread)."""
+    async def refresh(self, session: AsyncSession, *, busy: Collection[str] = ()) -> None:
+        """Read the active versions and load/unload adapters to match (loading runs in a thread).
+
+        An adapter named in `busy` (used by a request in flight) is unloaded at a later refresh."""
+        async with self._lock:
+            await self._refresh(session, set(busy))
+
+    async def _refresh(self, session: AsyncSession, busy: set[str]) -> None:
         from personas.versions import active_versions
 
         self.active = await active_versions(session)
@@ -65,13 +75,17 @@ class AdapterSync:
         for persona, (name, _path) in list(self.loaded.items()):
             wanted = self.active.get(persona)
             if wanted is None or adapter_name(persona, wanted[0]) != name or wanted[1] != _path:
-                await asyncio.to_thread(host.unload_adapter, name)
                 del self.loaded[persona]
-                log.info("unloaded LoRA adapter %s (no longer active)", name)
+                self.retired.add(name)
+        for name in sorted(self.retired - busy):
+            await asyncio.to_thread(host.unload_adapter, name)
+            self.retired.discard(name)
+            log.info("unloaded LoRA adapter %s (no longer active)", name)
         for persona, (version, path) in sorted(self.active.items()):
             name = adapter_name(persona, version)
             if persona in self.loaded:
                 continue
+            self.retired.discard(name)  # active again (a rollback while it was busy): loaded anew below
             failed = self.failed.get(name)
             if (
                 failed is not None

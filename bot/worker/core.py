@@ -17,7 +17,13 @@ One batch:
    `worker.max_attempts`, then is `failed` with its error. A remote backend that cannot be reached
    (`BackendUnavailable`) fails the unfinished jobs alike, without splitting, and no batch is claimed
    while its `ready()` says it is down: the jobs wait in the queue.
-6. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
+6. **Continuous refill** (a backend with `submit`, i.e. vLLM, which batches on its side): the worker keeps
+   up to `worker.max_batch` jobs in flight and claims new ones as soon as any ends, so a short reply's
+   slot is refilled while a long one still streams. Each claim is answered as in steps 2-5 (its own
+   leases, the same per-channel order and exactly-once writes); an adapter version that is no longer
+   active is unloaded only once no request in flight uses it. The local engine batches in-process and
+   keeps the claim-a-batch, answer-it loop.
+7. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
    finish; then generation is cancelled between two decode steps and unfinished jobs are released to
    the queue (their attempt not counted). No new batch is claimed.
 
@@ -39,8 +45,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bot.config import Settings
 from bot.errors import ConfigError
@@ -81,6 +88,16 @@ class ReplyRecord:
     text: str | None  # what was stored (None: vetoed or empty)
     finish_reason: str
     stripped_prefix: str | None
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Until the first of `waits` ends; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def worker_id() -> str:
@@ -149,6 +166,11 @@ class Worker:
             set_budget(settings.worker.kv_cache_bytes)
         self._stop: asyncio.Event | None = None
         self._stopping_since: float | None = None
+        # Continuous refill: a backend that takes requests without blocking (`submit`) gets a claim
+        # whenever a job ends. Job ids in flight -> the adapter their request uses (None: base model).
+        self.continuous = callable(getattr(backend, "submit", None))
+        self._in_flight: dict[int, str | None] = {}
+        self._slot_freed = asyncio.Event()
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -168,26 +190,83 @@ class Worker:
                 ) from None
             log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
-            outage = OutageLog("worker", log)
-            wakeups = self.store.wakeups
-            while not stop.is_set():
-                wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
-                try:  # a store hiccup must not end the worker; the next round retries
-                    claimed = await self.run_once()
-                    outage.ok()
-                except Exception as exc:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
-                    continue
-                if claimed == 0:
-                    # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
-                    # due by time (a backoff, an expired lease) and wake-ups missed.
-                    await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+            if self.continuous:
+                await self._run_continuous(stop)
+            else:
+                await self._run_batches(stop)
         finally:
             watcher.cancel()
             if server is not None:
                 server.shutdown()
                 server.server_close()
+
+    async def _run_batches(self, stop: asyncio.Event) -> None:
+        """One batch at a time: claim, answer every job of it, claim again."""
+        outage = OutageLog("worker", log)
+        wakeups = self.store.wakeups
+        while not stop.is_set():
+            wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
+            try:  # a store hiccup must not end the worker; the next round retries
+                claimed = await self.run_once()
+                outage.ok()
+            except Exception as exc:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                continue
+            if claimed == 0:
+                # Woken by a new (or newly claimable) job; the slow poll catches jobs that become
+                # due by time (a backoff, an expired lease) and wake-ups missed.
+                await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+
+    async def _run_continuous(self, stop: asyncio.Event) -> None:
+        """Up to `max_batch` jobs in flight; a claim for the free slots whenever a job ends or arrives."""
+        w = self.settings.worker
+        outage = OutageLog("worker", log)
+        wakeups = self.store.wakeups
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                wakeups.clear(jobs.JOBS)  # wake-ups and freed slots from now on end the waits below
+                self._slot_freed.clear()
+                free = w.max_batch - len(self._in_flight)
+                if free <= 0:
+                    await _first_of(self._slot_freed.wait(), stop.wait())
+                    continue
+                try:
+                    claimed = await self._claim(free)
+                    outage.ok()
+                except Exception as exc:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                    continue
+                if claimed:
+                    self._in_flight.update((job.id, None) for job in claimed)
+                    task = asyncio.create_task(self._answer_in_flight(claimed))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if len(claimed) < free:  # nothing more to claim now: wait for a job, a slot or the poll
+                    await _first_of(self._slot_freed.wait(), wakeups.wait(jobs.JOBS, w.poll_seconds, stop))
+        finally:
+            # Stopping: the jobs in flight finish, or are released when `_should_cancel` says so.
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _answer_in_flight(self, claimed: list[ClaimedJob]) -> None:
+        try:
+            await self._answer(claimed)
+        except Exception:  # a store hiccup: the leases expire and the jobs are claimed again
+            log.exception("answering %d jobs failed", len(claimed))
+        finally:
+            for job in claimed:
+                self._free(job.id)
+
+    def _free(self, job_id: int) -> None:
+        """The job is settled (answered, failed or released): its slot takes another job."""
+        if self._in_flight.pop(job_id, False) is not False:
+            self._slot_freed.set()
+
+    def _busy_adapters(self) -> set[str]:
+        return {name for name in self._in_flight.values() if name is not None}
 
     async def _watch_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -200,20 +279,30 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim one batch and answer it; returns how many jobs were claimed."""
+        claimed = await self._claim(self.settings.worker.max_batch)
+        if claimed:
+            await self._answer(claimed)
+        return len(claimed)
+
+    async def _claim(self, limit: int) -> list[ClaimedJob]:
+        """Lease up to `limit` jobs (none while the backend is down)."""
         w = self.settings.worker
         if not await self._backend_ready():
-            return 0
+            return []
         async with self.store.transaction() as session:
             claimed = await jobs.claim(
                 session,
                 owner=self.owner,
-                limit=w.max_batch,
+                limit=limit,
                 lease_seconds=w.lease_seconds,
                 max_attempts=w.max_attempts,
             )
             self.metrics.queue_depth.set(await jobs.depth(session))
-        if not claimed:
-            return 0
+        return claimed
+
+    async def _answer(self, claimed: list[ClaimedJob]) -> None:
+        """Answer claimed jobs: prepare, generate, write each reply (steps 2-5 above)."""
+        w = self.settings.worker
         started = time.perf_counter()
         report = BatchReport(claimed=len(claimed))
         leases = [job.lease for job in claimed]
@@ -222,7 +311,6 @@ class Worker:
             if prepared:
                 await self._generate(prepared, report)
         self._log_batch(report, time.perf_counter() - started)
-        return len(claimed)
 
     async def _backend_ready(self) -> bool:
         """A remote backend that is down (`ready()` False): claim nothing, so the jobs wait in the queue
@@ -234,8 +322,8 @@ class Worker:
 
     async def _prepare(self, claimed: list[ClaimedJob], report: BatchReport) -> list[Prepared]:
         async with self.store.transaction() as session:
-            try:
-                await self.adapters.refresh(session)
+            try:  # a version still used by a request in flight is unloaded once that one ends
+                await self.adapters.refresh(session, busy=self._busy_adapters())
             except Exception:  # keep serving with the adapters already loaded
                 log.exception("could not read the active adapter versions")
             inputs = [await load_inputs(session, job) for job in claimed]
@@ -243,7 +331,10 @@ class Worker:
         prepared = []
         for job, job_inputs in zip(claimed, inputs, strict=True):
             try:
-                prepared.append(self.preparer.prepare(job, job_inputs, self.adapters))
+                item = self.preparer.prepare(job, job_inputs, self.adapters)
+                prepared.append(item)
+                if job.id in self._in_flight:
+                    self._in_flight[job.id] = item.request.adapter
             except JobRejected as exc:
                 log.warning("job %s: %s", job.id, exc)
                 await self._fail(job, str(exc), exc.reason, report, retryable=False)
@@ -341,7 +432,11 @@ class Worker:
         report.generated += len(batch)
         self.metrics.batch_size.observe(len(batch))
         try:
-            await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
+            submit = getattr(self.backend, "submit", None)
+            if submit is not None:  # the backend's own loop runs it: no thread held while it streams
+                await asyncio.wrap_future(submit(requests, callbacks))
+            else:
+                await asyncio.to_thread(run_generation, self.backend, requests, callbacks)
         except Exception as exc:
             if not isinstance(exc, (GenerationCancelled, BackendUnavailable)) and not is_out_of_memory(exc):
                 log.warning("generating a batch of %d failed", len(batch), exc_info=exc)
@@ -358,6 +453,14 @@ class Worker:
     # -- finishing a job ------------------------------------------------------------------------------
 
     async def _complete(
+        self, item: Prepared, result: GenerationResult, fanout: ObserverFanout, report: BatchReport
+    ) -> None:
+        try:
+            await self._write_reply(item, result, fanout, report)
+        finally:
+            self._free(item.job.id)
+
+    async def _write_reply(
         self, item: Prepared, result: GenerationResult, fanout: ObserverFanout, report: BatchReport
     ) -> None:
         job, persona = item.job, item.persona
@@ -456,6 +559,8 @@ class Worker:
         except Exception:  # the lease expires and the job is claimed again
             log.exception("job %s: recording the failure failed", job.id)
             return
+        finally:
+            self._free(job.id)
         outcome = {"pending": "retried", "failed": "failed"}.get(status, "lost")
         setattr(report, outcome, getattr(report, outcome) + 1)
         self.metrics.jobs.labels(outcome).inc()
@@ -467,6 +572,8 @@ class Worker:
         except Exception:
             log.exception("job %s: releasing it failed; its lease will expire", item.job.id)
             held = False
+        finally:
+            self._free(item.job.id)
         report.released += held
         self.metrics.jobs.labels("released" if held else "lost").inc()
         await fanout.end(item.reply, False)
