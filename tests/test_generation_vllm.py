@@ -520,3 +520,71 @@ async def test_an_adapter_in_use_by_a_request_in_flight_is_unloaded_after_it(
     assert host.calls == ["load pirate@v1", "load pirate@v2"] and sync.adapter_for("pirate") == "pirate@v2"
     await sync.refresh(None, busy=set())  # type: ignore[arg-type]
     assert host.calls[-1] == "unload pirate@v1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "stops"),
+    [
+        ("Tokyo is the capital of Japan." + " Tokyo is the capital of Japan." * 5, ()),
+        ("Paris, of course.\nalice: thanks!\nbob: what about Italy?", ("\nalice:", "\nbob:")),
+        ("one two three four five six seven. " * 2 + "one two three four five six seven", ()),
+    ],
+)
+async def test_both_engines_end_a_reply_at_the_same_place(
+    fake: FakeVllm, monkeypatch: pytest.MonkeyPatch, reply: str, stops: tuple[str, ...]
+) -> None:
+    """The same tokens through the local engine and through vLLM: the same text, finish and stream."""
+    from bot.generation.engine import BatchEngine
+    from tests.test_generation_guard import Scripted
+    from tests.tiny import tiny_llama
+
+    ids = TOKENIZER(reply, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr("bot.generation.engine.BatchSampler", Scripted([*ids, STOP]))
+    fake.script = lambda body: reply
+    request = GenerationRequest(
+        [5, 6, 7, 8], GREEDY.model_copy(update={"max_new_tokens": 200}), (STOP,), stop_texts=stops
+    )
+    streams: dict[str, list[str]] = {"local": [], "vllm": []}
+    local = BatchEngine(tiny_llama(TOKENIZER), TOKENIZER).generate(
+        [request], GenerationCallbacks(on_text=lambda i, t: streams["local"].append(t))
+    )
+    vllm = backend(fake.url)
+    try:
+        remote = await asyncio.to_thread(
+            vllm.generate_batch,
+            [request],
+            GenerationCallbacks(on_text=lambda i, t: streams["vllm"].append(t)),
+        )
+    finally:
+        vllm.close()
+    [a], [b] = local, remote
+    assert (b.text, b.finish_reason, b.token_ids) == (a.text, a.finish_reason, a.token_ids)
+    assert streams["vllm"] == streams["local"]
+    assert a.finish_reason == ("stop" if stops else "loop")
+
+
+async def test_a_worker_run_again_after_a_stop_does_not_cancel_its_new_jobs(
+    fake: FakeVllm, sqlite_store: Store, tmp_path: Path
+) -> None:
+    settings = load_settings(worker={"poll_seconds": 0.05})
+    vllm = backend(fake.url)
+    worker = Worker(settings, sqlite_store, registry(tmp_path), vllm, stop_timeout=0.2)
+    try:
+        first = asyncio.Event()
+        task = asyncio.create_task(worker.run(first))
+        await asyncio.sleep(0.1)
+        first.set()
+        await task
+        await asyncio.sleep(0.3)  # longer than stop_timeout since that stop
+        fake.stall = 0.5  # each reply takes longer than stop_timeout
+        ids = await add_jobs(sqlite_store, 1, persona="echo")
+        second = asyncio.Event()
+        task = asyncio.create_task(worker.run(second))
+        deadline = time.monotonic() + 10
+        while (await statuses(sqlite_store, ids))[0][0] != "done" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second.set()
+        await task
+    finally:
+        vllm.close()
+    assert await statuses(sqlite_store, ids) == [("done", 1)]

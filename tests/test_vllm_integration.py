@@ -121,7 +121,9 @@ class World:
         )
 
     def registry(self) -> PersonaRegistry:
-        return PersonaRegistry.discover(self.data / "personas", entry_points=False, builtin=False)
+        """The worker's personas: the test's own and greedy copies of the bundled ones. (The CLI sees
+        `data/personas` and the builtin personas, which the copies, of the same names, would clash with.)"""
+        return PersonaRegistry.discover(self.root / "worker-personas", entry_points=False, builtin=False)
 
 
 def copy_bundled(slug: str, personas: Path) -> None:
@@ -145,11 +147,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("vllm")
     data = root / "data"
     for slug, max_new in (("plain", 24), ("corsair", 24), ("long", 48)):
-        folder = data / "personas" / slug
-        folder.mkdir(parents=True)
-        (folder / "persona.toml").write_text(PERSONA.format(slug=slug, max_new=max_new))
+        for personas in (data / "personas", root / "worker-personas"):
+            folder = personas / slug
+            folder.mkdir(parents=True)
+            (folder / "persona.toml").write_text(PERSONA.format(slug=slug, max_new=max_new))
     for slug in BUNDLED:
-        copy_bundled(slug, data / "personas")
+        copy_bundled(slug, root / "worker-personas")
     make_adapters(model, data / "loras")
     server = VllmServer(venv, model, root / "vllm.log")
     server.start()

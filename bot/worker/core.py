@@ -177,6 +177,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Answer batches until `stop` is set; the batch in flight finishes or is released."""
         self._stop = stop
+        self._stopping_since = None  # a worker run again after a stop starts with a clean slate
         watcher = asyncio.create_task(self._watch_stop(stop))
         server = None
         port = self.settings.worker.metrics_port
