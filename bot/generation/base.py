@@ -5,6 +5,9 @@ text streams, when each row's first token comes, when each row finishes (so its 
 longer rows still generate), and a check for cooperative stopping. A backend may also offer:
 
 - `load_adapter(name, folder)` / `unload_adapter(name)`: LoRA adapters the requests name.
+- `submit(requests, callbacks)`: `generate_batch` without blocking (a `concurrent.futures.Future`), for
+  a backend that batches on its own (vLLM): the worker then keeps `worker.max_batch` jobs in flight and
+  claims one whenever another ends, instead of one batch at a time;
 - `ready()` (blocking, quick when healthy): False while a remote backend is down, so the worker leaves
   jobs queued; `health()`: its state as plain data, shown by `personabot status` (`RemoteBackend`).
 - a KV cache reused across turns, its budget and a way to give memory back (`LocalMemory`).
@@ -16,6 +19,7 @@ has a capability only by offering all of its parts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,6 +134,16 @@ class LocalMemory(Protocol):
 
     def release_memory(self) -> None:
         """After a failed batch (out of memory): give freed blocks back to the device."""
+
+
+@runtime_checkable
+class Submits(Protocol):
+    """A backend that batches on its own (vLLM): requests are handed over without blocking."""
+
+    def submit(
+        self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
+    ) -> concurrent.futures.Future[list[GenerationResult]]:
+        """`generate_batch` without waiting for it."""
 
 
 @runtime_checkable

@@ -31,8 +31,7 @@ from typing import Any
 import torch
 
 from bot.generation.base import GenerationCallbacks, GenerationCancelled, GenerationRequest, GenerationResult
-from bot.generation.detok import IncrementalDecoder
-from bot.generation.guard import cut_before, first_stop, loop_start
+from bot.generation.guard import ReplyText
 from bot.generation.kvcache import BatchKV, ChannelKV, KVCacheLRU, common_prefix
 from bot.generation.lora import MultiLora
 from bot.generation.sampling import BatchSampler
@@ -53,9 +52,8 @@ class _Row:
     done: bool = False
     finish: str = "length"
     first_token: float | None = None
-    decoder: IncrementalDecoder | None = None
+    text: ReplyText | None = None  # the reply's text, ended by a stop text or the loop guard
     result: GenerationResult | None = None
-    cut_text: str | None = None  # the reply's text when a stop text or the loop guard ended it
 
     @property
     def new(self) -> int:
@@ -159,7 +157,7 @@ class BatchEngine:
                     f"request {index}: prompt of {len(row.ids)} tokens fills the {self.context_window}-token context"
                 )
             row.max_new = min(row.max_new, room)
-        row.decoder = IncrementalDecoder(self.tokenizer)
+        row.text = ReplyText(self.tokenizer, request.stop_texts, loop_guard=request.loop_guard)
         key = self._cache_key(request)
         if key is not None:
             entry = self.kv.take(key)
@@ -287,16 +285,11 @@ class BatchEngine:
             row.done, row.finish = True, "stop"
             return
         row.out.append(token)
-        assert row.decoder is not None
-        before = len(row.decoder.text)
-        text = row.decoder.add(token)
-        stop = first_stop(text, row.request.stop_texts, before)
-        if stop is not None:
-            row.cut_text, row.done, row.finish = text[:stop], True, "stop"
-            return
-        looped = loop_start(text) if row.request.loop_guard else None
-        if looped is not None:
-            row.cut_text, row.done, row.finish = cut_before(text, looped), True, "loop"
+        assert row.text is not None
+        text = row.text.add(token)
+        if text is None:  # a stop text or the loop guard ended it
+            assert row.text.finish is not None
+            row.done, row.finish = True, row.text.finish
             return
         if callbacks.on_text is not None:
             callbacks.on_text(row.index, text.lstrip())
@@ -320,8 +313,9 @@ class BatchEngine:
             fed = column - row.start
             keys, values = cache.extract_row(batch_row, row.start, column)
             self.kv.put(ChannelKV(key, (row.ids + row.out)[:fed], keys, values))
-        if row.cut_text is not None:
-            text = row.cut_text.strip()
+        assert row.text is not None
+        if row.text.cut is not None:
+            text = row.text.cut.strip()
         else:
             text = self.tokenizer.decode(row.out, skip_special_tokens=True).strip()
         row.result = GenerationResult(

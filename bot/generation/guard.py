@@ -6,12 +6,17 @@ penalty only makes the loop wander. The guard instead watches the text: once a s
 sentence before the second occurrence (so the first, sound, occurrence is kept and nothing of the loop).
 
 `loop_start` is also the loop detector of `personabot eval`, so the guard and the score agree.
+`ReplyText` applies both to one reply as its tokens arrive; the local engine and the vLLM backend each
+feed it, so both end replies at the same place.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
+
+from bot.generation.detok import IncrementalDecoder
 
 LOOP_REPEATS = 3  # a unit seen this many times is a loop
 NGRAM_WORDS = 6  # word runs this long repeated LOOP_REPEATS times are a loop even without punctuation
@@ -92,3 +97,31 @@ def first_stop(text: str, stops: Sequence[str], since: int = 0) -> int | None:
     """Offset of the earliest stop text in `text` (searching from `since` minus each stop's length)."""
     hits = [i for s in stops if s and (i := text.find(s, max(0, since - len(s)))) >= 0]
     return min(hits) if hits else None
+
+
+class ReplyText:
+    """One reply's text as its tokens arrive: decoded incrementally, ended by a stop text or the loop guard.
+
+    `add` returns the text so far, or None once a stop text or the loop guard ended the reply; then
+    `finish` is "stop" or "loop" and `cut` the text to keep (nothing of the stop text or the loop).
+    """
+
+    def __init__(self, tokenizer: Any, stop_texts: Sequence[str] = (), *, loop_guard: bool = True) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_texts = tuple(stop_texts)
+        self.loop_guard = loop_guard
+        self.cut: str | None = None
+        self.finish: str | None = None
+
+    def add(self, token: int) -> str | None:
+        before = len(self.decoder.text)
+        text = self.decoder.add(token)
+        stop = first_stop(text, self.stop_texts, before)
+        if stop is not None:
+            self.cut, self.finish = text[:stop], "stop"
+            return None
+        looped = loop_start(text) if self.loop_guard else None
+        if looped is not None:
+            self.cut, self.finish = cut_before(text, looped), "loop"
+            return None
+        return text

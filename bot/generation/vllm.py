@@ -5,8 +5,10 @@ The worker keeps the prompt its own: `bot.prompting` renders the conversation, a
 template and user text never becomes structure). Each request stops on the template's end-of-turn ids
 (`stop_token_ids`, with `ignore_eos` so nothing else ends it, as in the local engine) and carries the
 persona's sampling settings. Replies stream back as server-sent events with their token ids
-(`return_token_ids`); the text is decoded here, with the same tokenizer and the same incremental decoder
-as the local engine, and feeds the same streaming callbacks.
+(`return_token_ids`); the text is decoded here by the local engine's `ReplyText` (same tokenizer, same
+incremental decoder, same group-chat stop texts and loop guard), so a reply ends where the local engine
+would end it, and feeds the same streaming callbacks. A reply ended here (stop text, loop) closes its
+stream, which aborts the request in vLLM.
 
 Adapters. The active version of a persona is served under the name `persona@version`, loaded with
 `POST /v1/load_lora_adapter` (the server runs with `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) from the
@@ -14,6 +16,10 @@ folder as the server sees it (`generation.vllm.adapter_paths` maps prefixes), an
 `/v1/unload_lora_adapter` when another version replaces it. A persona without an adapter uses the base
 model's name. A 404 for an adapter's name means the server restarted and forgot it: it is loaded again
 and the request retried.
+
+Concurrency. The worker hands each claim to `submit`, which returns at once; it claims more jobs as
+soon as any ends, so up to `worker.max_batch` requests are in flight and vLLM's continuous batching
+keeps them together (its prefix caching replaces the local engine's KV reuse).
 
 Servers and faults. Requests go to the healthy server (of `generation.vllm.urls`) with the fewest
 requests in flight. A connection error, a timeout or a 5xx marks the server unhealthy and moves the
@@ -30,6 +36,7 @@ imports torch.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -50,7 +57,7 @@ from bot.generation.base import (
     GenerationRequest,
     GenerationResult,
 )
-from bot.generation.detok import IncrementalDecoder
+from bot.generation.guard import ReplyText
 
 if TYPE_CHECKING:
     from bot.basemodel import ModelLocation
@@ -177,7 +184,7 @@ class _Reply:
         self.tokenizer = tokenizer
         self.callbacks = callbacks
         self.started = started
-        self.decoder = IncrementalDecoder(tokenizer)
+        self.text = ReplyText(tokenizer, request.stop_texts, loop_guard=request.loop_guard)
         self.out: list[int] = []
         self.finish: str | None = None
         self.first_token: float | None = None
@@ -196,7 +203,10 @@ class _Reply:
                 self.finish = "stop"
                 return
             self.out.append(int(token))
-            text = self.decoder.add(int(token))
+            text = self.text.add(int(token))
+            if text is None:  # a stop text or the loop guard ended it
+                self.finish = self.text.finish
+                return
             if self.callbacks.on_text is not None:
                 self.callbacks.on_text(self.index, text.lstrip())
             if len(self.out) >= self.max_tokens:
@@ -213,9 +223,13 @@ class _Reply:
 
     def result(self) -> GenerationResult:
         assert self.finish is not None
+        if self.text.cut is not None:
+            text = self.text.cut.strip()
+        else:
+            text = self.tokenizer.decode(self.out, skip_special_tokens=True).strip()
         return GenerationResult(
             token_ids=list(self.out),
-            text=self.tokenizer.decode(self.out, skip_special_tokens=True).strip(),
+            text=text,
             finish_reason=self.finish,
             prompt_tokens=self.prompt_tokens,
             cached_tokens=self.cached_tokens,
@@ -479,6 +493,13 @@ class VllmBackend:
             return []
         return self._call(self._generate_all(requests, callbacks))
 
+    def submit(
+        self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
+    ) -> concurrent.futures.Future[list[GenerationResult]]:
+        """`generate_batch` without waiting for it: the worker submits each claim as it comes and keeps
+        `worker.max_batch` requests in flight (continuous refill); vLLM batches whatever is in flight."""
+        return asyncio.run_coroutine_threadsafe(self._generate_all(requests, callbacks), self._loop)
+
     async def _generate_all(
         self, requests: list[GenerationRequest], callbacks: GenerationCallbacks
     ) -> list[GenerationResult]:
@@ -584,6 +605,10 @@ class VllmBackend:
                             reply.server_finished(str(choice["finish_reason"]))
                     if event.get("usage"):
                         reply.usage(event["usage"])
+                    if reply.text.finish is not None:
+                        # Ended here (stop text, loop guard): closing the connection aborts it in vLLM.
+                        resp.close()
+                        return
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _ServerDown(_describe(exc)) from None
         if reply.finish is None:

@@ -2,7 +2,8 @@
 
 With each batch it claims, the worker reads `personas.versions.active_versions` (one small query). A newly
 activated version is loaded under the name `persona@version` before the batch runs; a version that is
-no longer active is unloaded (and its channels' KV caches dropped with it). A persona with no active
+no longer active is unloaded (and its channels' KV caches dropped with it) - once no request in flight
+uses it (`busy`: a worker that refills continuously has requests of an earlier claim still streaming). A persona with no active
 version answers with the base model. A version whose folder fails to load is remembered with its error:
 that persona's jobs fail with the error, and loading is tried again after `retry_seconds` (the files may
 be fixed in place) or as soon as another version is activated.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +46,19 @@ class AdapterSync:
         self.loaded: dict[str, tuple[str, str]] = {}  # persona -> (adapter name, path)
         self.failed: dict[str, _Failed] = {}  # adapter name -> why it did not load
         self.active: dict[str, tuple[str, str]] = {}  # persona -> (version, path), as last read
+        self.retired: set[str] = set()  # adapter names no longer active, unloaded once not busy
         self._warned = False
+        self._lock = asyncio.Lock()  # one refresh at a time (claims answered concurrently)
 
-    async def sync(self, active: dict[str, tuple[str, str]]) -> None:
+    async def sync(self, active: dict[str, tuple[str, str]], *, busy: Collection[str] = ()) -> None:
         """Load/unload adapters to match the active versions (persona -> (version, path), as
-        `personas.versions.active_versions` reads them); loading runs in a thread."""
+        `personas.versions.active_versions` reads them); loading runs in a thread.
+
+        An adapter named in `busy` (used by a request in flight) is unloaded at a later sync."""
+        async with self._lock:
+            await self._sync(active, set(busy))
+
+    async def _sync(self, active: dict[str, tuple[str, str]], busy: set[str]) -> None:
         self.active = active
         if not self.supported:
             if self.active and not self._warned:
@@ -63,13 +73,17 @@ class AdapterSync:
         for persona, (name, _path) in list(self.loaded.items()):
             wanted = self.active.get(persona)
             if wanted is None or adapter_name(persona, wanted[0]) != name or wanted[1] != _path:
-                await asyncio.to_thread(host.unload_adapter, name)
                 del self.loaded[persona]
-                log.info("unloaded LoRA adapter %s (no longer active)", name)
+                self.retired.add(name)
+        for name in sorted(self.retired - busy):
+            await asyncio.to_thread(host.unload_adapter, name)
+            self.retired.discard(name)
+            log.info("unloaded LoRA adapter %s (no longer active)", name)
         for persona, (version, path) in sorted(self.active.items()):
             name = adapter_name(persona, version)
             if persona in self.loaded:
                 continue
+            self.retired.discard(name)  # active again (a rollback while it was busy): loaded anew below
             failed = self.failed.get(name)
             if (
                 failed is not None

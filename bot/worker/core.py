@@ -17,7 +17,13 @@ One batch:
    `worker.max_attempts`, then is `failed` with its error. A remote backend that cannot be reached
    (`BackendUnavailable`) fails the unfinished jobs alike, without splitting, and no batch is claimed
    while its `ready()` says it is down: the jobs wait in the queue.
-6. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
+6. **Continuous refill** (a backend with `submit`, i.e. vLLM, which batches on its side): the worker keeps
+   up to `worker.max_batch` jobs in flight and claims new ones as soon as any ends, so a short reply's
+   slot is refilled while a long one still streams. Each claim is answered as in steps 2-5 (its own
+   leases, the same per-channel order and exactly-once writes); an adapter version that is no longer
+   active is unloaded only once no request in flight uses it. The local engine batches in-process and
+   keeps the claim-a-batch, answer-it loop.
+7. **Shutdown.** When `stop` is set, the batch in flight gets 80% of `run.stop_timeout_seconds` to
    finish; then generation is cancelled between two decode steps and unfinished jobs are released to
    the queue (their attempt not counted). No new batch is claimed.
 
@@ -43,8 +49,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bot.config import Settings
 from bot.errors import ConfigError
@@ -57,6 +64,7 @@ from bot.generation.base import (
     GenerationResult,
     LocalMemory,
     RemoteBackend,
+    Submits,
     is_out_of_memory,
 )
 from bot.metrics import WorkerMetrics
@@ -100,6 +108,25 @@ def _language_retry(item: Prepared, result: GenerationResult) -> Prepared:
         language_attempt=attempt,
         first_result=item.first_result or result,
     )
+
+
+async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
+    """Until the first of `waits` ends; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class _Claim:
+    """Jobs leased in one transaction, with what preparing them needs, read in the same one."""
+
+    jobs: list[ClaimedJob]
+    inputs: list[JobInputs | None]
+    active: dict[str, tuple[str, str]]  # persona -> (version, path) of the active adapter versions
 
 
 def worker_id() -> str:
@@ -168,12 +195,18 @@ class Worker:
         self._stop: asyncio.Event | None = None
         self._stopping_since: float | None = None
         self._next_housekeeping = 0.0
+        # Continuous refill: a backend that takes requests without blocking (`submit`) gets a claim
+        # whenever a job ends. Job ids in flight -> the adapter their request uses (None: base model).
+        self.continuous = isinstance(backend, Submits)
+        self._in_flight: dict[int, str | None] = {}
+        self._slot_freed = asyncio.Event()
 
     # -- the loop -----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Answer batches until `stop` is set; the batch in flight finishes or is released."""
         self._stop = stop
+        self._stopping_since = None  # a worker run again after a stop starts with a clean slate
         watcher = asyncio.create_task(self._watch_stop(stop))
         server = None
         port = self.settings.worker.metrics_port
@@ -187,27 +220,84 @@ class Worker:
                 ) from None
             log.info("worker metrics on http://0.0.0.0:%d/metrics", port)
         try:
-            outage = OutageLog("worker", log)
-            wakeups = self.store.wakeups
-            while not stop.is_set():
-                wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
-                try:  # a store hiccup must not end the worker; the next round retries
-                    claimed = await self.run_once()
-                    outage.ok()
-                except Exception as exc:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
-                    continue
-                if claimed < self.settings.worker.max_batch:
-                    # Everything due was claimed: wait to be woken by a new (or newly claimable) job,
-                    # at once if one came meanwhile. The slow poll catches jobs that become due by
-                    # time (a backoff, an expired lease) and wake-ups missed.
-                    await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+            if self.continuous:
+                await self._run_continuous(stop)
+            else:
+                await self._run_batches(stop)
         finally:
             watcher.cancel()
             if server is not None:
                 server.shutdown()
                 server.server_close()
+
+    async def _run_batches(self, stop: asyncio.Event) -> None:
+        """One batch at a time: claim, answer every job of it, claim again."""
+        outage = OutageLog("worker", log)
+        wakeups = self.store.wakeups
+        while not stop.is_set():
+            wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
+            try:  # a store hiccup must not end the worker; the next round retries
+                claimed = await self.run_once()
+                outage.ok()
+            except Exception as exc:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                continue
+            if claimed < self.settings.worker.max_batch:
+                # Everything due was claimed: wait to be woken by a new (or newly claimable) job,
+                # at once if one came meanwhile. The slow poll catches jobs that become due by
+                # time (a backoff, an expired lease) and wake-ups missed.
+                await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+
+    async def _run_continuous(self, stop: asyncio.Event) -> None:
+        """Up to `max_batch` jobs in flight; a claim for the free slots whenever a job ends or arrives."""
+        w = self.settings.worker
+        outage = OutageLog("worker", log)
+        wakeups = self.store.wakeups
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                wakeups.clear(jobs.JOBS)  # wake-ups and freed slots from now on end the waits below
+                self._slot_freed.clear()
+                free = w.max_batch - len(self._in_flight)
+                if free <= 0:
+                    await _first_of(self._slot_freed.wait(), stop.wait())
+                    continue
+                try:
+                    claim = await self._claim(free)
+                    outage.ok()
+                except Exception as exc:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                    continue
+                if claim.jobs:
+                    self._in_flight.update((job.id, None) for job in claim.jobs)
+                    task = asyncio.create_task(self._answer_in_flight(claim))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if len(claim.jobs) < free:  # nothing more to claim now: wait for a job, a slot or the poll
+                    await _first_of(self._slot_freed.wait(), wakeups.wait(jobs.JOBS, w.poll_seconds, stop))
+        finally:
+            # Stopping: the jobs in flight finish, or are released when `_should_cancel` says so.
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _answer_in_flight(self, claim: _Claim) -> None:
+        try:
+            await self._answer(claim)
+        except Exception:  # a store hiccup: the leases expire and the jobs are claimed again
+            log.exception("answering %d jobs failed", len(claim.jobs))
+        finally:
+            for job in claim.jobs:
+                self._free(job.id)
+
+    def _free(self, job_id: int) -> None:
+        """The job is settled (answered, failed or released): its slot takes another job."""
+        if self._in_flight.pop(job_id, False) is not False:
+            self._slot_freed.set()
+
+    def _busy_adapters(self) -> set[str]:
+        return {name for name in self._in_flight.values() if name is not None}
 
     async def _watch_stop(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -220,9 +310,16 @@ class Worker:
 
     async def run_once(self) -> int:
         """Claim one batch and answer it; returns how many jobs were claimed."""
+        claim = await self._claim(self.settings.worker.max_batch)
+        if claim.jobs:
+            await self._answer(claim)
+        return len(claim.jobs)
+
+    async def _claim(self, limit: int) -> _Claim:
+        """Lease up to `limit` jobs (none while the backend is down), with what preparing them needs."""
         w = self.settings.worker
         if not await self._backend_ready():
-            return 0
+            return _Claim([], [], {})
         # Jobs found only by time (a dead worker's last attempt) and the queue-depth gauge: once per
         # poll, not on every claim.
         housekeeping = time.monotonic() >= self._next_housekeeping
@@ -232,29 +329,33 @@ class Worker:
             claimed = await jobs.claim(
                 session,
                 owner=self.owner,
-                limit=w.max_batch,
+                limit=limit,
                 lease_seconds=w.lease_seconds,
                 max_attempts=w.max_attempts,
                 fail_exhausted=housekeeping,
             )
             if housekeeping:
                 self.metrics.queue_depth.set(await jobs.depth(session))
+            claim = _Claim(claimed, [], {})
             if claimed:
-                active = await active_versions(session)
-                inputs = await load_inputs(session, claimed)
+                claim.active = await active_versions(session)
+                claim.inputs = await load_inputs(session, claimed)
         if housekeeping:
             self._next_housekeeping = time.monotonic() + w.poll_seconds
-        if not claimed:
-            return 0
+        return claim
+
+    async def _answer(self, claim: _Claim) -> None:
+        """Answer claimed jobs: prepare, generate, write each reply (steps 2-5 above)."""
+        w = self.settings.worker
+        claimed = claim.jobs
         started = time.perf_counter()
         report = BatchReport(claimed=len(claimed))
         leases = [job.lease for job in claimed]
         async with keep_leases(self.store, jobs.QUEUE, lambda: leases, lease_seconds=w.lease_seconds):
-            prepared = await self._prepare(claimed, inputs, active, report)
+            prepared = await self._prepare(claim, report)
             if prepared:
                 await self._generate(prepared, report)
         self._log_batch(report, time.perf_counter() - started)
-        return len(claimed)
 
     async def _backend_ready(self) -> bool:
         """A remote backend that is down (`ready()` False): claim nothing, so the jobs wait in the queue
@@ -265,19 +366,18 @@ class Worker:
 
     # -- preparing ------------------------------------------------------------------------------------
 
-    async def _prepare(
-        self,
-        claimed: list[ClaimedJob],
-        inputs: list[JobInputs | None],
-        active: dict[str, tuple[str, str]],
-        report: BatchReport,
-    ) -> list[Prepared]:
-        await self.adapters.sync(active)
+    async def _prepare(self, claim: _Claim, report: BatchReport) -> list[Prepared]:
+        claimed, inputs = claim.jobs, claim.inputs
+        # A version still used by a request in flight is unloaded once that one ends.
+        await self.adapters.sync(claim.active, busy=self._busy_adapters())
         self.metrics.adapters_loaded.set(len(self.adapters.loaded))
         prepared = []
         for job, job_inputs in zip(claimed, inputs, strict=True):
             try:
-                prepared.append(self.preparer.prepare(job, job_inputs, self.adapters))
+                item = self.preparer.prepare(job, job_inputs, self.adapters)
+                prepared.append(item)
+                if job.id in self._in_flight:
+                    self._in_flight[job.id] = item.request.adapter
             except JobRejected as exc:
                 log.warning("job %s: %s", job.id, exc)
                 await self._fail(job, str(exc), exc.reason, report, retryable=False)
@@ -394,7 +494,10 @@ class Worker:
         report.generated += len(batch)
         self.metrics.batch_size.observe(len(batch))
         try:
-            await asyncio.to_thread(self.backend.generate_batch, requests, callbacks)
+            if isinstance(self.backend, Submits):  # its own loop runs it: no thread held while it streams
+                await asyncio.wrap_future(self.backend.submit(requests, callbacks))
+            else:
+                await asyncio.to_thread(self.backend.generate_batch, requests, callbacks)
         except Exception as exc:
             if not isinstance(exc, (GenerationCancelled, BackendUnavailable)) and not is_out_of_memory(exc):
                 log.warning("generating a batch of %d failed", len(batch), exc_info=exc)
@@ -410,6 +513,14 @@ class Worker:
     # -- finishing a job ------------------------------------------------------------------------------
 
     async def _complete(
+        self, item: Prepared, result: GenerationResult, fanout: ObserverFanout, report: BatchReport
+    ) -> None:
+        try:
+            await self._write_reply(item, result, fanout, report)
+        finally:
+            self._free(item.job.id)
+
+    async def _write_reply(
         self, item: Prepared, result: GenerationResult, fanout: ObserverFanout, report: BatchReport
     ) -> None:
         job, persona = item.job, item.persona
@@ -509,6 +620,8 @@ class Worker:
         except Exception:  # the lease expires and the job is claimed again
             log.exception("job %s: recording the failure failed", job.id)
             return
+        finally:
+            self._free(job.id)
         outcome = (
             "retried" if status == JobStatus.PENDING else "failed" if status == JobStatus.FAILED else "lost"
         )
@@ -522,6 +635,8 @@ class Worker:
         except Exception:
             log.exception("job %s: releasing it failed; its lease will expire", item.job.id)
             held = False
+        finally:
+            self._free(item.job.id)
         report.released += held
         self.metrics.jobs.labels("released" if held else "lost").inc()
         await fanout.end(item.reply, False)

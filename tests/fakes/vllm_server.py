@@ -2,15 +2,20 @@
 
 It serves `GET /v1/models`, `POST /v1/completions` (token ids in, a streamed reply with `token_ids` out),
 `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` with vLLM's status codes and error bodies.
-A reply is the text `"<model> answers <n> tokens"` tokenized with the test's tokenizer, then the first
-stop id. Faults are switches: `fail_next` (HTTP statuses for the next completions), `stall` (seconds
-before the first event), `forget()` (a restart: adapters gone), `stop()` / `start()` (the port closes).
+A reply is the text `"<model> answers <n> tokens"` (or what `script(body)` returns) tokenized with the
+test's tokenizer, then the first stop id. Faults are switches: `fail_next` (HTTP statuses for the next
+completions), `stall` (seconds before the first event), `forget()` (a restart: adapters gone), `stop()` /
+`start()` (the port closes). `hold(body)` = n: the stream pauses after its n-th token until `release`
+is set or the client hangs up. `in_flight` / `most_in_flight` count completions being streamed; `log`
+records ("start", max_tokens) and ("end", max_tokens) of each, in order, and `hung_up` how many streams
+the client closed before their end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +40,13 @@ class FakeVllm:
     fail_next: list[int] = field(default_factory=list)
     stall: float = 0.0
     refuse_paths: set[str] = field(default_factory=set)
+    script: Callable[[dict[str, Any]], str] | None = None
+    hold: Callable[[dict[str, Any]], int | None] | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int = 0
+    most_in_flight: int = 0
+    log: list[tuple[str, int]] = field(default_factory=list)
+    hung_up: int = 0
     _runner: web.AppRunner | None = None
 
     @property
@@ -54,6 +66,7 @@ class FakeVllm:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self.release.set()  # no stream waits for a test that has ended
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -103,23 +116,41 @@ class FakeVllm:
             return _error(400, "prompt must be token ids", "BadRequestError")
         if self.stall:
             await asyncio.sleep(self.stall)
-        ids = self.reply_ids(model, body["max_tokens"])[: body["max_tokens"]]
+        if self.script is not None:
+            ids = list(self.tokenizer(self.script(body), add_special_tokens=False)["input_ids"])
+        else:
+            ids = self.reply_ids(model, body["max_tokens"])
+        ids = ids[: body["max_tokens"]]
         finish = "length"
         if len(ids) < body["max_tokens"] and body["stop_token_ids"]:
             ids.append(body["stop_token_ids"][0])  # vLLM includes the stop id in token_ids
             finish = "stop"
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for n, token in enumerate(ids):
-            choice = {"index": 0, "text": "", "token_ids": [token], "finish_reason": None}
-            if n == 0:
-                choice["prompt_token_ids"] = body["prompt"]
-            if n == len(ids) - 1:
-                choice["finish_reason"] = finish
-            await response.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            await asyncio.sleep(0)
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(ids)}
-        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self.log.append(("start", body["max_tokens"]))
+        try:
+            for n, token in enumerate(ids):
+                choice = {"index": 0, "text": "", "token_ids": [token], "finish_reason": None}
+                if n == 0:
+                    choice["prompt_token_ids"] = body["prompt"]
+                if n == len(ids) - 1:
+                    choice["finish_reason"] = finish
+                await response.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+                await asyncio.sleep(0)
+                if self.hold is not None and self.hold(body) == n + 1:
+                    while not self.release.is_set():
+                        if request.transport is None or request.transport.is_closing():
+                            raise ConnectionResetError("the client hung up")
+                        await asyncio.sleep(0.01)
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(ids)}
+            await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionResetError:
+            self.hung_up += 1  # the client ended the reply itself
+        finally:
+            self.in_flight -= 1
+            self.log.append(("end", body["max_tokens"]))
         return response
