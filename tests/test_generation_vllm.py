@@ -434,7 +434,7 @@ async def test_without_the_loop_guard_a_repeating_stream_is_left_alone(fake: Fak
     fake.script = lambda body: "Go on. " * 4
     unguarded = GenerationRequest([5, 6, 7, 8], GREEDY, (STOP,), loop_guard=False)
     try:
-        [result] = await asyncio.to_thread(vllm.generate, [unguarded])
+        [result] = await asyncio.to_thread(vllm.generate_batch, [unguarded], GenerationCallbacks())
     finally:
         vllm.close()
     assert (result.text, result.finish_reason) == (("Go on. " * 4).strip(), "stop")
@@ -492,9 +492,7 @@ async def test_a_short_jobs_slot_is_refilled_while_a_long_reply_still_streams(
     assert len(fake.requests) == 5
 
 
-async def test_an_adapter_in_use_by_a_request_in_flight_is_unloaded_after_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_an_adapter_in_use_by_a_request_in_flight_is_unloaded_after_it() -> None:
     from bot.worker.adapters import AdapterSync
 
     class Host:
@@ -510,19 +508,12 @@ async def test_an_adapter_in_use_by_a_request_in_flight_is_unloaded_after_it(
         def unload_adapter(self, name: str) -> None:
             self.calls.append(f"unload {name}")
 
-    active = {"pirate": ("v1", "/loras/pirate/v1")}
-
-    async def active_versions(session: Any) -> dict[str, tuple[str, str]]:
-        return dict(active)
-
-    monkeypatch.setattr("personas.versions.active_versions", active_versions)
     host = Host()
     sync = AdapterSync(host)  # type: ignore[arg-type]
-    await sync.refresh(None)  # type: ignore[arg-type]
-    active["pirate"] = ("v2", "/loras/pirate/v2")
-    await sync.refresh(None, busy={"pirate@v1"})  # type: ignore[arg-type]
+    await sync.sync({"pirate": ("v1", "/loras/pirate/v1")})
+    await sync.sync({"pirate": ("v2", "/loras/pirate/v2")}, busy={"pirate@v1"})
     assert host.calls == ["load pirate@v1", "load pirate@v2"] and sync.adapter_for("pirate") == "pirate@v2"
-    await sync.refresh(None, busy=set())  # type: ignore[arg-type]
+    await sync.sync({"pirate": ("v2", "/loras/pirate/v2")}, busy=set())
     assert host.calls[-1] == "unload pirate@v1"
 
 

@@ -362,7 +362,7 @@ class _Run:
     location: Any  # bot.basemodel.ModelLocation
     tokenizer: Any
     renderer: Any  # bot.prompting.ChatRenderer
-    system: str  # the persona's system prompt, as trained and as sampled
+    system: str | None  # the persona's system prompt, as trained and as sampled
     data: Any  # trainer.prepare.PreparedData
     args: Any  # transformers.TrainingArguments
     folder: Path

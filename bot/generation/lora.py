@@ -163,10 +163,9 @@ def _rank_and_scaling(config: LoraConfig, module_name: str) -> tuple[int, float]
     """The rank and scaling peft gives `module_name` (the same lookup as `LoraModel._create_and_replace`)."""
     from peft.utils.other import get_pattern_key
 
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_name), config.r)
-    alpha = config.alpha_pattern.get(
-        get_pattern_key(config.alpha_pattern.keys(), module_name), config.lora_alpha
-    )
+    ranks, alphas = config.rank_pattern or {}, config.alpha_pattern or {}
+    r = ranks.get(get_pattern_key(list(ranks), module_name), config.r)
+    alpha = alphas.get(get_pattern_key(list(alphas), module_name), config.lora_alpha)
     return int(r), (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
 
 

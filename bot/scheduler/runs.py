@@ -206,7 +206,7 @@ async def prune(session: AsyncSession, *, before: datetime, job_id: str | None =
     )
     if job_id is not None:
         query = query.where(ScheduledRun.job_id == job_id)
-    return (await session.execute(query)).rowcount
+    return rowcount(await session.execute(query))
 
 
 async def last_runs(session: AsyncSession) -> dict[str, RunRecord]:

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
-from sqlalchemy import Executable, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import Executable, Table, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming, utcnow
 from bot.store.engine import dialect_of, rowcount
-from bot.store.models import Base, Channel, ChannelPersona, Message, User
+from bot.store.models import Base, Channel, ChannelPersona, Message, User, table_of
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def channel_ref(channel: Channel) -> ChannelRef:
     )
 
 
-_channels = Channel.__table__
+_channels = table_of(Channel)
 # Built once: statement construction and cache-key work cost more than the query (`bench_pipeline`).
 _CHANNELS = select(
     _channels.c.id,
@@ -97,11 +97,15 @@ def _insert_for(session: AsyncSession) -> Callable[[type[Base]], postgresql.Inse
 # Hot-path statements are built once per dialect, on the Core tables, with bound parameters: building
 # an ORM statement and its cache key costs more CPU than running it. The `*_SQL` builders below take
 # the dialect's name.
-_channels, _users, _messages = Channel.__table__, User.__table__, Message.__table__
+_channels, _users, _messages = table_of(Channel), table_of(User), table_of(Message)
 
 
-def _dialect_insert(dialect: str):  # type: ignore[no-untyped-def]
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+def _dialect_insert(dialect: str) -> Callable[[Table], postgresql.Insert]:
+    """The dialect's INSERT, which knows ON CONFLICT on both backends (typed as PostgreSQL's: SQLite's
+    has the same `on_conflict_do_*` and `excluded` API)."""
+    if dialect == "postgresql":
+        return postgresql.insert
+    return cast(Callable[[Table], postgresql.Insert], sqlite.insert)
 
 
 _FIND_CHANNEL = select(_channels.c.id).where(
@@ -326,7 +330,7 @@ async def reset_context(session: AsyncSession, channel_id: int) -> None:
     )
 
 
-_bindings = ChannelPersona.__table__
+_bindings = table_of(ChannelPersona)
 _BOUND = (
     select(_bindings.c.persona)
     .where(_bindings.c.channel_id == bindparam("channel_id"))

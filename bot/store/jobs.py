@@ -24,7 +24,7 @@ from bot.events import utcnow
 from bot.store.conversations import _dialect_insert, storable_text
 from bot.store.engine import dialect_of
 from bot.store.leases import Lease, LeasedQueue
-from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.outbox import topic as outbox_topic
 from bot.store.wakeups import wake
 
@@ -32,10 +32,10 @@ QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNIN
 JOBS = "jobs"  # the wake-up topic of workers
 # Hot paths use the Core tables and statements built once (see `bot.store.conversations`).
 _jobs, _messages, _outbox, _channels = (
-    ReplyJob.__table__,
-    Message.__table__,
-    OutboxDelivery.__table__,
-    Channel.__table__,
+    table_of(ReplyJob),
+    table_of(Message),
+    table_of(OutboxDelivery),
+    table_of(Channel),
 )
 
 
@@ -282,7 +282,7 @@ async def complete(
     (another worker answered it); the caller then rolls back and nothing is written.
     """
     now = utcnow()
-    message_id = (
+    message_id: int = (
         await session.execute(
             _insert_reply_sql(dialect_of(session)),
             {

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
 from bot.store.engine import dialect_of, rowcount
+from bot.store.models import table_of
 
 
 class Transactions(Protocol):
@@ -50,7 +51,7 @@ class LeasedQueue:
     """Claim, renew and settle rows of `table` (a model with the lease columns) under a lease."""
 
     def __init__(self, table: Any, *, waiting: str, leased: str) -> None:
-        self.table = table.__table__  # Core statements: no ORM bookkeeping on these hot paths
+        self.table = table_of(table)  # Core statements: no ORM bookkeeping on these hot paths
         self.c = self.table.c
         self.waiting = waiting  # the status of a row waiting to be claimed
         self.leased = leased  # the status of a claimed row

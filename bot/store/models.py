@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -21,6 +21,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
     false,
@@ -291,3 +292,8 @@ class Erasure(Base):
     user_external_id: Mapped[str] = mapped_column(String(128))
     channel_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's Core table, for statements built once on hot paths (no ORM bookkeeping)."""
+    return cast(Table, model.__table__)

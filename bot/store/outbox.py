@@ -18,7 +18,7 @@ from bot.backoff import backoff
 from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
 from bot.store.conversations import channel_ref
 from bot.store.leases import Lease, LeasedQueue
-from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob
+from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.wakeups import wake
 
 QUEUE = LeasedQueue(OutboxDelivery, waiting=OutboxStatus.PENDING, leased=OutboxStatus.SENDING)
@@ -80,10 +80,10 @@ async def claim(
 
 
 _outbox, _messages, _channels, _jobs = (
-    OutboxDelivery.__table__,
-    Message.__table__,
-    Channel.__table__,
-    ReplyJob.__table__,
+    table_of(OutboxDelivery),
+    table_of(Message),
+    table_of(Channel),
+    table_of(ReplyJob),
 )
 # What a claimed delivery needs to be posted: plain columns (no ORM objects), one row each.
 _CLAIMED = (
