@@ -39,7 +39,7 @@ from sqlalchemy import event
 
 from bot.app import BotApp
 from bot.config import load_settings
-from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, Outgoing
+from bot.events import AuthorRef, ChannelKind, ChannelRef, Incoming, Outgoing, PlatformConventions
 from bot.store import Store
 from tests.conftest import POSTGRES_URL_ENV, PostgresDatabases
 from tests.fakes.backend import ScriptedBackend
@@ -51,6 +51,7 @@ class InstantPlatform:
     """A platform whose API answers at once; it records when each reply is posted."""
 
     platform = "console"
+    conventions = PlatformConventions()
 
     def __init__(self) -> None:
         self.posted: dict[str, float] = {}  # trigger's platform message id -> time of the post
