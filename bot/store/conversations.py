@@ -85,13 +85,8 @@ async def channel_by_id(session: AsyncSession, channel_id: int) -> ChannelRef | 
 
 
 def _insert_for(session: AsyncSession) -> Callable[[type[Base]], postgresql.Insert]:
-    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING on both backends.
-
-    Typed as PostgreSQL's: SQLite's has the same `on_conflict_do_*` and `excluded` API.
-    """
-    if dialect_of(session) == "postgresql":
-        return postgresql.insert
-    return cast(Callable[[type[Base]], postgresql.Insert], sqlite.insert)
+    """`_dialect_insert` for this session's database, taking a mapped class (the ORM's way)."""
+    return cast(Callable[[type[Base]], postgresql.Insert], _dialect_insert(dialect_of(session)))
 
 
 # Hot-path statements are built once per dialect, on the Core tables, with bound parameters: building

@@ -471,7 +471,8 @@ class Worker:
 
         def on_finish(index: int, result: GenerationResult) -> None:
             item = batch[index]
-            retry = item.language_attempt < max_retries and drifted(item.question, result.text)
+            off_language = drifted(item.question, result.text)
+            retry = off_language and item.language_attempt < max_retries
 
             def schedule() -> None:
                 if retry:
@@ -479,7 +480,7 @@ class Worker:
                     return
                 first = item.first_result
                 # No attempt came out in English: the first reply (the persona's own sampling) stands.
-                final = first if first is not None and drifted(item.question, result.text) else result
+                final = first if first is not None and off_language else result
                 finished[item.job.id] = loop.create_task(self._complete(item, final, fanout, report))
 
             loop.call_soon_threadsafe(schedule)
