@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "manifest.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What the trainer writes beside them (trainer.report), read back by the web console.
+LOSS_CURVE = "loss_curve.png"
+REPORT = "report.md"
+HISTORY = "training.json"  # loss per step, held-out losses, before/after replies, as data
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Held-out metrics the CLI shows; the trainer may record more.
 HELDOUT_LOSS_AFTER = "heldout_loss_after"

@@ -12,6 +12,8 @@ and load the new adapter at their next batch, without a restart.
 - a file is missing or corrupt (`manifest.json`, `adapter_config.json`, `adapter_model.safetensors`).
 
 `rollback` undoes the newest activation: the version active before the current one is active again.
+The version rolled back from is marked (`rolled_back_at`, kept in the row's metrics so the schema stays
+as it is) until it is activated again, so the console can tell it from a version never activated.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from personas.manifest import (
     ADAPTER_WEIGHTS,
     HELDOUT_LOSS_AFTER,
     AdapterManifest,
+    adapter_dir,
     check_version_name,
     read_manifest,
     sha256_of,
@@ -46,6 +49,9 @@ from personas.spec import display_path
 
 if TYPE_CHECKING:
     from bot.config import Settings
+
+# Kept in `adapter_versions.metrics` beside the trainer's metrics; `VersionInfo.of` takes it out.
+ROLLED_BACK_AT = "rolled_back_at"
 
 
 class AdapterRefused(PersonaError):
@@ -64,6 +70,7 @@ class VersionInfo:
     is_active: bool
     created_at: datetime
     activated_at: datetime | None
+    rolled_back_at: str | None = None  # ISO time of the rollback away from it, until activated again
 
     @property
     def heldout_loss(self) -> float | None:
@@ -72,15 +79,18 @@ class VersionInfo:
 
     @classmethod
     def of(cls, row: AdapterVersion) -> VersionInfo:
+        metrics = dict(row.metrics or {})
+        rolled_back = metrics.pop(ROLLED_BACK_AT, None)
         return cls(
             persona=row.persona,
             version=row.version,
             path=row.path,
             base_model_sha256=row.base_model_sha256,
-            metrics=dict(row.metrics or {}),
+            metrics=metrics,
             is_active=row.is_active,
             created_at=row.created_at,
             activated_at=row.activated_at,
+            rolled_back_at=str(rolled_back) if rolled_back else None,
         )
 
 
@@ -392,10 +402,11 @@ async def activate(
             )
             .values(is_active=False)
         )
+        cleared = {k: v for k, v in (chosen.metrics or {}).items() if k != ROLLED_BACK_AT}
         await session.execute(
             update(AdapterVersion)
             .where(AdapterVersion.id == chosen.id)
-            .values(is_active=True, activated_at=now)
+            .values(is_active=True, activated_at=now, metrics=cleared)
         )
         await session.flush()
         await session.refresh(chosen)
@@ -440,10 +451,11 @@ async def rollback(
             version=previous.version,
             base_vocab_size=base_vocab_size,
         )
+        marked = {**(current.metrics or {}), ROLLED_BACK_AT: utcnow().isoformat()}
         await session.execute(
             update(AdapterVersion)
             .where(AdapterVersion.id == current.id)
-            .values(is_active=False, activated_at=None)
+            .values(is_active=False, activated_at=None, metrics=marked)
         )
         await session.execute(
             update(AdapterVersion).where(AdapterVersion.id == previous.id).values(is_active=True)
@@ -466,6 +478,30 @@ async def deactivate(target: Store | AsyncSession, persona: str) -> VersionInfo 
         await session.flush()
         await session.refresh(current)
         return VersionInfo.of(current)
+
+
+async def activate_named(
+    store: Store, settings: Settings, persona: str, version: str, base: BaseModelFacts
+) -> VersionInfo:
+    """`personabot persona activate`: activate a version, registering its folder first when it was
+    trained (or copied) here but never registered; a refused activation rolls that back with it."""
+    async with store.transaction() as session:
+        if await get_version(session, persona, version) is None:
+            folder = adapter_dir(settings, persona, version)
+            if not folder.is_dir():
+                registered = {v.version for v in await list_versions(session, persona)}
+                trained = {p.parent.name for p in folder.parent.glob("*/manifest.json")}
+                known = ", ".join(sorted(registered | trained)) or "none; train one with personabot train"
+                raise PersonaError(f"persona {persona!r} has no adapter version {version!r} (known: {known})")
+            await register_folder(session, folder)
+        return await activate(
+            session,
+            persona,
+            version,
+            base_model_sha256=base.sha256,
+            tokenizer=base.tokenizer,
+            base_vocab_size=base.vocab_size,
+        )
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ def test_train_writes_a_complete_version_and_registers_it(
         "manifest.json",
         "loss_curve.png",
         "report.md",
+        "training.json",
     } <= names
     assert "checkpoints" not in names and "run.json" not in names
 
@@ -135,6 +136,10 @@ def test_train_writes_a_complete_version_and_registers_it(
     report = (folder / "report.md").read_text()
     assert report.count("**Before training:**") == 4 and report.count("**After training:**") == 4
     assert "heldout_loss_after" in report and "**User:**" in report
+    history = json.loads((folder / "training.json").read_text())
+    assert [step for step, _ in history["losses"]] == [1, 2, 3, 4]  # one point per optimizer step
+    assert history["heldout_loss_after"] == metrics["heldout_loss_after"]
+    assert len(history["samples"]) == 4 and {"prompt", "before", "after"} <= set(history["samples"][0])
 
     assert _versions("tiny") == {"v1": True}
     # A second run is the next version, registered but not active; extra files join the dataset.

@@ -1,15 +1,21 @@
-"""What a finished run leaves next to its adapter: `loss_curve.png` and `report.md`."""
+"""What a finished run leaves next to its adapter: `loss_curve.png`, `report.md` and `training.json`.
+
+`training.json` holds what the picture and the report show, as data (the loss history, the held-out
+losses, the before/after replies), so the web console can draw the curve itself.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bot.files import atomic_write_text
+from personas.manifest import HISTORY, LOSS_CURVE, REPORT
 from trainer.samples import Sample
 
-LOSS_CURVE = "loss_curve.png"
-REPORT = "report.md"
+__all__ = ["HISTORY", "LOSS_CURVE", "REPORT", "plot_loss_curve", "write_history", "write_report"]
 
 
 def plot_loss_curve(
@@ -87,3 +93,34 @@ def write_report(
         out += ["**From the dialogues:**", "", _quote(new.reference), ""]
     path.write_text("\n".join(out).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def write_history(
+    path: Path,
+    losses: Sequence[tuple[int, float]],
+    *,
+    heldout_before: float | None,
+    heldout_after: float | None,
+    final_step: int,
+    before: Sequence[Sample],
+    after: Sequence[Sample],
+) -> Path:
+    """`training.json`: loss per step, held-out losses and every before/after reply, as data."""
+    data = {
+        "format": 1,
+        "losses": [[int(step), float(value)] for step, value in losses],
+        "heldout_loss_before": heldout_before,
+        "heldout_loss_after": heldout_after,
+        "final_step": final_step,
+        "samples": [
+            {
+                "where": new.where,
+                "prompt": new.prompt,
+                "reference": new.reference,
+                "before": old.reply,
+                "after": new.reply,
+            }
+            for old, new in zip(before, after, strict=False)
+        ],
+    }
+    return atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")

@@ -747,11 +747,12 @@ def _describe_version(
     before: Sequence[Any],
     after: Sequence[Any],
 ) -> str:
-    """`loss_curve.png`, `report.md` and, last, `manifest.json` next to the saved adapter; the base sha256."""
+    """`loss_curve.png`, `report.md`, `training.json` and, last, `manifest.json` next to the saved adapter;
+    the base sha256."""
     from bot.basemodel import model_sha256
     from personas.manifest import AdapterManifest, write_manifest
     from personas.spec import display_path
-    from trainer.report import LOSS_CURVE, REPORT, plot_loss_curve, write_report
+    from trainer.report import HISTORY, LOSS_CURVE, REPORT, plot_loss_curve, write_history, write_report
 
     spec, folder, hp = run.spec, run.folder, run.hp
     base_sha = model_sha256(run.location)
@@ -763,6 +764,15 @@ def _describe_version(
         heldout_after=metrics["heldout_loss_after"],
         final_step=int(metrics["steps"]),
         title=title,
+    )
+    write_history(
+        folder / HISTORY,
+        losses,
+        heldout_before=metrics["heldout_loss_before"],
+        heldout_after=metrics["heldout_loss_after"],
+        final_step=int(metrics["steps"]),
+        before=before,
+        after=after,
     )
     finished_at = _now()
     summary = {

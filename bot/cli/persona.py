@@ -225,33 +225,12 @@ def _base(settings: Settings) -> BaseModelFacts:
 
 async def _activate_async(settings: Settings, slug: str, version: str) -> VersionInfo:
     from bot.runtime import open_store
-    from personas.manifest import adapter_dir
-    from personas.versions import activate, get_version, list_versions, register_folder
+    from personas.versions import activate_named
 
     base = _base(settings)
     store = await open_store(settings)
     try:
-        async with store.transaction() as session:
-            if await get_version(session, slug, version) is None:
-                folder = adapter_dir(settings, slug, version)
-                if not folder.is_dir():
-                    registered = {v.version for v in await list_versions(session, slug)}
-                    trained = {p.parent.name for p in folder.parent.glob("*/manifest.json")}
-                    known = ", ".join(sorted(registered | trained)) or "none; train one with personabot train"
-                    raise PersonaError(
-                        f"persona {slug!r} has no adapter version {version!r} (known: {known})"
-                    )
-                # Trained but never registered (e.g. copied from another machine): register it now; a
-                # refused activation rolls the registration back with it.
-                await register_folder(session, folder)
-            return await activate(
-                session,
-                slug,
-                version,
-                base_model_sha256=base.sha256,
-                tokenizer=base.tokenizer,
-                base_vocab_size=base.vocab_size,
-            )
+        return await activate_named(store, settings, slug, version, base)
     finally:
         await store.close()
 

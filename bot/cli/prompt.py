@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from bot.cli.common import run_async, settings_from
 from bot.config import Settings
-from bot.prompting import ChatRenderer, PromptError, Turn, read_history_file
+from bot.prompting import PromptError, Turn, read_history_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,19 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=_prompt)
-
-
-def _context_window(settings: Settings, location: Any) -> int:
-    """The model's context window from its config (no weights are loaded); 2048 when it says none."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            location.folder, gguf_file=location.gguf_file, local_files_only=True
-        )
-    except (OSError, ValueError):
-        return 2048
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
 
 
 async def _channel_turns(settings: Settings, key: str, persona: str) -> list[Turn]:
@@ -76,98 +62,35 @@ async def _channel_turns(settings: Settings, key: str, persona: str) -> list[Tur
     return history_to_turns(history, persona=persona, group=channel.kind != ChannelKind.DIRECT)
 
 
-def _lore_report(rendered: Any) -> list[dict[str, Any]]:
-    """The lorebook entries that fired, why, and whether the budget let them in."""
-    if rendered.lore is None:
-        return []
-    return [
-        {
-            "entry": f.entry.label,
-            "source": f.entry.source,
-            "reason": f.reason,
-            "tokens": f.tokens,
-            "admitted": f.admitted,
-            "position": f.entry.position,
-        }
-        for f in rendered.lore.fired
-    ]
+# The keys `--json` has always printed (the console's view carries a few more).
+_JSON_KEYS = (
+    "text",
+    "input_ids",
+    "special_token_positions",
+    "dropped_turns",
+    "truncated",
+    "tokens",
+    "max_prompt_tokens",
+    "template",
+    "prefix_stable",
+    "lore",
+)
 
 
 def _prompt(args: argparse.Namespace) -> int:
-    from bot.basemodel import resolve_model
-    from bot.generation.local import load_tokenizer
+    from bot.prompt_view import render_text, render_view
     from bot.runtime import load_registry
 
     settings = settings_from(args)
     persona = load_registry(settings).get(args.persona)
-    spec = persona.spec
     if args.history is not None:
         turns = read_history_file(args.history)
     else:
         turns = run_async(_channel_turns(settings, args.channel, persona.slug))
-    # A stored channel usually ends with the reply: show the prompt that reply was answering.
-    answered = 0
-    while turns and turns[-1].role != "user":
-        turns.pop()
-        answered += 1
-    if not turns:
-        raise PromptError("the conversation has no user turn: there is nothing to render")
-    location = resolve_model(settings)
-    renderer = ChatRenderer(load_tokenizer(location), args.template or spec.template)
-    window = spec.context_window or _context_window(settings, location)
-    max_new = args.max_new_tokens if args.max_new_tokens is not None else spec.sampling.max_new_tokens
-    if max_new < 0 or max_new >= window:
-        raise PromptError(f"--max-new-tokens {max_new} must be between 0 and the context window ({window})")
-    from bot.events import utcnow
-
-    rendered = renderer.render_prompt(
-        turns,
-        system=persona.system_prompt(utcnow()),
-        max_prompt_tokens=window - max_new,
-        lore=persona.lorebook,
-    )
-    lore = _lore_report(rendered)
-    names = renderer.tokenizer.convert_ids_to_tokens(
-        [i for _, i in renderer.special_positions(rendered.input_ids)]
-    )
-    positions = [
-        {"position": pos, "id": tid, "token": name}
-        for (pos, tid), name in zip(renderer.special_positions(rendered.input_ids), names, strict=True)
-    ]
+    # A stored channel usually ends with the reply: the view shows the prompt that reply was answering.
+    view = render_view(settings, persona, turns, template=args.template, max_new_tokens=args.max_new_tokens)
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "text": rendered.text,
-                    "input_ids": rendered.input_ids,
-                    "special_token_positions": positions,
-                    "dropped_turns": rendered.dropped_turns,
-                    "truncated": rendered.truncated,
-                    "tokens": len(rendered.input_ids),
-                    "max_prompt_tokens": window - max_new,
-                    "template": renderer.template,
-                    "prefix_stable": renderer.prefix_stable,
-                    "lore": lore,
-                },
-                ensure_ascii=False,
-            )
-        )
+        print(json.dumps({key: view[key] for key in _JSON_KEYS}, ensure_ascii=False))
         return 0
-    print(rendered.text)
-    print("-" * 40)
-    print(
-        f"{len(rendered.input_ids)} tokens (limit {window - max_new} = context window {window} "
-        f"- max_new_tokens {max_new}), template {renderer.template}"
-    )
-    print(f"dropped turns: {rendered.dropped_turns}" + ("; newest message cut" if rendered.truncated else ""))
-    if answered:
-        print(f"(the {answered} turn(s) after the last user message are left out)")
-    if rendered.lore is not None:
-        admitted = [e for e in lore if e["admitted"]]
-        print(f"lore: {len(admitted)} entries in ({rendered.lore.tokens} tokens), {len(lore)} fired")
-        for e in lore:
-            status = e["position"] if e["admitted"] else "over the token budget, left out"
-            print(f"  {e['entry']} ({e['source']}): {e['reason']}; {e['tokens']} tokens, {status}")
-    for note in renderer.notes:
-        print(f"note: {note}")
+    print(render_text(view))
     return 0

@@ -226,6 +226,17 @@ async def last_runs(session: AsyncSession) -> dict[str, RunRecord]:
     return {row.job_id: RunRecord.of(row) for row in rows.scalars()}
 
 
+async def recent_runs(session: AsyncSession, *, job_prefix: str, limit: int = 20) -> list[RunRecord]:
+    """The newest runs of the jobs whose id starts with `job_prefix` (e.g. `retrain:`), newest first."""
+    rows = await session.execute(
+        select(ScheduledRun)
+        .where(ScheduledRun.job_id.startswith(job_prefix, autoescape=True))
+        .order_by(ScheduledRun.started_at.desc(), ScheduledRun.id.desc())
+        .limit(limit)
+    )
+    return [RunRecord.of(row) for row in rows.scalars()]
+
+
 async def last_run(
     session: AsyncSession, job_id: str, *, status: str | None = None, problems: bool = True
 ) -> RunRecord | None:

@@ -248,6 +248,13 @@ async def failures(session: AsyncSession, limit: int | None = None) -> list[Repl
     return list((await session.execute(query)).scalars())
 
 
+async def listing(session: AsyncSession, status: str, *, limit: int = 50) -> list[ReplyJob]:
+    """Jobs in one status, the most recently changed first (the web console's queue tables)."""
+    changed = func.coalesce(ReplyJob.finished_at, ReplyJob.available_at)
+    query = select(ReplyJob).where(ReplyJob.status == status).order_by(changed.desc(), ReplyJob.id.desc())
+    return list((await session.execute(query.limit(limit))).scalars())
+
+
 async def unfinished(session: AsyncSession) -> bool:
     """Whether any job is still pending or running."""
     query = select(ReplyJob.id).where(ReplyJob.status.in_((JobStatus.PENDING, JobStatus.RUNNING))).limit(1)
