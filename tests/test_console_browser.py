@@ -1,0 +1,176 @@
+"""The web console in a real headless Chromium (Debian's `chromium` and `chromium-driver`, via selenium).
+
+The console runs in a real aiohttp server on 127.0.0.1 in a thread of its own (selenium's calls block),
+with a real SQLite store; screenshots of every page land in the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from bot.config import Settings, load_settings
+from bot.serve.console.pages import mount
+from bot.store import Store
+from bot.store.models import OutboxDelivery
+from personas.versions import list_versions
+from tests.test_console import ADMIN, console_context, refused_delivery, trained_versions
+
+CHROMEDRIVER = "/usr/bin/chromedriver"
+T = TypeVar("T")
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+if shutil.which("chromium") is None or not Path(CHROMEDRIVER).is_file():
+    pytest.skip(
+        "headless Chromium is not installed: apt-get install -y chromium chromium-driver", allow_module_level=True
+    )
+
+from selenium.webdriver.common.by import By  # noqa: E402  (after the skip: selenium may be missing)
+from selenium.webdriver.support import expected_conditions  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+class ServerThread:
+    """An aiohttp app and its store on an event loop in a thread; `call` runs a coroutine there."""
+
+    def __init__(self, build: Callable[[Store], Awaitable[web.Application]], db_url: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.store = Store(db_url)
+        self.call(self.store.upgrade())
+        self.runner = web.AppRunner(self.call(build(self.store)))
+        self.call(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.call(site.start())
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def call(self, coro: Coroutine[Any, Any, T] | Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.call(self.runner.cleanup())
+        self.call(self.store.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture
+def server(tmp_path: Path, settings: Settings) -> Iterator[ServerThread]:
+    async def build(store: Store) -> web.Application:
+        app = web.Application()
+        mount(app, console_context(store, settings))
+        return app
+
+    thread = ServerThread(build, f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    try:
+        yield thread
+    finally:
+        thread.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def log_in(browser: Any, server: ServerThread, secret: str) -> None:
+    browser.get(f"{server.url}/console/personas")
+    assert "Log in" in browser.title  # the 401 page is the log-in form
+    browser.find_element(By.ID, "key").send_keys(secret)
+    browser.find_element(By.ID, "login").click()
+    WebDriverWait(browser, 30).until(expected_conditions.title_contains("Personas"))
+
+
+def no_horizontal_scroll(browser: Any) -> bool:
+    return bool(browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+def test_personas_version_curve_and_activation(
+    server: ServerThread, browser: Any, settings: Settings, tmp_path: Path
+) -> None:
+    server.call(trained_versions(server.store, settings))
+    log_in(browser, server, ADMIN)
+    browser.save_screenshot(str(tmp_path / "personas.png"))
+
+    browser.find_element(By.LINK_TEXT, "v1").click()
+    WebDriverWait(browser, 30).until(expected_conditions.title_contains("pirate v1"))
+    curve = browser.find_element(By.CSS_SELECTOR, "svg.loss-curve path.train-loss")
+    points = curve.get_attribute("d").split()
+    assert len(points) == 4 and points[0].startswith("M")
+    assert curve.size["width"] > 100  # laid out and visible, not only present in the markup
+    assert len(browser.find_elements(By.CSS_SELECTOR, "svg.loss-curve circle.heldout-loss")) == 2
+    assert browser.find_element(By.ID, "heldout-after").text == "1.8000"
+    browser.save_screenshot(str(tmp_path / "version-v1.png"))
+
+    browser.find_element(By.CSS_SELECTOR, "button.activate").click()
+    WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.ID, "notice")))
+    assert "version v1 is active" in browser.find_element(By.ID, "notice").text
+
+    async def active() -> dict[str, bool]:
+        async with server.store.transaction() as session:
+            return {v.version: v.is_active for v in await list_versions(session, "pirate")}
+
+    assert server.call(active()) == {"v1": True, "v2": False}
+    row = browser.find_element(By.CSS_SELECTOR, '#persona-pirate tr[data-version="v1"]')
+    assert "active" in row.text
+    browser.save_screenshot(str(tmp_path / "activated.png"))
+
+
+def test_operations_retry_a_failed_delivery(server: ServerThread, browser: Any, tmp_path: Path) -> None:
+    delivery = server.call(refused_delivery(server.store))
+    log_in(browser, server, ADMIN)
+    browser.find_element(By.LINK_TEXT, "Operations").click()
+    row = browser.find_element(By.ID, f"delivery-{delivery}")
+    assert "failed" in row.text and "Cannot send messages to this user" in row.text
+    browser.save_screenshot(str(tmp_path / "operations.png"))
+    row.find_element(By.CSS_SELECTOR, "button.retry").click()
+    WebDriverWait(browser, 30).until(expected_conditions.presence_of_element_located((By.ID, "notice")))
+    assert f"delivery {delivery} requeued" in browser.find_element(By.ID, "notice").text
+
+    async def status() -> str:
+        async with server.store.transaction() as session:
+            row = await session.get(OutboxDelivery, delivery)
+            assert row is not None
+            return row.status
+
+    assert server.call(status()) == "pending"
+
+
+def test_every_page_fits_a_phone_screen(
+    server: ServerThread, browser: Any, settings: Settings, tmp_path: Path
+) -> None:
+    server.call(trained_versions(server.store, settings))
+    server.call(refused_delivery(server.store, text="a long reply " * 40))
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+    )
+    browser.get(f"{server.url}/console/login")
+    assert no_horizontal_scroll(browser)
+    log_in(browser, server, ADMIN)
+    for name in ("personas", "personas/pirate/versions/v1", "playground", "operations"):
+        browser.get(f"{server.url}/console/{name}")
+        assert browser.execute_script("return window.innerWidth") == 390
+        assert no_horizontal_scroll(browser), f"{name} scrolls sideways at 390 px"
+        browser.save_screenshot(str(tmp_path / f"phone-{name.replace('/', '-')}.png"))
