@@ -1,0 +1,1 @@
+"""`personabot serve`: personas over an OpenAI-compatible HTTP API (and the web console)."""
