@@ -308,6 +308,25 @@ class DeliverySettings(Section):
     )
 
 
+class ServeSettings(Section):
+    """`personabot serve`: the OpenAI-compatible API."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on (`--host`).")
+    port: int = Field(default=8080, ge=0, le=65535, description="Port to listen on (`--port`).")
+    worker: bool = Field(
+        default=True,
+        description="Run a worker inside `personabot serve`; false: separate `personabot worker` processes "
+        "answer the API's requests.",
+    )
+    max_request_chars: int = Field(
+        default=32_000, ge=1, description="Most characters in one request's messages (more: 400)."
+    )
+    max_messages: int = Field(default=256, ge=1, description="Most messages in one request (more: 400).")
+    reply_timeout_seconds: float = Field(
+        default=300.0, gt=0, description="How long a request waits for its reply before a 504."
+    )
+
+
 class Settings(BaseSettings):
     """Everything personabot reads from its config file and environment."""
 
@@ -333,6 +352,7 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     run: RunSettings = Field(default_factory=RunSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
 
     # Where the values came from, for messages; not a setting.
     config_path: Path | None = Field(default=None, exclude=True)

@@ -26,6 +26,8 @@ COMMAND_MODULES = [
     "bot.cli.eval",
     "bot.cli.run",
     "bot.cli.worker",
+    "bot.cli.serve",
+    "bot.cli.apikey",
     "bot.cli.status",
     "bot.cli.outbox",
     "bot.cli.schedule",

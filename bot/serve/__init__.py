@@ -1,1 +1,1 @@
-"""`personabot serve`: the OpenAI-compatible API and the web console, in one aiohttp process."""
+"""`personabot serve`: personas over an OpenAI-compatible HTTP API (and the web console)."""

@@ -294,6 +294,22 @@ class Erasure(Base):
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
 
 
+class ApiKeyRecord(Base):
+    """An API key of `personabot serve`: only the sha256 of its secret is kept, never the secret."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # The visible start of the secret ("pb-1a2b"), so an operator can tell keys apart in `apikey list`.
+    prefix: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    rate_per_minute: Mapped[int] = mapped_column(Integer, default=60)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 def table_of(model: type[Base]) -> Table:
     """A model's Core table, for statements built once on hot paths (no ORM bookkeeping)."""
     return cast(Table, model.__table__)

@@ -1,0 +1,96 @@
+"""The web application of `personabot serve`: the OpenAI-compatible API under `/v1/`.
+
+The root path `/` is left to the web console, which mounts itself in `build_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from bot.config import Settings
+from bot.serve.auth import Handler, KeyCheck
+from bot.serve.errors import ApiError, error_response
+from bot.store import Store
+from personas.registry import PersonaRegistry
+from personas.versions import active_versions
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class ServeContext:
+    """What the routes of one `personabot serve` process share."""
+
+    store: Store
+    registry: PersonaRegistry
+    settings: Settings
+    keys: KeyCheck = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyCheck(self.store)
+
+
+CONTEXT = web.AppKey("serve_context", ServeContext)
+
+
+def context(request: web.Request) -> ServeContext:
+    return request.app[CONTEXT]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure as an OpenAI error object: refusals with their status, the unexpected as 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if not request.path.startswith("/v1/") or exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason, code=None)
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(
+            500, "The server had an error while processing your request.", type="server_error"
+        )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """`GET /v1/models`: one entry per persona, with its active adapter version (null: the base model)."""
+    ctx = context(request)
+    async with ctx.store.transaction() as session:
+        active = await active_versions(session)
+    data = [_model_entry(p.slug, active.get(p.slug)) for p in ctx.registry.all()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    ctx = context(request)
+    slug = request.match_info["model"]
+    if slug not in ctx.registry:
+        raise ApiError(404, f"The model `{slug}` does not exist.", param="model", code="model_not_found")
+    async with ctx.store.transaction() as session:
+        active = await active_versions(session)
+    return web.json_response(_model_entry(slug, active.get(slug)))
+
+
+def _model_entry(slug: str, active: tuple[str, str] | None) -> dict[str, Any]:
+    return {
+        "id": slug,
+        "object": "model",
+        "created": 0,
+        "owned_by": "personabot",
+        "active_version": active[0] if active is not None else None,
+    }
+
+
+def build_app(ctx: ServeContext) -> web.Application:
+    """The API's routes behind the error and key middlewares; the console mounts itself at `/`."""
+    app = web.Application(middlewares=[openai_errors, ctx.keys.middleware])
+    app[CONTEXT] = ctx
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    return app
