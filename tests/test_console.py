@@ -14,10 +14,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 
 from bot.config import Settings, load_settings
+from bot.serve import keys
+from bot.serve.app import ServeContext, build_app
+from bot.serve.console import context as console_context_module
 from bot.serve.console import data
 from bot.serve.console.auth import COOKIE
-from bot.serve.console.context import ConsoleContext
-from bot.serve.console.pages import mount
 from bot.serve.console.svg import loss_curve_svg
 from bot.store import Store, conversations, jobs, outbox
 from bot.store.models import OutboxDelivery
@@ -29,21 +30,28 @@ from tests.tiny import byte_level_tokenizer
 from trainer.report import HISTORY, write_history
 from trainer.samples import Sample
 
-ADMIN, READER = "sk-admin-secret", "sk-reader-secret"
-
 
 @dataclass(frozen=True)
-class Key:
-    admin: bool
+class Secrets:
+    admin: str
+    reader: str
 
 
-async def fake_authenticate(secret: str) -> Key | None:
-    return {ADMIN: Key(True), READER: Key(False)}.get(secret)
+async def make_keys(store: Store) -> Secrets:
+    """Two API keys, as `personabot apikey create` makes them: one admin, one read-only."""
+    _, admin = await keys.create(store, "ops", admin=True)
+    _, reader = await keys.create(store, "viewer")
+    return Secrets(admin, reader)
 
 
-def base_facts() -> BaseModelFacts:
+def base_facts(settings: Settings) -> BaseModelFacts:
     """What activation checks the test adapters against (they are LoRAs on the tiny byte-level model)."""
     return BaseModelFacts(BASE_SHA, byte_level_tokenizer(), None)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_base(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(console_context_module, "base_model_facts", base_facts)
 
 
 async def trained_versions(store: Store, settings: Settings, persona: str = "pirate") -> list[Path]:
@@ -83,23 +91,20 @@ async def refused_delivery(store: Store, text: str = "ahoy there") -> int:
     return item.reply.outbox_id
 
 
-def console_context(store: Store, settings: Settings, **overrides: Any) -> ConsoleContext:
-    values: dict[str, Any] = {
-        "store": store,
-        "settings": settings,
-        "registry": PersonaRegistry.discover(),
-        "authenticate": fake_authenticate,
-        "load_base": base_facts,
-    }
-    return ConsoleContext(**(values | overrides))
+def serve_app(store: Store, settings: Settings) -> web.Application:
+    """`personabot serve`'s application: the API and, mounted in it, the console."""
+    return build_app(ServeContext(store, PersonaRegistry.discover(), settings))
 
 
 @pytest.fixture
 async def client(store: Store) -> AsyncIterator[TestClient[Any, Any]]:
-    app = web.Application()
-    mount(app, console_context(store, load_settings()))
-    async with TestClient(TestServer(app)) as test_client:
+    async with TestClient(TestServer(serve_app(store, load_settings()))) as test_client:
         yield test_client
+
+
+@pytest.fixture
+async def secrets(store: Store) -> Secrets:
+    return await make_keys(store)
 
 
 async def login(client: TestClient[Any, Any], secret: str) -> None:
@@ -109,15 +114,23 @@ async def login(client: TestClient[Any, Any], secret: str) -> None:
     assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/console"
 
 
-async def test_pages_need_a_valid_key_and_actions_an_admin_key(client: TestClient[Any, Any]) -> None:
+async def test_without_any_key_the_console_is_as_open_as_the_api(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/")
+    assert response.status == 200 and response.url.path == "/console/personas"
+    assert "Personas" in await response.text()
+
+
+async def test_pages_need_a_valid_key_and_actions_an_admin_key(
+    client: TestClient[Any, Any], secrets: Secrets
+) -> None:
     for path in ("/console/personas", "/console/operations", "/console/playground"):
         response = await client.get(path)
         assert response.status == 401 and "log in with an API key" in await response.text()
-    assert (await client.post("/console/login", data={"key": "sk-wrong"})).status == 401
+    assert (await client.post("/console/login", data={"key": "pb-wrong"})).status == 401
     response = await client.post("/console/api/prompt", json={"model": "pirate", "messages": []})
     assert response.status == 401 and "log in" in (await response.json())["error"]["message"]
 
-    await login(client, READER)
+    await login(client, secrets.reader)
     assert (await client.get("/console/personas")).status == 200
     for path, form in (
         ("/console/personas/pirate/activate", {"version": "v1"}),
@@ -130,7 +143,7 @@ async def test_pages_need_a_valid_key_and_actions_an_admin_key(client: TestClien
     assert (await client.get("/console/personas/pirate/activate")).status == 405
 
     client.session.cookie_jar.clear()
-    client.session.cookie_jar.update_cookies({COOKIE: "sk-revoked"})
+    client.session.cookie_jar.update_cookies({COOKIE: "pb-revoked"})
     response = await client.get("/console/personas")
     assert response.status == 401 and "not valid" in await response.text()
 
@@ -154,7 +167,7 @@ async def test_personas_data_and_version_page_draw_the_curve(
     assert old is not None and old["losses"] == [] and old["heldout_after"] == 1.4
     assert await data.version_detail(store, "pirate", "v9") is None
 
-    await login(client, READER)
+    await login(client, secrets.reader)
     page = await (await client.get("/console/personas/pirate/versions/v1")).text()
     assert 'class="train-loss" d="M' in page and page.count(" L") >= 3 and "Arr, buried deep!" in page
     assert "75.0%" in page  # the eval's accuracy
@@ -163,9 +176,11 @@ async def test_personas_data_and_version_page_draw_the_curve(
     assert (await client.get("/console/personas/pirate/versions/v9")).status == 404
 
 
-async def test_activate_and_roll_back_change_the_store(client: TestClient[Any, Any], store: Store) -> None:
+async def test_activate_and_roll_back_change_the_store(
+    client: TestClient[Any, Any], store: Store, secrets: Secrets
+) -> None:
     await trained_versions(store, load_settings())
-    await login(client, ADMIN)
+    await login(client, secrets.admin)
 
     async def states() -> dict[str, str]:
         rows = await data.personas_overview(store, {"pirate": "Captain"})
@@ -193,14 +208,14 @@ async def test_activate_and_roll_back_change_the_store(client: TestClient[Any, A
 
 
 async def test_operations_show_a_failed_delivery_and_retry_requeues_it(
-    client: TestClient[Any, Any], store: Store
+    client: TestClient[Any, Any], store: Store, secrets: Secrets
 ) -> None:
     delivery = await refused_delivery(store)
     report = await data.operations(store, personas=["pirate"], plan=[])
     (row,) = report["outbox"]
     assert (row.id, row.status, row.error_code) == (delivery, "failed", "403/50007")
 
-    await login(client, ADMIN)
+    await login(client, secrets.admin)
     page = await (await client.get("/console/operations")).text()
     assert f'id="delivery-{delivery}"' in page and "Cannot send messages to this user" in page
     assert 'class="retry"' in page

@@ -17,19 +17,21 @@ import pytest
 from aiohttp import web
 
 from bot.config import Settings, load_settings
-from bot.serve.console.pages import mount
 from bot.store import Store
 from bot.store.models import OutboxDelivery
 from personas.versions import list_versions
-from tests.test_console import ADMIN, console_context, refused_delivery, trained_versions
+from tests.test_console import Secrets, _tiny_base, make_keys, refused_delivery, serve_app, trained_versions  # noqa: F401  (_tiny_base: autouse)
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 T = TypeVar("T")
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')"
+)
 if shutil.which("chromium") is None or not Path(CHROMEDRIVER).is_file():
     pytest.skip(
-        "headless Chromium is not installed: apt-get install -y chromium chromium-driver", allow_module_level=True
+        "headless Chromium is not installed: apt-get install -y chromium chromium-driver",
+        allow_module_level=True,
     )
 
 from selenium.webdriver.common.by import By  # noqa: E402  (after the skip: selenium may be missing)
@@ -71,9 +73,7 @@ def settings() -> Settings:
 @pytest.fixture
 def server(tmp_path: Path, settings: Settings) -> Iterator[ServerThread]:
     async def build(store: Store) -> web.Application:
-        app = web.Application()
-        mount(app, console_context(store, settings))
-        return app
+        return serve_app(store, settings)
 
     thread = ServerThread(build, f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
     try:
@@ -107,11 +107,16 @@ def no_horizontal_scroll(browser: Any) -> bool:
     return bool(browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"))
 
 
+@pytest.fixture
+def secrets(server: ServerThread) -> Secrets:
+    return server.call(make_keys(server.store))
+
+
 def test_personas_version_curve_and_activation(
-    server: ServerThread, browser: Any, settings: Settings, tmp_path: Path
+    server: ServerThread, browser: Any, settings: Settings, secrets: Secrets, tmp_path: Path
 ) -> None:
     server.call(trained_versions(server.store, settings))
-    log_in(browser, server, ADMIN)
+    log_in(browser, server, secrets.admin)
     browser.save_screenshot(str(tmp_path / "personas.png"))
 
     browser.find_element(By.LINK_TEXT, "v1").click()
@@ -138,9 +143,11 @@ def test_personas_version_curve_and_activation(
     browser.save_screenshot(str(tmp_path / "activated.png"))
 
 
-def test_operations_retry_a_failed_delivery(server: ServerThread, browser: Any, tmp_path: Path) -> None:
+def test_operations_retry_a_failed_delivery(
+    server: ServerThread, browser: Any, secrets: Secrets, tmp_path: Path
+) -> None:
     delivery = server.call(refused_delivery(server.store))
-    log_in(browser, server, ADMIN)
+    log_in(browser, server, secrets.admin)
     browser.find_element(By.LINK_TEXT, "Operations").click()
     row = browser.find_element(By.ID, f"delivery-{delivery}")
     assert "failed" in row.text and "Cannot send messages to this user" in row.text
@@ -159,16 +166,17 @@ def test_operations_retry_a_failed_delivery(server: ServerThread, browser: Any, 
 
 
 def test_every_page_fits_a_phone_screen(
-    server: ServerThread, browser: Any, settings: Settings, tmp_path: Path
+    server: ServerThread, browser: Any, settings: Settings, secrets: Secrets, tmp_path: Path
 ) -> None:
     server.call(trained_versions(server.store, settings))
     server.call(refused_delivery(server.store, text="a long reply " * 40))
     browser.execute_cdp_cmd(
-        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True}
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True},
     )
     browser.get(f"{server.url}/console/login")
     assert no_horizontal_scroll(browser)
-    log_in(browser, server, ADMIN)
+    log_in(browser, server, secrets.admin)
     for name in ("personas", "personas/pirate/versions/v1", "playground", "operations"):
         browser.get(f"{server.url}/console/{name}")
         assert browser.execute_script("return window.innerWidth") == 390

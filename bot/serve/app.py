@@ -1,6 +1,6 @@
 """The web application of `personabot serve`: the OpenAI-compatible API under `/v1/`.
 
-The root path `/` is left to the web console, which mounts itself in `build_app`.
+The web console is mounted under `/console/` (and `/` leads there) in `build_app`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from aiohttp import web
 
 from bot.config import Settings
 from bot.serve.auth import Handler, KeyCheck
+from bot.serve.console.context import ConsoleContext, store_keys
+from bot.serve.console.pages import mount as mount_console
 from bot.serve.errors import ApiError, error_response
 from bot.store import Store
 from personas.registry import PersonaRegistry
 from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class ServeContext:
@@ -93,4 +96,5 @@ def build_app(ctx: ServeContext) -> web.Application:
     app[CONTEXT] = ctx
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    mount_console(app, ConsoleContext(ctx.store, ctx.settings, ctx.registry, store_keys(ctx.store)))
     return app

@@ -25,9 +25,9 @@ class Forbidden(Exception):
 
 async def current_key(request: web.Request, context: ConsoleContext) -> ConsoleKey:
     secret = request.cookies.get(COOKIE, "")
-    if not secret:
-        raise Unauthorized("log in with an API key to use the console")
     key = await context.authenticate(secret)
+    if key is None and not secret:
+        raise Unauthorized("log in with an API key to use the console")
     if key is None:
         raise Unauthorized("that API key is not valid (revoked, or never created): log in again")
     return key
@@ -36,7 +36,7 @@ async def current_key(request: web.Request, context: ConsoleContext) -> ConsoleK
 async def admin_key(request: web.Request, context: ConsoleContext) -> ConsoleKey:
     key = await current_key(request, context)
     if not key.admin:
-        raise Forbidden("this needs an admin API key (personabot apikey create --admin)")
+        raise Forbidden("this needs an admin API key (personabot apikey create NAME --admin)")
     return key
 
 

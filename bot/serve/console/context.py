@@ -19,7 +19,7 @@ class ConsoleKey(Protocol):
     def admin(self) -> bool: ...
 
 
-# A key's secret -> the key, or None when no such (unrevoked) key exists.
+# A key's secret ("" when none was given) -> the key, or None when it lets nobody in.
 Authenticate = Callable[[str], Awaitable[ConsoleKey | None]]
 
 
@@ -31,10 +31,23 @@ class ConsoleContext:
     authenticate: Authenticate
     # The base model's fingerprint and tokenizer, which activation checks adapters against; loaded on
     # the first activation (it reads the tokenizer and hashes the weights), then kept.
-    load_base: Callable[[], BaseModelFacts] | None = None
-    _base: BaseModelFacts | None = field(default=None, repr=False)
+    _base: BaseModelFacts | None = field(default=None, init=False, repr=False)
 
     def base(self) -> BaseModelFacts:
         if self._base is None:
-            self._base = (self.load_base or (lambda: base_model_facts(self.settings)))()
+            self._base = base_model_facts(self.settings)
         return self._base
+
+
+def store_keys(store: Store) -> Authenticate:
+    """The API's keys (`personabot apikey`): with none created at all, the console is as open as the API
+    (the local admin, and `personabot serve` listens on loopback only); once one exists, a key is needed."""
+    from bot.serve import keys
+    from bot.serve.auth import LOCAL_KEY
+
+    async def authenticate(secret: str) -> ConsoleKey | None:
+        if secret:
+            return await keys.authenticate(store, secret)
+        return None if await keys.any_active(store) else LOCAL_KEY
+
+    return authenticate

@@ -221,7 +221,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     key, so it takes exactly the API's path (queue, worker, limits)."""
     context = request.app[CONTEXT]
     await auth.current_key(request, context)
-    secret = request.cookies[auth.COOKIE]
+    secret = request.cookies.get(auth.COOKIE, "")
     try:
         body = await request.json()
     except ValueError:
@@ -232,7 +232,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     host = f"[{sockname[0]}]" if ":" in sockname[0] else sockname[0]
     url = f"http://{host}:{sockname[1]}/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=CHAT_TIMEOUT) as session:
-        async with session.post(url, json=body, headers={"Authorization": f"Bearer {secret}"}) as reply:
+        headers = {"Authorization": f"Bearer {secret}"} if secret else {}  # key-less: the API is open too
+        async with session.post(url, json=body, headers=headers) as reply:
             return web.json_response(await reply.json(content_type=None), status=reply.status)
 
 
@@ -289,6 +290,11 @@ def console_app(context: ConsoleContext) -> web.Application:
     return app
 
 
+async def _to_console(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPSeeOther(f"{auth.PREFIX}/personas")
+
+
 def mount(app: web.Application, context: ConsoleContext) -> None:
-    """Serve the console under `/console/` of `app` (the one line `build_app` calls)."""
+    """Serve the console under `/console/` of `app`, and send `/` there (the one line `build_app` calls)."""
     app.add_subapp(auth.PREFIX, console_app(context))
+    app.router.add_get("/", _to_console)
