@@ -149,7 +149,7 @@ async def test_pages_need_a_valid_key_and_actions_an_admin_key(
 
 
 async def test_personas_data_and_version_page_draw_the_curve(
-    client: TestClient[Any, Any], store: Store
+    client: TestClient[Any, Any], store: Store, secrets: Secrets
 ) -> None:
     settings = load_settings()
     await trained_versions(store, settings)

@@ -59,8 +59,8 @@ def loss_curve_svg(
     if losses:
         d = " ".join(f"{'M' if i == 0 else 'L'}{x(s):.1f},{y(v):.1f}" for i, (s, v) in enumerate(losses))
         out.append(f'<path class="train-loss" d="{d}"/>')
-    for step, value in held:
-        if value is not None:
-            out.append(f'<circle class="heldout-loss" cx="{x(step):.1f}" cy="{y(value):.1f}" r="5"/>')
+    for at, held_loss in held:
+        if held_loss is not None:
+            out.append(f'<circle class="heldout-loss" cx="{x(at):.1f}" cy="{y(held_loss):.1f}" r="5"/>')
     out.append("</svg>")
     return "".join(out)
