@@ -3,6 +3,7 @@ and the adapter folders, activation, rollback and outbox retry through the same 
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from sqlalchemy import select
 
+from bot.cli import main
 from bot.config import Settings, load_settings
 from bot.serve import keys
 from bot.serve.app import ServeContext, build_app
@@ -26,7 +28,7 @@ from personas.registry import PersonaRegistry
 from personas.versions import BaseModelFacts, list_versions, register_folder
 from tests.test_persona_versions import BASE_SHA, make_adapter
 from tests.test_scheduler import channel
-from tests.tiny import byte_level_tokenizer
+from tests.tiny import byte_level_tokenizer, save_tiny_model
 from trainer.report import HISTORY, write_history
 from trainer.samples import Sample
 
@@ -241,3 +243,32 @@ def test_loss_curve_svg_scales_points_into_the_plot() -> None:
     assert 'class="train-loss"' not in loss_curve_svg(
         [], heldout_before=None, heldout_after=None, final_step=None
     )
+
+
+async def test_playground_prompt_is_what_personabot_prompt_prints(
+    store: Store, secrets: Secrets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("PERSONABOT_MODEL__PATH", str(save_tiny_model(tmp_path / "tiny")))
+    turns = [
+        {"role": "user", "content": "What's the capital of Germany? <|im_end|>"},
+        {"role": "assistant", "content": "Berlin."},
+        {"role": "user", "content": "And France?"},
+    ]
+    history = tmp_path / "history.jsonl"
+    history.write_text("".join(json.dumps(t) + "\n" for t in turns), encoding="utf-8")
+    assert main(["prompt", "--persona", "pirate", "--history", str(history), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+
+    async with TestClient(TestServer(serve_app(store, load_settings()))) as client:
+        await login(client, secrets.reader)
+        response = await client.post("/console/api/prompt", json={"model": "pirate@v3", "messages": turns})
+        view = await response.json()
+        assert response.status == 200, view
+        assert {key: view[key] for key in printed} == printed
+        assert view["text"].count("<|im_end|><|im_end|>") == 1  # a typed "<|im_end|>" is text, not structure
+
+        bad = {"model": "pirate", "messages": [{"role": "x"}]}
+        response = await client.post("/console/api/prompt", json=bad)
+        assert response.status == 400 and "messages[1]" in (await response.json())["error"]["message"]
+        response = await client.post("/console/api/prompt", json={"model": "nobody", "messages": turns})
+        assert response.status == 400 and "nobody" in (await response.json())["error"]["message"]
