@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,15 @@ from sqlalchemy import select
 
 from bot.cli import main
 from bot.config import Settings, load_settings
+from bot.events import utcnow
+from bot.scheduler import runs
 from bot.serve import keys
 from bot.serve.app import ServeContext, build_app
 from bot.serve.console import context as console_context_module
 from bot.serve.console import data
 from bot.serve.console.auth import COOKIE
 from bot.serve.console.svg import loss_curve_svg
-from bot.store import Store, conversations, jobs, outbox
+from bot.store import Store, conversations, heartbeats, jobs, outbox
 from bot.store.models import OutboxDelivery
 from personas.registry import PersonaRegistry
 from personas.versions import BaseModelFacts, list_versions, register_folder
@@ -91,6 +94,30 @@ async def refused_delivery(store: Store, text: str = "ahoy there") -> int:
             session, item.lease, code="403/50007", reason="Cannot send messages to this user"
         )
     return item.reply.outbox_id
+
+
+async def busy_deployment(store: Store) -> None:
+    """A worker's heartbeat, a pending and a failed job, and a retraining decision with both losses."""
+    async with store.transaction() as session:
+        await heartbeats.beat(session, "worker-1", "worker", {"interval": 15})
+        channel_id = await conversations.upsert_channel(session, channel("telegram:42"))
+        for persona in ("pirate", "poet"):
+            await jobs.enqueue(session, channel_id=channel_id, persona=persona, dedupe_key=f"busy:{persona}")
+    async with store.transaction() as session:
+        (job,) = await jobs.claim(session, owner="w", limit=1, lease_seconds=60, max_attempts=1)
+        await jobs.fail(session, job, error="RuntimeError: out of memory", max_attempts=1, backoff_seconds=0)
+        run_id = await runs.claim(
+            session, "retrain:pirate", utcnow(), owner="w", stale_after=timedelta(hours=1)
+        )
+        assert run_id is not None
+        detail = {
+            "summary": "activated v4",
+            "version": "v4",
+            "new_loss": 1.25,
+            "active_version": "v3",
+            "active_loss": 1.5,
+        }
+        await runs.finish(session, run_id, status="ok", detail=detail)
 
 
 def serve_app(store: Store, settings: Settings) -> web.Application:
@@ -213,14 +240,21 @@ async def test_operations_show_a_failed_delivery_and_retry_requeues_it(
     client: TestClient[Any, Any], store: Store, secrets: Secrets
 ) -> None:
     delivery = await refused_delivery(store)
+    await busy_deployment(store)
     report = await data.operations(store, personas=["pirate"], plan=[])
     (row,) = report["outbox"]
     assert (row.id, row.status, row.error_code) == (delivery, "failed", "403/50007")
+    assert [j["persona"] for j in report["jobs"]["pending"]] == ["poet"]
+    assert [j["error"] for j in report["jobs"]["failed"]] == ["RuntimeError: out of memory"]
+    (decision,) = report["retrains"]
+    assert decision["detail"]["new_loss"] == 1.25 and decision["detail"]["active_loss"] == 1.5
 
     await login(client, secrets.admin)
     page = await (await client.get("/console/operations")).text()
     assert f'id="delivery-{delivery}"' in page and "Cannot send messages to this user" in page
     assert 'class="retry"' in page
+    for shown in ("worker-1", "RuntimeError: out of memory", "v4: 1.2500", "v3: 1.5000", "activated v4"):
+        assert shown in page
     response = await client.post("/console/outbox/retry", data={"id": str(delivery)})
     assert f"delivery {delivery} requeued" in await response.text()
     async with store.transaction() as session:
