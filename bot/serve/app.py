@@ -11,14 +11,17 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.api import ApiAdapter
 from bot.config import Settings
 from bot.serve.auth import Handler, KeyCheck
+from bot.serve.completions import Completions
 from bot.serve.errors import ApiError, error_response
 from bot.store import Store
 from personas.registry import PersonaRegistry
 from personas.versions import active_versions
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class ServeContext:
@@ -27,10 +30,14 @@ class ServeContext:
     store: Store
     registry: PersonaRegistry
     settings: Settings
+    # The `api` platform: the outbox delivers the API's replies to the requests waiting here.
+    adapter: ApiAdapter = field(default_factory=ApiAdapter)
     keys: KeyCheck = field(init=False)
+    completions: Completions = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = KeyCheck(self.store)
+        self.completions = Completions(self.store, self.registry, self.adapter, self.settings.serve)
 
 
 CONTEXT = web.AppKey("serve_context", ServeContext)
@@ -93,4 +100,5 @@ def build_app(ctx: ServeContext) -> web.Application:
     app[CONTEXT] = ctx
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_post("/v1/chat/completions", ctx.completions.handle)
     return app
