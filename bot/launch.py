@@ -114,7 +114,7 @@ async def run_bot(
             loop.remove_signal_handler(s)
 
 
-async def _load_backend_unless_stopped(settings: Settings, stop: asyncio.Event) -> GenerationBackend | None:
+async def load_backend_unless_stopped(settings: Settings, stop: asyncio.Event) -> GenerationBackend | None:
     """The model, loaded (or pulled) in a daemon thread; None when `stop` is set first.
 
     Not the default executor: `asyncio.run` waits for its threads at exit, so a SIGTERM during a
@@ -182,7 +182,7 @@ async def _run(
                 await adapter.check_token()
         backend = None
         if settings.worker.enabled:
-            backend = await _load_backend_unless_stopped(settings, stop)
+            backend = await load_backend_unless_stopped(settings, stop)
             if backend is None:
                 say("stopped before start-up finished")
                 return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -187,6 +187,21 @@ async def active_versions(session: AsyncSession) -> dict[str, tuple[str, str]]:
         )
     )
     return {persona: (version, path) for persona, version, path in rows}
+
+
+async def pinned_versions(
+    session: AsyncSession, asked: Iterable[tuple[str, str]], active: dict[str, tuple[str, str]]
+) -> dict[str, str]:
+    """`{"persona@version": adapter folder}` of the (persona, version) pairs requests pin (the API's
+    `slug@version`) that are registered and not active; an active one is loaded anyway."""
+    pinned: dict[str, str] = {}
+    for persona, version in sorted(set(asked)):
+        if active.get(persona, ("", ""))[0] == version:
+            continue
+        info = await get_version(session, persona, version)
+        if info is not None:
+            pinned[f"{persona}@{version}"] = info.path
+    return pinned
 
 
 async def active_version(session: AsyncSession, persona: str) -> VersionInfo | None:

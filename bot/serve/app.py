@@ -11,8 +11,10 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.api import ApiAdapter
 from bot.config import Settings
 from bot.serve.auth import Handler, KeyCheck
+from bot.serve.completions import Completions
 from bot.serve.console.context import ConsoleContext, store_keys
 from bot.serve.console.pages import mount as mount_console
 from bot.serve.errors import ApiError, error_response
@@ -30,10 +32,14 @@ class ServeContext:
     store: Store
     registry: PersonaRegistry
     settings: Settings
+    # The `api` platform: the outbox delivers the API's replies to the requests waiting here.
+    adapter: ApiAdapter = field(default_factory=ApiAdapter)
     keys: KeyCheck = field(init=False)
+    completions: Completions = field(init=False)
 
     def __post_init__(self) -> None:
         self.keys = KeyCheck(self.store)
+        self.completions = Completions(self.store, self.registry, self.adapter, self.settings.serve)
 
 
 CONTEXT = web.AppKey("serve_context", ServeContext)
@@ -91,10 +97,11 @@ def _model_entry(slug: str, active: tuple[str, str] | None) -> dict[str, Any]:
 
 
 def build_app(ctx: ServeContext) -> web.Application:
-    """The API's routes behind the error and key middlewares; the console mounts itself at `/`."""
+    """The API's routes behind the error and key middlewares, and the web console under `/console/`."""
     app = web.Application(middlewares=[openai_errors, ctx.keys.middleware])
     app[CONTEXT] = ctx
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_post("/v1/chat/completions", ctx.completions.handle)
     mount_console(app, ConsoleContext(ctx.store, ctx.settings, ctx.registry, store_keys(ctx.store)))
     return app

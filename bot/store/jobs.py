@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Executable, bindparam, delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -55,6 +55,7 @@ class ClaimedJob:
     attempts: int
     created_at: datetime
     lease_owner: str
+    options: dict[str, Any] | None = None  # an API request's sampling (`bot.generation.options`)
 
     @property
     def lease(self) -> Lease:
@@ -79,6 +80,7 @@ async def enqueue(
     trigger_message_id: int | None = None,
     kind: str = "reply",
     prompt: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> int | None:
     """Queue a reply job; returns its id, or None when a job with this key already exists."""
     now = utcnow()
@@ -92,6 +94,7 @@ async def enqueue(
                 "persona": persona,
                 "kind": kind,
                 "prompt": prompt,
+                "options": options,
                 "status": JobStatus.PENDING,
                 "attempts": 0,
                 "available_at": now,
@@ -140,7 +143,15 @@ async def claim(
         ),
         order_by=(c.available_at,),
         values={"started_at": utcnow()},
-        returning=(c.channel_id, c.persona, c.kind, c.prompt, c.trigger_message_id, c.created_at),
+        returning=(
+            c.channel_id,
+            c.persona,
+            c.kind,
+            c.prompt,
+            c.trigger_message_id,
+            c.created_at,
+            c.options,
+        ),
     )
     return [
         ClaimedJob(
@@ -153,8 +164,9 @@ async def claim(
             attempts=lease.attempt,
             created_at=created_at,
             lease_owner=owner,
+            options=options,
         )
-        for lease, (channel_id, persona, kind, prompt, trigger, created_at) in claimed
+        for lease, (channel_id, persona, kind, prompt, trigger, created_at, options) in claimed
     ]
 
 

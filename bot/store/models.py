@@ -160,8 +160,12 @@ class ReplyJob(Base):
     )
     persona: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16), default="reply")  # reply | scheduled
-    # Extra instruction for scheduled posts ("Greet the channel good morning").
+    # Extra instruction for scheduled posts ("Greet the channel good morning"), or an API client's
+    # `system` messages (appended as the user's instruction, never as the persona's system prompt).
     prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Sampling an API request asked for (`bot.generation.options`): temperature, top_p, max_tokens,
+    # stop, seed; None: the persona's own settings.
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     available_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)

@@ -47,16 +47,49 @@ class AdapterSync:
         self.failed: dict[str, _Failed] = {}  # adapter name -> why it did not load
         self.active: dict[str, tuple[str, str]] = {}  # persona -> (version, path), as last read
         self.retired: set[str] = set()  # adapter names no longer active, unloaded once not busy
+        # Versions API requests pin (`slug@version`) that are not active: adapter name -> path, loaded
+        # for the claims that ask for them and unloaded once no claim or request in flight does.
+        self.pinned: dict[str, str] = {}
         self._warned = False
         self._lock = asyncio.Lock()  # one refresh at a time (claims answered concurrently)
 
-    async def sync(self, active: dict[str, tuple[str, str]], *, busy: Collection[str] = ()) -> None:
+    async def sync(
+        self,
+        active: dict[str, tuple[str, str]],
+        *,
+        busy: Collection[str] = (),
+        pinned: dict[str, str] | None = None,
+    ) -> None:
         """Load/unload adapters to match the active versions (persona -> (version, path), as
-        `personas.versions.active_versions` reads them); loading runs in a thread.
+        `personas.versions.active_versions` reads them) and the versions this claim pins (adapter name
+        -> path, `personas.versions.pinned_versions`); loading runs in a thread.
 
         An adapter named in `busy` (used by a request in flight) is unloaded at a later sync."""
         async with self._lock:
             await self._sync(active, set(busy))
+            if self.supported:
+                await self._sync_pinned(pinned or {}, set(busy))
+
+    async def _sync_pinned(self, wanted: dict[str, str], busy: set[str]) -> None:
+        host = self.backend
+        assert isinstance(host, AdapterHost)
+        for name, path in list(self.pinned.items()):
+            if wanted.get(name) != path and name not in busy:
+                del self.pinned[name]
+                if name not in {loaded for loaded, _ in self.loaded.values()}:
+                    await asyncio.to_thread(host.unload_adapter, name)
+        for name, path in sorted(wanted.items()):
+            if name in self.pinned:
+                continue
+            try:
+                await asyncio.to_thread(host.load_adapter, name, Path(path))
+            except Exception as exc:  # reported on the jobs that pin it
+                self.failed[name] = _Failed(path, str(exc) or type(exc).__name__, time.monotonic())
+                log.error("pinned adapter %s failed to load: %s", name, self.failed[name].error)
+                continue
+            self.failed.pop(name, None)
+            self.pinned[name] = path
+            log.info("loaded pinned LoRA adapter %s from %s", name, path)
 
     async def _sync(self, active: dict[str, tuple[str, str]], busy: set[str]) -> None:
         self.active = active
@@ -84,6 +117,10 @@ class AdapterSync:
             if persona in self.loaded:
                 continue
             self.retired.discard(name)  # active again (a rollback while it was busy): loaded anew below
+            if self.pinned.get(name) == path:  # pinned by requests before, active now: already loaded
+                del self.pinned[name]
+                self.loaded[persona] = (name, path)
+                continue
             failed = self.failed.get(name)
             if (
                 failed is not None
@@ -109,9 +146,20 @@ class AdapterSync:
                 time.perf_counter() - started,
             )
 
-    def adapter_for(self, persona: str) -> str | None:
-        """The adapter name a persona's jobs use now (None: the base model)."""
+    def adapter_for(self, persona: str, version: str | None = None) -> str | None:
+        """The adapter name a persona's jobs use now (None: the base model); `version` pins one."""
         wanted = self.active.get(persona)
+        if version is not None and (wanted is None or wanted[0] != version):
+            if not self.supported:
+                return None
+            name = adapter_name(persona, version)
+            if name in self.pinned:
+                return name
+            failed = self.failed.get(name)
+            raise AdapterUnavailable(
+                f"persona {persona!r}: adapter version {version!r} "
+                + (f"failed to load: {failed.error}" if failed is not None else "is not registered")
+            )
         if wanted is None or not self.supported:
             return None
         loaded = self.loaded.get(persona)

@@ -79,7 +79,7 @@ from bot.worker.adapters import AdapterSync
 from bot.worker.prepare import JobInputs, JobRejected, Prepared, Preparer, load_inputs
 from bot.worker.stream import ObserverFanout
 from personas.registry import PersonaRegistry
-from personas.versions import active_versions
+from personas.versions import active_versions, pinned_versions
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class _Claim:
     jobs: list[ClaimedJob]
     inputs: list[JobInputs | None]
     active: dict[str, tuple[str, str]]  # persona -> (version, path) of the active adapter versions
+    # adapter name -> path of versions that API requests pin (`slug@version`) and that are not active
+    pinned: dict[str, str] = field(default_factory=dict)
 
 
 def worker_id() -> str:
@@ -339,6 +341,8 @@ class Worker:
             claim = _Claim(claimed, [], {})
             if claimed:
                 claim.active = await active_versions(session)
+                asked = {(j.persona, str(v)) for j in claimed if (v := (j.options or {}).get("version"))}
+                claim.pinned = await pinned_versions(session, asked, claim.active)
                 claim.inputs = await load_inputs(session, claimed)
         if housekeeping:
             self._next_housekeeping = time.monotonic() + w.poll_seconds
@@ -369,7 +373,7 @@ class Worker:
     async def _prepare(self, claim: _Claim, report: BatchReport) -> list[Prepared]:
         claimed, inputs = claim.jobs, claim.inputs
         # A version still used by a request in flight is unloaded once that one ends.
-        await self.adapters.sync(claim.active, busy=self._busy_adapters())
+        await self.adapters.sync(claim.active, busy=self._busy_adapters(), pinned=claim.pinned)
         self.metrics.adapters_loaded.set(len(self.adapters.loaded))
         prepared = []
         for job, job_inputs in zip(claimed, inputs, strict=True):

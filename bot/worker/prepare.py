@@ -17,6 +17,7 @@ from bot.conversation import history_to_turns
 from bot.errors import PersonaError
 from bot.events import ChannelRef, utcnow
 from bot.generation.base import GenerationRequest, GenerationResult
+from bot.generation.options import apply_options
 from bot.prompting import ChatRenderer, PromptError, Turn
 from bot.replies import speaker_stops
 from bot.store import conversations
@@ -131,7 +132,7 @@ class Preparer:
         if inputs is None:
             raise JobRejected("prompt", f"channel {job.channel_id} no longer exists")
         try:
-            adapter = adapters.adapter_for(persona.slug)
+            adapter = adapters.adapter_for(persona.slug, (job.options or {}).get("version"))
         except AdapterUnavailable as exc:
             raise JobRejected("adapter", str(exc)) from None
         spec = persona.spec
@@ -159,11 +160,12 @@ class Preparer:
             if extra:
                 system = f"{system}\n\n{extra}" if system else extra
         window = spec.context_window or self.context_window
+        asked = apply_options(spec.sampling, job.options)  # an API request's sampling, within limits
         try:
             rendered = renderer.render_prompt(
                 turns,
                 system=system,
-                max_prompt_tokens=window - spec.sampling.max_new_tokens,
+                max_prompt_tokens=window - asked.sampling.max_new_tokens,
                 cache=renderer.channel_cache((job.channel_id, persona.slug)),
                 lore=persona.lorebook,
             )
@@ -171,19 +173,19 @@ class Preparer:
             raise JobRejected("prompt", f"persona {persona.slug!r}: {exc}") from None
         if rendered.dropped_turns:
             log.info("job %s: dropped %d old turns to fit the context window", job.id, rendered.dropped_turns)
-        stops: tuple[str, ...] = ()
+        stops: tuple[str, ...] = asked.stop_texts
         if not inputs.channel.is_direct:
             # A reply ends where the model starts writing someone's next line ("\nalice:").
             names = {m.author for m in inputs.history if m.role == "user"}
             names |= {m.persona for m in inputs.history if m.persona}
-            stops = speaker_stops({*names, persona.slug, spec.name})
+            stops += speaker_stops({*names, persona.slug, spec.name})
         request = GenerationRequest(
             prompt_ids=rendered.input_ids,
-            sampling=spec.sampling,
+            sampling=asked.sampling,
             stop_ids=tuple(renderer.end_of_turn_ids),
             adapter=adapter,
             cache_key=f"{job.channel_id}:{persona.slug}",
-            seed=None if self.seed is None else self.seed + job.id,
+            seed=asked.seed if self.seed is None else self.seed + job.id,
             stop_texts=stops,
         )
         return Prepared(
@@ -194,7 +196,10 @@ class Preparer:
             reply=ActiveReply(job.id, inputs.channel, persona.slug),
             context=context,
             stream_text=not _after_hook(self.plugins, persona),
-            question=job.prompt or _last_user_text(inputs.history, job.trigger_message_id),
+            # A scheduled post answers its prompt; an API job's prompt is the client's instruction.
+            question=(job.prompt or "")
+            if job.kind == "scheduled"
+            else _last_user_text(inputs.history, job.trigger_message_id),
         )
 
     def _context(self, job: ClaimedJob, persona: Persona, inputs: JobInputs) -> Any:
