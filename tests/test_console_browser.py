@@ -15,12 +15,22 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from bot.config import Settings, load_settings
 from bot.store import Store
-from bot.store.models import OutboxDelivery
+from bot.store.models import Channel, OutboxDelivery
 from personas.versions import list_versions
-from tests.test_console import Secrets, _tiny_base, make_keys, refused_delivery, serve_app, trained_versions  # noqa: F401  (_tiny_base: autouse)
+from tests.test_console import (  # noqa: F401  (_tiny_base is an autouse fixture)
+    Secrets,
+    _tiny_base,
+    make_keys,
+    refused_delivery,
+    serve_app,
+    trained_versions,
+)
+from tests.test_serve_api import Server, start_server
+from tests.tiny import save_tiny_model
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 T = TypeVar("T")
@@ -36,7 +46,7 @@ if shutil.which("chromium") is None or not Path(CHROMEDRIVER).is_file():
 
 from selenium.webdriver.common.by import By  # noqa: E402  (after the skip: selenium may be missing)
 from selenium.webdriver.support import expected_conditions  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 class ServerThread:
@@ -101,6 +111,13 @@ def log_in(browser: Any, server: ServerThread, secret: str) -> None:
     browser.find_element(By.ID, "key").send_keys(secret)
     browser.find_element(By.ID, "login").click()
     WebDriverWait(browser, 30).until(expected_conditions.title_contains("Personas"))
+
+
+async def api_channels(store: Store) -> list[str]:
+    async with store.transaction() as session:
+        return list(
+            (await session.scalars(select(Channel.external_id).where(Channel.platform == "api"))).all()
+        )
 
 
 def no_horizontal_scroll(browser: Any) -> bool:
@@ -182,3 +199,44 @@ def test_every_page_fits_a_phone_screen(
         assert browser.execute_script("return window.innerWidth") == 390
         assert no_horizontal_scroll(browser), f"{name} scrolls sideways at 390 px"
         browser.save_screenshot(str(tmp_path / f"phone-{name.replace('/', '-')}.png"))
+
+
+async def test_playground_sends_a_message_and_shows_the_reply_and_prompt(
+    browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole path: browser -> console -> this process's /v1/chat/completions -> queue -> worker
+    (scripted backend) -> outbox -> the waiting request -> the page."""
+    monkeypatch.setenv("PERSONABOT_MODEL__PATH", str(save_tiny_model(tmp_path / "tiny")))
+    async for server in start_server():
+        conversation_before = await api_channels(server.store)
+
+        def drive(server: Server) -> tuple[str, str]:
+            browser.get(f"{server.url}/console/login")
+            browser.find_element(By.ID, "key").send_keys(server.secret)
+            browser.find_element(By.ID, "login").click()
+            WebDriverWait(browser, 30).until(expected_conditions.title_contains("Personas"))
+            browser.get(f"{server.url}/console/playground")
+            Select(browser.find_element(By.ID, "model")).select_by_value("pirate")
+            browser.find_element(By.ID, "message").send_keys("ahoy there, matey")
+            browser.find_element(By.ID, "send").click()
+            wait = WebDriverWait(browser, 60)
+            wait.until(
+                lambda b: (
+                    b.find_elements(By.CSS_SELECTOR, ".bubble.assistant")
+                    and "…" not in b.find_element(By.CSS_SELECTOR, ".bubble.assistant").text
+                )
+            )
+            wait.until(lambda b: b.find_element(By.ID, "prompt").text)
+            browser.save_screenshot(str(tmp_path / "playground.png"))
+            return (
+                browser.find_element(By.CSS_SELECTOR, ".bubble.assistant").text,
+                browser.find_element(By.ID, "prompt").text,
+            )
+
+        reply, prompt = await asyncio.to_thread(drive, server)
+        assert reply == "echo -> ahoy there, matey"
+        # The prompt shown is, character for character, the one the worker rendered for this reply.
+        assert "<|im_start|>user\nahoy there, matey<|im_end|>" in prompt
+        assert prompt == server.backend.prompts[-1].strip()
+        # The reply went through the store, in a conversation of its own (the playground's `user` id).
+        assert len(await api_channels(server.store)) == len(conversation_before) + 1

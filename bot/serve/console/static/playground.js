@@ -12,6 +12,12 @@
   const promptBox = document.getElementById("prompt");
   const promptMeta = document.getElementById("prompt-meta");
   let messages = [];
+  // Each playground conversation is its own stored conversation of the key (the API's `user` field).
+  let conversation = newConversation();
+
+  function newConversation() {
+    return "console-playground-" + Date.now().toString(36) + "-" + Math.random().toString(36).slice(2, 8);
+  }
 
   function bubble(role, text) {
     const div = document.createElement("div");
@@ -62,7 +68,7 @@
     bubble("user", text);
     input.value = "";
     send.disabled = true;
-    const body = { model: model.value, messages: messages.slice() };
+    const body = { model: model.value, messages: messages.slice(), user: conversation };
     const pending = bubble("assistant", "…");
     showPrompt(body);
     try {
@@ -81,6 +87,7 @@
 
   document.getElementById("reset").addEventListener("click", function () {
     messages = [];
+    conversation = newConversation();
     transcript.replaceChildren();
     promptBox.textContent = "";
   });
