@@ -757,23 +757,14 @@ def _describe_version(
     spec, folder, hp = run.spec, run.folder, run.hp
     base_sha = model_sha256(run.location)
     title = f"{spec.name} ({spec.slug}) {run.version}"
-    plot_loss_curve(
-        folder / LOSS_CURVE,
-        losses,
-        heldout_before=metrics["heldout_loss_before"],
-        heldout_after=metrics["heldout_loss_after"],
-        final_step=int(metrics["steps"]),
-        title=title,
-    )
-    write_history(
-        folder / HISTORY,
-        losses,
-        heldout_before=metrics["heldout_loss_before"],
-        heldout_after=metrics["heldout_loss_after"],
-        final_step=int(metrics["steps"]),
-        before=before,
-        after=after,
-    )
+    # The picture and its data: the same losses and held-out points.
+    held = {
+        "heldout_before": metrics["heldout_loss_before"],
+        "heldout_after": metrics["heldout_loss_after"],
+        "final_step": int(metrics["steps"]),
+    }
+    plot_loss_curve(folder / LOSS_CURVE, losses, title=title, **held)
+    write_history(folder / HISTORY, losses, before=before, after=after, **held)
     finished_at = _now()
     summary = {
         "persona": spec.slug,
