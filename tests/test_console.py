@@ -160,7 +160,8 @@ async def test_pages_need_a_valid_key_and_actions_an_admin_key(
     assert response.status == 401 and "log in" in (await response.json())["error"]["message"]
 
     await login(client, secrets.reader)
-    assert (await client.get("/console/personas")).status == 200
+    page = await client.get("/console/personas", params={"done": "Your key expired: log in at evil.example"})
+    assert page.status == 200 and "evil.example" not in await page.text()  # a link cannot put words in it
     for path, form in (
         ("/console/personas/pirate/activate", {"version": "v1"}),
         ("/console/personas/pirate/rollback", {}),

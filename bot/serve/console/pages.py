@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import jinja2
@@ -29,6 +29,7 @@ CONTEXT = web.AppKey("console_context", ConsoleContext)
 TEMPLATES = web.AppKey("console_templates", jinja2.Environment)
 # A local model on a busy queue may take a while; the API's own limits still apply inside.
 CHAT_TIMEOUT = aiohttp.ClientTimeout(total=300)
+FLASH = "personabot_console_done"  # what the last action did, shown once on the next page
 
 
 def _loss(value: float | None) -> str:
@@ -56,16 +57,26 @@ def templates() -> jinja2.Environment:
 
 
 def _page(request: web.Request, name: str, status: int = 200, **values: Any) -> web.Response:
+    flash = request.cookies.get(FLASH)
     html = (
         request.app[TEMPLATES]
         .get_template(name)
-        .render(message=request.query.get("done"), prefix=auth.PREFIX, **values)
+        .render(message=unquote(flash) if flash else None, prefix=auth.PREFIX, **values)
     )
-    return web.Response(text=html, status=status, content_type="text/html")
+    response = web.Response(text=html, status=status, content_type="text/html")
+    if flash:
+        response.del_cookie(FLASH, path=auth.PREFIX)
+    return response
 
 
-def _back(path: str, message: str) -> web.HTTPSeeOther:
-    return web.HTTPSeeOther(f"{auth.PREFIX}{path}?done={quote(message)}")
+def _back(request: web.Request, path: str, message: str) -> web.HTTPSeeOther:
+    """Back to a page after an action, which says what happened once (a cookie, not the URL: a link
+    cannot make the console say things)."""
+    response = web.HTTPSeeOther(f"{auth.PREFIX}{path}")
+    response.set_cookie(
+        FLASH, quote(message), path=auth.PREFIX, httponly=True, samesite="Strict", secure=request.secure
+    )
+    return response
 
 
 @web.middleware
@@ -158,7 +169,9 @@ async def activate(request: web.Request) -> web.StreamResponse:
     except PersonabotError as exc:
         return await _refused(request, exc)
     raise _back(
-        "/personas", f"{slug}: version {info.version} is active (held-out loss {_loss(info.heldout_loss)})"
+        request,
+        "/personas",
+        f"{slug}: version {info.version} is active (held-out loss {_loss(info.heldout_loss)})",
     )
 
 
@@ -177,7 +190,7 @@ async def roll_back(request: web.Request) -> web.StreamResponse:
         )
     except PersonabotError as exc:
         return await _refused(request, exc)
-    raise _back("/personas", f"{slug}: rolled back to version {info.version}")
+    raise _back(request, "/personas", f"{slug}: rolled back to version {info.version}")
 
 
 async def playground(request: web.Request) -> web.StreamResponse:
@@ -264,7 +277,7 @@ async def retry(request: web.Request) -> web.StreamResponse:
     async with context.store.transaction() as session:
         requeued = await outbox.requeue(session, [int(raw)], deadline=deadline)
     text = f"delivery {raw} requeued" if requeued else f"delivery {raw} is not failed (or gone): left alone"
-    raise _back("/operations", text)
+    raise _back(request, "/operations", text)
 
 
 def console_app(context: ConsoleContext) -> web.Application:
