@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,10 +34,20 @@ class EchoSettings(ScriptedBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ids: list[list[int]] = []  # the prompt ids of every request, as the worker rendered them
+        self.adapters: list[str] = []  # load / unload calls, as a LoRA-serving backend gets them
+
+    def load_adapter(self, name: str, folder: Path) -> int:
+        self.adapters.append(f"load {name}")
+        return 0
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.append(f"unload {name}")
 
     def reply_for(self, request: GenerationRequest, prompt: str) -> str:
         self.ids.append(list(request.prompt_ids))
         text = last_user_text(prompt)
+        if text.startswith("adapter?"):
+            return f"adapter={request.adapter}"
         if text.startswith("settings?"):
             s = request.sampling
             return f"t={s.temperature} p={s.top_p} max={s.max_new_tokens} seed={request.seed} stop={list(request.stop_texts)}"
@@ -235,12 +246,20 @@ async def test_slug_at_version(server: Server, tmp_path: Any) -> None:
         await versions.register_version(session, "pirate", "v1", str(tmp_path), "", {})
     client = server.client()
     reply = await client.chat.completions.create(
-        model="pirate@v1", messages=[{"role": "user", "content": "pinned"}]
+        model="pirate@v1", messages=[{"role": "user", "content": "adapter?"}]
     )
-    assert reply.choices[0].message.content == "echo -> pinned" and reply.model == "pirate@v1"
+    assert reply.choices[0].message.content == "adapter=pirate@v1" and reply.model == "pirate@v1"
+    assert server.backend.adapters == ["load pirate@v1"]
+    # Unpinned, the persona answers with its active version (none here: the base model).
+    reply = await client.chat.completions.create(
+        model="pirate", messages=[{"role": "user", "content": "adapter?"}], user="other"
+    )
+    assert reply.choices[0].message.content == "adapter=None"
+    assert server.backend.adapters == ["load pirate@v1", "unload pirate@v1"]
     async with server.store.transaction() as session:
         options = await session.scalar(select(ReplyJob.options).order_by(ReplyJob.id.desc()).limit(1))
-    assert options == {"version": "v1"}
+    assert options is None  # the last job pinned nothing
+
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model="pirate@v9", messages=[{"role": "user", "content": "x"}])
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -316,3 +335,17 @@ async def test_client_gone_mid_stream_the_reply_is_still_stored(slow_server: Ser
         await asyncio.sleep(0.05)
     assert status == JobStatus.DONE
     assert (await api_messages(slow_server.store))[-1] == ("assistant", f"echo -> {words}")
+
+
+async def test_a_pinned_version_becoming_active_stays_loaded() -> None:
+    from bot.worker.adapters import AdapterSync
+
+    backend = EchoSettings()
+    sync = AdapterSync(backend)
+    await sync.sync({}, pinned={"pirate@v1": "/loras/pirate/v1"})
+    assert sync.adapter_for("pirate", "v1") == "pirate@v1" and sync.adapter_for("pirate") is None
+    await sync.sync({"pirate": ("v1", "/loras/pirate/v1")}, pinned={})
+    assert backend.adapters == ["load pirate@v1"]  # adopted as the active one, not unloaded
+    assert sync.adapter_for("pirate") == "pirate@v1" == sync.adapter_for("pirate", "v1")
+    with pytest.raises(Exception, match="v7"):
+        sync.adapter_for("pirate", "v7")
