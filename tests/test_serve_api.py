@@ -349,3 +349,32 @@ async def test_a_pinned_version_becoming_active_stays_loaded() -> None:
     assert sync.adapter_for("pirate") == "pirate@v1" == sync.adapter_for("pirate", "v1")
     with pytest.raises(Exception, match="v7"):
         sync.adapter_for("pirate", "v7")
+
+
+async def test_no_worker_serve_is_answered_by_a_separate_worker_streaming_included() -> None:
+    """`serve --no-worker`: a worker of its own (another process in production; here its own store
+    connection, reaching serve only through the database) answers, and its text streams to the client."""
+    from bot.stream_follow import StreamPublisher
+    from bot.worker import Worker
+
+    async for s in start_server(delay=0.08, worker=False):
+        settings = load_settings(worker={"poll_seconds": 0.2})
+        store = Store(settings.resolved_database_url)
+        worker = Worker(
+            settings, store, PersonaRegistry.discover(), s.backend, observers=[StreamPublisher(store)]
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            # Long enough for the follower's polls (each second while a reply streams, on SQLite).
+            words = " ".join(f"w{n}" for n in range(50))
+            stream = await s.client().chat.completions.create(
+                model="pirate", messages=[{"role": "user", "content": words}], stream=True
+            )
+            pieces = [c.choices[0].delta.content or "" async for c in stream]
+        finally:
+            stop.set()
+            await running
+            await store.close()
+        assert "".join(pieces) == f"echo -> {words}"
+        assert len([p for p in pieces if p]) > 1  # streamed through the store, not only the final text
