@@ -352,12 +352,25 @@ async def test_a_pinned_version_becoming_active_stays_loaded() -> None:
 
 
 async def test_no_worker_serve_is_answered_by_a_separate_worker_streaming_included() -> None:
-    """`serve --no-worker`: a worker of its own (another process in production; here its own store
-    connection, reaching serve only through the database) answers, and its text streams to the client."""
+    """`serve --no-worker`: the request waits in the queue until a worker starts (another process in
+    production; here with its own store connection, reaching serve only through the database), then its
+    text streams to the client."""
     from bot.stream_follow import StreamPublisher
     from bot.worker import Worker
 
     async for s in start_server(delay=0.08, worker=False):
+        # Long enough for the follower's polls (each second while a reply streams, on SQLite).
+        words = " ".join(f"w{n}" for n in range(50))
+
+        async def ask(s: Server = s, words: str = words) -> list[str]:
+            stream = await s.client().chat.completions.create(
+                model="pirate", messages=[{"role": "user", "content": words}], stream=True
+            )
+            return [c.choices[0].delta.content or "" async for c in stream]
+
+        asking = asyncio.create_task(ask())
+        await asyncio.sleep(1.0)
+        assert not asking.done()  # queued: no worker yet
         settings = load_settings(worker={"poll_seconds": 0.2})
         store = Store(settings.resolved_database_url)
         worker = Worker(
@@ -366,12 +379,7 @@ async def test_no_worker_serve_is_answered_by_a_separate_worker_streaming_includ
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
-            # Long enough for the follower's polls (each second while a reply streams, on SQLite).
-            words = " ".join(f"w{n}" for n in range(50))
-            stream = await s.client().chat.completions.create(
-                model="pirate", messages=[{"role": "user", "content": words}], stream=True
-            )
-            pieces = [c.choices[0].delta.content or "" async for c in stream]
+            pieces = await asking
         finally:
             stop.set()
             await running

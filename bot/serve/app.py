@@ -59,6 +59,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
             raise
         return error_response(exc.status, exc.reason, code=None)
     except Exception:
+        if not request.path.startswith("/v1/"):
+            raise  # the console's pages have their own error pages
         log.exception("%s %s failed", request.method, request.path)
         return error_response(
             500, "The server had an error while processing your request.", type="server_error"
