@@ -15,7 +15,8 @@ from sqlalchemy import select
 from bot.cli import main
 from bot.config import Settings, load_settings
 from bot.serve import keys
-from bot.serve.server import is_loopback, serve
+from bot.serve.auth import is_loopback
+from bot.serve.server import serve
 from bot.store import Store
 from bot.store.models import ApiKeyRecord
 
@@ -129,3 +130,18 @@ async def test_models_need_a_valid_key_once_one_exists(no_worker_server: str) ->
         async with http.get(f"{no_worker_server}/v1/models/nobody", headers=good) as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "model_not_found"
+
+
+async def test_beyond_loopback_a_key_is_needed_even_after_all_are_revoked(store: Store) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from bot.serve.auth import LOCAL_KEY, KeyCheck
+    from bot.serve.errors import ApiError
+
+    anonymous = make_mocked_request("GET", "/v1/models")
+    assert await KeyCheck(store, host="127.0.0.1").key_of(anonymous) == LOCAL_KEY
+    key, _ = await keys.create(store, "gone")
+    await keys.revoke(store, key.name)
+    with pytest.raises(ApiError) as refused:
+        await KeyCheck(store, host="0.0.0.0").key_of(anonymous)
+    assert refused.value.status == 401

@@ -36,7 +36,7 @@ class ServeContext:
     completions: Completions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.keys = KeyCheck(self.store)
+        self.keys = KeyCheck(self.store, host=self.settings.serve.host)
         self.completions = Completions(self.store, self.registry, self.adapter, self.settings.serve)
 
 
