@@ -18,12 +18,12 @@ from sqlalchemy import func, select
 from bot.config import load_settings
 from bot.generation.base import GenerationRequest
 from bot.serve import keys
-from bot.serve.server import serve
 from bot.store import Store
 from bot.store.models import Channel, JobStatus, Message, ReplyJob
 from personas import versions
 from personas.registry import PersonaRegistry
 from tests.fakes.backend import ScriptedBackend, last_user_text
+from tests.test_serve_keys import running
 
 pytest.importorskip("openai")
 
@@ -76,22 +76,15 @@ async def start_server(delay: float = 0.0, rate: int = 0, **serve_settings: Any)
     await store.upgrade()
     _, secret = await keys.create(store, "tests", rate_per_minute=rate)
     backend = EchoSettings(delay=delay)
-    stop = asyncio.Event()
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result, backend=backend)
-    )
-    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    running = Server(f"http://127.0.0.1:{ready.result()}", store, secret, backend, [])
     try:
-        yield running
+        async for url in running(settings, backend):
+            server = Server(url, store, secret, backend, [])
+            try:
+                yield server
+            finally:
+                for client in server.clients:
+                    await client.close()
     finally:
-        for client in running.clients:
-            await client.close()
-        stop.set()
-        await task
         await store.close()
 
 

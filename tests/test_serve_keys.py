@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from bot.cli import main
 from bot.config import Settings, load_settings
+from bot.generation.base import GenerationBackend
 from bot.serve import keys
 from bot.serve.auth import is_loopback
 from bot.serve.server import serve
@@ -78,11 +79,13 @@ def test_serve_refuses_a_public_address_without_keys(capsys: pytest.CaptureFixtu
     assert len(err) == 1 and "refusing to serve on 0.0.0.0" in err[0] and "apikey create" in err[0]
 
 
-async def running(settings: Settings) -> AsyncIterator[str]:
-    """A `personabot serve` in this event loop; yields its base URL."""
+async def running(settings: Settings, backend: GenerationBackend | None = None) -> AsyncIterator[str]:
+    """A `personabot serve` in this event loop (answering with `backend`); yields its base URL."""
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result))
+    task = asyncio.create_task(
+        serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result, backend=backend)
+    )
     done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot.config import load_settings
-from bot.serve.server import serve
+from tests.test_serve_keys import running
 
 MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH")  # read at import: the fixtures clear PERSONABOT_*
 
@@ -26,18 +26,8 @@ async def test_real_model_answers_a_chat_completion(tmp_path: Path) -> None:
     assert MODEL is not None
     settings = load_settings(serve={"port": 0}, model={"path": MODEL, "device": "cpu"})
     backend = await asyncio.to_thread(LocalBackend, resolve_model(settings), "cpu", "float32")
-    stop = asyncio.Event()
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result, backend=backend)
-    )
-    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    try:
-        async with openai.AsyncOpenAI(
-            base_url=f"http://127.0.0.1:{ready.result()}/v1", api_key="unused", max_retries=0
-        ) as client:
+    async for url in running(settings, backend):
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
             reply = await client.chat.completions.create(
                 model="assistant",
                 messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -45,8 +35,5 @@ async def test_real_model_answers_a_chat_completion(tmp_path: Path) -> None:
                 temperature=0,
                 extra_headers={"Authorization": ""},  # no key exists: a local client needs none
             )
-    finally:
-        stop.set()
-        await task
     text = reply.choices[0].message.content or ""
     assert "paris" in text.lower(), text

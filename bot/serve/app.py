@@ -15,7 +15,7 @@ from adapters.api import ApiAdapter
 from bot.config import Settings
 from bot.serve.auth import Handler, KeyCheck
 from bot.serve.completions import Completions
-from bot.serve.errors import ApiError, error_response
+from bot.serve.errors import ApiError
 from bot.store import Store
 from personas.registry import PersonaRegistry
 from personas.versions import active_versions
@@ -57,14 +57,13 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if not request.path.startswith("/v1/") or exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, code=None)
+        return ApiError(exc.status, exc.reason).response()
     except Exception:
         if not request.path.startswith("/v1/"):
             raise  # the console's pages have their own error pages
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(
-            500, "The server had an error while processing your request.", type="server_error"
-        )
+        failed = ApiError(500, "The server had an error while processing your request.", type="server_error")
+        return failed.response()
 
 
 async def list_models(request: web.Request) -> web.Response:
