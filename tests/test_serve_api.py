@@ -70,8 +70,12 @@ class Server:
         return client
 
 
-async def start_server(delay: float = 0.0, rate: int = 0, **serve_settings: Any) -> AsyncIterator[Server]:
-    settings = load_settings(serve={"port": 0, **serve_settings}, worker={"poll_seconds": 0.2})
+async def start_server(
+    delay: float = 0.0, rate: int = 0, database_url: str | None = None, **serve_settings: Any
+) -> AsyncIterator[Server]:
+    settings = load_settings(
+        serve={"port": 0, **serve_settings}, worker={"poll_seconds": 0.2}, database_url=database_url
+    )
     store = Store(settings.resolved_database_url)
     await store.upgrade()
     _, secret = await keys.create(store, "tests", rate_per_minute=rate)
@@ -379,3 +383,20 @@ async def test_no_worker_serve_is_answered_by_a_separate_worker_streaming_includ
             await store.close()
         assert "".join(pieces) == f"echo -> {words}"
         assert len([p for p in pieces if p]) > 1  # streamed through the store, not only the final text
+
+
+async def test_conversations_and_streaming_on_each_database(db_url: str) -> None:
+    """SQLite and PostgreSQL: a conversation going on, then edited, streamed; the store holds it."""
+    async for s in start_server(database_url=db_url):
+        client = s.client()
+        first = [{"role": "user", "content": "one"}]
+        r1 = await client.chat.completions.create(model="poet", messages=first)
+        going_on = [*first, {"role": "assistant", "content": r1.choices[0].message.content or ""}]
+        going_on.append({"role": "user", "content": "two"})
+        stream = await client.chat.completions.create(model="poet", messages=going_on, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "echo -> two"
+        edited = [{"role": "user", "content": "uno"}]
+        await client.chat.completions.create(model="poet", messages=edited, temperature=0.1, seed=3)
+        assert await api_messages(s.store) == [("user", "uno"), ("assistant", "echo -> uno")]
+        async with s.store.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(Message)) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -148,3 +149,42 @@ async def test_beyond_loopback_a_key_is_needed_even_after_all_are_revoked(store:
     with pytest.raises(ApiError) as refused:
         await KeyCheck(store, host="0.0.0.0").key_of(anonymous)
     assert refused.value.status == 401
+
+
+def test_personabot_serve_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """The real command: `personabot serve` in its own process, a request, then SIGTERM -> exit 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PERSONABOT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "serve", "--port", "0", "--no-worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"serving (http://127\.0\.0\.1:\d+/v1)", line)
+            if found:
+                break
+        assert found, "".join(lines)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{found.group(1)}/models", timeout=30) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["object"] == "list"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
