@@ -143,10 +143,17 @@ async def login(client: TestClient[Any, Any], secret: str) -> None:
     assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/console"
 
 
-async def test_without_any_key_the_console_is_as_open_as_the_api(client: TestClient[Any, Any]) -> None:
+async def test_without_any_key_the_console_is_as_open_as_the_api(
+    client: TestClient[Any, Any], store: Store
+) -> None:
     response = await client.get("/")
     assert response.status == 200 and response.url.path == "/console/personas"
     assert "Personas" in await response.text()
+    # Served beyond loopback, a key is always needed, as for the API.
+    app = serve_app(store, load_settings(serve={"host": "0.0.0.0"}))
+    async with TestClient(TestServer(app)) as public:
+        assert (await public.get("/console/personas")).status == 401
+        assert (await public.get("/v1/models")).status == 401
 
 
 async def test_pages_need_a_valid_key_and_actions_an_admin_key(

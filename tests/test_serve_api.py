@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,12 +18,12 @@ from sqlalchemy import func, select
 from bot.config import load_settings
 from bot.generation.base import GenerationRequest
 from bot.serve import keys
-from bot.serve.server import serve
 from bot.store import Store
 from bot.store.models import Channel, JobStatus, Message, ReplyJob
 from personas import versions
 from personas.registry import PersonaRegistry
 from tests.fakes.backend import ScriptedBackend, last_user_text
+from tests.test_serve_keys import running
 
 pytest.importorskip("openai")
 
@@ -33,10 +34,20 @@ class EchoSettings(ScriptedBackend):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.ids: list[list[int]] = []  # the prompt ids of every request, as the worker rendered them
+        self.adapters: list[str] = []  # load / unload calls, as a LoRA-serving backend gets them
+
+    def load_adapter(self, name: str, folder: Path) -> int:
+        self.adapters.append(f"load {name}")
+        return 0
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.append(f"unload {name}")
 
     def reply_for(self, request: GenerationRequest, prompt: str) -> str:
         self.ids.append(list(request.prompt_ids))
         text = last_user_text(prompt)
+        if text.startswith("adapter?"):
+            return f"adapter={request.adapter}"
         if text.startswith("settings?"):
             s = request.sampling
             return f"t={s.temperature} p={s.top_p} max={s.max_new_tokens} seed={request.seed} stop={list(request.stop_texts)}"
@@ -59,28 +70,25 @@ class Server:
         return client
 
 
-async def start_server(delay: float = 0.0, rate: int = 0, **serve_settings: Any) -> AsyncIterator[Server]:
-    settings = load_settings(serve={"port": 0, **serve_settings}, worker={"poll_seconds": 0.2})
+async def start_server(
+    delay: float = 0.0, rate: int = 0, database_url: str | None = None, **serve_settings: Any
+) -> AsyncIterator[Server]:
+    settings = load_settings(
+        serve={"port": 0, **serve_settings}, worker={"poll_seconds": 0.2}, database_url=database_url
+    )
     store = Store(settings.resolved_database_url)
     await store.upgrade()
     _, secret = await keys.create(store, "tests", rate_per_minute=rate)
     backend = EchoSettings(delay=delay)
-    stop = asyncio.Event()
-    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result, backend=backend)
-    )
-    done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-    running = Server(f"http://127.0.0.1:{ready.result()}", store, secret, backend, [])
     try:
-        yield running
+        async for url in running(settings, backend):
+            server = Server(url, store, secret, backend, [])
+            try:
+                yield server
+            finally:
+                for client in server.clients:
+                    await client.close()
     finally:
-        for client in running.clients:
-            await client.close()
-        stop.set()
-        await task
         await store.close()
 
 
@@ -235,12 +243,20 @@ async def test_slug_at_version(server: Server, tmp_path: Any) -> None:
         await versions.register_version(session, "pirate", "v1", str(tmp_path), "", {})
     client = server.client()
     reply = await client.chat.completions.create(
-        model="pirate@v1", messages=[{"role": "user", "content": "pinned"}]
+        model="pirate@v1", messages=[{"role": "user", "content": "adapter?"}]
     )
-    assert reply.choices[0].message.content == "echo -> pinned" and reply.model == "pirate@v1"
+    assert reply.choices[0].message.content == "adapter=pirate@v1" and reply.model == "pirate@v1"
+    assert server.backend.adapters == ["load pirate@v1"]
+    # Unpinned, the persona answers with its active version (none here: the base model).
+    reply = await client.chat.completions.create(
+        model="pirate", messages=[{"role": "user", "content": "adapter?"}], user="other"
+    )
+    assert reply.choices[0].message.content == "adapter=None"
+    assert server.backend.adapters == ["load pirate@v1", "unload pirate@v1"]
     async with server.store.transaction() as session:
         options = await session.scalar(select(ReplyJob.options).order_by(ReplyJob.id.desc()).limit(1))
-    assert options == {"version": "v1"}
+    assert options is None  # the last job pinned nothing
+
     with pytest.raises(openai.NotFoundError) as missing:
         await client.chat.completions.create(model="pirate@v9", messages=[{"role": "user", "content": "x"}])
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -316,3 +332,71 @@ async def test_client_gone_mid_stream_the_reply_is_still_stored(slow_server: Ser
         await asyncio.sleep(0.05)
     assert status == JobStatus.DONE
     assert (await api_messages(slow_server.store))[-1] == ("assistant", f"echo -> {words}")
+
+
+async def test_a_pinned_version_becoming_active_stays_loaded() -> None:
+    from bot.worker.adapters import AdapterSync
+
+    backend = EchoSettings()
+    sync = AdapterSync(backend)
+    await sync.sync({}, pinned={"pirate@v1": "/loras/pirate/v1"})
+    assert sync.adapter_for("pirate", "v1") == "pirate@v1" and sync.adapter_for("pirate") is None
+    await sync.sync({"pirate": ("v1", "/loras/pirate/v1")}, pinned={})
+    assert backend.adapters == ["load pirate@v1"]  # adopted as the active one, not unloaded
+    assert sync.adapter_for("pirate") == "pirate@v1" == sync.adapter_for("pirate", "v1")
+    with pytest.raises(Exception, match="v7"):
+        sync.adapter_for("pirate", "v7")
+
+
+async def test_no_worker_serve_is_answered_by_a_separate_worker_streaming_included() -> None:
+    """`serve --no-worker`: the request waits in the queue until a worker starts (another process in
+    production; here with its own store connection, reaching serve only through the database), then its
+    text streams to the client."""
+    from bot.stream_follow import StreamPublisher
+    from bot.worker import Worker
+
+    async for s in start_server(delay=0.08, worker=False):
+        # Long enough for the follower's polls (each second while a reply streams, on SQLite).
+        words = " ".join(f"w{n}" for n in range(50))
+
+        async def ask(s: Server = s, words: str = words) -> list[str]:
+            stream = await s.client().chat.completions.create(
+                model="pirate", messages=[{"role": "user", "content": words}], stream=True
+            )
+            return [c.choices[0].delta.content or "" async for c in stream]
+
+        asking = asyncio.create_task(ask())
+        await asyncio.sleep(1.0)
+        assert not asking.done()  # queued: no worker yet
+        settings = load_settings(worker={"poll_seconds": 0.2})
+        store = Store(settings.resolved_database_url)
+        worker = Worker(
+            settings, store, PersonaRegistry.discover(), s.backend, observers=[StreamPublisher(store)]
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            pieces = await asking
+        finally:
+            stop.set()
+            await running
+            await store.close()
+        assert "".join(pieces) == f"echo -> {words}"
+        assert len([p for p in pieces if p]) > 1  # streamed through the store, not only the final text
+
+
+async def test_conversations_and_streaming_on_each_database(db_url: str) -> None:
+    """SQLite and PostgreSQL: a conversation going on, then edited, streamed; the store holds it."""
+    async for s in start_server(database_url=db_url):
+        client = s.client()
+        first = [{"role": "user", "content": "one"}]
+        r1 = await client.chat.completions.create(model="poet", messages=first)
+        going_on = [*first, {"role": "assistant", "content": r1.choices[0].message.content or ""}]
+        going_on.append({"role": "user", "content": "two"})
+        stream = await client.chat.completions.create(model="poet", messages=going_on, stream=True)
+        assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "echo -> two"
+        edited = [{"role": "user", "content": "uno"}]
+        await client.chat.completions.create(model="poet", messages=edited, temperature=0.1, seed=3)
+        assert await api_messages(s.store) == [("user", "uno"), ("assistant", "echo -> uno")]
+        async with s.store.transaction() as session:
+            assert await session.scalar(select(func.count()).select_from(Message)) == 6

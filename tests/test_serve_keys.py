@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from sqlalchemy import select
 
 from bot.cli import main
 from bot.config import Settings, load_settings
+from bot.generation.base import GenerationBackend
 from bot.serve import keys
-from bot.serve.server import is_loopback, serve
+from bot.serve.auth import is_loopback
+from bot.serve.server import serve
 from bot.store import Store
 from bot.store.models import ApiKeyRecord
 
@@ -77,11 +80,13 @@ def test_serve_refuses_a_public_address_without_keys(capsys: pytest.CaptureFixtu
     assert len(err) == 1 and "refusing to serve on 0.0.0.0" in err[0] and "apikey create" in err[0]
 
 
-async def running(settings: Settings) -> AsyncIterator[str]:
-    """A `personabot serve` in this event loop; yields its base URL."""
+async def running(settings: Settings, backend: GenerationBackend | None = None) -> AsyncIterator[str]:
+    """A `personabot serve` in this event loop (answering with `backend`); yields its base URL."""
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result))
+    task = asyncio.create_task(
+        serve(settings, stop=stop, say=lambda _: None, on_ready=ready.set_result, backend=backend)
+    )
     done, _ = await asyncio.wait([task, ready], return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
@@ -129,3 +134,57 @@ async def test_models_need_a_valid_key_once_one_exists(no_worker_server: str) ->
         async with http.get(f"{no_worker_server}/v1/models/nobody", headers=good) as resp:
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "model_not_found"
+
+
+async def test_beyond_loopback_a_key_is_needed_even_after_all_are_revoked(store: Store) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from bot.serve.auth import LOCAL_KEY, KeyCheck
+    from bot.serve.errors import ApiError
+
+    anonymous = make_mocked_request("GET", "/v1/models")
+    assert await KeyCheck(store, host="127.0.0.1").key_of(anonymous) == LOCAL_KEY
+    key, _ = await keys.create(store, "gone")
+    await keys.revoke(store, key.name)
+    with pytest.raises(ApiError) as refused:
+        await KeyCheck(store, host="0.0.0.0").key_of(anonymous)
+    assert refused.value.status == 401
+
+
+def test_personabot_serve_process_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """The real command: `personabot serve` in its own process, a request, then SIGTERM -> exit 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "PERSONABOT_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bot.cli", "serve", "--port", "0", "--no-worker"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            found = re.search(r"serving (http://127\.0\.0\.1:\d+/v1)", line)
+            if found:
+                break
+        assert found, "".join(lines)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{found.group(1)}/models", timeout=30) as resp:
+            assert resp.status == 200 and json.loads(resp.read())["object"] == "list"
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

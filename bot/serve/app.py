@@ -17,7 +17,7 @@ from bot.serve.auth import Handler, KeyCheck
 from bot.serve.completions import Completions
 from bot.serve.console.context import ConsoleContext, store_keys
 from bot.serve.console.pages import mount as mount_console
-from bot.serve.errors import ApiError, error_response
+from bot.serve.errors import ApiError
 from bot.store import Store
 from personas.registry import PersonaRegistry
 from personas.versions import active_versions
@@ -38,7 +38,7 @@ class ServeContext:
     completions: Completions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.keys = KeyCheck(self.store)
+        self.keys = KeyCheck(self.store, host=self.settings.serve.host)
         self.completions = Completions(self.store, self.registry, self.adapter, self.settings.serve)
 
 
@@ -59,12 +59,13 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if not request.path.startswith("/v1/") or exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, code=None)
+        return ApiError(exc.status, exc.reason).response()
     except Exception:
+        if not request.path.startswith("/v1/"):
+            raise  # the console's pages have their own error pages
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(
-            500, "The server had an error while processing your request.", type="server_error"
-        )
+        failed = ApiError(500, "The server had an error while processing your request.", type="server_error")
+        return failed.response()
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -103,5 +104,5 @@ def build_app(ctx: ServeContext) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", ctx.completions.handle)
-    mount_console(app, ConsoleContext(ctx.store, ctx.settings, ctx.registry, store_keys(ctx.store)))
+    mount_console(app, ConsoleContext(ctx.store, ctx.settings, ctx.registry, store_keys(ctx.store, ctx.keys)))
     return app

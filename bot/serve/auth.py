@@ -1,11 +1,13 @@
 """Who is asking: the API key of a request (`Authorization: Bearer pb-…`), checked before any route.
 
-With no key configured at all, the API is open to local clients (serve refuses a non-loopback address
-then), as the key-less `local` key; once one key exists, every request needs a valid one.
+With no key configured at all, a server on a loopback address is open to local clients, as the
+key-less `local` key (serve refuses another address then); once one key exists, every request needs a
+valid one. A server on another address always needs a key, even after every key is revoked.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -27,6 +29,16 @@ _KEYS_EXIST_TTL = 2.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach the address (`localhost`, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve anywhere
+        return False
+
+
 def bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -38,12 +50,16 @@ def bearer(request: web.Request) -> str | None:
 class KeyCheck:
     """Authenticates requests to the paths it guards and records the key on the request."""
 
-    def __init__(self, store: Store, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
+    def __init__(self, store: Store, *, host: str, prefixes: tuple[str, ...] = ("/v1/",)) -> None:
         self.store = store
         self.prefixes = prefixes
+        # Served beyond loopback, a key is always required, even once every key is revoked.
+        self.may_open = is_loopback(host)
         self._keys_exist: tuple[float, bool] | None = None
 
     async def _open(self) -> bool:
+        if not self.may_open:
+            return False
         now = time.monotonic()
         if self._keys_exist is None or now - self._keys_exist[0] > _KEYS_EXIST_TTL:
             self._keys_exist = (now, await keys.any_active(self.store))

@@ -252,11 +252,7 @@ class _Events:
         await self._send(json.dumps(body))
 
     async def error(self, exc: ApiError) -> None:
-        await self._send(
-            json.dumps(
-                {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
-            )
-        )
+        await self._send(json.dumps(exc.body()))
 
     async def done(self) -> None:
         await self._send("[DONE]")

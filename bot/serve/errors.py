@@ -26,20 +26,8 @@ class ApiError(Exception):
         self.code = code
         self.headers = headers or {}
 
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
     def response(self) -> web.Response:
-        return error_response(
-            self.status, self.message, type=self.type, param=self.param, code=self.code, headers=self.headers
-        )
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return web.json_response(body, status=status, headers=headers)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)

@@ -10,7 +10,6 @@ processes on the same database answer instead.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 from collections.abc import Callable
 
@@ -24,18 +23,9 @@ from bot.launch import load_backend_unless_stopped
 from bot.runtime import START_WAIT_SECONDS, install_bundled, load_registry, open_store
 from bot.serve import keys
 from bot.serve.app import ServeContext, build_app
+from bot.serve.auth import is_loopback
 
 Say = Callable[[str], None]
-
-
-def is_loopback(host: str) -> bool:
-    """Only this machine can reach the address (`localhost`, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name other than localhost may resolve anywhere
-        return False
 
 
 async def serve(

@@ -8,8 +8,10 @@ scripted test backend, which answers at once: what is measured is what personabo
 `--seconds`; every client keeps its own conversation (the `user` field), sending the whole history each
 time as OpenAI clients do, and starts a new one every 8 turns; every other client streams.
 
-Prints requests/s, the added latency p50 and p99 (request sent to reply complete), and errors (any
-exception or a reply other than the expected echo). Exits 1 when there was an error.
+Prints requests/s, the added latency p50 and p99 (request sent to reply complete), errors (any
+exception or a reply other than the expected echo), and the server process's CPU time per request (the
+number to compare on a busy machine, where latency mostly measures the other processes). Exits 1 when
+there was an error.
 PostgreSQL needs PERSONABOT_TEST_POSTGRES_URL (a fresh database per run).
 """
 
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -146,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["NO_PROXY"] = "127.0.0.1,localhost"
             port, secret = port_file.read_text().split()
             base = f"http://127.0.0.1:{port}/v1"
+            server = psutil.Process(child.pid)
+            cpu_before = sum(server.cpu_times()[:2])
             count, latencies, errors, took = asyncio.run(_drive(base, secret, args.clients, args.seconds))
+            server_cpu = sum(server.cpu_times()[:2]) - cpu_before
         finally:
             child.terminate()
             child.wait(timeout=60)
@@ -157,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))] if ms else float("nan")
     print(
         f"serve bench ({args.db}, {args.clients} clients, {args.seconds:g} s): {count} requests, "
-        f"{count / took:.1f} requests/s, added latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {len(errors)}"
+        f"{count / took:.1f} requests/s, added latency p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {len(errors)}; "
+        f"server CPU {1000 * server_cpu / max(count, 1):.1f} ms/request"
     )
     for error in errors[:5]:
         print(f"  error: {error}")

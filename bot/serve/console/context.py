@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from bot.config import Settings
 from bot.store import Store
 from personas.registry import PersonaRegistry
 from personas.versions import BaseModelFacts, base_model_facts
+
+if TYPE_CHECKING:
+    from bot.serve.auth import KeyCheck
 
 
 class ConsoleKey(Protocol):
@@ -39,15 +42,15 @@ class ConsoleContext:
         return self._base
 
 
-def store_keys(store: Store) -> Authenticate:
-    """The API's keys (`personabot apikey`): with none created at all, the console is as open as the API
-    (the local admin, and `personabot serve` listens on loopback only); once one exists, a key is needed."""
+def store_keys(store: Store, check: KeyCheck) -> Authenticate:
+    """The API's keys (`personabot apikey`): where the API is open (loopback, no key created), so is the
+    console, as the local admin; otherwise a key is needed."""
     from bot.serve import keys
     from bot.serve.auth import LOCAL_KEY
 
     async def authenticate(secret: str) -> ConsoleKey | None:
         if secret:
             return await keys.authenticate(store, secret)
-        return None if await keys.any_active(store) else LOCAL_KEY
+        return LOCAL_KEY if check.may_open and not await keys.any_active(store) else None
 
     return authenticate

@@ -1,0 +1,39 @@
+"""`personabot serve` on the real SmolLM2 model: a chat completion through the `openai` client returns a
+sensible reply (the local engine, the renderer and the persona's system prompt on the real path)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from bot.config import load_settings
+from tests.test_serve_keys import running
+
+MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH")  # read at import: the fixtures clear PERSONABOT_*
+
+pytestmark = pytest.mark.skipif(not MODEL, reason="PERSONABOT_TEST_MODEL_PATH is not set")
+
+
+@pytest.mark.timeout(300)
+async def test_real_model_answers_a_chat_completion(tmp_path: Path) -> None:
+    openai = pytest.importorskip("openai")
+    from bot.basemodel import resolve_model
+    from bot.generation.local import LocalBackend
+
+    assert MODEL is not None
+    settings = load_settings(serve={"port": 0}, model={"path": MODEL, "device": "cpu"})
+    backend = await asyncio.to_thread(LocalBackend, resolve_model(settings), "cpu", "float32")
+    async for url in running(settings, backend):
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            reply = await client.chat.completions.create(
+                model="assistant",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                max_tokens=24,
+                temperature=0,
+                extra_headers={"Authorization": ""},  # no key exists: a local client needs none
+            )
+    text = reply.choices[0].message.content or ""
+    assert "paris" in text.lower(), text
