@@ -1,4 +1,4 @@
 """The web console: personas and their versions, a playground, and operations, as server-rendered pages.
 
-`mount(app, context)` adds it under `/console/` to the `personabot serve` application.
+`pages.mount(app, context)` adds it under `/console/` to the `personabot serve` application.
 """
