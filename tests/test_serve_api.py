@@ -50,7 +50,10 @@ class EchoSettings(ScriptedBackend):
             return f"adapter={request.adapter}"
         if text.startswith("settings?"):
             s = request.sampling
-            return f"t={s.temperature} p={s.top_p} max={s.max_new_tokens} seed={request.seed} stop={list(request.stop_texts)}"
+            return (
+                f"t={s.temperature} p={s.top_p} k={s.top_k} rp={s.repetition_penalty} max={s.max_new_tokens} "
+                f"seed={request.seed} stop={list(request.stop_texts)}"
+            )
         return f"echo -> {text}"
 
 
@@ -209,9 +212,10 @@ async def test_sampling_options_within_the_personas_limits(server: Server) -> No
         max_tokens=100_000,
         seed=7,
         stop=["END"],
+        extra_body={"top_k": 5, "repetition_penalty": 1.2},
     )
     text = reply.choices[0].message.content or ""
-    assert "t=0.3 p=0.5" in text and "seed=7" in text and "'END'" in text
+    assert "t=0.3 p=0.5 k=5 rp=1.2" in text and "seed=7" in text and "'END'" in text
     limit = PersonaRegistry.discover().get("assistant").spec.sampling.max_new_tokens
     assert f"max={limit}" in text  # clamped to the persona's own max_new_tokens
     with pytest.raises(openai.BadRequestError) as bad:

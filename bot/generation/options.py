@@ -1,5 +1,5 @@
-"""Sampling options one request asks for (the API's `temperature`, `top_p`, `max_tokens`, `stop`,
-`seed`), stored with its reply job and applied over the persona's own settings by the worker.
+"""Sampling options one request asks for (the API's `temperature`, `top_p`, `top_k`,
+`repetition_penalty`, `max_tokens`, `stop`, `seed`), stored with its reply job and applied over the persona's own settings by the worker.
 
 The persona sets the limits: `max_tokens` never exceeds its `sampling.max_new_tokens`; the rest must lie
 in the ranges OpenAI documents (the API refuses values outside them before a job is queued).
@@ -32,6 +32,10 @@ def apply_options(sampling: Sampling, options: dict[str, Any] | None) -> Applied
         update["temperature"] = min(max(float(options["temperature"]), 0.0), 2.0)
     if options.get("top_p") is not None:
         update["top_p"] = min(max(float(options["top_p"]), 1e-6), 1.0)
+    if options.get("top_k") is not None:
+        update["top_k"] = max(int(options["top_k"]), 0)
+    if options.get("repetition_penalty") is not None:
+        update["repetition_penalty"] = min(max(float(options["repetition_penalty"]), 0.5), 2.0)
     if options.get("max_tokens") is not None:
         update["max_new_tokens"] = min(max(int(options["max_tokens"]), 1), sampling.max_new_tokens)
     stops = tuple(str(s)[:MAX_STOP_CHARS] for s in options.get("stop") or () if s)[:MAX_STOPS]

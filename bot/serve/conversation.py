@@ -101,14 +101,18 @@ async def enqueue(store: Store, request: Conversation) -> Queued:
     author = request.author()
     *earlier, last = request.messages
     async with store.transaction() as session:
-        channel_id = await conversations.upsert_channel(session, channel)
-        user_id = await conversations.upsert_user(session, author)
-        stored = await conversations.history(session, channel_id)
+        found = await conversations.find_channel(session, channel)
+        stored = await conversations.history(session, found) if found is not None else []
         if not _same(stored, earlier, request.persona):
             if stored:
-                await conversations.reset_context(session, channel_id)
-            for message in earlier:
-                await _add(session, channel_id, message, user_id, request.persona)
+                assert found is not None
+                await conversations.reset_context(session, found)
+            if earlier:
+                channel_id = found or await conversations.upsert_channel(session, channel)
+                user_id = await conversations.upsert_user(session, author)
+                for message in earlier:
+                    await _add(session, channel_id, message, user_id, request.persona)
+        # Stores the channel and the user too, when they are new.
         ingested = await conversations.ingest(
             session,
             Incoming(
@@ -121,7 +125,7 @@ async def enqueue(store: Store, request: Conversation) -> Queued:
         )
         job_id = await jobs.enqueue(
             session,
-            channel_id=channel_id,
+            channel_id=ingested.channel_id,
             persona=request.persona,
             dedupe_key=f"api:{ingested.message_id}:{request.persona}",
             trigger_message_id=ingested.message_id,
@@ -129,7 +133,7 @@ async def enqueue(store: Store, request: Conversation) -> Queued:
             options=request.options or None,
         )
         assert job_id is not None  # the message was just stored, so its key is new
-    return Queued(job_id, channel_id, channel)
+    return Queued(job_id, ingested.channel_id, channel)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ _NEUTRAL: dict[str, tuple[object, ...]] = {
     "audio": (None,),
     "web_search_options": (None,),
     "metadata": (None, {}),
+    "min_p": (None, 0, 0.0),  # sent by SillyTavern and vLLM-style clients
+    "top_a": (None, 0, 0.0),
 }
 _KNOWN = {
     "model",
@@ -44,6 +46,8 @@ _KNOWN = {
     "stream_options",
     "temperature",
     "top_p",
+    "top_k",
+    "repetition_penalty",
     "max_tokens",
     "max_completion_tokens",
     "stop",
@@ -197,6 +201,14 @@ def parse(body: Any, limits: ServeSettings, conversation_header: str | None) -> 
         value = _number(body, name, low, high)
         if value is not None:
             options[name] = value
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise bad("`top_k` must be a non-negative integer (0: off).", "top_k")
+        options["top_k"] = top_k
+    penalty = _number(body, "repetition_penalty", 0.5, 2.0)
+    if penalty is not None:
+        options["repetition_penalty"] = penalty
     if options.get("top_p") == 0.0:
         raise bad("`top_p` must be greater than 0.", "top_p")
     for name in ("max_tokens", "max_completion_tokens"):
