@@ -345,8 +345,13 @@ async def test_a_delivery_whose_lease_passed_on_writes_nothing(store: Store) -> 
         assert not await outbox.mark_delivered(s, stale.lease, ["x"])
         row = await s.get(OutboxDelivery, fresh.reply.outbox_id)
         assert row is not None and row.status == "sending" and row.delivered_ids == [] and row.error is None
+        named = await s.get(Message, row.message_id)
+        assert named is not None and named.platform_message_id is None  # a stale holder names nothing
     async with store.transaction() as s:
         assert await outbox.mark_delivered(s, fresh.lease, ["d1"])
+    async with store.transaction() as s:
+        named = await s.get(Message, row.message_id)
+        assert named is not None and named.platform_message_id == "d1"
 
 
 async def test_a_reply_with_nul_characters_is_stored(store: Store) -> None:
