@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import (
+    BindParameter,
     Executable,
     Select,
     Table,
@@ -284,7 +285,7 @@ async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
 
 def _channel_history(n: int) -> Select[Any]:
     """The `limit` newest visible messages of the channel bound as `channel_<n>`."""
-    channel_id = bindparam(f"channel_{n}")
+    channel_id: BindParameter[int] = bindparam(f"channel_{n}")
     return (
         select(
             _messages.c.channel_id,
@@ -318,7 +319,7 @@ def _histories_sql(channels: int) -> Executable:
     first and cut at `limit` (a UNION ALL of per-channel subqueries, which SQLite and PostgreSQL both
     run; a window function would read every message of a long channel)."""
     parts = [
-        select(sub.c).select_from(sub) for sub in (_channel_history(n).subquery() for n in range(channels))
+        select(*sub.c).select_from(sub) for sub in (_channel_history(n).subquery() for n in range(channels))
     ]
     return parts[0] if channels == 1 else union_all(*parts)
 
