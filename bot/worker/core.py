@@ -10,7 +10,9 @@ One batch:
 4. **Generate** all prepared jobs in one batched call in a worker thread. Tokens stream to the reply
    observers; each job is completed as soon as its own row stops (`after_generation` hook, then the reply
    and its outbox row in one transaction that checks the lease), so short replies do not wait for long
-   ones. Leases are renewed while the batch runs.
+   ones. Leases are renewed while the batch runs. Once a batch has nothing left to generate, the next
+   batch is claimed and generated while its replies are still being written (at most one batch
+   writing behind the one generating; a channel's next job waits for its previous reply anyway).
 5. **Faults.** An out-of-memory error splits the unfinished jobs in halves and retries each half; any
    other generation error is bisected the same way, so one poisonous job fails alone and the others
    still get replies. A failed attempt goes back to the queue with exponential backoff until
