@@ -72,53 +72,88 @@ class OutboxPump:
         self.owner = f"{worker_id()}:{adapter.platform}"
 
     async def flush(self) -> int:
-        """Deliver everything due when it is called; returns how many replies were posted."""
+        """Deliver everything due when it is called; returns how many replies were posted.
+
+        Recording a posted reply (`mark_delivered`) runs beside the next claim and posts: it needs
+        only the row's lease, and the row stays leased (so claimed by nobody else) until it commits.
+        A channel's replies are still posted in order: the next claim starts once this batch's posts
+        are all answered. Every record is committed before `flush` returns."""
         posted = 0
         lease_seconds = self.settings.lease_seconds
-        while True:
-            async with self.store.transaction() as session:
-                due = await outbox.claim(
-                    session,
-                    platform=self.adapter.platform,
-                    owner=self.owner,
-                    limit=self.batch,
-                    lease_seconds=lease_seconds,
-                )
-            if not due:
-                return posted
-            # A batch of slow deliveries (rate limits, retries) may outlive the lease: keep renewing
-            # the leases of the rows not yet settled.
-            unsettled = {item.lease.id: item.lease for item in due}
-            # Channels are posted to side by side; one channel's replies go out one by one, in order.
-            by_channel: dict[str, list[outbox.ClaimedDelivery]] = {}
-            for item in due:
-                by_channel.setdefault(item.reply.channel.key, []).append(item)
+        # Rows claimed and not yet settled; a batch of slow deliveries (rate limits, retries) may
+        # outlive the lease, so their leases are renewed until they are.
+        unsettled: dict[int, Lease] = {}
+        recording: list[asyncio.Task[None]] = []
+        async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
+            try:
+                while True:
+                    async with self.store.transaction() as session:
+                        due = await outbox.claim(
+                            session,
+                            platform=self.adapter.platform,
+                            owner=self.owner,
+                            limit=self.batch,
+                            lease_seconds=lease_seconds,
+                        )
+                    if not due:
+                        break
+                    unsettled.update((item.lease.id, item.lease) for item in due)
+                    # Channels are posted to side by side; one channel's replies go out one by one,
+                    # in order.
+                    by_channel: dict[str, list[outbox.ClaimedDelivery]] = {}
+                    for item in due:
+                        by_channel.setdefault(item.reply.channel.key, []).append(item)
+                    counts = await asyncio.gather(
+                        *(self._post_in_order(items, unsettled, recording) for items in by_channel.values())
+                    )
+                    posted += sum(counts)
+                    if len(due) < self.batch:
+                        break  # everything due was claimed; a reply written meanwhile wakes `run`
+            finally:
+                outcomes = await asyncio.gather(*recording, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # the store failed: `run` logs the outage and tries again
+        return posted
 
-            async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
-                counts = await asyncio.gather(
-                    *(self._post_in_order(items, unsettled) for items in by_channel.values())
-                )
-            posted += sum(counts)
-            if len(due) < self.batch:
-                # Everything due was claimed; a reply written meanwhile wakes `run` again.
-                return posted
-
-    async def _post_in_order(self, items: list[outbox.ClaimedDelivery], unsettled: dict[int, Lease]) -> int:
+    async def _post_in_order(
+        self,
+        items: list[outbox.ClaimedDelivery],
+        unsettled: dict[int, Lease],
+        recording: list[asyncio.Task[None]],
+    ) -> int:
         count = 0
         for item in items:
-            count += await self._deliver(item)
-            unsettled.pop(item.lease.id, None)
+            ids = await self._deliver(item)
+            if ids is None:
+                unsettled.pop(item.lease.id, None)
+                continue
+            count += 1
+            recording.append(asyncio.create_task(self._record(item, ids, unsettled)))
         return count
 
-    async def _deliver(self, item: outbox.ClaimedDelivery) -> bool:
-        """Post one claimed reply and record the outcome; True when it was posted."""
+    async def _record(
+        self, item: outbox.ClaimedDelivery, ids: list[str], unsettled: dict[int, Lease]
+    ) -> None:
+        """Mark a posted reply delivered (its lease renewed until then)."""
+        lease = item.lease
+        try:
+            held = await self.store.group.run(lambda session: outbox.mark_delivered(session, lease, ids))
+        finally:
+            unsettled.pop(lease.id, None)
+        if not held:
+            log.warning("outbox %s: posted, but its lease had passed to another process", lease.id)
+
+    async def _deliver(self, item: outbox.ClaimedDelivery) -> list[str] | None:
+        """Post one claimed reply; the platform's ids of its chunks, or None when it was not posted
+        (the failure is recorded)."""
         reply, lease = item.reply, item.lease
         if item.inflight is not None:  # an earlier holder died waiting for the platform's answer
             await self._unknown(
                 item,
                 f"chunk {item.inflight + 1} was being sent when its process stopped; it may have been posted",
             )
-            return False
+            return None
         if self.relay is not None:
             await self.relay.settle(reply.job_id)  # a preview being posted right now: wait for its id
             streamed = self.relay.take_streamed(reply.job_id)
@@ -126,14 +161,10 @@ class OutboxPump:
                 reply = replace(reply, streamed_id=streamed)
         reply = replace(reply, journal=RowJournal(self.store, lease))
         try:
-            ids = await self.adapter.deliver(reply)
+            return await self.adapter.deliver(reply)
         except Exception as exc:
             await self._failed(item, exc)
-            return False
-        held = await self.store.group.run(lambda session: outbox.mark_delivered(session, lease, ids))
-        if not held:
-            log.warning("outbox %s: posted, but its lease had passed to another process", reply.outbox_id)
-        return True
+            return None
 
     async def _failed(self, item: outbox.ClaimedDelivery, exc: Exception) -> None:
         reply, lease = item.reply, item.lease

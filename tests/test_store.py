@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from bot.errors import StoreError
 from bot.events import AuthorRef, ChannelKind, ChannelRef, Deleted, Edited, Incoming
@@ -100,6 +100,37 @@ async def test_reset_starts_a_fresh_context_without_deleting(store: Store) -> No
         visible = [m.text for m in await conversations.history(s, stored.channel_id)]
         kept = (await s.execute(select(func.count()).select_from(Message))).scalar_one()
     assert visible == ["new"] and kept == 2
+
+
+async def test_histories_of_a_batch_come_in_one_statement_each_channel_cut_at_its_own_limit(
+    store: Store,
+) -> None:
+    """A worker's batch reads every channel's history at once; each keeps its own `/reset` floor and
+    its own newest `limit` messages, as `history` gives them one by one."""
+    other = ChannelRef("discord", "200", ChannelKind.GROUP, title="other")
+    empty = ChannelRef("discord", "300", ChannelKind.GROUP, title="empty")
+    async with store.transaction() as s:
+        first = await conversations.ingest(s, message("a1", "a old"))
+        await conversations.reset_context(s, first.channel_id)
+        for n in range(2, 6):
+            await conversations.ingest(s, message(f"a{n}", f"a{n}"))
+        second = await conversations.ingest(s, message("b1", "b1", channel=other))
+        await conversations.ingest(s, message("b2", "b2", channel=other))
+        quiet = await conversations.ingest(s, message("c1", "c1", channel=empty))
+        await conversations.reset_context(s, quiet.channel_id)
+    statements: list[str] = []
+    event.listen(store.engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    async with store.transaction() as s:
+        found = await conversations.histories(s, [second.channel_id, first.channel_id, quiet.channel_id], 3)
+        one_by_one = {
+            cid: await conversations.history(s, cid, 3) for cid in (first.channel_id, second.channel_id)
+        }
+    assert len([sql for sql in statements if "FROM messages" in sql]) == 1 + 2
+    assert {cid: [m.text for m in ms] for cid, ms in found.items()} == {
+        first.channel_id: ["a3", "a4", "a5"],
+        second.channel_id: ["b1", "b2"],
+    }
+    assert found == one_by_one
 
 
 async def test_datetimes_come_back_timezone_aware(store: Store) -> None:
@@ -314,8 +345,13 @@ async def test_a_delivery_whose_lease_passed_on_writes_nothing(store: Store) -> 
         assert not await outbox.mark_delivered(s, stale.lease, ["x"])
         row = await s.get(OutboxDelivery, fresh.reply.outbox_id)
         assert row is not None and row.status == "sending" and row.delivered_ids == [] and row.error is None
+        named = await s.get(Message, row.message_id)
+        assert named is not None and named.platform_message_id is None  # a stale holder names nothing
     async with store.transaction() as s:
         assert await outbox.mark_delivered(s, fresh.lease, ["d1"])
+    async with store.transaction() as s:
+        named = await s.get(Message, row.message_id)
+        assert named is not None and named.platform_message_id == "d1"
 
 
 async def test_a_reply_with_nul_characters_is_stored(store: Store) -> None:

@@ -7,9 +7,22 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
-from sqlalchemy import Executable, Table, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    Executable,
+    Select,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -270,49 +283,76 @@ async def apply_delete(session: AsyncSession, event: Deleted) -> bool:
     return rowcount(result) > 0
 
 
-_HISTORY = (
-    select(
-        _messages.c.id,
-        _messages.c.role,
-        _messages.c.text,
-        _users.c.display_name,
-        _messages.c.persona,
-        _messages.c.created_at,
+def _channel_history(n: int) -> Select[Any]:
+    """The `limit` newest visible messages of the channel bound as `channel_<n>`."""
+    channel_id: BindParameter[int] = bindparam(f"channel_{n}")
+    return (
+        select(
+            _messages.c.channel_id,
+            _messages.c.id,
+            _messages.c.role,
+            _messages.c.text,
+            _users.c.display_name,
+            _messages.c.persona,
+            _messages.c.created_at,
+        )
+        .select_from(_messages.outerjoin(_users, _users.c.id == _messages.c.user_id))
+        .where(
+            _messages.c.channel_id == channel_id,
+            # After the channel's `/reset` floor, if any (ids start at 1).
+            _messages.c.id
+            > func.coalesce(
+                select(_channels.c.context_floor_id).where(_channels.c.id == channel_id).scalar_subquery(),
+                0,
+            ),
+            _messages.c.deleted_at.is_(None),
+            _messages.c.excluded_from_prompts.is_(False),
+        )
+        .order_by(_messages.c.id.desc())
+        .limit(bindparam("limit"))
     )
-    .select_from(_messages.outerjoin(_users, _users.c.id == _messages.c.user_id))
-    .where(
-        _messages.c.channel_id == bindparam("channel_id"),
-        # After the channel's `/reset` floor, if any (ids start at 1).
-        _messages.c.id
-        > func.coalesce(
-            select(_channels.c.context_floor_id)
-            .where(_channels.c.id == bindparam("channel_id"))
-            .scalar_subquery(),
-            0,
-        ),
-        _messages.c.deleted_at.is_(None),
-        _messages.c.excluded_from_prompts.is_(False),
-    )
-    .order_by(_messages.c.id.desc())
-    .limit(bindparam("limit"))
-)
+
+
+@functools.cache
+def _histories_sql(channels: int) -> Executable:
+    """The histories of `channels` channels in one statement: each channel's own index scan, newest
+    first and cut at `limit` (a UNION ALL of per-channel subqueries, which SQLite and PostgreSQL both
+    run; a window function would read every message of a long channel)."""
+    parts = [
+        select(*sub.c).select_from(sub) for sub in (_channel_history(n).subquery() for n in range(channels))
+    ]
+    return parts[0] if channels == 1 else union_all(*parts)
 
 
 async def history(session: AsyncSession, channel_id: int, limit: int = 500) -> list[HistoryMessage]:
     """The channel's visible messages since its last `/reset`, oldest first (at most `limit`); replies
     marked `excluded_from_prompts` are left out."""
-    rows = (await session.execute(_HISTORY, {"channel_id": channel_id, "limit": limit})).all()
-    return [
-        HistoryMessage(
-            id=m.id,
-            role=m.role,
-            text=m.text,
-            author=m.display_name or "",
-            persona=m.persona,
-            created_at=m.created_at,
+    return (await histories(session, [channel_id], limit)).get(channel_id, [])
+
+
+async def histories(
+    session: AsyncSession, channel_ids: Iterable[int], limit: int = 500
+) -> dict[int, list[HistoryMessage]]:
+    """`history` of several channels in one round trip (a worker's batch); a channel with no visible
+    message is left out."""
+    ids = sorted(set(channel_ids))
+    if not ids:
+        return {}
+    params: dict[str, int] = {f"channel_{n}": channel_id for n, channel_id in enumerate(ids)}
+    rows = (await session.execute(_histories_sql(len(ids)), {**params, "limit": limit})).all()
+    found: dict[int, list[HistoryMessage]] = {}
+    for m in sorted(rows, key=lambda m: (m.channel_id, m.id)):
+        found.setdefault(m.channel_id, []).append(
+            HistoryMessage(
+                id=m.id,
+                role=m.role,
+                text=m.text,
+                author=m.display_name or "",
+                persona=m.persona,
+                created_at=m.created_at,
+            )
         )
-        for m in reversed(rows)
-    ]
+    return found
 
 
 async def reset_context(session: AsyncSession, channel_id: int) -> None:

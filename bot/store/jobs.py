@@ -24,19 +24,14 @@ from bot.events import utcnow
 from bot.store.conversations import _dialect_insert, storable_text
 from bot.store.engine import dialect_of
 from bot.store.leases import Lease, LeasedQueue
-from bot.store.models import Channel, JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
+from bot.store.models import JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.outbox import topic as outbox_topic
 from bot.store.wakeups import wake
 
 QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
 JOBS = "jobs"  # the wake-up topic of workers
 # Hot paths use the Core tables and statements built once (see `bot.store.conversations`).
-_jobs, _messages, _outbox, _channels = (
-    table_of(ReplyJob),
-    table_of(Message),
-    table_of(OutboxDelivery),
-    table_of(Channel),
-)
+_jobs, _messages, _outbox = table_of(ReplyJob), table_of(Message), table_of(OutboxDelivery)
 
 
 async def _settled(session: AsyncSession) -> None:
@@ -339,7 +334,6 @@ async def complete(
             "created_at": now,
         },
     )
-    await session.execute(_CHANNEL_SPOKE, {"channel_id": job.channel_id, "now": now})
     await wake(session, outbox_topic(platform))
     await _settled(session)
     return message_id
@@ -356,11 +350,6 @@ _INSERT_DELIVERY = insert(_outbox).values(
     reply_to=select(_messages.c.platform_message_id)
     .where(_messages.c.id == bindparam("trigger_message_id"))
     .scalar_subquery()
-)
-_CHANNEL_SPOKE = (
-    update(_channels)
-    .where(_channels.c.id == bindparam("channel_id"))
-    .values(last_message_at=bindparam("now"))
 )
 
 

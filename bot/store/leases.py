@@ -55,7 +55,7 @@ class LeasedQueue:
         self.c = self.table.c
         self.waiting = waiting  # the status of a row waiting to be claimed
         self.leased = leased  # the status of a claimed row
-        # `update_held` statements by the columns they set, built once (see `_held_update`).
+        # `update_held` statements by the columns they set, built once (see `held_update`).
         self._held_updates: dict[tuple[str, ...], Update] = {}
 
     def due(self, now: datetime) -> ColumnElement[bool]:
@@ -76,7 +76,7 @@ class LeasedQueue:
             c.attempts == lease.attempt,
         )
 
-    def _held_update(self, columns: tuple[str, ...]) -> Update:
+    def held_update(self, columns: tuple[str, ...]) -> Update:
         """`UPDATE ... SET <columns> WHERE <held>` with bound parameters, built once per column set:
         building a statement costs more CPU than running it."""
         stmt = self._held_updates.get(columns)
@@ -143,10 +143,17 @@ class LeasedQueue:
         if any(isinstance(value, ClauseElement) for value in values.values()):
             result = await session.execute(update(self.table).where(*self.held(lease)).values(**values))
         else:
-            params = {f"v_{name}": value for name, value in values.items()}
-            params.update(held_id=lease.id, held_owner=lease.owner, held_attempt=lease.attempt)
-            result = await session.execute(self._held_update(tuple(sorted(values))), params)
+            result = await session.execute(
+                self.held_update(tuple(sorted(values))), self.held_params(lease, values)
+            )
         return rowcount(result) == 1
+
+    @staticmethod
+    def held_params(lease: Lease, values: dict[str, Any]) -> dict[str, Any]:
+        """The parameters of a `held_update` statement setting `values` under `lease`."""
+        params = {f"v_{name}": value for name, value in values.items()}
+        params.update(held_id=lease.id, held_owner=lease.owner, held_attempt=lease.attempt)
+        return params
 
     async def finish(self, session: AsyncSession, lease: Lease, status: str, **values: Any) -> bool:
         """Settle a held row for good (`status`: done, delivered, failed, ...) and drop its lease."""

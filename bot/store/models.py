@@ -102,6 +102,7 @@ class Channel(Base):
     # `/reset`: prompts only see messages with a larger id; history itself is kept.
     context_floor_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=_now)
+    # When the newest user message was sent (moved forward by ingest; a reply does not touch it).
     last_message_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 

@@ -7,16 +7,18 @@ row another pump claimed) never overwrites the newer holder's state.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Executable, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backoff import backoff
 from bot.events import ChannelKind, ChannelRef, Outgoing, utcnow
 from bot.store.conversations import channel_ref
+from bot.store.engine import dialect_of, rowcount
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import Channel, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.wakeups import wake
@@ -125,15 +127,20 @@ async def mark_delivered(session: AsyncSession, lease: Lease, platform_ids: list
 
     Returns False (and writes nothing) when the caller no longer holds the lease.
     """
-    done = await QUEUE.finish(
-        session,
-        lease,
-        OutboxStatus.DELIVERED,
-        delivered_ids=list(platform_ids),
-        delivered_at=utcnow(),
-        error=None,
-        inflight_chunk=None,
-    )
+    values = {
+        "status": OutboxStatus.DELIVERED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "delivered_ids": list(platform_ids),
+        "delivered_at": utcnow(),
+        "error": None,
+        "inflight_chunk": None,
+    }
+    if platform_ids and dialect_of(session) == "postgresql":
+        # One statement (one round trip) settles the row and names the message.
+        params = {**QUEUE.held_params(lease, values), "first_id": platform_ids[0]}
+        return rowcount(await session.execute(_deliver_and_name_sql(tuple(sorted(values))), params)) == 1
+    done = await QUEUE.update_held(session, lease, **values)
     if done and platform_ids:
         await session.execute(_NAME_REPLY, {"outbox_id": lease.id, "first_id": platform_ids[0]})
     return done
@@ -148,6 +155,18 @@ _NAME_REPLY = (
     )
     .values(platform_message_id=bindparam("first_id"))
 )
+
+
+@functools.cache
+def _deliver_and_name_sql(columns: tuple[str, ...]) -> Executable:
+    """PostgreSQL: `WITH done AS (UPDATE outbox ... WHERE <held> RETURNING message_id) UPDATE messages
+    ... FROM done`: the message is named only when the row was still held (rowcount 1)."""
+    done = QUEUE.held_update(columns).returning(_outbox.c.message_id).cte("done")
+    return (
+        update(_messages)
+        .where(_messages.c.id == done.c.message_id)
+        .values(platform_message_id=bindparam("first_id"))
+    )
 
 
 async def mark_refused(session: AsyncSession, lease: Lease, *, code: str, reason: str) -> bool:

@@ -10,7 +10,9 @@ One batch:
 4. **Generate** all prepared jobs in one batched call in a worker thread. Tokens stream to the reply
    observers; each job is completed as soon as its own row stops (`after_generation` hook, then the reply
    and its outbox row in one transaction that checks the lease), so short replies do not wait for long
-   ones. Leases are renewed while the batch runs.
+   ones. Leases are renewed while the batch runs. Once a batch has nothing left to generate, the next
+   batch is claimed and generated while its replies are still being written (at most one batch
+   writing behind the one generating; a channel's next job waits for its previous reply anyway).
 5. **Faults.** An out-of-memory error splits the unfinished jobs in halves and retries each half; any
    other generation error is bisected the same way, so one poisonous job fails alone and the others
    still get replies. A failed attempt goes back to the queue with exponential backoff until
@@ -118,6 +120,12 @@ async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Until `task` ends, whatever its outcome (which its own awaiter takes); cancelling this wait
+    leaves the task running."""
+    await asyncio.wait([task])
 
 
 @dataclass
@@ -233,23 +241,43 @@ class Worker:
                 server.server_close()
 
     async def _run_batches(self, stop: asyncio.Event) -> None:
-        """One batch at a time: claim, answer every job of it, claim again."""
+        """One batch generated at a time: claim, generate, and claim the next batch while the
+        replies of the previous one are still being written (pipelined: a write is a round trip
+        or more that the next batch need not wait for). At most one batch writes behind the one
+        generating. A channel's next job is not claimable until its previous reply is written
+        (`jobs.claim`), and that write wakes the loop, so per-channel order holds."""
         outage = OutageLog("worker", log)
         wakeups = self.store.wakeups
-        while not stop.is_set():
-            wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
-            try:  # a store hiccup must not end the worker; the next round retries
-                claimed = await self.run_once()
-                outage.ok()
-            except Exception as exc:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), outage.failed(exc))
-                continue
-            if claimed < self.settings.worker.max_batch:
-                # Everything due was claimed: wait to be woken by a new (or newly claimable) job,
-                # at once if one came meanwhile. The slow poll catches jobs that become due by
-                # time (a backoff, an expired lease) and wake-ups missed.
-                await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+        writing: asyncio.Task[None] | None = None  # the previous batch, writing its replies
+        try:
+            while not stop.is_set():
+                wakeups.clear(jobs.JOBS)  # a job written from now on wakes the wait below
+                try:  # a store hiccup must not end the worker; the next round retries
+                    claim = await self._claim(self.settings.worker.max_batch)
+                    if claim.jobs:
+                        generated = asyncio.Event()
+                        answering = asyncio.create_task(self._answer(claim, generated))
+                        await _first_of(generated.wait(), _ended(answering))
+                        previous, writing = writing, answering
+                        if previous is not None:
+                            await previous
+                    elif writing is not None:
+                        previous, writing = writing, None
+                        await previous
+                    outage.ok()
+                except Exception as exc:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), outage.failed(exc))
+                    continue
+                if writing is None and len(claim.jobs) < self.settings.worker.max_batch:
+                    # Everything due was claimed and written: wait to be woken by a new (or newly
+                    # claimable) job, at once if one came meanwhile. The slow poll catches jobs
+                    # that become due by time (a backoff, an expired lease) and wake-ups missed.
+                    await wakeups.wait(jobs.JOBS, self.settings.worker.poll_seconds, stop)
+        finally:
+            if writing is not None:  # stopping: the replies being written still are
+                with contextlib.suppress(Exception):
+                    await writing
 
     async def _run_continuous(self, stop: asyncio.Event) -> None:
         """Up to `max_batch` jobs in flight; a claim for the free slots whenever a job ends or arrives."""
@@ -348,8 +376,9 @@ class Worker:
             self._next_housekeeping = time.monotonic() + w.poll_seconds
         return claim
 
-    async def _answer(self, claim: _Claim) -> None:
-        """Answer claimed jobs: prepare, generate, write each reply (steps 2-5 above)."""
+    async def _answer(self, claim: _Claim, generated: asyncio.Event | None = None) -> None:
+        """Answer claimed jobs: prepare, generate, write each reply (steps 2-5 above). `generated`
+        is set once nothing is left to generate (only replies left to write)."""
         w = self.settings.worker
         claimed = claim.jobs
         started = time.perf_counter()
@@ -358,7 +387,9 @@ class Worker:
         async with keep_leases(self.store, jobs.QUEUE, lambda: leases, lease_seconds=w.lease_seconds):
             prepared = await self._prepare(claim, report)
             if prepared:
-                await self._generate(prepared, report)
+                await self._generate(prepared, report, generated)
+            elif generated is not None:
+                generated.set()
         self._log_batch(report, time.perf_counter() - started)
 
     async def _backend_ready(self) -> bool:
@@ -392,7 +423,9 @@ class Worker:
 
     # -- generating -----------------------------------------------------------------------------------
 
-    async def _generate(self, prepared: list[Prepared], report: BatchReport) -> None:
+    async def _generate(
+        self, prepared: list[Prepared], report: BatchReport, generated: asyncio.Event | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         fanout = ObserverFanout(self.observers, loop, on_text=self.on_text)
         for item in prepared:
@@ -445,6 +478,8 @@ class Worker:
                 reason = "oom" if is_out_of_memory(exc) else "generation"
                 await self._fail(item.job, f"generation failed: {type(exc).__name__}: {exc}", reason, report)
                 await fanout.end(item.reply, False)
+        if generated is not None:
+            generated.set()
         if finished:
             await asyncio.gather(*finished.values())
 

@@ -67,12 +67,11 @@ class JobInputs:
 async def load_inputs(session: AsyncSession, claimed: list[ClaimedJob]) -> list[JobInputs | None]:
     """Each job's channel and visible history (None when the channel is gone), in `claimed`'s order."""
     channels = await conversations.channels_by_id(session, {job.channel_id for job in claimed})
-    inputs: list[JobInputs | None] = []
-    for job in claimed:
-        channel = channels.get(job.channel_id)
-        history = await conversations.history(session, job.channel_id) if channel is not None else []
-        inputs.append(JobInputs(channel, history) if channel is not None else None)
-    return inputs
+    histories = await conversations.histories(session, channels.keys())  # one statement for the batch
+    return [
+        JobInputs(channel, histories.get(job.channel_id, [])) if channel is not None else None
+        for job, channel in ((job, channels.get(job.channel_id)) for job in claimed)
+    ]
 
 
 def _plugins() -> Any:

@@ -13,7 +13,10 @@ Faults, in order, while the load runs:
 5. PostgreSQL stopped for 10 s while messages arrive on both platforms, then started (issue 20).
 
 The issue asks for 500 messages; on CI's 2 cores the run uses `CHAOS_MESSAGES` (default 160, half
-per platform) so it takes a couple of minutes at most. Set `CHAOS_MESSAGES=500` for the full load.
+per platform) so it takes a couple of minutes at most. Set `CHAOS_MESSAGES=500` for the full load
+(measured on the shared 2-core machine at load ~10: 297 s of wall time, 670 messages with the fault
+traffic, 0 duplicates, 0 losses, nothing pending; but behind that backlog (p50 49 s from message to
+reply) the dead worker's job took 18.7 s, over the 15 s goal, so 160 stays the default).
 
 PostgreSQL is restarted with `pg_ctlcluster`; the server is started again whatever happens.
 """
