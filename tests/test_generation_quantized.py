@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,14 @@ from personas.spec import Sampling
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, save_tiny_model, tiny_llama
 
-pytestmark = pytest.mark.skipif(
-    "fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm (not x86)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        "fbgemm" not in torch.backends.quantized.supported_engines, reason="no fbgemm (not x86)"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 # Output error relative to the output's scale: int8 weights and 7-bit activations, float16 weights.
 TOLERANCE = {"int8": 0.05, "float16": 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; steady on a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
