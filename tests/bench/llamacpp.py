@@ -124,4 +124,3 @@ class LlamaCpp:
         started = time.perf_counter()
         self.llm.eval(prompt)
         return len(prompt) / (time.perf_counter() - started)
-
