@@ -721,7 +721,9 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
     for fmt in ("float32", "bfloat16", "float16", "int8"):
         engine = BatchEngine(engine_model(model_path, fmt), tokenizer)
         decode[f"personabot {fmt}"] = lambda e=engine: decode_rate(e, prompt, None, args.decode_tokens)
-        prefill[f"personabot {fmt}"] = lambda e=engine: prefill_rate(e, long_prompt)
+        if fmt != "bfloat16" or torch.cpu._is_avx512_bf16_supported():
+            # Without native bf16 (AVX512-BF16/AMX) a bf16 prefill runs minutes on reference kernels.
+            prefill[f"personabot {fmt}"] = lambda e=engine: prefill_rate(e, long_prompt)
     weights = weight_bytes(load_model(model_path))
     runners = []
     why_not = llamacpp.available() if args.llamacpp != "off" else "--llamacpp off"
@@ -789,12 +791,12 @@ def print_engines(f: dict[str, Any]) -> None:
         f"{'prefill tok/s':>15}{'vs pb f32':>10}{'vs llama f32':>13}"
     )
     for key, d in best["decode"].items():
-        p = best["prefill"][key]
+        p = best["prefill"].get(key)
         vs_d = f"{d / best['decode'][ref]:.2f}x" if ref in best["decode"] else "-"
-        vs_p = f"{p / best['prefill'][ref]:.2f}x" if ref in best["prefill"] else "-"
+        vs_p = f"{p / best['prefill'][ref]:.2f}x" if p and ref in best["prefill"] else "-"
+        prefill = f"{p:>15.0f}{p / base_p:>9.2f}x" if p else f"{'-':>15}{'-':>10}"
         print(
-            f"    {key:<26}{d:>13.1f}{d / base_d:>9.2f}x{vs_d:>13}{100 * d / floor:>11.0f}%"
-            f"{p:>15.0f}{p / base_p:>9.2f}x{vs_p:>13}"
+            f"    {key:<26}{d:>13.1f}{d / base_d:>9.2f}x{vs_d:>13}{100 * d / floor:>11.0f}%{prefill}{vs_p:>13}"
         )
     for key in ("f32", "q4_1"):
         if f"llamacpp_{key}_greedy_prefix_equal_to_transformers" in f:
