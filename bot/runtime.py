@@ -104,4 +104,6 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationB
         return VllmBackend.from_settings(settings)
     from bot.generation.local import LocalBackend
 
-    return LocalBackend(resolve_model(settings), settings.model.device, settings.model.dtype)
+    return LocalBackend(
+        resolve_model(settings), settings.model.device, settings.model.dtype, weights=settings.model.weights
+    )

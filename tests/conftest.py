@@ -16,6 +16,17 @@ from bot.store import Store
 POSTGRES_URL_ENV = "PERSONABOT_TEST_POSTGRES_URL"
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test: tiny matrices run steadier so on a shared machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No test reads the developer's config, tokens or data directory."""

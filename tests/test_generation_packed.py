@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,12 @@ from personas.spec import Sampling
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, tiny_llama
 
-pytestmark = pytest.mark.skipif(
-    not can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no oneDNN linear (not x86)"
-)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices; steady on a shared machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = [
+    pytest.mark.skipif(
+        not can_pack(torch.nn.Linear(2, 2)), reason="this PyTorch has no oneDNN linear (not x86)"
+    ),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 
 def test_packed_linear_matches_f_linear() -> None:

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: model.device, auto = CUDA when present)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: model.dtype")
+    p.add_argument(
+        "--weights", choices=["auto", "float16", "int8"], help="CPU base weights (default: model.weights)"
+    )
     p.add_argument("--max-batch", type=int, metavar="N", help="jobs per batch (default: worker.max_batch)")
     p.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="Prometheus port (default: worker.metrics_port)"
@@ -41,6 +44,8 @@ def _worker(args: argparse.Namespace) -> int:
         settings.model.device = args.device
     if args.dtype:
         settings.model.dtype = args.dtype
+    if args.weights:
+        settings.model.weights = args.weights
     if args.max_batch is not None:
         if args.max_batch < 1:
             raise ConfigError("--max-batch must be at least 1")

@@ -2,8 +2,8 @@
 
 Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse). On the
 CPU the linear layers' weights are packed once for oneDNN (`bot.generation.packed`; `pack_weights=False`
-keeps plain `nn.Linear` layers), and the torch thread count follows the cores other processes leave idle,
-unless `OMP_NUM_THREADS` (or `personabot worker --threads`) fixes it.
+keeps plain `nn.Linear` layers) or held as float16/int8 (`weights=`, `bot.generation.quantized`), and
+the torch thread count follows the cores other processes leave idle, unless `OMP_NUM_THREADS` (or `personabot worker --threads`) fixes it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import KVCacheLRU
 from bot.generation.lora import MultiLora
 from bot.generation.packed import pack_linears
+from bot.generation.quantized import WeightFormat, check_weight_format, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +85,23 @@ class LocalBackend:
         *,
         kv_cache_bytes: int = 0,
         pack_weights: bool | None = None,
+        weights: WeightFormat = "auto",
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
+        check_weight_format(weights, self.device, self.dtype)
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(location)
         self.model = load_model(location, self.device, self.dtype)
         self.location = location
-        # On the CPU, weights packed once for oneDNN make batched decoding ~1.5x faster.
-        self.packed_layers = pack_linears(self.model) if pack_weights is not False else 0
+        self.weights = weights
+        if weights != "auto":  # smaller weights for CPU serving (bot.generation.quantized)
+            self.packed_layers = quantize_linears(self.model, weights)
+        elif pack_weights is not False:
+            # On the CPU, weights packed once for oneDNN make batched decoding ~1.5x faster.
+            self.packed_layers = pack_linears(self.model)
+        else:
+            self.packed_layers = 0
         self.lora = MultiLora(self.model)
         self.kv = KVCacheLRU(kv_cache_bytes)
         pad = self.tokenizer.pad_token_id
@@ -105,7 +114,9 @@ class LocalBackend:
             location.display,
             self.device,
             self.dtype,
-            f", {self.packed_layers} layers packed for oneDNN" if self.packed_layers else "",
+            f", {self.packed_layers} layers packed ({'oneDNN' if weights == 'auto' else weights})"
+            if self.packed_layers
+            else "",
             time.perf_counter() - started,
         )
 

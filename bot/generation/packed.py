@@ -14,6 +14,7 @@ CPU are packed, and only where PyTorch was built with oneDNN (x86); elsewhere no
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,18 +61,29 @@ def pack_linears(model: nn.Module, *, batch_hint: int = 16) -> int:
     """Replace every `nn.Linear` of `model` by a `PackedLinear`; returns how many were packed."""
     if not can_pack(model):
         return 0
+    packed = replace_linears(
+        model, lambda linear, keep: PackedLinear(linear, batch_hint=batch_hint, keep_weight=keep)
+    )
+    log.info("packed the weights of %d linear layers for oneDNN", packed)
+    return packed
+
+
+def replace_linears(model: nn.Module, make: Callable[[nn.Linear, bool], nn.Module]) -> int:
+    """Swap every plain `nn.Linear` for `make(linear, keep_weight)`; returns how many were swapped.
+
+    `keep_weight` is true where the weight is shared with another module (a tied input embedding),
+    which then still needs the dense copy.
+    """
     shared = _shared_weights(model)
-    packed = 0
+    swapped = 0
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        keep = id(module.weight) in shared
-        setattr(parent, child, PackedLinear(module, batch_hint=batch_hint, keep_weight=keep))
-        packed += 1
-    log.info("packed the weights of %d linear layers for oneDNN", packed)
-    return packed
+        setattr(parent, child, make(module, id(module.weight) in shared))
+        swapped += 1
+    return swapped
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

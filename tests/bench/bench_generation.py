@@ -15,12 +15,18 @@ Every comparison is measured side by side in one run, on the same machine state:
 The engine runs as the worker runs it on the CPU: weights packed once for oneDNN (`bot.generation.packed`);
 (a) and (c) also show it on plain weights.
 (d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
+(f) One stream at one thread count: batch-1 decode and the prefill of a ~1,000-token prompt, personabot's
+    base weights as float32 (packed), bfloat16, float16 and int8 (`model.weights`) against llama.cpp
+    (`tests/bench/llamacpp.py`, where `llama-cpp-python` is installed; `--llamacpp off` skips it) on an
+    f32 GGUF of the same weights and on the Q4_1 GGUF they come from. Ratios to personabot float32 and to
+    llama.cpp f32, and each decode rate as a percentage of the float32 floor measured in the run.
 (e) Serving engines: the same 16 jobs over 4 personas with adapters through the worker's local engine,
     vLLM (its CPU build here, from `tests/vllm/setup_venv.sh`, when it can be had; `--vllm off` skips
     it) and sequential peft: aggregate generated tokens/s and median time to first token (from the
     start of the round) of each. vLLM gets token ids and streams token ids back, as the worker uses it.
 
     .venv/bin/python tests/bench/bench_generation.py [--threads N] [--rounds N] [--json PATH]
+    .venv/bin/python tests/bench/bench_generation.py --only engines [--threads 2]   # only (f)
     .venv/bin/python tests/bench/bench_generation.py --only serving [--device cuda --dtype bfloat16
         --jobs 64 --personas 8 --vllm-venv DIR]      # what tests/gpu/run.sh runs
 
@@ -672,6 +678,134 @@ def print_serving(e: dict[str, Any]) -> None:
         print(f"    vLLM: skipped ({e['vllm_skipped']})")
 
 
+# -- (f) per-stream engines: llama.cpp and personabot's weight formats, batch-1 decode and prefill -----
+
+
+def engine_model(model_path: Path, fmt: str) -> Any:
+    """The worker's CPU model in one weight format: float32 packed for oneDNN, bfloat16, float16, int8."""
+    from bot.generation.quantized import quantize_linears
+
+    model = load_model(model_path)
+    if fmt == "float32":
+        pack_linears(model)
+    elif fmt == "bfloat16":
+        model = model.to(torch.bfloat16)  # the `model.dtype = "bfloat16"` path (not packed)
+    else:
+        quantize_linears(model, fmt)  # type: ignore[arg-type]
+    return model
+
+
+def prefill_rate(engine: BatchEngine, prompt: list[int]) -> float:
+    """Prompt tokens/s: time to the first token of a cold prompt (its prefill and one sampled token)."""
+    one = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
+    result = engine.generate([GenerationRequest(prompt, one, ())])[0]
+    return len(prompt) / result.timings["first_token"]
+
+
+def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode and a ~1,000-token prefill on every engine at one thread count, interleaved."""
+    from tests.bench import llamacpp
+
+    threads = torch.get_num_threads()
+    prompt = prompts_for(tokenizer, 1)[0]
+    renderer = ChatRenderer(tokenizer, "model")
+    turns = [*long_history(tokenizer, args.history_tokens), Turn("user", "Which one first?")]
+    long_prompt = renderer.render_prompt(turns, system=None, max_prompt_tokens=4096).input_ids
+    out: dict[str, Any] = {
+        "threads": threads,
+        "prompt_tokens": len(prompt),
+        "prefill_tokens": len(long_prompt),
+    }
+    decode: dict[str, Any] = {}
+    prefill: dict[str, Any] = {}
+    for fmt in ("float32", "bfloat16", "float16", "int8"):
+        engine = BatchEngine(engine_model(model_path, fmt), tokenizer)
+        decode[f"personabot {fmt}"] = lambda e=engine: decode_rate(e, prompt, None, args.decode_tokens)
+        if fmt != "bfloat16" or torch.cpu._is_avx512_bf16_supported():
+            # Without native bf16 (AVX512-BF16/AMX) a bf16 prefill runs minutes on reference kernels.
+            prefill[f"personabot {fmt}"] = lambda e=engine: prefill_rate(e, long_prompt)
+    weights = weight_bytes(load_model(model_path))
+    runners = []
+    why_not = llamacpp.available() if args.llamacpp != "off" else "--llamacpp off"
+    if why_not is None:
+        q4 = llamacpp.q4_gguf()
+        f32 = llamacpp.f32_gguf(q4)
+        for label, path in (("llama.cpp f32 GGUF", f32), ("llama.cpp Q4_1 GGUF", q4)):
+            runner = llamacpp.LlamaCpp(path, threads)
+            runners.append(runner)
+            decode[label] = lambda r=runner: r.decode_rate(prompt, args.decode_tokens)
+            prefill[label] = lambda r=runner: r.prefill_rate(long_prompt)
+        # The conversion check: llama.cpp's greedy reply on the f32 file against transformers'.
+        hf = load_model(model_path)
+        with torch.inference_mode():
+            x = torch.tensor([prompt])
+            want = hf.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32,
+                min_new_tokens=32, eos_token_id=None, pad_token_id=0,
+            )[0, len(prompt):].tolist()  # fmt: skip
+        for runner, key in zip(runners, ("f32", "q4_1"), strict=True):
+            got = runner.greedy(prompt, 32)
+            same = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), 32)
+            out[f"llamacpp_{key}_greedy_prefix_equal_to_transformers"] = f"{same}/32"
+    else:
+        out["llamacpp_skipped"] = why_not
+        print(f"llama.cpp skipped: {why_not}", file=sys.stderr)
+    for fn in [*decode.values(), *prefill.values()]:
+        fn()  # warm-up
+    rates: dict[str, dict[str, list[float]]] = {"decode": {k: [] for k in decode}, "prefill": {}}
+    rates["prefill"] = {k: [] for k in prefill}
+    bandwidth = []
+    for _ in range(args.rounds):  # interleaved, so load changes hit every engine alike
+        bandwidth.append(copy_bandwidth())
+        for key, fn in decode.items():
+            rates["decode"][key].append(fn())
+        for key, fn in prefill.items():
+            rates["prefill"][key].append(fn())
+    for runner in runners:
+        runner.close()
+    floor = max(bandwidth) / weights
+    best = {kind: {k: max(v) for k, v in rows.items()} for kind, rows in rates.items()}
+    out.update(
+        {
+            "rates": rates,
+            "best": best,
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "float32_weight_bytes": weights,
+            "float32_floor_tokens_per_second": floor,
+        }
+    )
+    return out
+
+
+def print_engines(f: dict[str, Any]) -> None:
+    floor = f["float32_floor_tokens_per_second"]
+    best = f["best"]
+    base_d, base_p = best["decode"]["personabot float32"], best["prefill"]["personabot float32"]
+    ref = "llama.cpp f32 GGUF"
+    print(
+        f"\n(f) one stream, {f['threads']} thread(s): batch-1 decode ({f['prompt_tokens']}-token prompt) and "
+        f"prefill of a {f['prefill_tokens']}-token prompt; float32 floor {floor:.1f} tokens/s"
+    )
+    print(
+        f"    {'engine':<26}{'decode tok/s':>13}{'vs pb f32':>10}{'vs llama f32':>13}{'% f32 floor':>12}"
+        f"{'prefill tok/s':>15}{'vs pb f32':>10}{'vs llama f32':>13}"
+    )
+    for key, d in best["decode"].items():
+        p = best["prefill"].get(key)
+        vs_d = f"{d / best['decode'][ref]:.2f}x" if ref in best["decode"] else "-"
+        vs_p = f"{p / best['prefill'][ref]:.2f}x" if p and ref in best["prefill"] else "-"
+        prefill = f"{p:>15.0f}{p / base_p:>9.2f}x" if p else f"{'-':>15}{'-':>10}"
+        print(
+            f"    {key:<26}{d:>13.1f}{d / base_d:>9.2f}x{vs_d:>13}{100 * d / floor:>11.0f}%{prefill}{vs_p:>13}"
+        )
+    for key in ("f32", "q4_1"):
+        if f"llamacpp_{key}_greedy_prefix_equal_to_transformers" in f:
+            same = f[f"llamacpp_{key}_greedy_prefix_equal_to_transformers"]
+            print(f"    llama.cpp {key} greedy tokens equal to transformers' float32: {same}")
+    if "llamacpp_skipped" in f:
+        print(f"    llama.cpp: skipped ({f['llamacpp_skipped']})")
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -747,13 +881,21 @@ def main() -> int:
     parser.add_argument(
         "--json", type=Path, default=ROOT / "tests" / "bench" / "results" / "bench_generation.json"
     )
-    parser.add_argument("--only", choices=["all", "serving"], default="all", help="serving: only (e)")
+    parser.add_argument(
+        "--only",
+        choices=["all", "serving", "engines"],
+        default="all",
+        help="serving: only (e); engines: only (f)",
+    )
     parser.add_argument("--device", default="cpu", help="(e) only: cpu or cuda")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(e) only"
     )
     parser.add_argument(
         "--vllm", choices=["auto", "off"], default="auto", help="(e): vLLM where it can be had"
+    )
+    parser.add_argument(
+        "--llamacpp", choices=["auto", "off"], default="auto", help="(f): llama.cpp where installed"
     )
     parser.add_argument(
         "--vllm-venv", help="(e): a Python environment with vllm (default: tests/vllm/setup_venv.sh)"
@@ -784,6 +926,14 @@ def main() -> int:
             "load_average_start": os.getloadavg(),
         },
     }
+    if args.only == "engines":
+        print("measuring one-stream engines ...", file=sys.stderr)
+        results["engines"] = bench_engines(args.model, tokenizer, args)
+        print_engines(results["engines"])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"\nwrote {args.json}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         base = load_model(args.model)
         folders = make_adapters(base, Path(tmp), max(8, args.personas), args.lora_r)
@@ -811,9 +961,12 @@ def main() -> int:
         results["decode"] = bench_decode(
             args.model, tokenizer, folders, args.decode_tokens, max(3, args.rounds)
         )
+        print("measuring one-stream engines ...", file=sys.stderr)
+        results["engines"] = bench_engines(args.model, tokenizer, args)
     results["environment"]["load_average_end"] = os.getloadavg()
     print_report(results)
     print_serving(results["serving"])
+    print_engines(results["engines"])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.json}")

@@ -8,6 +8,7 @@
   chats; and again in the simulated 3-speaker group chat for the name-prefix leak rate.
 
     PERSONABOT_MODEL__PATH=... .venv/bin/python tests/bench/bench_quality.py [--no-group] [--limit N] [--json PATH]
+        [--personas assistant,pirate,poet] [--weights auto,int8,float16] [--no-baseline]
 
 The personas answer with the adapters a fresh install uses (the shipped ones for pirate and poet).
 Prints a markdown table and writes JSON (default tests/bench/results/bench_quality.json).
@@ -113,18 +114,35 @@ def main() -> int:
     )
     parser.add_argument("--no-group", action="store_true", help="skip the group-chat runs (no leak rate)")
     parser.add_argument("--limit", type=int, help="only the first N conversations (a quick look)")
+    parser.add_argument("--personas", default="assistant,pirate,poet", help="comma-separated slugs")
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        help="comma-separated model.weights values (auto, float16, int8): each runs the personas once",
+    )
+    parser.add_argument("--no-baseline", action="store_true", help="skip plain transformers")
     parser.add_argument("--json", type=Path, default=ROOT / "tests/bench/results/bench_quality.json")
     args = parser.parse_args()
     questions = read_questions()[: args.limit]
+    slugs = args.personas.split(",")
+    rows: list[tuple[str, dict[str, Any]]] = []
+    personas: dict[str, dict[str, Any]] = {}
+    base: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as data:
         # A fresh install: its own data folder, so the shipped adapters are what the personas use.
         settings = load_settings(data_dir=data)
-        started = time.perf_counter()
-        base = baseline(settings, questions)
-        print(f"baseline: done in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
-        personas = persona_scores(settings, ["assistant", "pirate", "poet"], questions, not args.no_group)
-    rows: list[tuple[str, dict[str, Any]]] = [("plain transformers, greedy, model template", base)]
-    rows += [(f"{slug} ({v['version'] or 'base model'})", v) for slug, v in personas.items()]
+        if not args.no_baseline:
+            started = time.perf_counter()
+            base = baseline(settings, questions)
+            print(f"baseline: done in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
+            rows.append(("plain transformers, greedy, model template", base))
+        for weights in args.weights.split(","):
+            settings.model.weights = weights  # type: ignore[assignment]  # checked by the backend
+            found = persona_scores(settings, slugs, questions, not args.no_group)
+            suffix = "" if weights == "auto" else f", {weights} weights"
+            for slug, v in found.items():
+                personas[slug + suffix.replace(", ", " ")] = v
+                rows.append((f"{slug} ({v['version'] or 'base model'}{suffix})", v))
     count = sum(len(c.turns) for c in questions)
     print(f"{count} questions ({len(questions)} conversations), seed 0\n")
     print(side_by_side(rows))
