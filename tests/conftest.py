@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from bot.store import Store
+from tests import head_start
 
 POSTGRES_URL_ENV = "PERSONABOT_TEST_POSTGRES_URL"
 
@@ -135,3 +136,16 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
         yield s
     finally:
         await s.close()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the head starts the selected tests name (tests/head_start.py) before the first test runs."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        for mark in item.iter_markers("head_start"):
+            head_start.begin(mark.kwargs["prepare"])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    head_start.finish()

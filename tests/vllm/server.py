@@ -7,6 +7,7 @@ runs in its own process group, so `kill` reaches the engine-core process too.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,22 +28,41 @@ def vllm_venv() -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def stable_port() -> int:
+    """A free port below the kernel's ephemeral range, so no other test's `bind(0)` or outgoing
+    connection takes it in the minutes before the server listens on it (or while it restarts)."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.is_file() else 32768
+    for _ in range(100):
+        port = random.randrange(low // 2, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {low // 2}-{low - 1}")
 
 
 class VllmServer:
     """`python -m vllm.entrypoints.openai.api_server` on one model with runtime LoRA loading."""
 
     def __init__(
-        self, venv: Path, model: Path, log: Path, *, dtype: str = "float32", extra: tuple[str, ...] = ()
+        self,
+        venv: Path,
+        model: Path,
+        log: Path,
+        *,
+        dtype: str = "float32",
+        extra: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """`extra` are more server flags; `prefix` goes before the command (e.g. `nice -n 10`)."""
         self.venv, self.model, self.log_path = venv, model, log
-        self.port = free_port()
+        self.port = stable_port()
         self.dtype = dtype
         self.extra = extra
+        self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +83,7 @@ class VllmServer:
         if iomp.is_file():
             env["LD_PRELOAD"] = str(iomp)  # about 15% faster on the CPU
         cmd = [
-            str(self.venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+            *self.prefix, str(self.venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port),
             "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--dtype", self.dtype,
             *self.extra,
