@@ -12,7 +12,8 @@ a third of the pirate's tokens) is computed once per row: the row's first conver
 others start right after it (their position ids continue from the prefix's length) and attend to the
 first one's copy. A causal model's states over a token prefix do not depend on what follows, so the
 logits, the loss and the gradients are those of the conversations trained apart; only the prefix's
-forward and backward pass is not repeated. The collator then passes an explicit 4D attention mask.
+forward and backward pass is not repeated. The rows hold the same conversations as without sharing, so
+a run takes the same optimizer steps. The collator then passes an explicit 4D attention mask.
 """
 
 from __future__ import annotations
@@ -88,27 +89,35 @@ def pack(
     """Pack (ids, labels) pairs, each at most `max_len` long, into rows of at most `max_len` ids.
 
     Best-fit decreasing: the longest example goes first into the fullest row it still fits. Deterministic
-    for a given input order; O(n log n) with a sorted list of free capacities. With a shared `prefix`
-    (from `shared_prefix`), a row holds the prefix once and each example's remaining ids.
+    for a given input order; O(n log n) with a sorted list of free capacities. A shared `prefix` (from
+    `shared_prefix`) is then kept once per row: the rows, and so the optimizer steps, hold the same
+    conversations as without it, in fewer ids.
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (capacity left, bin index), sorted
     for index in order:
-        size = len(examples[index][0]) - prefix
-        if size + prefix > max_len:
-            raise ValueError(f"example {index} has {size + prefix} ids, more than the row length {max_len}")
-        if size <= 0:
+        size = len(examples[index][0])
+        if size > max_len:
+            raise ValueError(f"example {index} has {size} ids, more than the row length {max_len}")
+        if size == 0:
             continue
         slot = bisect.bisect_left(free, (size, -1))
         if slot < len(free):
             left, bin_index = free.pop(slot)
         else:
             bins.append([])
-            left, bin_index = max_len - prefix, len(bins) - 1
+            left, bin_index = max_len, len(bins) - 1
         bins[bin_index].append(index)
         bisect.insort(free, (left - size, bin_index))
     return [concat([examples[i] for i in members], members, prefix) for members in bins]
+
+
+def pack_sharing_prefix(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int
+) -> list[PackedRow]:
+    """`pack` with the prefix every example shares kept once per row: what `personabot train` runs."""
+    return pack(examples, max_len, shared_prefix(examples))
 
 
 def unpacked(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[PackedRow]:

@@ -6,8 +6,9 @@ step, learning rate and precision (float32; TRL's bf16 and gradient checkpointin
 personabot on the CPU), for one epoch each. The settings default to the persona's own `persona.toml`
 (what `personabot train PERSONA` runs); the flags override them.
 
-- personabot: best-fit-decreasing packed rows with restarting position ids, the token-weighted assistant
-  loss with logits only at trained positions (`trainer.loss.AssistantLossTrainer`);
+- personabot: best-fit-decreasing packed rows with restarting position ids and the system prompt that
+  every conversation starts with computed once per row, the token-weighted assistant loss with logits
+  only at trained positions (`trainer.loss.AssistantLossTrainer`);
 - trl-best: TRL at its best, `packing=True` with its best-fit-decreasing strategy ("bfd", which makes the
   batches padding-free: every row of a step flattened into one sequence with restarting position ids) and
   the assistant mask of every conversation (its `assistant_masks` column), so it trains the same tokens;
@@ -207,10 +208,10 @@ def run_personabot(
     from transformers.trainer_callback import PrinterCallback
 
     from trainer.loss import AssistantLossTrainer
-    from trainer.packing import PackedCollator, PackedDataset, pack
+    from trainer.packing import PackedCollator, PackedDataset, pack_sharing_prefix
     from trainer.run import training_arguments
 
-    packed = pack([(r.input_ids, r.labels) for r in rows], hp.max_seq_len)
+    packed = pack_sharing_prefix([(r.input_ids, r.labels) for r in rows], hp.max_seq_len)
     targs = training_arguments(hp, out, "cpu", save_steps=10**9)
     targs.save_strategy = "no"
     model = get_peft_model(fresh_model(args), lora_config(hp))
