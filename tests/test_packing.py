@@ -10,7 +10,7 @@ import torch
 from bot.prompting import IGNORE_INDEX, ChatRenderer, Turn
 from tests.tiny import byte_level_tokenizer, tiny_llama
 from trainer.loss import assistant_loss_sum
-from trainer.packing import PackedCollator, concat, pack, padding_fraction, unpacked
+from trainer.packing import PackedCollator, concat, pack, padding_fraction, shared_prefix, unpacked
 
 CONVERSATIONS = [
     [Turn("user", "What's the capital of Germany?"), Turn("assistant", "Berlin, matey.")],
@@ -196,3 +196,67 @@ def test_length_buckets_cover_every_row_once_and_pad_like_the_sorted_order(tmp_p
     trainer = AssistantLossTrainer(model=model, args=args, train_dataset=PackedDataset(rows))
     chosen = trainer._get_train_sampler()
     assert isinstance(chosen, LengthBucketSampler) and chosen.batch_size == 4
+
+
+def test_shared_prefix_is_the_common_start_and_stops_before_a_trained_label(setup: tuple) -> None:
+    _, renderer, _ = setup
+    examples = _examples(renderer, CONVERSATIONS)
+    prefix = shared_prefix(examples)
+    assert prefix > 5  # the system prompt and the user header
+    assert all(ids[:prefix] == examples[0][0][:prefix] for ids, _ in examples)
+    assert all(labels[prefix] == IGNORE_INDEX for _, labels in examples)  # predicted at the prefix's end
+    # A label inside the common ids cuts the prefix before it.
+    ids, labels = examples[0]
+    assert shared_prefix([(ids, labels), (list(ids), [IGNORE_INDEX] * 3 + list(ids[3:]))]) == 2
+    assert shared_prefix(examples[:1]) == 0
+
+
+def test_shared_prefix_rows_train_like_the_conversations_apart(setup: tuple) -> None:
+    """Losses and gradients with the prefix computed once per row equal those of each conversation alone."""
+    _, renderer, model = setup
+    examples = _examples(renderer, CONVERSATIONS)
+    prefix = shared_prefix(examples)
+    collate = PackedCollator(pad_token_id=0)
+    longest = max(len(ids) for ids, _ in examples)
+    rows = pack(examples, max_len=longest + 40, prefix=prefix)  # some rows share, some do not
+    assert any(r.prefix == prefix and len(r.members) > 1 for r in rows)
+    assert sum(len(r) for r in rows) == sum(len(ids) for ids, _ in examples) - prefix * sum(
+        len(r.members) - 1 for r in rows
+    )
+    alone = _per_conversation_losses(model, unpacked(examples), collate)
+    together = _per_conversation_losses(model, rows, collate)
+    for member, loss in alone.items():
+        assert together[member] == pytest.approx(loss, abs=1e-4)
+
+    def grads(batches: list[dict]) -> list[torch.Tensor]:
+        model.zero_grad()
+        with torch.enable_grad():
+            for batch in batches:
+                total, _ = assistant_loss_sum(model, batch)
+                total.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    apart = grads([collate([r]) for r in unpacked(examples)])
+    shared = grads([collate(rows)])  # one padded batch of every row
+    model.zero_grad()
+    assert len(apart) == len(shared)
+    for a, s in zip(apart, shared, strict=True):
+        assert torch.allclose(a, s, atol=1e-4, rtol=1e-3)
+
+
+def test_without_the_prefix_mask_a_shared_row_would_be_wrong(setup: tuple) -> None:
+    """The check above can fail: without the 4D mask, the members after the first lose their prefix."""
+    _, renderer, model = setup
+    examples = _examples(renderer, CONVERSATIONS)
+    rows = pack(examples, max_len=sum(len(ids) for ids, _ in examples), prefix=shared_prefix(examples))
+    assert len(rows) == 1 and len(rows[0].members) == len(examples)
+    collate = PackedCollator(pad_token_id=0)
+    batch = collate(rows)
+    assert batch["attention_mask"].shape == (1, 1, len(rows[0]), len(rows[0]))
+    with_mask, _ = assistant_loss_sum(model, batch)
+    del batch["attention_mask"]
+    without, _ = assistant_loss_sum(model, batch)
+    alone = [assistant_loss_sum(model, collate([r])) for r in unpacked(examples)]
+    expected = sum(float(t) for t, _ in alone)
+    assert float(with_mask) == pytest.approx(expected, rel=1e-4)
+    assert float(without) != pytest.approx(expected, rel=1e-3)  # a random tiny model: small but clear

@@ -6,6 +6,14 @@ Inside a row every conversation's position ids restart at 0. The collator passes
 each conversation (a block-diagonal causal mask for eager/SDPA attention, varlen kernels for flash
 attention). The first label of each conversation is forced to -100, so its first token is never
 trained as the continuation of the conversation before it.
+
+A shared prefix (`shared_prefix`: every conversation of a persona starts with the same system prompt,
+a third of the pirate's tokens) is computed once per row: the row's first conversation keeps it, the
+others start right after it (their position ids continue from the prefix's length) and attend to the
+first one's copy. A causal model's states over a token prefix do not depend on what follows, so the
+logits, the loss and the gradients are those of the conversations trained apart; only the prefix's
+forward and backward pass is not repeated. The rows hold the same conversations as without sharing, so
+a run takes the same optimizer steps. The collator then passes an explicit 4D attention mask.
 """
 
 from __future__ import annotations
@@ -25,32 +33,65 @@ class PackedRow:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
-    lengths: tuple[int, ...]
+    lengths: tuple[int, ...]  # the ids each member occupies in the row
     members: tuple[int, ...]  # indexes of the packed examples, in row order
+    prefix: int = 0  # ids at the row's start that every member attends to (its shared prefix)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def concat(examples: Sequence[tuple[Sequence[int], Sequence[int]]], members: Sequence[int]) -> PackedRow:
-    """One row from (ids, labels) pairs, in the given order."""
+def concat(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], members: Sequence[int], prefix: int = 0
+) -> PackedRow:
+    """One row from (ids, labels) pairs, in the given order; after the first, each drops the `prefix` ids
+    they all start with (see the module docstring)."""
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for input_ids, row_labels in examples:
-        ids.extend(input_ids)
+    lengths: list[int] = []
+    for n, (input_ids, row_labels) in enumerate(examples):
+        start = prefix if n else 0
+        ids.extend(input_ids[start:])
         # Position 0 is never a prediction target: nothing before it in this conversation predicts it.
+        # (After a shared prefix, `shared_prefix` guarantees the first label is -100 already.)
         labels.append(IGNORE_INDEX)
-        labels.extend(row_labels[1:])
-        positions.extend(range(len(input_ids)))
-    return PackedRow(ids, labels, positions, tuple(len(e[0]) for e in examples), tuple(members))
+        labels.extend(row_labels[start + 1 :])
+        positions.extend(range(start, len(input_ids)))
+        lengths.append(len(input_ids) - start)
+    return PackedRow(
+        ids, labels, positions, tuple(lengths), tuple(members), prefix if len(examples) > 1 else 0
+    )
 
 
-def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int) -> list[PackedRow]:
+def shared_prefix(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> int:
+    """How many leading ids every example shares and can take from another's copy in its row.
+
+    The longest common prefix of the ids, cut so that no label in it or right after it is trained: the
+    prediction of the first id after the prefix is made at the prefix's last state, which only one
+    member can own.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0][0]
+    common = min(len(ids) for ids, _ in examples)
+    for ids, _ in examples[1:]:
+        common = next((i for i in range(common) if ids[i] != first[i]), common)
+    trained = min(
+        (next((i for i, v in enumerate(labels) if v != IGNORE_INDEX), len(labels)) for _, labels in examples)
+    )
+    return max(0, min(common, trained - 1))
+
+
+def pack(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int, prefix: int = 0
+) -> list[PackedRow]:
     """Pack (ids, labels) pairs, each at most `max_len` long, into rows of at most `max_len` ids.
 
     Best-fit decreasing: the longest example goes first into the fullest row it still fits. Deterministic
-    for a given input order; O(n log n) with a sorted list of free capacities.
+    for a given input order; O(n log n) with a sorted list of free capacities. A shared `prefix` (from
+    `shared_prefix`) is then kept once per row: the rows, and so the optimizer steps, hold the same
+    conversations as without it, in fewer ids.
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i][0]), i))
     bins: list[list[int]] = []
@@ -69,7 +110,14 @@ def pack(examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int) 
             left, bin_index = max_len, len(bins) - 1
         bins[bin_index].append(index)
         bisect.insort(free, (left - size, bin_index))
-    return [concat([examples[i] for i in members], members) for members in bins]
+    return [concat([examples[i] for i in members], members, prefix) for members in bins]
+
+
+def pack_sharing_prefix(
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int
+) -> list[PackedRow]:
+    """`pack` with the prefix every example shares kept once per row: what `personabot train` runs."""
+    return pack(examples, max_len, shared_prefix(examples))
 
 
 def unpacked(examples: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[PackedRow]:
@@ -98,6 +146,7 @@ class PackedCollator:
 
     Rows are right-padded to the longest in the batch (rounded up to `pad_to_multiple_of`). Padding is a
     run of its own (positions restart at 0), with -100 labels, so it is attended to by nothing real.
+    When a row shares a prefix, the batch also gets `attention_mask` (`attention_mask_4d`).
     Counts the real and padding ids it has produced in `real_tokens` / `pad_tokens`.
     """
 
@@ -121,11 +170,14 @@ class PackedCollator:
             positions.append(list(item["position_ids"]) + list(range(pad)))
             self.real_tokens += len(item["input_ids"])
             self.pad_tokens += pad
-        return {
+        batch = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "position_ids": torch.tensor(positions, dtype=torch.long),
         }
+        if any(item.get("prefix") for item in items):
+            batch["attention_mask"] = attention_mask_4d(batch["position_ids"])
+        return batch
 
     @property
     def padding_fraction(self) -> float:
@@ -133,8 +185,33 @@ class PackedCollator:
         return self.pad_tokens / total if total else 0.0
 
 
+def attention_mask_4d(position_ids: Any) -> Any:
+    """The (batch, 1, ids, ids) boolean mask of packed rows: True where a query may attend to a key.
+
+    A run of ids starts wherever the position does not follow the one before; each id attends causally
+    to its own run, and a run that starts at position P > 0 (a conversation after a shared prefix) also
+    to the row's first P ids, the prefix's one copy.
+    """
+    import torch
+
+    index = torch.arange(position_ids.shape[1])
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    run_start = torch.cummax(torch.where(starts, index, 0), dim=1).values  # row index of each id's run start
+    prefix_len = position_ids.gather(1, run_start)  # the prefix each id's run continues (0: none)
+    causal = index[None, :] <= index[:, None]
+    same_run = run_start[:, :, None] == run_start[:, None, :]
+    in_prefix = index[None, None, :] < prefix_len[:, :, None]
+    return (causal[None] & (same_run | in_prefix))[:, None]
+
+
 def _as_dict(row: PackedRow) -> dict[str, Any]:
-    return {"input_ids": row.input_ids, "labels": row.labels, "position_ids": row.position_ids}
+    return {
+        "input_ids": row.input_ids,
+        "labels": row.labels,
+        "position_ids": row.position_ids,
+        "prefix": row.prefix,
+    }
 
 
 class PackedDataset:

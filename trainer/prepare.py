@@ -12,7 +12,7 @@ from bot.prompting.lorebook import Lorebook
 from trainer.audit import MaskAuditError, audit_row, audit_rows
 from trainer.data import Conversation, DataProblem, read_conversations, shown_path
 from trainer.examples import DatasetStats, Row, render_rows
-from trainer.packing import PackedRow, pack, unpacked
+from trainer.packing import PackedRow, pack_sharing_prefix, unpacked
 from trainer.split import split_heldout
 
 
@@ -75,7 +75,8 @@ def prepare(
     if not heldout:
         raise DatasetError("every held-out conversation was dropped by max_seq_len; nothing to evaluate on")
     audit_rows(train + heldout, renderer)  # before any step: a wrong mask aborts the run
-    arrange = (lambda pairs: pack(pairs, max_seq_len)) if packing else unpacked
+    # The system prompt every conversation starts with is computed once per row (exact; see packing).
+    arrange = (lambda pairs: pack_sharing_prefix(pairs, max_seq_len)) if packing else unpacked
     return PreparedData(
         train=train,
         heldout=heldout,
