@@ -17,7 +17,10 @@ One `generate` call runs a whole batch:
    over at once; finished rows are dropped from the batch when they are a quarter of it.
 
 Masks and positions are built here and passed to the model as a 4D boolean mask, so padding never
-shifts positions and a padded row computes exactly what it computes alone.
+shifts positions and a padded row computes exactly what it computes alone. A Llama model runs through
+`LeanLlamaForward` (the same maths in fewer tensor ops, `lean=False` turns it off); there, a forward
+with no padded row and no cached prefix passes no mask at all (plain causal attention), and the decode
+mask is built once per batch and sliced per step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from bot.generation.base import GenerationCallbacks, GenerationCancelled, GenerationRequest, GenerationResult
 from bot.generation.guard import ReplyText
 from bot.generation.kvcache import BatchKV, ChannelKV, KVCacheLRU, common_prefix
+from bot.generation.leanforward import LeanLlamaForward, unsupported_reason
 from bot.generation.lora import MultiLora
 from bot.generation.sampling import BatchSampler
 
@@ -96,6 +100,7 @@ class BatchEngine:
         prefill_overhead_tokens: int = 16,
         prefill_chunk: int = 512,
         pad_id: int = 0,
+        lean: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -112,12 +117,23 @@ class BatchEngine:
         # transformers 5 renamed `past_key_values` to `cache`; pass whichever this model takes.
         names = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in names else "past_key_values"
+        self._lean: LeanLlamaForward | None = None
+        if lean:
+            reason = unsupported_reason(model)
+            if reason is None:
+                self._lean = LeanLlamaForward(model)
+            else:
+                log.info("transformers' forward for this model (the lean forward: %s)", reason)
 
     # -- one forward pass ---------------------------------------------------------------------------
 
     def _forward(
-        self, cache: BatchKV, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self, cache: BatchKV, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
+        """Next-token logits `[rows, vocab]`; `mask` None means plain causal attention (lean path only)."""
+        if self._lean is not None:
+            return self._lean(cache, ids, positions, mask)
+        assert mask is not None
         out = self.model(
             input_ids=ids,
             position_ids=positions,
@@ -203,6 +219,7 @@ class BatchEngine:
         prefill_s = time.perf_counter() - started
         live = list(rows)  # rows still in the batch (finished ones leave at compaction)
         starts = torch.tensor([r.start for r in live], device=self.device)
+        masks = self._decode_masks(starts, capacity)
         step = 0
         while True:
             tokens = sampler(logits).tolist()
@@ -226,19 +243,26 @@ class BatchEngine:
                 sampler.keep_rows(remaining)
                 live = [live[i] for i in remaining]
                 starts = starts.index_select(0, index)
+                masks = self._decode_masks(starts, capacity)
                 tokens = [tokens[i] for i in remaining]
             column = end + step
             cache.active, cache.start = slice(None), column
             ids = torch.tensor(tokens, device=self.device).view(-1, 1)
             positions = (column - starts).view(-1, 1)
-            columns = torch.arange(column + 1, device=self.device)
-            mask = (columns[None, :] >= starts[:, None]).view(len(live), 1, 1, column + 1)
+            mask = None if masks is None else masks[..., : column + 1]
             logits = self._forward(cache, ids, positions, mask)
             step += 1
         results = [r.result for r in sorted(rows, key=lambda r: r.index)]
         done = [r for r in results if r is not None]
         assert len(done) == len(results), "a row ended without a result"
         return done
+
+    def _decode_masks(self, starts: torch.Tensor, capacity: int) -> torch.Tensor | None:
+        """Every decode step's mask `[rows, 1, 1, capacity]` (a step slices its columns); None: no padding."""
+        if self._lean is not None and not bool(starts.any()):
+            return None
+        columns = torch.arange(capacity, device=self.device)
+        return (columns[None, :] >= starts[:, None]).view(len(starts), 1, 1, capacity)
 
     def _prefill(self, cache: BatchKV, rows: list[_Row], end: int) -> torch.Tensor:
         """Run every row's uncached tokens; returns each row's next-token logits `[rows, vocab]`."""
@@ -260,6 +284,11 @@ class BatchEngine:
             first = end - width
             for c0 in range(0, width, self.prefill_chunk):
                 c1 = min(width, c0 + self.prefill_chunk)
+                cache.active, cache.start = slice(a, b), first + c0
+                if self._lean is not None and first + c0 == 0 and not bool(starts.any()):
+                    # No padding and no earlier columns: plain causal attention, no mask to build.
+                    logits = self._forward(cache, ids[:, c0:c1], positions[:, c0:c1], None)
+                    continue
                 query_cols = torch.arange(first + c0, first + c1, device=self.device)
                 key_cols = torch.arange(first + c1, device=self.device)
                 causal = key_cols[None, :] <= query_cols[:, None]  # [chunk, keys]
@@ -267,7 +296,6 @@ class BatchEngine:
                 # A padding query sees only itself, so no attention row is empty (no NaNs in its keys).
                 own = key_cols[None, :] == query_cols[:, None]
                 mask = (causal[None] & valid[:, None, :]) | own[None]
-                cache.active, cache.start = slice(a, b), first + c0
                 logits = self._forward(cache, ids[:, c0:c1], positions[:, c0:c1], mask.unsqueeze(1))
             parts.append(logits)
         if self.lora is not None:

@@ -20,6 +20,7 @@ The engine runs as the worker runs it on the CPU: weights packed once for oneDNN
     (`tests/bench/llamacpp.py`, where `llama-cpp-python` is installed; `--llamacpp off` skips it) on an
     f32 GGUF of the same weights and on the Q4_1 GGUF they come from. Ratios to personabot float32 and to
     llama.cpp f32, and each decode rate as a percentage of the float32 floor measured in the run.
+(g) The prefill of one ~1,000-token prompt (batch 1), lean forward on and off.
 (e) Serving engines: the same 16 jobs over 4 personas with adapters through the worker's local engine,
     vLLM (its CPU build here, from `tests/vllm/setup_venv.sh`, when it can be had; `--vllm off` skips
     it) and sequential peft: aggregate generated tokens/s and median time to first token (from the
@@ -27,6 +28,7 @@ The engine runs as the worker runs it on the CPU: weights packed once for oneDNN
 
     .venv/bin/python tests/bench/bench_generation.py [--threads N] [--rounds N] [--json PATH]
     .venv/bin/python tests/bench/bench_generation.py --only engines [--threads 2]   # only (f)
+    .venv/bin/python tests/bench/bench_generation.py --only lean     # (a), (c), (g): lean forward on/off
     .venv/bin/python tests/bench/bench_generation.py --only serving [--device cuda --dtype bfloat16
         --jobs 64 --personas 8 --vllm-venv DIR]      # what tests/gpu/run.sh runs
 
@@ -188,6 +190,7 @@ def bench_batching(
     for i in range(personas):
         unpacked_lora.load(f"persona{i}", folders[i])
     unpacked = BatchEngine(unpacked_model, tokenizer, lora=unpacked_lora)
+    hf_forward = BatchEngine(ours_model, tokenizer, lora=lora, lean=False)  # before the lean forward
     requests = [
         GenerationRequest(p, greedy, (), adapter=n, loop_guard=False)
         for p, n in zip(prompts, names, strict=True)
@@ -246,6 +249,8 @@ def bench_batching(
         "ours": [],
         "ours_single_adapter": [],
         "ours_unpacked_weights": [],
+        "ours_transformers_forward": [],
+        "ours_single_adapter_transformers_forward": [],
         "peft_sequential": [],
         "peft_mixed": [],
     }
@@ -258,6 +263,10 @@ def bench_batching(
         runs["ours_single_adapter"].append(seconds)
         seconds, _ = timed(lambda: unpacked.generate(requests))
         runs["ours_unpacked_weights"].append(seconds)
+        seconds, _ = timed(lambda: hf_forward.generate(requests))
+        runs["ours_transformers_forward"].append(seconds)
+        seconds, _ = timed(lambda: hf_forward.generate(single))
+        runs["ours_single_adapter_transformers_forward"].append(seconds)
         seconds, replies["peft_sequential"] = timed(sequential)
         runs["peft_sequential"].append(seconds)
         seconds, replies["peft_mixed"] = timed(peft_mixed)
@@ -282,6 +291,9 @@ def bench_batching(
         "peft_mixed_vs_sequential": rate["peft_mixed"] / rate["peft_sequential"],
         "ours_single_adapter_vs_sequential": rate["ours_single_adapter"] / rate["peft_sequential"],
         "ours_unpacked_weights_vs_sequential": rate["ours_unpacked_weights"] / rate["peft_sequential"],
+        "mixed_vs_single_adapter": rate["ours"] / rate["ours_single_adapter"],
+        "mixed_vs_single_adapter_transformers_forward": rate["ours_transformers_forward"]
+        / rate["ours_single_adapter_transformers_forward"],
         "ours_replies_equal_to_peft_sequential": f"{same_as_peft}/{jobs}",
         "peft_mixed_replies_equal_to_peft_sequential": f"{mixed_same}/{jobs}",
     }
@@ -426,6 +438,7 @@ def bench_decode(
         lora = MultiLora(model)
         lora.load("persona0", folders[0])
         engines[label] = BatchEngine(model, tokenizer, lora=lora)
+    engines["transformers_forward"] = BatchEngine(packed, tokenizer, lora=engines["packed"].lora, lean=False)
     engine = engines["packed"]
     prompt = prompts_for(tokenizer, 1)[0]
     for e in engines.values():
@@ -434,6 +447,7 @@ def bench_decode(
     base = [decode_rate(engine, prompt, None, tokens) for _ in range(rounds)]
     adapted = [decode_rate(engine, prompt, "persona0", tokens) for _ in range(rounds)]
     plain_base = [decode_rate(engines["plain"], prompt, None, tokens) for _ in range(rounds)]
+    hf_forward = [decode_rate(engines["transformers_forward"], prompt, None, tokens) for _ in range(rounds)]
     hf_rates = []
     for _ in range(rounds):
         x = torch.tensor([prompt])
@@ -460,6 +474,9 @@ def bench_decode(
         "decode_tokens_per_second_base": base,
         "decode_tokens_per_second_adapter": adapted,
         "decode_tokens_per_second_base_plain_weights": plain_base,
+        "decode_tokens_per_second_base_transformers_forward": hf_forward,
+        "lean_vs_transformers_forward": best_base / max(hf_forward),
+        "percent_of_floor_transformers_forward": 100 * max(hf_forward) / floor,
         "hf_generate_tokens_per_second_incl_prefill": hf_rates,
         "percent_of_floor_base": 100 * best_base / floor,
         "percent_of_floor_adapter": 100 * max(adapted) / floor,
@@ -467,6 +484,40 @@ def bench_decode(
         "percent_of_floor_bytes_copied_base": 100 * best_base / floor_copied,
         "step_time_shares_base": profile_steps(engine, prompt, None),
         "step_time_shares_adapter": profile_steps(engine, prompt, "persona0"),
+    }
+
+
+# -- (g) prefill ------------------------------------------------------------------------------------
+
+
+def bench_prefill(model_path: Path, tokenizer: Any, prompt_tokens: int, rounds: int) -> dict[str, Any]:
+    """Prompt tokens/s of one `prompt_tokens`-long prompt (batch 1, no cache), lean forward on and off."""
+    model = load_model(model_path)
+    pack_linears(model)  # the worker's CPU path
+    renderer = ChatRenderer(tokenizer, "model")
+    turns = [*long_history(tokenizer, prompt_tokens), Turn("user", "Which one first?")]
+    prompt = renderer.render_prompt(turns, system=None, max_prompt_tokens=8192).input_ids[-prompt_tokens:]
+    one = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
+    engines = {
+        "lean": BatchEngine(model, tokenizer),
+        "transformers_forward": BatchEngine(model, tokenizer, lean=False),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in engines}
+    firsts = {}
+    for e in engines.values():
+        e.generate([GenerationRequest(prompt[:64], one, ())])  # warm-up
+    for _ in range(rounds):
+        for label, e in engines.items():
+            result = e.generate([GenerationRequest(prompt, one, ())])[0]
+            seconds[label].append(result.timings["first_token"])
+            firsts[label] = result.token_ids
+    rate = {k: len(prompt) / min(v) for k, v in seconds.items()}
+    return {
+        "prompt_tokens": len(prompt),
+        "seconds": seconds,
+        "prompt_tokens_per_second": rate,
+        "lean_vs_transformers_forward": rate["lean"] / rate["transformers_forward"],
+        "same_first_token": firsts["lean"] == firsts["transformers_forward"],
     }
 
 
@@ -810,23 +861,38 @@ def print_engines(f: dict[str, Any]) -> None:
 
 
 def print_report(results: dict[str, Any]) -> None:
-    a, b, c, d = results["batching"], results["kv_reuse"], results["decode"], results["memory"]
+    a, c = results["batching"], results["decode"]
     rate = a["tokens_per_second"]
     print(
         f"\n(a) batching: {a['jobs']} jobs, {a['personas']} personas (LoRA r={results['config']['lora_r']}), {a['new_tokens']} new tokens each"
     )
-    print(f"    {'method':<34}{'tokens/s':>10}{'vs sequential':>16}")
+    print(f"    {'method':<40}{'tokens/s':>10}{'vs sequential':>16}")
     for key, label in (
         ("peft_sequential", "peft set_adapter + generate, 1 by 1"),
         ("peft_mixed", "peft generate(adapter_names=...)"),
         ("ours", "worker engine, mixed adapters"),
         ("ours_single_adapter", "worker engine, one adapter"),
         ("ours_unpacked_weights", "worker engine, mixed, plain weights"),
+        ("ours_transformers_forward", "worker engine, mixed, lean=False"),
+        ("ours_single_adapter_transformers_forward", "worker engine, one adapter, lean=False"),
     ):
-        print(f"    {label:<34}{rate[key]:>10.1f}{rate[key] / rate['peft_sequential']:>15.2f}x")
+        print(f"    {label:<40}{rate[key]:>10.1f}{rate[key] / rate['peft_sequential']:>15.2f}x")
     print(
         f"    engine vs stock peft mixed batch: {a['ours_vs_peft_mixed']:.2f}x;  greedy replies equal to peft's: {a['ours_replies_equal_to_peft_sequential']}"
     )
+    print(
+        f"    mixed adapters vs one adapter: {a['mixed_vs_single_adapter']:.0%} (lean=False: {a['mixed_vs_single_adapter_transformers_forward']:.0%})"
+    )
+    b = results.get("kv_reuse")
+    if b is not None:
+        print_kv_reuse(b)
+    print_decode(c)
+    print_prefill(results["prefill"])
+    if "memory" in results:
+        print_memory(results["memory"])
+
+
+def print_kv_reuse(b: dict[str, Any]) -> None:
     med = b["ttft_median_seconds"]
     print(
         f"\n(b) KV reuse: turn-2 prompt {b['turn2_prompt_tokens']} tokens, {b['reused_tokens']} reused, {b['new_tokens_prefilled']} prefilled"
@@ -834,6 +900,9 @@ def print_report(results: dict[str, Any]) -> None:
     print(
         f"    time to first token: full prefill {med['full_prefill']:.3f}s, reuse {med['reuse']:.3f}s -> {b['speedup']:.1f}x;  same reply: {b['same_reply_with_and_without_reuse']}"
     )
+
+
+def print_decode(c: dict[str, Any]) -> None:
     print(
         f"\n(c) batch-1 decode: weights {c['weight_bytes'] / 2**20:.0f} MiB, copy bandwidth {max(c['copy_bandwidth_bytes_per_s']) / 1e9:.1f} GB/s -> floor {c['floor_tokens_per_second']:.1f} tokens/s"
     )
@@ -847,18 +916,50 @@ def print_report(results: dict[str, Any]) -> None:
         f"    same engine on plain (unpacked) weights: {max(c['decode_tokens_per_second_base_plain_weights']):.1f} tokens/s = {c['percent_of_floor_plain_weights']:.0f}% of floor"
     )
     print(
+        f"    same engine with transformers' forward (lean=False): {max(c['decode_tokens_per_second_base_transformers_forward']):.1f} tokens/s = {c['percent_of_floor_transformers_forward']:.0f}% of floor; lean forward {c['lean_vs_transformers_forward']:.2f}x"
+    )
+    print(
         f"    HF generate (incl. prefill) {max(c['hf_generate_tokens_per_second_incl_prefill']):.1f} tokens/s"
     )
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in c["step_time_shares_base"].items())
     print(f"    where a base-model decode step goes: {shares}")
     shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in c["step_time_shares_adapter"].items())
     print(f"    with a LoRA: {shares}")
+
+
+def print_prefill(f: dict[str, Any]) -> None:
+    r = f["prompt_tokens_per_second"]
+    print(
+        f"\n(g) prefill: one {f['prompt_tokens']}-token prompt, batch 1: {r['lean']:.0f} prompt tokens/s; lean=False {r['transformers_forward']:.0f} -> {f['lean_vs_transformers_forward']:.2f}x;  same first token: {f['same_first_token']}"
+    )
+
+
+def print_memory(d: dict[str, Any]) -> None:
     print("\n(d) resident memory")
     print(f"    base model: +{d['base_model_rss_bytes'] / 2**20:.0f} MiB")
     for n, row in d["personas"].items():
         print(
             f"    {n} persona(s): RSS {row['rss_bytes'] / 2**20:.0f} MiB, +{row['rss_over_base_model_bytes'] / 2**20:.1f} MiB over the base model (adapter weights {row['adapter_bytes'] / 2**20:.1f} MiB)"
         )
+
+
+def engine_only(
+    args: argparse.Namespace, tokenizer: Any, folders: list[Path], results: dict[str, Any]
+) -> int:
+    """(a), (g) and (c) only: the local engine's speed, lean forward on and off, side by side."""
+    print("measuring batching ...", file=sys.stderr)
+    results["batching"] = bench_batching(
+        args.model, tokenizer, folders, args.jobs, args.personas, args.new_tokens, args.rounds
+    )
+    print("measuring prefill ...", file=sys.stderr)
+    results["prefill"] = bench_prefill(args.model, tokenizer, args.history_tokens, max(3, args.rounds))
+    print("measuring batch-1 decode ...", file=sys.stderr)
+    results["decode"] = bench_decode(args.model, tokenizer, folders, args.decode_tokens, max(3, args.rounds))
+    results["environment"]["load_average_end"] = os.getloadavg()
+    print_report(results)
+    args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.json}")
+    return 0
 
 
 def main() -> int:
@@ -883,9 +984,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--only",
-        choices=["all", "serving", "engines"],
+        choices=["all", "serving", "engines", "lean"],
         default="all",
-        help="serving: only (e); engines: only (f)",
+        help="serving: only (e); engines: only (f); lean: only (a), (c) and (g), lean forward on and off",
     )
     parser.add_argument("--device", default="cpu", help="(e) only: cpu or cuda")
     parser.add_argument(
@@ -947,6 +1048,8 @@ def main() -> int:
             args.json.write_text(json.dumps(results, indent=2, default=str))
             print(f"\nwrote {args.json}")
             return 0
+        if args.only == "lean":
+            return engine_only(args, tokenizer, folders, results)
         print("measuring serving engines ...", file=sys.stderr)
         results["serving"] = bench_serving(args.model, tokenizer, folders, args, args.json.parent)
         print("measuring memory ...", file=sys.stderr)
@@ -957,6 +1060,8 @@ def main() -> int:
         )
         print("measuring KV reuse ...", file=sys.stderr)
         results["kv_reuse"] = bench_kv_reuse(args.model, tokenizer, args.history_tokens, max(3, args.rounds))
+        print("measuring prefill ...", file=sys.stderr)
+        results["prefill"] = bench_prefill(args.model, tokenizer, args.history_tokens, max(3, args.rounds))
         print("measuring batch-1 decode ...", file=sys.stderr)
         results["decode"] = bench_decode(
             args.model, tokenizer, folders, args.decode_tokens, max(3, args.rounds)

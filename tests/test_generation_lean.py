@@ -1,0 +1,144 @@
+"""The engine's lean Llama forward against transformers' forward: same greedy tokens on every path."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from bot.generation.base import GenerationRequest
+from bot.generation.engine import BatchEngine
+from bot.generation.kvcache import KVCacheLRU
+from bot.generation.leanforward import LeanLlamaForward, unsupported_reason
+from bot.generation.lora import MultiLora
+from bot.generation.packed import pack_linears
+from personas.spec import Sampling
+from tests.test_generation_lora import make_lora_folder
+from tests.tiny import byte_level_tokenizer, tiny_llama
+
+GREEDY = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
+TEXTS = [
+    "hello world",
+    "What's the capital of Germany? The capital of Germany is Berlin. What about France?",
+    "Arr matey, ye be",
+    "Soft rain on the roof / the kettle begins to sing",
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return byte_level_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base(tok: Any) -> Any:
+    return tiny_llama(tok, layers=3)
+
+
+@pytest.fixture(scope="module")
+def folders(base: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "pirate": make_lora_folder(base, root / "pirate", seed=21),
+        "poet": make_lora_folder(base, root / "poet", seed=22, r=8, targets=["q_proj", "v_proj", "up_proj"]),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def engines(
+    base: Any, tok: Any, folders: dict[str, Path], *, pack: bool, **kw: Any
+) -> tuple[BatchEngine, BatchEngine]:
+    """A lean engine and a transformers-forward engine on two copies of one model."""
+    out = []
+    for lean in (True, False):
+        model = copy.deepcopy(base)
+        if pack:
+            pack_linears(model)
+        lora = MultiLora(model)
+        for name, folder in folders.items():
+            lora.load(name, folder)
+        out.append(BatchEngine(model, tok, lora=lora, lean=lean, **kw))
+    assert out[0]._lean is not None and out[1]._lean is None
+    return out[0], out[1]
+
+
+def greedy(engine: BatchEngine, requests: list[GenerationRequest]) -> list[list[int]]:
+    return [r.token_ids for r in engine.generate(requests)]
+
+
+def req(tok: Any, text: str, adapter: str | None = None, **kw: Any) -> GenerationRequest:
+    return GenerationRequest(tok(text)["input_ids"], GREEDY, (), adapter=adapter, loop_guard=False, **kw)
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+def test_lean_forward_gives_the_same_greedy_tokens(
+    base: Any, tok: Any, folders: dict[str, Path], pack: bool
+) -> None:
+    lean, hf = engines(base, tok, folders, pack=pack)
+    # One row (no mask at all), a padded mixed-adapter batch, and rows on the base model.
+    single = [req(tok, TEXTS[1], "pirate")]
+    mixed = [req(tok, t, a) for t, a in zip(TEXTS, ["pirate", "poet", None, "pirate"], strict=True)]
+    for batch in (single, mixed):
+        expected = greedy(hf, batch)
+        assert greedy(lean, batch) == expected
+        assert all(len(tokens) == GREEDY.max_new_tokens for tokens in expected)
+
+
+def test_lean_forward_with_chunked_prefill_and_kv_reuse(
+    base: Any, tok: Any, folders: dict[str, Path]
+) -> None:
+    # Chunks of 5 tokens: the second chunk on sees earlier columns (a mask), the first does not.
+    lean, hf = engines(base, tok, folders, pack=True, prefill_chunk=5, kv=KVCacheLRU(2**24))
+    hf.kv = KVCacheLRU(2**24)
+    turn1 = [req(tok, TEXTS[1], "poet", cache_key="c1"), req(tok, TEXTS[3], None, cache_key="c2")]
+    assert greedy(lean, turn1) == greedy(hf, turn1)
+    turn2 = [
+        req(tok, TEXTS[1] + " Paris, and the rest", "poet", cache_key="c1"),
+        req(tok, TEXTS[0], "pirate"),
+    ]
+    results = lean.generate(turn2)
+    assert results[0].cached_tokens > 0  # the cached prefix was reused on the lean path
+    assert [r.token_ids for r in results] == greedy(hf, turn2)
+
+
+def test_the_lean_engine_never_calls_transformers_forward(base: Any, tok: Any) -> None:
+    model = copy.deepcopy(base)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("transformers' forward was called")
+
+    engine = BatchEngine(model, tok)
+    model.forward = refuse
+    assert len(engine.generate([req(tok, TEXTS[2])])[0].token_ids) == GREEDY.max_new_tokens
+
+
+def test_other_models_keep_transformers_forward_with_one_log_line(
+    base: Any, tok: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = copy.deepcopy(base)
+    model.config._attn_implementation = "eager"
+    assert unsupported_reason(model) == "attention implementation 'eager'"
+    with pytest.raises(ValueError, match="does not cover this model: attention implementation"):
+        LeanLlamaForward(model)
+    with caplog.at_level(logging.INFO, logger="bot.generation.engine"):
+        engine = BatchEngine(model, tok)
+    lines = [r.getMessage() for r in caplog.records if r.name == "bot.generation.engine"]
+    assert lines == [
+        "transformers' forward for this model (the lean forward: attention implementation 'eager')"
+    ]
+    assert engine._lean is None
+    reference = BatchEngine(copy.deepcopy(base), tok, lean=False)
+    batch = [req(tok, t) for t in TEXTS[:2]]
+    assert greedy(engine, batch) == greedy(reference, batch)
+    assert unsupported_reason(torch.nn.Linear(2, 2)) == "Linear is not a Llama model"
