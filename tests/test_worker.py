@@ -64,10 +64,10 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def lively_model(folder: Path) -> Path:
+def lively_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
     """A tiny model whose greedy replies are varied text (the default init repeats its last token)."""
     tokenizer = byte_level_tokenizer()
-    model = tiny_llama(tokenizer)
+    model = tiny_llama(tokenizer, hidden=hidden, layers=layers)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -26,8 +26,11 @@ JOBS = 200
 def write_config(
     tmp_path: Path, db_url: str, stop_timeout: float = 30.0, lease: str = "lease_seconds = 3.0"
 ) -> Path:
-    model = lively_model(tmp_path / "model")
+    model = lively_model(tmp_path / "model", hidden=256, layers=4)
     personas = personas_dir(tmp_path / "personas", alpha=4, slow=900, medium=300)
+    for slug in ("slow", "medium"):  # long replies: a penalty keeps greedy text from looping into the guard
+        toml = personas / slug / "persona.toml"
+        toml.write_text(toml.read_text().replace("repetition_penalty = 1.0", "repetition_penalty = 1.5"))
     config = tmp_path / "personabot.toml"
     config.write_text(
         f"""
