@@ -38,9 +38,9 @@ class ModelSettings(Section):
     name: str = Field(default="SmolLM2-135M-Instruct", description="Name recorded in adapter manifests.")
     device: Literal["auto", "cpu", "cuda"] | str = Field(default="auto", description="auto, cpu or cuda[:N].")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    weights: Literal["auto", "float16", "int8"] = Field(
+    weights: Literal["auto", "float16", "int8", "int4"] = Field(
         default="auto",
-        description="CPU serving: the base model's linear weights as float16 or int8 (LoRAs stay float32); "
+        description="CPU serving: the base model's linear weights as float16, int8 or int4 (LoRAs stay float32); "
         "auto: in model.dtype.",
     )
     auto_pull: bool = Field(default=True, description="Pull the default model on first use when missing.")

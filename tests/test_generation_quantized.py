@@ -1,4 +1,4 @@
-"""int8 / float16 base weights for CPU serving: close to float32, LoRAs on top, clear config errors."""
+"""int8 / int4 / float16 base weights for CPU serving: close to float32, LoRAs on top, clear config errors."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ import torch
 from bot.basemodel import ModelLocation
 from bot.config import load_settings
 from bot.errors import ConfigError
+from bot.generation import quantized
 from bot.generation.base import GenerationCallbacks, GenerationRequest
 from bot.generation.lora import MultiLora
-from bot.generation.quantized import QuantizedLinear, check_weight_format, quantize_linears
+from bot.generation.quantized import (
+    QuantizedLinear,
+    check_weight_format,
+    quantize_linears,
+    weight_only_kernels,
+)
 from personas.spec import Sampling
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, save_tiny_model, tiny_llama
@@ -26,15 +32,20 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("one_torch_thread"),
 ]
-# Output error relative to the output's scale: int8 weights and 7-bit activations, float16 weights.
-TOLERANCE = {"int8": 0.05, "float16": 2e-3}
+# Output error relative to the output's scale: int8 weights (with 7-bit or bfloat16 activations),
+# int4 weights in groups of 32, float16 weights.
+TOLERANCE = {"int8": 0.05, "int4": 0.12, "float16": 2e-3}
+needs_avx512 = pytest.mark.skipif(
+    not weight_only_kernels(), reason="torch's weight-only kernels need AVX-512"
+)
+FORMATS = ["int8", pytest.param("int4", marks=needs_avx512), "float16"]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
 
-@pytest.mark.parametrize("fmt", ["int8", "float16"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_quantized_linear_matches_float(fmt: Any) -> None:
     torch.manual_seed(0)
     for bias in (True, False):
@@ -55,7 +66,7 @@ def logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits[0]
 
 
-@pytest.mark.parametrize("fmt", ["int8", "float16"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_lora_on_quantized_weights_changes_outputs_as_on_float(fmt: Any, tmp_path: Path) -> None:
     tok = byte_level_tokenizer()
     base = tiny_llama(tok)
@@ -69,6 +80,8 @@ def test_lora_on_quantized_weights_changes_outputs_as_on_float(fmt: Any, tmp_pat
             assert quantize_linears(model, fmt) == 2 * 7 + 1
             assert model.lm_head.weight is model.model.embed_tokens.weight
             assert model.model.layers[0].mlp.up_proj.weight is None
+            # int4 holds the output layer in int8 (its logits pick every token).
+            assert model.lm_head.fmt == ("int8" if fmt == "int4" else fmt)
         lora = MultiLora(model)
         lora.load("a", folder)
         plain = logits(model, ids)
@@ -95,8 +108,71 @@ def test_quantized_weights_need_a_float32_model_on_the_cpu() -> None:
         check_weight_format("int8", torch.device("cuda"), torch.float32)
     with pytest.raises(ConfigError, match=r"model\.weights = 'float16'.*bfloat16"):
         check_weight_format("float16", torch.device("cpu"), torch.bfloat16)
-    with pytest.raises(ConfigError, match=r"model\.weights: 'int4' is not one of"):
+    with pytest.raises(ConfigError, match=r"model\.weights: 'int3' is not one of auto, float16, int8, int4"):
+        check_weight_format("int3", torch.device("cpu"), torch.float32)
+
+
+def test_int4_needs_avx512_and_int8_falls_back_to_fbgemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AVX-512 int4 is refused at start, and int8 uses fbgemm's dynamic kernel instead."""
+    monkeypatch.setattr(quantized, "weight_only_kernels", lambda: False)
+    with pytest.raises(ConfigError, match=r"model\.weights = 'int4' needs a CPU with AVX-512"):
         check_weight_format("int4", torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = QuantizedLinear(linear, "int8", keep_weight=False)
+    assert layer.kernel == "fbgemm-dynamic"
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert relative_error(layer(x), linear(x)) < TOLERANCE["int8"]
+
+
+@needs_avx512
+def test_weight_only_kernels_hold_a_q4_1_grid_exactly_and_rows_do_not_interact() -> None:
+    """Weights on GGUF Q4_1's grid (a scale and a minimum per 32 inputs) come back exactly from int4;
+    int8 and int4 rows are computed alone (no activation scale shared across the batch)."""
+    torch.manual_seed(0)
+    out_features, in_features = 48, 96
+    q = torch.randint(0, 16, (out_features, in_features // 32, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid, so its step is re-derived exactly
+    step = 2.0 ** torch.randint(-9, -5, (out_features, in_features // 32, 1)).float()
+    low = -step * torch.randint(0, 16, (out_features, in_features // 32, 1)).float()
+    weight = (q * step + low).reshape(out_features, in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    layer = QuantizedLinear(linear, "int4", keep_weight=False)
+    assert layer.kernel == "weight-only"
+    with torch.inference_mode():
+        assert torch.equal(layer(torch.eye(in_features)), weight.t())  # every weight, read back exactly
+    for fmt in ("int8", "int4"):
+        layer = QuantizedLinear(torch.nn.Linear(in_features, out_features), fmt, keep_weight=False)
+        rows = torch.randn(6, in_features)
+        rows[5] *= 1000  # a batch mate with large activations changes nothing for the others
+        with torch.inference_mode():
+            together = layer(rows)
+            alone = torch.cat([layer(row[None]) for row in rows])
+        assert torch.equal(together, alone), fmt
+
+
+@needs_avx512
+def test_output_layer_rescoring_gives_the_best_candidates_float32_logits() -> None:
+    """The weight-only kernels' bfloat16 output cannot tell close logits apart; the head recomputes
+    each row's best candidates from the float32 table, so the top logits (and the argmax) are float32's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 500, bias=False)
+    with torch.no_grad():
+        head.weight.mul_(40)  # logits in the tens, where bfloat16's step is 0.125
+    rows = torch.randn(8, 64)
+    want = rows @ head.weight.detach().t()
+    plain = QuantizedLinear(head, "int8", keep_weight=True)
+    rescored = QuantizedLinear(head, "int8", keep_weight=True, rescore=True)
+    with torch.inference_mode():
+        got, rough = rescored(rows), plain(rows)
+    assert rescored.table is not None and plain.table is None
+    top = want.topk(quantized.RESCORE_TOP // 2, dim=-1)
+    torch.testing.assert_close(got.gather(-1, top.indices), top.values, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (rough.gather(-1, top.indices) - top.values).abs().max() > 1e-3  # without it, rounding shows
 
 
 def test_local_backend_serves_int8_weights_with_a_lora(tmp_path: Path) -> None:
@@ -122,7 +198,8 @@ MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH")
 
 
 @pytest.mark.skipif(not MODEL, reason="set PERSONABOT_TEST_MODEL_PATH to a SmolLM2-135M-Instruct folder")
-def test_real_model_int8_greedy_reply_is_sane() -> None:
+@pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=needs_avx512)])
+def test_real_model_quantized_greedy_reply_is_sane(fmt: str) -> None:
     from bot.generation.local import LocalBackend
     from bot.prompting import ChatRenderer, Turn
 
@@ -131,7 +208,6 @@ def test_real_model_int8_greedy_reply_is_sane() -> None:
     location = ModelLocation(Path(MODEL))
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
     replies = {}
-    fmt = "int8"
     for weights in ("auto", fmt):
         backend = LocalBackend(location, "cpu", weights=weights)
         renderer = ChatRenderer(backend.tokenizer, "model")

@@ -21,7 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: model.device, auto = CUDA when present)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="default: model.dtype")
     p.add_argument(
-        "--weights", choices=["auto", "float16", "int8"], help="CPU base weights (default: model.weights)"
+        "--weights",
+        choices=["auto", "float16", "int8", "int4"],
+        help="CPU base weights (default: model.weights)",
     )
     p.add_argument("--max-batch", type=int, metavar="N", help="jobs per batch (default: worker.max_batch)")
     p.add_argument(

@@ -71,6 +71,8 @@ def pack_linears(model: nn.Module, *, batch_hint: int = 16) -> int:
 def replace_linears(model: nn.Module, make: Callable[[nn.Linear, bool], nn.Module]) -> int:
     """Swap every plain `nn.Linear` for `make(linear, keep_weight)`; returns how many were swapped.
 
+    `make` may return the linear itself to leave it as it is.
+
     `keep_weight` is true where the weight is shared with another module (a tied input embedding),
     which then still needs the dense copy.
     """
@@ -79,9 +81,12 @@ def replace_linears(model: nn.Module, make: Callable[[nn.Linear, bool], nn.Modul
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
+        replacement = make(module, id(module.weight) in shared)
+        if replacement is module:  # `make` declined this one
+            continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(module, id(module.weight) in shared))
+        setattr(parent, child, replacement)
         swapped += 1
     return swapped
 

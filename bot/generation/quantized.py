@@ -1,21 +1,21 @@
-"""CPU serving with smaller base weights: the base model's linear layers in int8 or float16.
+"""CPU serving with smaller base weights: the base model's linear layers in int8, int4 or float16.
 
-A batch-1 decode step streams every weight once, so its speed follows the bytes per weight. These
-layers keep the weights packed once for fbgemm (PyTorch's x86 CPU kernels, AVX2 and up):
+A batch-1 decode step streams every weight once, so its speed follows the bytes per weight.
 
-- `int8`: per-output-channel symmetric int8 weights (a quarter of float32's bytes). fbgemm quantizes
-  each forward's activations on the fly (one uint8 scale per call, over all rows of the batch) and
-  accumulates in int32. A row's output depends slightly on the other rows of its batch (they share
-  the activation scale), and the 7-bit activations cost answer quality on SmolLM2-135M (README,
-  "Smaller base weights": eval accuracy 72.7% -> 46.8%); int8 weights alone would not.
-- `float16`: float16 weights (half the bytes) with float32 activations and accumulation; outputs
-  agree with float32 to float16 rounding (~1e-3 relative), row by row.
+- `int8`, on a CPU with AVX-512: per-output-channel symmetric int8 weights (a quarter of float32's
+  bytes) through torch's weight-only kernel (`_weight_int8pack_mm`): activations rounded to bfloat16,
+  float32 accumulation, each row independent of the others in its batch.
+- `int8`, on AVX2 only: the weight-only kernels run 5-20x slower than float32 there, so the weights
+  are packed for fbgemm, which quantizes each call's activations to 7 bits (one scale over all rows of
+  the batch). That costs answer quality on SmolLM2-135M (README, "Smaller base weights").
+- `int4` (AVX-512 only): asymmetric int4 in groups of 32 inputs, GGUF Q4_1's layout, through
+  `_weight_int4pack_mm_for_cpu`. The output layer stays int8 (see `quantize_linears`).
+- `float16`: float16 weights packed for fbgemm with float32 activations and accumulation; outputs agree
+  with float32 to float16 rounding (~1e-3 relative), row by row.
 
-torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were measured too:
-without AVX-512 they run 5-20x slower than oneDNN's float32 linear, so they are not used.
-
+On the weight-only kernels the output layer's best candidates are rescored in float32 (`QuantizedLinear`).
 Persona LoRAs stay in float32 on top (`bot.generation.lora.MultiLoraLinear` wraps these layers as it
-wraps plain ones). The output layer is quantized too; a tied input embedding keeps its float32 table.
+wraps plain ones). A tied input embedding keeps its float32 table.
 """
 
 from __future__ import annotations
@@ -32,34 +32,135 @@ from bot.generation.packed import replace_linears
 
 log = logging.getLogger(__name__)
 
-WeightFormat = Literal["auto", "float16", "int8"]
+WeightFormat = Literal["auto", "float16", "int8", "int4"]
+
+
+# Quantized weights' group size along the input dimension for int4: GGUF's Q4_0/Q4_1 block size, so
+# a Q4_1 model's weights (scale and minimum per block of 32) are held exactly.
+INT4_GROUP = 32
+
+# Output-layer candidates per row whose logits are recomputed in float32 (see `QuantizedLinear`).
+RESCORE_TOP = 16
+
+
+def weight_only_kernels() -> bool:
+    """torch's weight-only int8/int4 CPU kernels pay here: they are written for AVX-512 (with bf16)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 class QuantizedLinear(nn.Linear):
-    """An `nn.Linear` whose weight is held packed for fbgemm as int8 or float16."""
+    """An `nn.Linear` whose weight is held as int8, int4 or float16.
 
-    def __init__(self, linear: nn.Linear, fmt: Literal["float16", "int8"], *, keep_weight: bool) -> None:
+    `kernel` says how it multiplies: "weight-only" (int8 / int4 weights, the activations rounded to
+    bfloat16 for the product, float32 accumulation), "fbgemm-dynamic" (int8 weights, activations
+    quantized to 7 bits per call) or "fbgemm-fp16".
+
+    `rescore` is for the output layer on the weight-only kernels: their bfloat16 output resolves a logit
+    of 25 only to 0.125, which ties or swaps close candidates (SmolLM2's first token for "What is the
+    capital of France?": "The" 25.33 against "L" 25.24). The float32 table is kept (a tied embedding's
+    is kept anyway) and each row's `RESCORE_TOP` best candidates are recomputed from it exactly: a few
+    rows of reading instead of the whole table.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        fmt: Literal["float16", "int8", "int4"],
+        *,
+        keep_weight: bool,
+        rescore: bool = False,
+    ) -> None:
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.fmt = fmt
         weight = linear.weight.detach().float()
         bias = None if linear.bias is None else linear.bias.detach().float()
-        self.packed = _prepack_int8(weight, bias) if fmt == "int8" else _prepack_fp16(weight, bias)
-        self.register_parameter("bias", None)  # packed with the weight
+        self.register_buffer("qweight", None)
+        self.register_buffer("qscale", None)
+        if fmt == "float16":
+            self.kernel = "fbgemm-fp16"
+            self.packed = _prepack_fp16(weight, bias)
+        elif fmt == "int8" and not weight_only_kernels():
+            self.kernel = "fbgemm-dynamic"
+            self.packed = _prepack_int8(weight, bias)
+        else:
+            self.kernel = "weight-only"
+            self.qweight, self.qscale = (
+                _int8_weight_only(weight) if fmt == "int8" else _int4_weight_only(weight)
+            )
+        self.register_parameter("bias", None)
+        if self.kernel == "weight-only" and bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)  # the kernels take no bias
         if keep_weight:
             self.weight = linear.weight
         else:
-            self.register_parameter("weight", None)  # the packed copy replaces it
+            self.register_parameter("weight", None)  # the quantized copy replaces it
+        table = linear.weight.detach() if rescore and self.kernel == "weight-only" else None
+        self.register_buffer("table", table, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fmt == "int8":
+        if self.kernel == "fbgemm-fp16":
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        if self.kernel == "fbgemm-dynamic":
             # reduce_range: 7-bit activations, so AVX2's 16-bit pair sums cannot saturate.
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        rows = x.reshape(-1, self.in_features)
+        if self.fmt == "int8":
+            out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.qscale)
+        else:
+            out = torch._weight_int4pack_mm_for_cpu(
+                rows.to(torch.bfloat16), self.qweight, INT4_GROUP, self.qscale
+            )
+        out = out.to(x.dtype)
+        table = self.table
+        if isinstance(table, torch.Tensor):
+            top = out.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices
+            exact = torch.bmm(table[top].to(x.dtype), rows[:, :, None]).squeeze(-1)
+            out = out.scatter(-1, top, exact)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.fmt}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"weights={self.fmt}, kernel={self.kernel}"
+        )
+
+
+def quantizable(linear: nn.Linear, fmt: str) -> bool:
+    """int4's packing needs whole groups of inputs and whole tiles of outputs; other formats take any."""
+    if fmt != "int4":
+        return True
+    return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
+
+
+def _int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel, for `torch._weight_int8pack_mm`.
+
+    The kernel takes bfloat16 scales, so the integers are chosen for the rounded scale: a rounding error
+    in the scale would otherwise bias a whole output channel.
+    """
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+    q = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def _int4_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of 32 inputs (GGUF Q4_1's layout: a scale and a minimum per group).
+
+    torch's kernel computes w = (q - 8) * scale + zero with a bfloat16 scale and zero, so both are
+    rounded first and the integers chosen for the rounded pair.
+    """
+    rows, cols = weight.shape
+    groups = weight.reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+    zero = (low + 8 * scale).to(torch.bfloat16).float()
+    q = torch.round((groups - zero[..., None]) / scale[..., None] + 8).clamp(0, 15).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(q.reshape(rows, cols), 1)
+    scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16)
+    return packed, scales_and_zeros
 
 
 def _prepack_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -80,22 +181,43 @@ def check_weight_format(fmt: str, device: torch.device, dtype: torch.dtype) -> N
     """A `ConfigError` naming `model.weights` when `fmt` cannot be served here."""
     if fmt == "auto":
         return
-    if fmt not in ("float16", "int8"):
-        raise ConfigError(f"model.weights: {fmt!r} is not one of auto, float16, int8")
+    if fmt not in ("float16", "int8", "int4"):
+        raise ConfigError(f"model.weights: {fmt!r} is not one of auto, float16, int8, int4")
     if device.type != "cpu" or dtype != torch.float32:
         raise ConfigError(
             f"model.weights = {fmt!r} is for CPU serving of a float32 model "
             f'(here: {device.type}, {str(dtype).removeprefix("torch.")}); use model.weights = "auto"'
         )
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    if fmt == "int4" and not weight_only_kernels():
+        raise ConfigError(
+            f"model.weights = 'int4' needs a CPU with AVX-512 (this one: "
+            f'{torch.backends.cpu.get_cpu_capability()}); use "float16" or "int8"'
+        )
+    if fmt != "int4" and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ConfigError(
             f"model.weights = {fmt!r} needs PyTorch's fbgemm kernels (x86 CPUs), missing from this build"
         )
 
 
 @torch.inference_mode()
-def quantize_linears(model: nn.Module, fmt: Literal["float16", "int8"]) -> int:
-    """Replace every `nn.Linear` of `model` by a `QuantizedLinear`; returns how many were replaced."""
-    swapped = replace_linears(model, lambda linear, keep: QuantizedLinear(linear, fmt, keep_weight=keep))
-    log.info("holding the weights of %d linear layers as %s", swapped, fmt)
+def quantize_linears(model: nn.Module, fmt: Literal["float16", "int8", "int4"]) -> int:
+    """Replace every `nn.Linear` of `model` by a `QuantizedLinear`; returns how many were replaced.
+
+    With int4 the output layer is held in int8: its logits pick every token, and a GGUF's output table
+    is stored finer than its Q4_1 layers (SmolLM2's: about 29 distinct values per 32, against 16), so
+    int4 there costs answers (top-1 agreement with float32 87% instead of 98%). A layer int4 cannot
+    pack (`quantizable`) keeps its float32 weight.
+    """
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+
+    def make(linear: nn.Linear, keep: bool) -> nn.Module:
+        layer_fmt: Literal["float16", "int8", "int4"] = "int8" if fmt == "int4" and linear is head else fmt
+        if not quantizable(linear, layer_fmt):
+            return linear
+        return QuantizedLinear(linear, layer_fmt, keep_weight=keep, rescore=linear is head)
+
+    swapped = replace_linears(model, make)
+    kernel = next((m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)), "none")
+    log.info("holding the weights of %d linear layers as %s (%s kernels)", swapped, fmt, kernel)
     return swapped

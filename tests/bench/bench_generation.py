@@ -733,7 +733,7 @@ def print_serving(e: dict[str, Any]) -> None:
 
 
 def engine_model(model_path: Path, fmt: str) -> Any:
-    """The worker's CPU model in one weight format: float32 packed for oneDNN, bfloat16, float16, int8."""
+    """The worker's CPU model in one weight format: float32 packed for oneDNN, bfloat16, float16, int8, int4."""
     from bot.generation.quantized import quantize_linears
 
     model = load_model(model_path)
@@ -769,7 +769,7 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
     }
     decode: dict[str, Any] = {}
     prefill: dict[str, Any] = {}
-    for fmt in ("float32", "bfloat16", "float16", "int8"):
+    for fmt in ("float32", "bfloat16", "float16", "int8", "int4"):
         engine = BatchEngine(engine_model(model_path, fmt), tokenizer)
         decode[f"personabot {fmt}"] = lambda e=engine: decode_rate(e, prompt, None, args.decode_tokens)
         if fmt != "bfloat16" or torch.cpu._is_avx512_bf16_supported():
