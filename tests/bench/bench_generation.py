@@ -385,6 +385,14 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
     return 2 * src.nbytes / best  # the memory system moved read + write bytes
 
 
+def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
+    """Bytes read per second by a plain sum over a large tensor (what a decode step mostly does); best of N."""
+    src = torch.empty(megabytes * 2**20 // 4).normal_()
+    src.sum()
+    best = min(timed(lambda: src.sum())[0] for _ in range(repeats))
+    return src.nbytes / best
+
+
 def weight_bytes(model: Any) -> int:
     seen, total = set(), 0
     for param in model.parameters():
@@ -805,9 +813,10 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
         fn()  # warm-up
     rates: dict[str, dict[str, list[float]]] = {"decode": {k: [] for k in decode}, "prefill": {}}
     rates["prefill"] = {k: [] for k in prefill}
-    bandwidth = []
+    bandwidth, reads = [], []
     for _ in range(args.rounds):  # interleaved, so load changes hit every engine alike
         bandwidth.append(copy_bandwidth())
+        reads.append(read_bandwidth())
         for key, fn in decode.items():
             rates["decode"][key].append(fn())
         for key, fn in prefill.items():
@@ -823,6 +832,8 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
             "copy_bandwidth_bytes_per_s": bandwidth,
             "float32_weight_bytes": weights,
             "float32_floor_tokens_per_second": floor,
+            "read_bandwidth_bytes_per_s": reads,
+            "float32_read_floor_tokens_per_second": max(reads) / weights,
         }
     )
     return out
@@ -849,6 +860,13 @@ def print_engines(f: dict[str, Any]) -> None:
         print(
             f"    {key:<26}{d:>13.1f}{d / base_d:>9.2f}x{vs_d:>13}{100 * d / floor:>11.0f}%{prefill}{vs_p:>13}"
         )
+    read_floor = f["float32_read_floor_tokens_per_second"]
+    f32_engines = [k for k in ("personabot float32", ref) if k in best["decode"]]
+    shares = ", ".join(f"{k} {100 * best['decode'][k] / read_floor:.0f}%" for k in f32_engines)
+    print(
+        f"    a plain read (sum over 256 MiB) of float32's weight bytes: {read_floor:.1f} tokens/s; "
+        f"float32 decode reaches {shares} of it"
+    )
     for key in ("f32", "q4_1"):
         if f"llamacpp_{key}_greedy_prefix_equal_to_transformers" in f:
             same = f[f"llamacpp_{key}_greedy_prefix_equal_to_transformers"]
