@@ -2,7 +2,7 @@
 
 Generation runs in `bot.generation.engine.BatchEngine` (batched, mixed LoRA adapters, KV reuse). On the
 CPU the linear layers' weights are packed once for oneDNN (`bot.generation.packed`; `pack_weights=False`
-keeps plain `nn.Linear` layers) or held as float16/int8 (`weights=`, `bot.generation.quantized`), and
+keeps plain `nn.Linear` layers) or held as float16/int8/int4 (`weights=`, `bot.generation.quantized`), and
 the torch thread count follows the cores other processes leave idle, unless `OMP_NUM_THREADS` (or `personabot worker --threads`) fixes it.
 """
 

@@ -9,11 +9,12 @@ A batch-1 decode step streams every weight once, so its speed follows the bytes 
   are packed for fbgemm, which quantizes each call's activations to 7 bits (one scale over all rows of
   the batch). That costs answer quality on SmolLM2-135M (README, "Smaller base weights").
 - `int4` (AVX-512 only): asymmetric int4 in groups of 32 inputs, GGUF Q4_1's layout, through
-  `_weight_int4pack_mm_for_cpu`. The output layer stays int8 (see `quantize_linears`).
+  `_weight_int4pack_mm_for_cpu`.
 - `float16`: float16 weights packed for fbgemm with float32 activations and accumulation; outputs agree
   with float32 to float16 rounding (~1e-3 relative), row by row.
 
-On the weight-only kernels the output layer's best candidates are rescored in float32 (`QuantizedLinear`).
+With int4, and int8 on the weight-only kernels, the output layer is held in float16 and each row's best
+candidates are rescored in float32 (`quantize_linears`, `QuantizedLinear`).
 Persona LoRAs stay in float32 on top (`bot.generation.lora.MultiLoraLinear` wraps these layers as it
 wraps plain ones). A tied input embedding keeps its float32 table.
 """
@@ -55,8 +56,9 @@ class QuantizedLinear(nn.Linear):
     bfloat16 for the product, float32 accumulation), "fbgemm-dynamic" (int8 weights, activations
     quantized to 7 bits per call) or "fbgemm-fp16".
 
-    `rescore` is for the output layer on the weight-only kernels: their bfloat16 output resolves a logit
-    of 25 only to 0.125, which ties or swaps close candidates (SmolLM2's first token for "What is the
+    `rescore` is for the output layer when int8 / int4 are served on the weight-only kernels, where it is
+    held in float16 (see `quantize_linears`). A rounded output table ties or swaps close candidates
+    (the weight-only kernels' bfloat16 output resolves a logit of 25 only to 0.125) (SmolLM2's first token for "What is the
     capital of France?": "The" 25.33 against "L" 25.24). The float32 table is kept (a tied embedding's
     is kept anyway) and each row's `RESCORE_TOP` best candidates are recomputed from it exactly: a few
     rows of reading instead of the whole table.
@@ -96,30 +98,37 @@ class QuantizedLinear(nn.Linear):
             self.weight = linear.weight
         else:
             self.register_parameter("weight", None)  # the quantized copy replaces it
-        table = linear.weight.detach() if rescore and self.kernel == "weight-only" else None
-        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("table", linear.weight.detach() if rescore else None, persistent=False)
+        self.register_buffer("table_bias", bias if rescore else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._product(x)
+        table = self.table
+        return self._rescore(out, x, table) if isinstance(table, torch.Tensor) else out
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "fbgemm-fp16":
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
         if self.kernel == "fbgemm-dynamic":
             # reduce_range: 7-bit activations, so AVX2's 16-bit pair sums cannot saturate.
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        rows = x.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.fmt == "int8":
-            out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.qweight, self.qscale)
+            out = torch._weight_int8pack_mm(rows, self.qweight, self.qscale)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(
-                rows.to(torch.bfloat16), self.qweight, INT4_GROUP, self.qscale
-            )
-        out = out.to(x.dtype)
-        table = self.table
-        if isinstance(table, torch.Tensor):
-            top = out.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices
-            exact = torch.bmm(table[top].to(x.dtype), rows[:, :, None]).squeeze(-1)
-            out = out.scatter(-1, top, exact)
-        out = out.reshape(*x.shape[:-1], self.out_features)
+            out = torch._weight_int4pack_mm_for_cpu(rows, self.qweight, INT4_GROUP, self.qscale)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
+
+    def _rescore(self, out: torch.Tensor, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """`out` with each row's `RESCORE_TOP` best logits recomputed in float32 from `table`."""
+        rows = x.reshape(-1, self.in_features)
+        flat = out.reshape(-1, self.out_features)
+        top = flat.topk(min(RESCORE_TOP, self.out_features), dim=-1).indices
+        exact = torch.bmm(table[top].to(x.dtype), rows[:, :, None]).squeeze(-1)
+        if isinstance(self.table_bias, torch.Tensor):
+            exact = exact + self.table_bias[top]
+        return flat.scatter(-1, top, exact).reshape(out.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -193,7 +202,7 @@ def check_weight_format(fmt: str, device: torch.device, dtype: torch.dtype) -> N
             f"model.weights = 'int4' needs a CPU with AVX-512 (this one: "
             f'{torch.backends.cpu.get_cpu_capability()}); use "float16" or "int8"'
         )
-    if fmt != "int4" and "fbgemm" not in torch.backends.quantized.supported_engines:
+    if "fbgemm" not in torch.backends.quantized.supported_engines:  # int4's output layer uses it too
         raise ConfigError(
             f"model.weights = {fmt!r} needs PyTorch's fbgemm kernels (x86 CPUs), missing from this build"
         )
@@ -203,19 +212,25 @@ def check_weight_format(fmt: str, device: torch.device, dtype: torch.dtype) -> N
 def quantize_linears(model: nn.Module, fmt: Literal["float16", "int8", "int4"]) -> int:
     """Replace every `nn.Linear` of `model` by a `QuantizedLinear`; returns how many were replaced.
 
-    With int4 the output layer is held in int8: its logits pick every token, and a GGUF's output table
-    is stored finer than its Q4_1 layers (SmolLM2's: about 29 distinct values per 32, against 16), so
-    int4 there costs answers (top-1 agreement with float32 87% instead of 98%). A layer int4 cannot
-    pack (`quantizable`) keeps its float32 weight.
+    On the weight-only kernels (int4, and int8 with AVX-512) the output layer is held in float16 with
+    its best candidates rescored in float32:
+    - its logits pick every token, and a GGUF's output table is stored finer than its Q4_1 layers
+      (SmolLM2's: about 29 distinct values per 32, against 16): int4 there dropped top-1 agreement
+      with float32 from 98% to 87%;
+    - on one row, fbgemm's float16 product of SmolLM2's 49,152 x 576 table takes 2.2 ms where
+      `_weight_int8pack_mm` takes 3.4-4 ms, about a fifth of an int4 decode step.
+    A layer int4 cannot pack (`quantizable`) keeps its float32 weight.
     """
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
+    weight_only = fmt == "int4" or (fmt == "int8" and weight_only_kernels())
 
     def make(linear: nn.Linear, keep: bool) -> nn.Module:
-        layer_fmt: Literal["float16", "int8", "int4"] = "int8" if fmt == "int4" and linear is head else fmt
+        rescored = weight_only and linear is head
+        layer_fmt: Literal["float16", "int8", "int4"] = "float16" if rescored else fmt
         if not quantizable(linear, layer_fmt):
             return linear
-        return QuantizedLinear(linear, layer_fmt, keep_weight=keep, rescore=linear is head)
+        return QuantizedLinear(linear, layer_fmt, keep_weight=keep, rescore=rescored)
 
     swapped = replace_linears(model, make)
     kernel = next((m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)), "none")
