@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from bot.generation.quantized import (
     weight_only_kernels,
 )
 from personas.spec import Sampling
+from tests.real_model import smollm2
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, save_tiny_model, tiny_llama
 
@@ -197,18 +197,19 @@ def test_local_backend_serves_int8_weights_with_a_lora(tmp_path: Path) -> None:
     assert all(len(r.token_ids) == 6 for r in results)
 
 
-MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH")
+@pytest.fixture(scope="module")
+def real_model() -> Path:
+    return smollm2()
 
 
-@pytest.mark.skipif(not MODEL, reason="set PERSONABOT_TEST_MODEL_PATH to a SmolLM2-135M-Instruct folder")
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int8", pytest.param("int4", marks=needs_avx512)])
-def test_real_model_quantized_greedy_reply_is_sane(fmt: str) -> None:
+def test_real_model_quantized_greedy_reply_is_sane(fmt: str, real_model: Path) -> None:
     from bot.generation.local import LocalBackend
     from bot.prompting import ChatRenderer, Turn
 
-    assert MODEL is not None
     torch.set_num_threads(2)
-    location = ModelLocation(Path(MODEL))
+    location = ModelLocation(real_model)
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
     replies = {}
     for weights in ("auto", fmt):

@@ -4,27 +4,29 @@ sensible reply (the local engine, the renderer and the persona's system prompt o
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 import pytest
 
 from bot.config import load_settings
+from tests.real_model import smollm2
 from tests.test_serve_keys import running
 
-MODEL = os.environ.get("PERSONABOT_TEST_MODEL_PATH")  # read at import: the fixtures clear PERSONABOT_*
+pytestmark = pytest.mark.slow
 
-pytestmark = pytest.mark.skipif(not MODEL, reason="PERSONABOT_TEST_MODEL_PATH is not set")
+
+@pytest.fixture(scope="module")
+def real_model() -> Path:
+    return smollm2()  # before the per-test fixtures clear PERSONABOT_*
 
 
 @pytest.mark.timeout(300)
-async def test_real_model_answers_a_chat_completion(tmp_path: Path) -> None:
+async def test_real_model_answers_a_chat_completion(tmp_path: Path, real_model: Path) -> None:
     openai = pytest.importorskip("openai")
     from bot.basemodel import resolve_model
     from bot.generation.local import LocalBackend
 
-    assert MODEL is not None
-    settings = load_settings(serve={"port": 0}, model={"path": MODEL, "device": "cpu"})
+    settings = load_settings(serve={"port": 0}, model={"path": str(real_model), "device": "cpu"})
     backend = await asyncio.to_thread(LocalBackend, resolve_model(settings), "cpu", "float32")
     async for url in running(settings, backend):
         async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
