@@ -27,6 +27,8 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -615,11 +617,14 @@ class TelegramAdapter:
                     if await self._replace(reply.channel, reply.streamed_id, chunks[0]):
                         ids.append(reply.streamed_id)
                         continue
-                # Recorded before the request leaves: a crash before the answer leaves the row marked,
-                # and the send is not repeated blindly after the restart.
-                if journal is not None:
-                    await journal.sending(index, ids)
-                ids.append(await self._send(reply.channel, chunks[index], reply_to if index == 0 else None))
+                # The rate limiter marks the chunk on the row as each request leaves (`_InFlight`).
+                mark = _in_flight.set(_InFlight(journal, index, list(ids)) if journal is not None else None)
+                try:
+                    ids.append(
+                        await self._send(reply.channel, chunks[index], reply_to if index == 0 else None)
+                    )
+                finally:
+                    _in_flight.reset(mark)
                 if journal is not None:
                     await journal.sent(ids)
             except Exception as exc:
@@ -770,7 +775,44 @@ class _RateLimiter(AIORateLimiter):
     ) -> Any:
         if endpoint == "sendChatAction":
             return await callback(*args, **kwargs)
+        mark = _in_flight.get() if endpoint == "sendMessage" else None
+        if mark is not None:
+            callback = mark.around(callback)
         return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+
+@dataclass
+class _InFlight:
+    """The outbox row's record of the chunk being sent, kept only while a request may be at Telegram.
+
+    It is written just before each `sendMessage` request leaves (after the rate limiter's waits) and
+    cleared when Telegram answers without posting (429, 5xx, a refusal) or the request never left, so
+    a process killed while it waits out flood control or backs off between retries leaves no chunk
+    marked, and the next process sends it; only a kill while a request is out makes the row `unknown`.
+    """
+
+    journal: Any  # the row's `RowJournal`
+    index: int
+    delivered: list[str]
+
+    def around(self, request: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def marked(*args: Any, **kwargs: Any) -> Any:
+            await self.journal.sending(self.index, self.delivered)
+            try:
+                return await request(*args, **kwargs)
+            except (RetryAfter, BadRequest, Forbidden, InvalidToken, ChatMigrated):
+                await self.journal.sent(self.delivered)  # answered, and not posted
+                raise
+            except NetworkError as exc:
+                if not _may_have_arrived(exc):
+                    await self.journal.sent(self.delivered)
+                raise
+
+        return marked
+
+
+# The chunk `TelegramAdapter.deliver` is sending, for the rate limiter around each request.
+_in_flight: ContextVar[_InFlight | None] = ContextVar("telegram_in_flight", default=None)
 
 
 def _may_have_arrived(exc: NetworkError) -> bool:

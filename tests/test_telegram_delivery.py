@@ -326,6 +326,33 @@ async def test_a_send_whose_answer_never_comes_is_not_resent(
     assert len(api.bot_messages(CHAT.id)) == 2  # the operator's choice
 
 
+@pytest.mark.parametrize("answer", ["flood control", "5xx"])
+async def test_no_chunk_is_marked_in_flight_while_a_refused_send_waits_to_be_retried(
+    store: Store, api: FakeBotAPI, tmp_path: Path, answer: str
+) -> None:
+    """Telegram answered and did not post (429, 5xx): while the adapter waits to send again, the row
+    marks nothing in flight, so a process killed in that wait (seconds under flood control) leaves a
+    reply the next process sends, not an `unknown` one (the chaos run lost a reply that way)."""
+    if answer == "flood control":
+        api.fail("sendMessage", 429, retry_after=2)
+        kw: dict[str, float] = {}
+    else:
+        api.fail("sendMessage", 502, description="Bad Gateway")
+        kw = {"retry_backoff": 1.0}
+    async with running_bot(store, api, tmp_path, **kw) as bot:
+        api.send(CHAT, ADA, "hello?")
+        async with asyncio.timeout(10):
+            while not api.calls_of("sendMessage"):
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # refused, and waiting to send again
+        assert len(api.calls_of("sendMessage")) == 1
+        assert await bot.count(OutboxDelivery, OutboxDelivery.inflight_chunk.is_not(None)) == 0
+        await bot.wait_until(lambda: bot.count(OutboxDelivery, OutboxDelivery.status == "delivered"), 1)
+    assert [m["text"] for m in api.bot_messages(CHAT.id)] == ["echo -> hello?"]
+    (row,) = await bot.rows(OutboxDelivery)
+    assert row.inflight_chunk is None
+
+
 async def test_a_send_cut_off_by_a_crash_is_not_resent_after_the_restart(
     store: Store, api: FakeBotAPI, tmp_path: Path
 ) -> None:
