@@ -739,7 +739,7 @@ class TelegramAdapter:
         for attempt in range(self.network_retries + 1):
             try:
                 return await call()
-            except (BadRequest, Forbidden, InvalidToken, RetryAfter, ChatMigrated):
+            except ANSWERED_NOT_POSTED:
                 raise
             except NetworkError as exc:  # TimedOut included
                 if not idempotent and _may_have_arrived(exc):
@@ -800,8 +800,8 @@ class _InFlight:
             await self.journal.sending(self.index, self.delivered)
             try:
                 return await request(*args, **kwargs)
-            except (RetryAfter, BadRequest, Forbidden, InvalidToken, ChatMigrated):
-                await self.journal.sent(self.delivered)  # answered, and not posted
+            except ANSWERED_NOT_POSTED:
+                await self.journal.sent(self.delivered)
                 raise
             except NetworkError as exc:
                 if not _may_have_arrived(exc):
@@ -813,6 +813,12 @@ class _InFlight:
 
 # The chunk `TelegramAdapter.deliver` is sending, for the rate limiter around each request.
 _in_flight: ContextVar[_InFlight | None] = ContextVar("telegram_in_flight", default=None)
+
+
+# Telegram's answers that say the request was refused, not carried out: final for `_retrying` (429s
+# are the rate limiter's), and proof for `_InFlight` that nothing was posted. BadRequest is a
+# NetworkError, so these are caught before it.
+ANSWERED_NOT_POSTED = (BadRequest, Forbidden, InvalidToken, RetryAfter, ChatMigrated)
 
 
 def _may_have_arrived(exc: NetworkError) -> bool:

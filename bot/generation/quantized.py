@@ -57,11 +57,11 @@ class QuantizedLinear(nn.Linear):
     quantized to 7 bits per call) or "fbgemm-fp16".
 
     `rescore` is for the output layer when int8 / int4 are served on the weight-only kernels, where it is
-    held in float16 (see `quantize_linears`). A rounded output table ties or swaps close candidates
-    (the weight-only kernels' bfloat16 output resolves a logit of 25 only to 0.125) (SmolLM2's first token for "What is the
-    capital of France?": "The" 25.33 against "L" 25.24). The float32 table is kept (a tied embedding's
-    is kept anyway) and each row's `RESCORE_TOP` best candidates are recomputed from it exactly: a few
-    rows of reading instead of the whole table.
+    held in float16 (see `quantize_linears`). A rounded output table ties or swaps close candidates: the
+    weight-only kernels' bfloat16 output resolves a logit of 25 only to 0.125, and swapped SmolLM2's
+    first token for "What is the capital of France?" ("The" 25.33 against "L" 25.24). The float32
+    table is kept (a tied embedding's is kept anyway) and each row's `RESCORE_TOP` best candidates are
+    recomputed from it exactly: a few rows of reading instead of the whole table.
     """
 
     def __init__(
@@ -202,7 +202,7 @@ def check_weight_format(fmt: str, device: torch.device, dtype: torch.dtype) -> N
             f"model.weights = 'int4' needs a CPU with AVX-512 (this one: "
             f'{torch.backends.cpu.get_cpu_capability()}); use "float16" or "int8"'
         )
-    if "fbgemm" not in torch.backends.quantized.supported_engines:  # int4's output layer uses it too
+    if "fbgemm" not in torch.backends.quantized.supported_engines:  # every format's output layer uses it
         raise ConfigError(
             f"model.weights = {fmt!r} needs PyTorch's fbgemm kernels (x86 CPUs), missing from this build"
         )
