@@ -92,6 +92,32 @@ def test_multilora_matches_peft_forward(base: Any, tmp_path: Path) -> None:
     assert not torch.allclose(got, plain)  # the adapter really changes the output
 
 
+def test_one_adapter_on_every_row_takes_the_short_path_with_the_same_output(
+    base: Any, tmp_path: Path
+) -> None:
+    folder = make_lora_folder(base, tmp_path / "a", seed=6)
+    ids = torch.tensor([[5, 17, 42, 8], [99, 3, 7, 61], [12, 12, 40, 2]])
+    model = copy.deepcopy(base)
+    lora = MultiLora(model)
+    lora.load("a", folder)
+    q = lora.wrapped["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        lora.activate(["a", "a", "a"])
+        assert q.plan is not None and q.plan.whole == 2.0  # alpha / r
+        whole = model(ids).logits
+        for one in range(3):  # one row at a time: the decode of one persona's reply
+            lora.activate(["a"])
+            torch.testing.assert_close(model(ids[one : one + 1]).logits[0], whole[one], rtol=1e-5, atol=1e-5)
+        lora.activate(["a", None, "a"])  # a row without the adapter: rows are gathered and scattered
+        assert q.plan is not None and q.plan.whole is None
+        mixed = model(ids).logits
+        lora.activate([None])
+        plain = model(ids[1:2]).logits
+    torch.testing.assert_close(mixed[0::2], whole[0::2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], plain[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(whole[1], plain[0])
+
+
 def test_unloaded_adapter_is_refused(base: Any, tmp_path: Path) -> None:
     model = copy.deepcopy(base)
     lora = MultiLora(model)

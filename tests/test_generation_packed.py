@@ -1,4 +1,5 @@
-"""oneDNN-packed linear layers: the same outputs as `F.linear`, the same greedy replies, no extra memory."""
+"""oneDNN-packed linear layers: the same outputs as `F.linear`, the same greedy replies, no extra memory
+(or, for the one-row path, exactly the dense weights' bytes)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import torch
 from bot.generation.base import GenerationRequest
 from bot.generation.engine import BatchEngine
 from bot.generation.lora import MultiLora
-from bot.generation.packed import PackedLinear, can_pack, pack_linears
+from bot.generation.packed import (
+    PackedLinear,
+    can_pack,
+    one_row_blocks,
+    one_row_copy_bytes,
+    pack_linears,
+)
 from personas.spec import Sampling
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, tiny_llama
@@ -37,31 +44,90 @@ def test_packed_linear_matches_f_linear() -> None:
                 torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
-def test_packing_a_model_keeps_its_replies_and_its_memory(tmp_path: Path) -> None:
+def test_one_row_products_run_on_row_blocks_and_match_f_linear() -> None:
+    torch.manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(48, 96, bias=bias)
+        packed = PackedLinear(linear, batch_hint=16, keep_weight=False, one_row_blocks=3)
+        assert packed.row_blocks is not None and packed.row_blocks.shape == (3, 32, 48)
+        # one row in any shape takes the blocks (a view of the dense weight, no copy); more rows the packed copy
+        assert packed.row_blocks.data_ptr() == linear.weight.data_ptr()
+        for shape in [(48,), (1, 48), (1, 1, 48), (2, 48), (16, 1, 48)]:
+            x = torch.randn(*shape)
+            with torch.inference_mode():
+                got = packed(x)
+            assert got.shape == (*shape[:-1], 96)
+            torch.testing.assert_close(got, linear(x), rtol=1e-5, atol=1e-5)
+        # a row inside a larger tensor (a storage offset), and one that is not contiguous
+        big = torch.randn(3, 5, 48)
+        for x in (big[1, 2:3], big.transpose(1, 2)[2, :, 1]):
+            with torch.inference_mode():
+                torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_blocks_give_every_thread_a_block_of_at_least_16_rows() -> None:
+    assert one_row_blocks(576, threads=2) == 2
+    assert one_row_blocks(576, threads=1) == 2  # one block is the slow matrix-vector path
+    assert one_row_blocks(576, threads=5) == 6
+    assert one_row_blocks(192, threads=16) == 12  # 16 blocks of 12 rows are too small: the most that fit
+    assert one_row_blocks(31, threads=2) == 0  # a prime: no split, the product stays packed
+    assert one_row_blocks(16, threads=2) == 0
+
+
+@pytest.mark.parametrize("one_row_copy", [False, True])
+def test_packing_a_model_keeps_its_replies_and_its_memory(tmp_path: Path, one_row_copy: bool) -> None:
     tok = byte_level_tokenizer()
     base = tiny_llama(tok)
     folder = make_lora_folder(base, tmp_path / "a", seed=3)
     dense_bytes = sum(p.nbytes for p in base.parameters())
+    copies = one_row_copy_bytes(base)
     engines = []
     for pack in (False, True):
         model = copy.deepcopy(base)
         if pack:
-            assert pack_linears(model) == 2 * 7 + 1  # 7 projections per layer and the output layer
+            assert (
+                pack_linears(model, one_row_copy=one_row_copy) == 2 * 7 + 1
+            )  # 7 per layer, the output layer
             # The packed copies replace the dense weights; the tied output layer keeps the embedding's.
             assert model.lm_head.weight is model.model.embed_tokens.weight
             assert model.model.layers[0].mlp.up_proj.weight is None
             packed_bytes = sum(p.nbytes for p in model.parameters())
             assert packed_bytes < dense_bytes
+            # The one-row copies are the dense weights kept (as buffers), nothing more; the tied output
+            # layer's blocks are a view of the embedding either way.
+            kept = {b.data_ptr(): b.nbytes for b in model.buffers() if b.dim() == 3}
+            assert model.lm_head.row_blocks.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+            kept.pop(model.lm_head.row_blocks.data_ptr())
+            assert sum(kept.values()) == (copies if one_row_copy else 0)
         lora = MultiLora(model)
         lora.load("a", folder)
         engines.append(BatchEngine(model, tok, lora=lora))
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=12)
     prompts = [tok(t)["input_ids"] for t in ("hello world", "Arr matey, ye be", "What's the capital")]
-    reqs = [
+    # Three rows (packed products), and each prompt alone (one-row decode steps)
+    batch = [
         GenerationRequest(p, greedy, (), adapter=a) for p, a in zip(prompts, ["a", None, "a"], strict=True)
     ]
-    plain, packed = ([r.token_ids for r in e.generate(reqs)] for e in engines)
-    assert plain == packed
+    for reqs in (batch, *([r] for r in batch)):
+        plain, packed = ([r.token_ids for r in e.generate(reqs)] for e in engines)
+        assert plain == packed
+
+
+def test_one_row_copies_are_kept_only_where_they_fit_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tiny_llama(byte_level_tokenizer())
+    copies = one_row_copy_bytes(base)
+    assert copies == sum(m.weight.nbytes for m in base.model.layers.modules() if type(m) is torch.nn.Linear)
+
+    class Memory:
+        total = 0
+
+    monkeypatch.setattr("bot.generation.packed.psutil.virtual_memory", lambda: Memory)
+    for total, kept in ((8 * copies, True), (8 * copies - 1, False)):
+        Memory.total = total
+        model = copy.deepcopy(base)
+        pack_linears(model)
+        assert (model.model.layers[0].mlp.up_proj.row_blocks is not None) is kept
+        assert model.lm_head.row_blocks is not None  # a view of the tied embedding costs nothing
 
 
 def test_only_float32_cpu_models_are_packed() -> None:
