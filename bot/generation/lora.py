@@ -231,7 +231,7 @@ class _Plan:
     k: int
     m: int
     # Every row uses the one adapter, in order (one persona's reply, or a batch of one persona's): the
-    # delta is added without gathering and scattering rows, in a third of the tensor ops (on one-row
+    # delta is added without gathering and scattering rows, in 4 tensor ops instead of 9 (on one-row
     # decode those ops, not the arithmetic, are the cost).
     whole: float | None = None  # that adapter's scaling
 
@@ -262,8 +262,8 @@ class MultiLoraLinear(nn.Module):
         if plan is None:
             return y
         if plan.whole is not None:
-            delta = x.reshape(-1, x.shape[-1]).mm(plan.a[0]).mm(plan.b[0])
-            y.view(delta.shape).add_(delta.mul_(plan.whole))
+            low = x.reshape(-1, x.shape[-1]).mm(plan.a[0])
+            y.view(low.shape[0], -1).addmm_(low, plan.b[0], alpha=plan.whole)
             return y
         rows = x.shape[0]
         x3 = x.reshape(rows, -1, x.shape[-1])
