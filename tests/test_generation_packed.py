@@ -134,3 +134,36 @@ def test_only_float32_cpu_models_are_packed() -> None:
     model: Any = tiny_llama(byte_level_tokenizer()).to(torch.bfloat16)
     assert not can_pack(model)
     assert pack_linears(model) == 0
+
+
+@pytest.mark.slow
+def test_real_model_one_row_greedy_reply_equals_transformers() -> None:
+    """SmolLM2 on the worker's CPU path (packed, one-row blocks): the greedy tokens of a reply decoded
+    alone are transformers' own, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from bot.basemodel import ModelLocation
+    from bot.generation.base import GenerationCallbacks
+    from bot.generation.local import LocalBackend
+    from bot.prompting import ChatRenderer, Turn
+    from tests.real_model import smollm2
+
+    folder = smollm2()
+    backend = LocalBackend(ModelLocation(folder), "cpu")
+    projection = backend.model.model.layers[0].self_attn.q_proj
+    assert isinstance(projection, PackedLinear) and projection.row_blocks is not None
+    renderer = ChatRenderer(backend.tokenizer, "model")
+    prompt = renderer.render_prompt(
+        [Turn("user", "Tell me about the Moon.")], system=None, max_prompt_tokens=256
+    ).input_ids
+    greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=32)
+    got = backend.generate_batch([GenerationRequest(prompt, greedy, ())], GenerationCallbacks())[0]
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        want = reference.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+            min_new_tokens=32, eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt):].tolist()  # fmt: skip
+    assert len(got.token_ids) == 32
+    assert got.token_ids == want

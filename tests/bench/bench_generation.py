@@ -12,11 +12,12 @@ Every comparison is measured side by side in one run, on the same machine state:
     channel KV cache (prefills only the new turn) against a full prefill; and the reply is the same.
 (c) Batch-1 decode tokens/s against the memory-bandwidth floor (weight bytes / copy bandwidth measured
     in this run), with a profile of where a decode step's time goes.
-The engine runs as the worker runs it on the CPU: weights packed once for oneDNN (`bot.generation.packed`);
+The engine runs as the worker runs it on the CPU: weights packed once for oneDNN, one-row products on
+row blocks of the dense weights (`bot.generation.packed`);
 (a) and (c) also show it on plain weights.
 (d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
 (f) One stream at one thread count: batch-1 decode and the prefill of a ~1,000-token prompt, personabot's
-    base weights as float32 (packed), bfloat16, float16 and int8 (`model.weights`) against llama.cpp
+    base weights as float32 (packed, one-row blocks), bfloat16, float16 and int8 (`model.weights`) against llama.cpp
     (`tests/bench/llamacpp.py`, where `llama-cpp-python` is installed; `--llamacpp off` skips it) on an
     f32 GGUF of the same weights and on the Q4_1 GGUF they come from. Ratios to personabot float32 and to
     llama.cpp f32, and each decode rate as a percentage of the float32 floor measured in the run.
