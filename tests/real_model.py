@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 MODEL_ENV = "PERSONABOT_TEST_MODEL_PATH"
 CACHE = Path.home() / ".cache" / "personabot"
@@ -29,3 +30,16 @@ def smollm2() -> Path:
                 [sys.executable, "-m", "bot.cli", "model", "pull"], env=env, check=True, timeout=900
             )
     return folder
+
+
+def transformers_greedy(model: Any, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' own greedy continuation of `prompt`: exactly `tokens` new ids, no early stop."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=tokens,
+            min_new_tokens=tokens, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()

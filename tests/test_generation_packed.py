@@ -146,7 +146,7 @@ def test_real_model_one_row_greedy_reply_equals_transformers() -> None:
     from bot.generation.base import GenerationCallbacks
     from bot.generation.local import LocalBackend
     from bot.prompting import ChatRenderer, Turn
-    from tests.real_model import smollm2
+    from tests.real_model import smollm2, transformers_greedy
 
     folder = smollm2()
     backend = LocalBackend(ModelLocation(folder), "cpu")
@@ -159,11 +159,6 @@ def test_real_model_one_row_greedy_reply_equals_transformers() -> None:
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=32)
     got = backend.generate_batch([GenerationRequest(prompt, greedy, ())], GenerationCallbacks())[0]
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        ids = torch.tensor([prompt])
-        want = reference.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
-            min_new_tokens=32, eos_token_id=None, pad_token_id=0,
-        )[0, len(prompt):].tolist()  # fmt: skip
+    want = transformers_greedy(reference, prompt, 32)
     assert len(got.token_ids) == 32
     assert got.token_ids == want

@@ -64,6 +64,7 @@ from bot.generation.lora import MultiLora  # noqa: E402
 from bot.generation.packed import pack_linears  # noqa: E402
 from bot.prompting import ChatRenderer, Turn  # noqa: E402
 from personas.spec import Sampling  # noqa: E402
+from tests.real_model import transformers_greedy  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOPICS = [
@@ -459,14 +460,7 @@ def bench_decode(
     hf_forward = [decode_rate(engines["transformers_forward"], prompt, None, tokens) for _ in range(rounds)]
     hf_rates = []
     for _ in range(rounds):
-        x = torch.tensor([prompt])
-        with torch.inference_mode():
-            seconds, _ = timed(
-                lambda x=x: plain.generate(
-                    input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=tokens,
-                    min_new_tokens=tokens, eos_token_id=None, pad_token_id=0,
-                )
-            )  # fmt: skip
+        seconds, _ = timed(lambda: transformers_greedy(plain, prompt, tokens))
         hf_rates.append(tokens / seconds)
     bw = max(bandwidth)
     # Tokens/s if a step did nothing but stream the weights once at the copy's bandwidth. A copy's
@@ -796,13 +790,7 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
             decode[label] = lambda r=runner: r.decode_rate(prompt, args.decode_tokens)
             prefill[label] = lambda r=runner: r.prefill_rate(long_prompt)
         # The conversion check: llama.cpp's greedy reply on the f32 file against transformers'.
-        hf = load_model(model_path)
-        with torch.inference_mode():
-            x = torch.tensor([prompt])
-            want = hf.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=32,
-                min_new_tokens=32, eos_token_id=None, pad_token_id=0,
-            )[0, len(prompt):].tolist()  # fmt: skip
+        want = transformers_greedy(load_model(model_path), prompt, 32)
         for runner, key in zip(runners, ("f32", "q4_1"), strict=True):
             got = runner.greedy(prompt, 32)
             same = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), 32)
