@@ -12,12 +12,13 @@ CPU are packed, and only where PyTorch was built with oneDNN (x86); elsewhere no
 
 One row (batch-1 decode, one user chatting) is the other shape, and there neither kernel streams the
 weights at the memory's read rate: oneDNN's packed product reads them at ~20 GB/s and MKL's
-matrix-vector product at ~12 GB/s (2-core AVX-512 EPYC; a plain sum reads ~30). The same product as a
-batch of row blocks, `bmm([P, N/P, K], x as a [K, 1] column with strides (1, K))`, goes through MKL's
-batched kernel at ~28 GB/s on one thread or two: a decode step 1.5x faster on SmolLM2-135M, with the same
-greedy replies (equal to `F.linear` to float rounding, as the packed product is). It needs the dense
-weights beside the packed ones, so they are kept where that costs little (`one_row_copy`): the extra
-bytes at most an eighth of the machine's memory (~430 MB for SmolLM2-135M); else one row stays packed.
+matrix-vector product at ~12 GB/s (2 threads of a 2-core AVX-512 EPYC; a plain sum reads ~30). The
+same product as a batch of row blocks, `bmm([P, N/P, K], x as a [K, 1] column with strides (1, K))`,
+goes through MKL's batched kernel at ~28 GB/s (25 on one thread): a decode step 1.5x faster on
+SmolLM2-135M, with the same greedy replies (equal to `F.linear` to float rounding, as the packed product
+is). It needs the dense weights beside the packed ones, so they are kept where that costs little
+(`one_row_copy`): the extra bytes at most an eighth of the machine's memory (~430 MB for SmolLM2-135M);
+else one row stays packed.
 """
 
 from __future__ import annotations
