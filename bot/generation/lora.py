@@ -380,6 +380,8 @@ class MultiLora:
                 wrapper.plan = None
             return
         slots: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        # One adapter on every row: its projections add their deltas without gathering rows (`_Plan.whole`).
+        single = (rows[0],) if all(n == rows[0] for n in rows) else None
         for module_name, wrapper in self.wrapped.items():
             stack = self._stacks.get(module_name)
             if stack is None:
@@ -392,9 +394,8 @@ class MultiLora:
                 wrapper.plan = None
                 continue
             scale = torch.where(owner >= 0, stack.scaling[owner.clamp(min=0)], 0.0).view(-1, 1, 1)
-            whole = None
-            if len(stack.names) == 1 and m == len(rows) and all(n == stack.names[0] for n in rows):
-                whole = float(stack.scaling[0])  # slots are the rows in order: no padding, no gather
+            # The slots are then the rows in order: no padding, no gather.
+            whole = float(stack.scaling[0]) if stack.names == single else None
             wrapper.plan = _Plan(stack.a, stack.b, index, scale, len(stack.names), m, whole)
 
     def activate(self, row_adapters: Sequence[str | None]) -> None:

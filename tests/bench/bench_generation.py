@@ -17,10 +17,11 @@ row blocks of the dense weights (`bot.generation.packed`);
 (a) and (c) also show it on plain weights.
 (d) Resident memory with 1, 4 and 8 personas' adapters loaded on one base model.
 (f) One stream at one thread count: batch-1 decode and the prefill of a ~1,000-token prompt, personabot's
-    base weights as float32 (packed, one-row blocks), bfloat16, float16 and int8 (`model.weights`) against llama.cpp
-    (`tests/bench/llamacpp.py`, where `llama-cpp-python` is installed; `--llamacpp off` skips it) on an
-    f32 GGUF of the same weights and on the Q4_1 GGUF they come from. Ratios to personabot float32 and to
-    llama.cpp f32, and each decode rate as a percentage of the float32 floor measured in the run.
+    base weights as float32 (packed; row blocks for one row), bfloat16, float16 and int8
+    (`model.weights`) against llama.cpp (`tests/bench/llamacpp.py`, where `llama-cpp-python` is
+    installed; `--llamacpp off` skips it) on an f32 GGUF of the same weights and on the Q4_1 GGUF they
+    come from. Ratios to personabot float32 and to llama.cpp f32, and each decode rate as a percentage
+    of the float32 floor measured in the run.
 (g) The prefill of one ~1,000-token prompt (batch 1), lean forward on and off.
 (e) Serving engines: the same 16 jobs over 4 personas with adapters through the worker's local engine,
     vLLM (its CPU build here, from `tests/vllm/setup_venv.sh`, when it can be had; `--vllm off` skips
