@@ -341,7 +341,7 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path(".personabot"), description="SQLite file, model, trained LoRAs.")
     database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default sqlite+aiosqlite:///<data_dir>/personabot.db"
+        default=None, description="SQLAlchemy URL; default sqlite:///<data_dir>/personabot.db"
     )
     default_persona: str = "assistant"
     personas_dir: Path | None = Field(
@@ -378,7 +378,7 @@ class Settings(BaseSettings):
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
-        return f"sqlite+aiosqlite:///{(self.data_dir / 'personabot.db').resolve()}"
+        return f"sqlite:///{(self.data_dir / 'personabot.db').resolve()}"
 
     @property
     def models_dir(self) -> Path:

@@ -103,7 +103,7 @@ class PostgresDatabases:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database URL on each backend (PostgreSQL from PERSONABOT_TEST_POSTGRES_URL)."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+        yield f"sqlite:///{tmp_path / 'store.db'}"
         return
     admin = postgres_admin_url()
     if admin is None:
@@ -130,7 +130,7 @@ async def store(db_url: str) -> AsyncIterator[Store]:
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
     """A migrated SQLite store, for tests where the platform, not the database, is the point."""
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
     await s.upgrade()
     try:
         yield s

@@ -87,7 +87,7 @@ async def run_console(python: Path, env: dict[str, str], cwd: Path, *, reply: bo
 
 
 async def jobs_of(tmp_path: Path) -> list[str]:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'personabot.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'personabot.db'}")
     try:
         async with store.transaction() as session:
             return list((await session.execute(select(ReplyJob.status))).scalars())

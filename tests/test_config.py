@@ -21,9 +21,7 @@ def test_defaults_use_sqlite_in_the_data_dir(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert settings.data_dir == Path(".personabot")
-    assert (
-        settings.resolved_database_url == f"sqlite+aiosqlite:///{tmp_path / '.personabot' / 'personabot.db'}"
-    )
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path / '.personabot' / 'personabot.db'}"
     assert settings.default_persona == "assistant"
 
 

@@ -79,7 +79,7 @@ async def test_a_connection_that_cannot_be_restored_fails_the_process(
 ) -> None:
     w = build_world(fake)
     settings = load_settings(
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
+        database_url=f"sqlite:///{tmp_path / 'bot.db'}",
         worker={"enabled": False},
         scheduler={"enabled": False},
         run={"reconnect_attempts": 2, "reconnect_backoff_seconds": 0.05},

@@ -85,7 +85,7 @@ def server(tmp_path: Path, settings: Settings) -> Iterator[ServerThread]:
     async def build(store: Store) -> web.Application:
         return serve_app(store, settings)
 
-    thread = ServerThread(build, f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    thread = ServerThread(build, f"sqlite:///{tmp_path / 'store.db'}")
     try:
         yield thread
     finally:

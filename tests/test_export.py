@@ -146,7 +146,7 @@ async def test_earlier_exports_are_scrubbed_after_optout_and_forget(store: Store
 def test_dataset_export_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
     monkeypatch.setenv("PERSONABOT_DATABASE_URL", url)
 
     async def go() -> None:

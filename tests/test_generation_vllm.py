@@ -348,7 +348,7 @@ async def test_a_worker_process_on_vllm_imports_no_torch_peft_or_model_code(
     data = tmp_path / "data"
     (data / "personas").mkdir(parents=True)
     registry(data)  # personas/echo under the data dir
-    database = f"sqlite+aiosqlite:///{data / 'personabot.db'}"
+    database = f"sqlite:///{data / 'personabot.db'}"
     store = Store(database)
     await store.upgrade()
     ids = await add_jobs(store, 2, persona="echo")

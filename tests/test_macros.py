@@ -107,7 +107,7 @@ async def test_start_command_sends_the_persona_greeting_expanded(tmp_path: Path)
     persona = import_card(path, tmp_path / "personas", user="Kazuma")
     registry = PersonaRegistry.discover(tmp_path / "personas", entry_points=False)
     settings = load_settings().model_copy(update={"default_persona": persona.slug})
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     await store.upgrade()
     try:
         channel = ChannelRef("console", "c1", ChannelKind.DIRECT)

@@ -88,7 +88,7 @@ class RefusingPlatform:
 def test_outbox_list_and_retry_commands(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
     monkeypatch.setenv("PERSONABOT_DATABASE_URL", url)
 
     async def refuse_two() -> list[int]:

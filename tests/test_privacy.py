@@ -128,7 +128,7 @@ async def test_forget_command_asks_first_and_works_on_every_platform(store: Stor
 
 
 async def test_start_answers_with_the_greeting_of_the_channels_persona(tmp_path: Path) -> None:
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
     await store.upgrade()
     try:
         registry = PersonaRegistry.discover()

@@ -92,7 +92,7 @@ async def test_run_serves_telegram_and_the_console_and_stops_on_sigterm(tmp_path
     assert "Thank you" in api.bot_messages(chat.id)[0]["text"]  # /optin answered on Telegram
     assert api.bot_messages(chat.id)[1]["text"].strip()
 
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'personabot.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'personabot.db'}")
     try:
         report = await collect_status(store)
         async with store.transaction() as session:

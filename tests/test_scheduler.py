@@ -427,7 +427,7 @@ async def test_jobs_keep_firing_while_a_store_transaction_holds_the_sqlite_lock(
     """SQLite: while a store transaction holds the write lock across awaits (as the worker's do), the
     loop goes on, due occurrences wait for the lock like any writer, and none fails with "database is
     locked"."""
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'bot.db'}")
     await store.upgrade()
     settings = load_settings(
         scheduler={"retention_days": 30, "retention_check_minutes": 0.2 / 60, "retrain": False}

@@ -322,7 +322,7 @@ async def test_the_default_retrain_runs_the_real_trainer_and_evaluator(tmp_path:
     both versions on the trainer's own held-out set (its numbers equal the trainer's), and the
     decision follows them. A small persona and the tiny model keep it quick; the two subprocesses'
     imports are most of its minute, so it runs on SQLite only (the store's part is tested above)."""
-    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    store = Store(f"sqlite:///{tmp_path / 'bot.db'}")
     await store.upgrade()
     try:
         await _default_retrain(store, tmp_path)

@@ -32,7 +32,7 @@ def test_apikey_cli_create_list_revoke_stores_only_the_hash(
     assert "tavern" in summary and "5/min" in summary
 
     async def rows() -> list[ApiKeyRecord]:
-        store = Store(f"sqlite+aiosqlite:///{tmp_path / 'data' / 'personabot.db'}")
+        store = Store(f"sqlite:///{tmp_path / 'data' / 'personabot.db'}")
         try:
             async with store.transaction() as session:
                 return list(await session.scalars(select(ApiKeyRecord)))

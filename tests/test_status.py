@@ -121,7 +121,7 @@ async def test_heartbeats_show_running_stale_and_stopped(store: Store) -> None:
 def test_status_command_prints_text_and_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
     monkeypatch.setenv("PERSONABOT_DATABASE_URL", url)
 
     async def go() -> None:

@@ -264,7 +264,8 @@ def test_unsupported_database_urls_are_one_clear_error(url: str) -> None:
 
 
 def test_plain_urls_use_the_async_drivers() -> None:
-    assert normalize_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
+    assert normalize_url("sqlite:///x.db").drivername == "sqlite+inline"
+    assert normalize_url("sqlite+aiosqlite:///x.db").drivername == "sqlite+aiosqlite"  # kept when asked for
     assert normalize_url("postgresql://u@h/db").drivername == "postgresql+asyncpg"
 
 

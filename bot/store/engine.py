@@ -1,4 +1,4 @@
-"""Opening the database: SQLite through aiosqlite (WAL) or PostgreSQL through asyncpg, one code path."""
+"""Opening the database: SQLite (WAL) in the event loop's thread, or PostgreSQL through asyncpg, one code path."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from bot.errors import StoreError
+from bot.store import sqlite_inline
+
+sqlite_inline.register()
 
 # Plain URLs are mapped to the async driver personabot uses for them.
 _ASYNC_DRIVERS = {
-    "sqlite": "sqlite+aiosqlite",
+    "sqlite": "sqlite+inline",
+    "sqlite+inline": "sqlite+inline",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
     "postgresql": "postgresql+asyncpg",
     "postgres": "postgresql+asyncpg",
@@ -49,8 +53,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_busy_wait(dbapi_conn: Any, _record: Any) -> None:
+    # aiosqlite waits for a locked database in its own thread; the inline driver waits itself, in the
+    # event loop, and needs SQLite's own wait off (see bot.store.sqlite_inline).
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
@@ -62,6 +73,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(parsed, **kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if parsed.drivername == "sqlite+aiosqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_busy_wait)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(parsed, **kwargs)

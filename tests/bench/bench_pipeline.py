@@ -1,6 +1,6 @@
 """Benchmark: the whole pipeline, platform event to platform post, with an instant backend.
 
-    .venv/bin/python tests/bench/bench_pipeline.py [--db sqlite|postgresql|both] [--rates 50,100,200]
+    .venv/bin/python tests/bench/bench_pipeline.py [--db sqlite,aiosqlite,postgresql] [--rates 50,100,200]
                                                    [--seconds 5] [--channels 50] [--quick]
 
 `--quick` (or BENCH_QUICK=1) runs 20 and 100 msg/s for 3 s each, for a check in about a minute.
@@ -9,7 +9,9 @@ One `BotApp` (dispatcher, worker, outbox pump) runs around an in-memory platform
 messages at a fixed rate across many direct channels, each through the dispatcher as an adapter hands
 it over; the platform records when each reply is posted. The backend answers at once (the scripted test
 backend), so what is measured is what personabot adds: storing, the job queue, wake-ups, prompt
-rendering, the outbox. PostgreSQL needs PERSONABOT_TEST_POSTGRES_URL (a fresh database per run).
+rendering, the outbox. `sqlite` is personabot's default SQLite driver, which runs statements in the
+event loop's thread (bot/store/sqlite_inline.py); `aiosqlite` is the same database through aiosqlite's
+thread, for comparison. PostgreSQL needs PERSONABOT_TEST_POSTGRES_URL (a fresh database per run).
 
 Prints, per database and offered rate: messages/s answered, the added latency p50 and p99 from the
 event to the post, and whether the rate was sustained (every message answered, answered rate within 5%
@@ -180,6 +182,7 @@ async def stage_medians(store: Store) -> dict[str, float]:
 
 
 TOKENIZER = None
+SQLITE_DRIVERS = {"sqlite": "sqlite", "aiosqlite": "sqlite+aiosqlite"}
 
 
 async def main() -> None:
@@ -187,7 +190,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument(
+        "--db", default="sqlite,aiosqlite,postgresql", help="comma-separated: sqlite, aiosqlite, postgresql"
+    )
     parser.add_argument("--rates", default="50,100,200,400")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--channels", type=int, default=50)
@@ -204,7 +209,10 @@ async def main() -> None:
     logging.getLogger("bot.worker.core").setLevel(os.environ.get("BENCH_WORKER_LOG", "WARNING"))
     TOKENIZER = byte_level_tokenizer()
     rates = [int(r) for r in args.rates.split(",")]
-    dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    dbs = args.db.split(",")
+    unknown = set(dbs) - set(SQLITE_DRIVERS) - {"postgresql"}
+    if unknown:
+        parser.error(f"--db: unknown {', '.join(sorted(unknown))}")
     print(
         f"{'database':<11}{'offered/s':>10}{'answered/s':>12}{'answered':>12}{'p50 ms':>9}{'p99 ms':>9}"
         f"  sustained  {'CPU ms/msg':>10}{'SQL/msg':>8}  queued / generated / posted ms"
@@ -214,8 +222,8 @@ async def main() -> None:
         for db in dbs:
             best = None
             for rate in rates:
-                if db == "sqlite":
-                    url = f"sqlite+aiosqlite:///{root / f'bench-{rate}.db'}"
+                if db in SQLITE_DRIVERS:
+                    url = f"{SQLITE_DRIVERS[db]}:///{root / f'bench-{db}-{rate}.db'}"
                     result = await run_once(url, rate, args.seconds, args.channels, root)
                 else:
                     admin = os.environ.get(POSTGRES_URL_ENV)

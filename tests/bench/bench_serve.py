@@ -108,7 +108,7 @@ async def _drive(
 
 def _database(kind: str, data_dir: Path) -> tuple[str, object]:
     if kind == "sqlite":
-        return f"sqlite+aiosqlite:///{data_dir / 'bench.db'}", None
+        return f"sqlite:///{data_dir / 'bench.db'}", None
     from tests.conftest import POSTGRES_URL_ENV, PostgresDatabases
 
     admin = os.environ.get(POSTGRES_URL_ENV)
