@@ -10,65 +10,99 @@ The packed copy replaces the layer's weight (memory stays the same), except wher
 with another module (a tied input embedding), which keeps its dense copy too. Only float32 models on the
 CPU are packed, and only where PyTorch was built with oneDNN (x86); elsewhere nothing changes.
 
-One row (batch-1 decode, one user chatting) is the other shape, and there neither kernel streams the
-weights at the memory's read rate: oneDNN's packed product reads them at ~20 GB/s and MKL's
-matrix-vector product at ~12 GB/s (2 threads of a 2-core AVX-512 EPYC; a plain sum reads ~30). The
-same product as a batch of row blocks, `bmm([P, N/P, K], x as a [K, 1] column with strides (1, K))`,
-goes through MKL's batched kernel at ~28 GB/s (25 on one thread): a decode step 1.5x faster on
-SmolLM2-135M, with the same greedy replies (equal to `F.linear` to float rounding, as the packed product
-is). It needs the dense weights beside the packed ones, so they are kept where that costs little
-(`one_row_copy`): the extra bytes at most an eighth of the machine's memory (~430 MB for SmolLM2-135M);
-else one row stays packed.
+One row (batch-1 decode, one user chatting) is the other shape, and there the fastest kernel depends
+on the CPU. Over SmolLM2-135M's layers, 2 threads:
+
+| one-row product | 2-core AMD EPYC (AVX-512) | 2-core Intel Xeon (AVX-512, AMX) |
+| --- | --- | --- |
+| oneDNN's packed product (`packed`) | ~20 GB/s | ~20 GB/s |
+| MKL's matrix-vector product, `F.linear` on the dense weight (`dense`) | ~12 GB/s | ~26 GB/s |
+| `bmm([P, N/P, K], x as a [K, 1] column with strides (1, K))`, row blocks (`blocks`) | ~28 GB/s | ~10 GB/s |
+
+So `pack_linears` times the three on the model's own weights when it packs them (about half a
+second) and uses the fastest for the layers, and again for the output layer, whose best kernel can
+differ (packed, 32 GB/s, on that Xeon). All three agree with `F.linear` to float rounding, as the
+packed product does. `dense` and `blocks` need the dense weights beside the packed ones, so they are
+candidates only where that costs little: the extra bytes at most an eighth of the machine's memory
+(~430 MB for SmolLM2-135M). The output layer's weight is the tied embedding's, kept anyway.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import psutil
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
+OneRow = Literal["packed", "dense", "blocks"]
+ONE_ROW_KERNELS: tuple[OneRow, ...] = get_args(OneRow)
+
 
 class PackedLinear(nn.Linear):
-    """An `nn.Linear` whose forward runs oneDNN's linear on a weight packed once."""
+    """An `nn.Linear` whose forward runs oneDNN's linear on a weight packed once; a one-row input runs
+    on `one_row`'s kernel (see the module docstring)."""
 
-    row_blocks: torch.Tensor | None
+    row_weight: torch.Tensor | None
 
     def __init__(
-        self, linear: nn.Linear, *, batch_hint: int, keep_weight: bool, one_row_blocks: int = 0
+        self,
+        linear: nn.Linear,
+        *,
+        batch_hint: int,
+        keep_weight: bool,
+        one_row: OneRow = "packed",
+        packed: torch.Tensor | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         weight = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.packed = (
+            packed if packed is not None else torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        )
         self.bias = linear.bias
         if keep_weight:
             self.weight = linear.weight
         else:
             self.register_parameter("weight", None)  # the packed copy replaces it
-        # The dense weight as `one_row_blocks` blocks of rows for one-row inputs (see the module
-        # docstring); a buffer, so the memory it keeps shows in `model.buffers()`.
-        blocks = None
-        if one_row_blocks:
-            blocks = weight.view(one_row_blocks, self.out_features // one_row_blocks, self.in_features)
-        self.register_buffer("row_blocks", blocks, persistent=False)
+        # The dense weight for one-row inputs: as it is (`dense`), or viewed as row blocks [P, N/P, K]
+        # (`blocks`). A buffer, so the memory it keeps shows in `model.buffers()`.
+        self.register_buffer("row_weight", _row_weight(weight, one_row), persistent=False)
+
+    @property
+    def one_row(self) -> OneRow:
+        w = self.row_weight
+        return "packed" if w is None else "dense" if w.dim() == 2 else "blocks"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blocks = self.row_blocks
-        if blocks is not None and x.numel() == self.in_features:
+        w = self.row_weight
+        if w is not None and x.numel() == self.in_features:
+            if w.dim() == 2:
+                return F.linear(x, w, self.bias)
             if not x.is_contiguous():
                 x = x.contiguous()
             # x as a [K, 1] column with strides (1, K), the same for every block (stride 0): one view op
-            column = x.as_strided((blocks.shape[0], self.in_features, 1), (0, 1, self.in_features))
-            out = torch.bmm(blocks, column).view(*x.shape[:-1], self.out_features)
+            column = x.as_strided((w.shape[0], self.in_features, 1), (0, 1, self.in_features))
+            out = torch.bmm(w, column).view(*x.shape[:-1], self.out_features)
             return out if self.bias is None else out + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def _row_weight(weight: torch.Tensor, one_row: OneRow) -> torch.Tensor | None:
+    if one_row == "packed":
+        return None
+    blocks = one_row_blocks(weight.shape[0]) if one_row == "blocks" else 0
+    if not blocks:  # `dense`, or a row count that does not split: the plain matrix-vector product
+        return weight
+    return weight.view(blocks, weight.shape[0] // blocks, weight.shape[1])
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -87,24 +121,77 @@ def can_pack(model: nn.Module) -> bool:
 
 
 @torch.inference_mode()
-def pack_linears(model: nn.Module, *, batch_hint: int = 16, one_row_copy: bool | None = None) -> int:
+def pack_linears(model: nn.Module, *, batch_hint: int = 16, one_row: OneRow | None = None) -> int:
     """Replace every `nn.Linear` of `model` by a `PackedLinear`; returns how many were packed.
 
-    `one_row_copy`: keep the dense weights for one-row products too (see the module docstring);
-    None decides by memory: when the copies not already kept take at most an eighth of the machine's."""
+    `one_row`: the kernel for one-row inputs (see the module docstring). None measures the three on
+    this model's weights and takes the fastest, for the layers and for the tied output layer apart;
+    `dense` and `blocks` are candidates for the layers only when their dense copies take at most an
+    eighth of the machine's memory."""
     if not can_pack(model):
         return 0
-    if one_row_copy is None:
-        one_row_copy = one_row_copy_bytes(model) <= psutil.virtual_memory().total // 8
+    shared = _shared_weights(model)
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    packed = {id(m): torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint) for m in linears}
+    kernels: dict[bool, OneRow] = {}  # by "weight shared with another module" (kept dense anyway)
+    for tied in (False, True):
+        group = [(m.weight.detach(), packed[id(m)]) for m in linears if (id(m.weight) in shared) is tied]
+        if one_row is not None or not group:
+            kernels[tied] = one_row or "packed"
+            continue
+        if not tied and one_row_copy_bytes(model) > psutil.virtual_memory().total // 8:
+            log.info("one-row products stay packed: dense copies of the weights would not fit")
+            kernels[tied] = "packed"
+            continue
+        rates = one_row_rates(group)
+        kernels[tied] = max(rates, key=rates.__getitem__)
+        measured = ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+        log.info(
+            "one-row products on the %s: %s (GB/s: %s)",
+            "output layer" if tied else "layers",
+            kernels[tied],
+            measured,
+        )
 
     def pack(linear: nn.Linear, keep: bool) -> nn.Module:
-        blocks = one_row_blocks(linear.out_features) if one_row_copy or keep else 0
-        return PackedLinear(linear, batch_hint=batch_hint, keep_weight=keep, one_row_blocks=blocks)
+        return PackedLinear(
+            linear, batch_hint=batch_hint, keep_weight=keep, one_row=kernels[keep], packed=packed[id(linear)]
+        )
 
-    packed = replace_linears(model, pack)
-    extra = "" if one_row_copy else " (one-row products packed too: dense copies would not fit)"
-    log.info("packed the weights of %d linear layers for oneDNN%s", packed, extra)
-    return packed
+    count = replace_linears(model, pack)
+    log.info("packed the weights of %d linear layers for oneDNN", count)
+    return count
+
+
+def one_row_rates(weights: list[tuple[torch.Tensor, torch.Tensor]], passes: int = 3) -> dict[OneRow, float]:
+    """GB/s of one-row products over `weights` ((dense, packed) pairs, in model order) in each kernel:
+    the best of `passes` passes over all of them after one to warm up, so the caches hold what they
+    hold in a real decode step."""
+    rates: dict[OneRow, float] = {}
+    total = sum(dense.nbytes for dense, _ in weights)
+    for kernel in ONE_ROW_KERNELS:
+        layers = [
+            PackedLinear(_as_linear(dense), batch_hint=1, keep_weight=False, one_row=kernel, packed=pack)
+            for dense, pack in weights
+        ]
+        inputs = [torch.randn(1, layer.in_features) for layer in layers]
+        best = float("inf")
+        for index in range(passes + 1):
+            started = time.perf_counter()
+            for layer, x in zip(layers, inputs, strict=True):
+                layer(x)
+            if index:
+                best = min(best, time.perf_counter() - started)
+        rates[kernel] = total / best / 1e9
+    return rates
+
+
+def _as_linear(weight: torch.Tensor) -> nn.Linear:
+    """An `nn.Linear` holding `weight` itself (no copy), without a bias."""
+    linear = nn.Linear(1, 1, bias=False)
+    linear.in_features, linear.out_features = weight.shape[1], weight.shape[0]
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    return linear
 
 
 def one_row_blocks(out_features: int, threads: int | None = None) -> int:
