@@ -20,16 +20,21 @@ else:
     print("yes" if supported.value >> 18 & 1 else "no")  # bit 18: XTILEDATA
 PY
 )"
+cmake_args="-DGGML_NATIVE=ON"
 if [ "$amx_usable" = "no" ]; then
     wheels="$wheels/no-amx"
-    export CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # explicit -mno- flags outrank -march=native
+    cmake_args="$cmake_args -DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'"
 fi
 mkdir -p "$wheels"
 wheel="$(ls "$wheels"/llama_cpp_python-"$version"-*.whl 2>/dev/null | head -n 1 || true)"
 if [ -z "$wheel" ]; then
     # GGML_NATIVE: kernels for this machine's CPU (AVX2 / AVX-512 / VNNI), as a local build should be.
-    CMAKE_ARGS="-DGGML_NATIVE=ON" "$python" -m pip wheel --no-deps -w "$wheels" "llama-cpp-python==$version"
+    # --no-cache-dir: pip would otherwise reuse a wheel it built from the same sdist with other flags.
+    CMAKE_ARGS="$cmake_args" "$python" -m pip wheel --no-cache-dir --no-deps -w "$wheels" "llama-cpp-python==$version"
     wheel="$(ls "$wheels"/llama_cpp_python-"$version"-*.whl | head -n 1)"
 fi
-"$python" -m pip install "$wheel" "gguf>=0.19,<1"
+# --force-reinstall: an installed build of the same version may be the other one (with or without AMX)
+"$python" -m pip install --force-reinstall --no-deps "$wheel"
+"$python" -m pip install "gguf>=0.19,<1"
 echo "$wheel"
