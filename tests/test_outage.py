@@ -43,8 +43,15 @@ class Proxy:
         await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Tracked from the accept, not from the upstream connect: a connection accepted just before a
+        # cut must not slip through it (a component whose pooled connection survived the blip would
+        # never see the outage, and the test would wait for a recovery line that never comes).
+        self.writers.add(writer)
         up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.writers |= {writer, up_writer}
+        if writer not in self.writers:  # cut while connecting upstream
+            up_writer.transport.abort()
+            return
+        self.writers.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(Exception):
