@@ -36,5 +36,6 @@ if [ -z "$wheel" ]; then
 fi
 # --force-reinstall: an installed build of the same version may be the other one (with or without AMX)
 "$python" -m pip install --force-reinstall --no-deps "$wheel"
-"$python" -m pip install "gguf>=0.19,<1"
+# and its dependencies (diskcache, jinja2, numpy), which --no-deps left out
+"$python" -m pip install "$wheel" "gguf>=0.19,<1"
 echo "$wheel"
