@@ -257,7 +257,11 @@ class MultiLoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.add_delta(x, self.base(x))
+
+    def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add the rows' LoRA deltas for input `x` to `y` (this projection's base output, or a view of
+        it inside a fused product's output) in place; returns `y`."""
         plan = self.plan
         if plan is None:
             return y

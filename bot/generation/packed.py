@@ -85,15 +85,64 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.row_weight
         if w is not None and x.numel() == self.in_features:
-            if w.dim() == 2:
-                return F.linear(x, w, self.bias)
-            if not x.is_contiguous():
-                x = x.contiguous()
-            # x as a [K, 1] column with strides (1, K), the same for every block (stride 0): one view op
-            column = x.as_strided((w.shape[0], self.in_features, 1), (0, 1, self.in_features))
-            out = torch.bmm(w, column).view(*x.shape[:-1], self.out_features)
+            out = one_row_product(x, w)
             return out if self.bias is None else out + self.bias
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def one_row_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` for a one-row `x` (`[..., K]`), `w` a dense `[N, K]` weight or its row blocks `[P, N/P, K]`."""
+    if w.dim() == 2:
+        return F.linear(x, w)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    k = x.shape[-1]
+    # x as a [K, 1] column with strides (1, K), the same for every block (stride 0): one view op
+    column = x.as_strided((w.shape[0], k, 1), (0, 1, k))
+    return torch.bmm(w, column).view(*x.shape[:-1], w.shape[0] * w.shape[1])
+
+
+class FusedOneRow:
+    """The one-row products of sibling projections that read the same input (a layer's q, k and v; its
+    gate and up), as one product over their weights stacked: one kernel call instead of three or two,
+    and fewer tensor ops around them. `__call__(x)` gives `[..., sum of out_features]`, each
+    projection's columns in order; `sizes` gives their widths.
+
+    Built by `fuse_one_row`, which moves the projections' own one-row weights into the stacked one
+    (their `row_weight` become views of it), so it costs no memory."""
+
+    def __init__(self, weight: torch.Tensor, sizes: tuple[int, ...]) -> None:
+        self.weight = weight  # dense [N, K] or row blocks [P, N/P, K]
+        self.sizes = sizes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return one_row_product(x, self.weight)
+
+
+def fuse_one_row(linears: list[nn.Module]) -> FusedOneRow | None:
+    """Stack the one-row weights of `linears` (`PackedLinear`s without bias reading the same input)
+    into one `FusedOneRow`; None when they do not all keep one (packed one-row products)."""
+    members: list[PackedLinear] = []
+    weights: list[torch.Tensor] = []
+    for m in linears:
+        if not isinstance(m, PackedLinear) or m.bias is not None or m.row_weight is None:
+            return None
+        members.append(m)
+        weights.append(m.row_weight)
+    if len({m.in_features for m in members}) != 1:
+        return None
+    dense = torch.cat(
+        [w.reshape(m.out_features, m.in_features) for m, w in zip(members, weights, strict=True)]
+    )
+    blocks = any(m.one_row == "blocks" for m in members)
+    start = 0
+    for m in members:
+        own = dense[start : start + m.out_features]  # a contiguous run of rows: views, no copies
+        m.row_weight = _row_weight(own, m.one_row)
+        start += m.out_features
+    fused = _row_weight(dense, "blocks" if blocks else "dense")
+    assert fused is not None
+    return FusedOneRow(fused, tuple(m.out_features for m in members))
 
 
 def _row_weight(weight: torch.Tensor, one_row: OneRow) -> torch.Tensor | None:
