@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from bot.generation.base import GenerationRequest
+from bot.generation.base import GenerationCallbacks, GenerationRequest
 from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import BatchKV, KVCacheLRU
 from bot.generation.leanforward import LeanLlamaForward, unsupported_reason
@@ -180,3 +180,22 @@ def test_fused_one_row_decode_gives_the_unfused_logits(
     # Equal bit for bit here; 1e-6 leaves room for a BLAS that blocks the stacked product otherwise
     # (logits are ~1; a 0.1% error in the rotary embedding moves them by 2e-6 to 6e-5).
     torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-6)
+
+
+def test_a_mixed_batch_decodes_each_adapters_rows_side_by_side(
+    base: Any, tok: Any, folders: dict[str, Path]
+) -> None:
+    """Interleaved adapters are reordered after the prefill so each adapter's rows sit side by side (the
+    deltas then skip the gather), and every reply is still its own: the tokens of its request alone,
+    returned in the order asked."""
+    lean, _ = engines(base, tok, folders, pack=True)
+    assert lean.lora is not None
+    q = lean.lora.wrapped["model.layers.0.self_attn.q_proj"]  # adapted by both
+    grouped: list[bool] = []
+    callbacks = GenerationCallbacks(
+        on_first_token=lambda _i: grouped.append(q.plan is not None and q.plan.grouped)
+    )
+    batch = [req(tok, t, a) for t, a in zip(TEXTS, ["pirate", "poet", "pirate", "poet"], strict=True)]
+    together = [r.token_ids for r in lean.generate(batch, callbacks)]
+    assert grouped and all(grouped)
+    assert together == [greedy(lean, [r])[0] for r in batch]

@@ -118,6 +118,38 @@ def test_one_adapter_on_every_row_takes_the_short_path_with_the_same_output(
     assert not torch.allclose(whole[1], plain[0])
 
 
+def test_adapters_side_by_side_in_equal_numbers_skip_the_gather_with_the_same_output(
+    base: Any, tmp_path: Path
+) -> None:
+    """Rows ordered a, a, b, b (as the engine orders a decode batch) add their deltas through views;
+    the output equals each row's with the gathering path (rows interleaved) and with its adapter alone."""
+    a = make_lora_folder(base, tmp_path / "a", seed=7)
+    b = make_lora_folder(base, tmp_path / "b", seed=8, r=8, alpha=4)
+    ids = torch.tensor([[5, 17, 42, 8], [99, 3, 7, 61], [12, 12, 40, 2], [1, 2, 3, 4]])
+    model = copy.deepcopy(base)
+    lora = MultiLora(model)
+    lora.load("a", a)
+    lora.load("b", b)
+    q = lora.wrapped["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        lora.activate(["a", "a", "b", "b"])
+        assert q.plan is not None and q.plan.grouped
+        grouped = model(ids).logits
+        interleave = [0, 2, 1, 3]
+        lora.activate(["a", "b", "a", "b"])
+        assert q.plan is not None and not q.plan.grouped
+        gathered = model(ids[interleave]).logits[interleave]  # back to the a, a, b, b order
+        alone = []
+        for row, name in enumerate(["a", "a", "b", "b"]):
+            lora.activate([name])
+            alone.append(model(ids[row : row + 1]).logits[0])
+        lora.activate(["a", "a", "b", None])  # a base-model row: gathered
+        assert q.plan is not None and not q.plan.grouped
+    torch.testing.assert_close(grouped, gathered, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, torch.stack(alone), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(grouped[0], grouped[2])
+
+
 def test_unloaded_adapter_is_refused(base: Any, tmp_path: Path) -> None:
     model = copy.deepcopy(base)
     lora = MultiLora(model)

@@ -218,6 +218,16 @@ class BatchEngine:
         logits = self._prefill(cache, rows, end)
         prefill_s = time.perf_counter() - started
         live = list(rows)  # rows still in the batch (finished ones leave at compaction)
+        order = adapter_order([r.request.adapter for r in live]) if self.lora is not None else None
+        if order is not None and self.lora is not None:
+            # Decode with each adapter's rows side by side: with as many rows per adapter, the LoRA
+            # deltas are added without gathering and scattering rows (`lora._Plan.grouped`).
+            index = torch.tensor(order, device=self.device)
+            cache.keep_rows(index)
+            self.lora.keep_rows(index)
+            sampler.keep_rows(order)
+            live = [live[i] for i in order]
+            logits = logits.index_select(0, index)
         starts = torch.tensor([r.start for r in live], device=self.device)
         masks = self._decode_masks(starts, capacity)
         step = 0
@@ -360,3 +370,12 @@ class BatchEngine:
         )
         if callbacks.on_finish is not None:
             callbacks.on_finish(row.index, row.result)
+
+
+def adapter_order(adapters: list[str | None]) -> list[int] | None:
+    """The rows reordered so each adapter's rows are side by side (by name; base-model rows last), or
+    None when they already are, or when only one adapter is used."""
+    if len({a for a in adapters if a is not None}) < 2:
+        return None
+    order = sorted(range(len(adapters)), key=lambda i: (adapters[i] is None, adapters[i] or ""))
+    return None if order == list(range(len(adapters))) else order
