@@ -14,9 +14,12 @@ from bot.config import load_settings
 from bot.errors import ConfigError
 from bot.generation import quantized
 from bot.generation.base import GenerationCallbacks, GenerationRequest
+from bot.generation.kvcache import BatchKV
+from bot.generation.leanforward import LeanLlamaForward
 from bot.generation.lora import MultiLora
 from bot.generation.quantized import (
     QuantizedLinear,
+    QuantizedSlice,
     check_weight_format,
     quantize_linears,
     weight_only_kernels,
@@ -94,6 +97,42 @@ def test_lora_on_quantized_weights_changes_outputs_as_on_float(fmt: Any, tmp_pat
     assert deltas["float"].abs().max() > 0.1  # the adapter matters
     assert relative_error(deltas[fmt], deltas["float"]) < 4 * TOLERANCE[fmt]
     assert relative_error(outputs[fmt], outputs["float"]) < 2 * TOLERANCE[fmt]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_siblings_quantized_together_give_the_same_logits_as_apart(fmt: Any, tmp_path: Path) -> None:
+    """q/k/v and gate/up quantized as one matrix each (the lean forward then calls 4 products a layer,
+    not 7) give the logits of each quantized apart: a 2-row prefill with two adapters, then one-row
+    decode steps with an adapter on some projections only."""
+    tok = byte_level_tokenizer()
+    base = tiny_llama(tok, layers=2)
+    folders = {
+        "pirate": make_lora_folder(base, tmp_path / "pirate", seed=3),
+        "poet": make_lora_folder(base, tmp_path / "poet", seed=4, targets=["q_proj", "v_proj", "up_proj"]),
+    }
+    prompts = [tok(text)["input_ids"] for text in ("hello world, hello", "soft rain on the roof")]
+    ids = torch.tensor([p[: min(map(len, prompts))] for p in prompts])
+    runs = []
+    for fuse in (True, False):
+        model = copy.deepcopy(base)
+        quantize_linears(model, fmt, fuse_siblings=fuse)
+        lora = MultiLora(model)
+        for name, folder in folders.items():
+            lora.load(name, folder)
+        forward = LeanLlamaForward(model)
+        assert (forward.fused is not None) == fuse
+        cache = BatchKV(2, ids.shape[1] + 3, device=torch.device("cpu"), dtype=torch.float32)
+        with torch.inference_mode():
+            lora.activate(["pirate", "poet"])
+            logits = [forward(cache, ids, torch.arange(ids.shape[1]).expand(2, -1), None)]
+            cache.keep_rows(torch.tensor([1]))
+            lora.keep_rows(torch.tensor([1]))
+            cache.start = ids.shape[1]
+            for token in (5, 17, 99):
+                logits.append(forward(cache, torch.tensor([[token]]), torch.tensor([[cache.start]]), None))
+                cache.start += 1
+        runs.append(torch.cat(logits))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-5)
 
 
 def test_bad_weights_value_names_the_field(tmp_path: Path) -> None:
@@ -184,11 +223,14 @@ def test_local_backend_serves_int8_weights_with_a_lora(tmp_path: Path) -> None:
     save_tiny_model(tmp_path / "model")
     backend = LocalBackend(ModelLocation(tmp_path / "model"), "cpu", weights="int8")
     assert backend.packed_layers == 2 * 7 + 1
-    assert isinstance(backend.model.model.layers[0].self_attn.q_proj, QuantizedLinear)
+    q_proj = backend.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, QuantizedSlice) and isinstance(q_proj.shared, QuantizedLinear)
+    lean = backend.engine._lean
+    assert lean is not None and lean.fused is not None and lean.fused_any_rows
     folder = make_lora_folder(tiny_llama(byte_level_tokenizer()), tmp_path / "lora", seed=1)
     backend.load_adapter("p", folder)
     wrapped = backend.model.model.layers[0].self_attn.q_proj
-    assert isinstance(wrapped.base, QuantizedLinear)
+    assert wrapped.base is q_proj
     greedy = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=6)
     prompt = byte_level_tokenizer().encode("hello world")
     results = backend.generate_batch(

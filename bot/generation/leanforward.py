@@ -11,12 +11,13 @@ weights through the same maths with fewer ops:
 - attention calls SDPA directly, as transformers' SDPA integration does (query heads packed per KV head
   for one-token decode, `repeat_kv` otherwise), without a mask where no row is padded;
 - only the last position reaches the final norm and the output layer;
-- one-row decode (one user chatting), where the packed weights keep dense one-row copies, runs a
-  layer's q, k and v as one product and its gate and up as another (`packed.fuse_one_row`: the
-  copies stacked, no extra memory), each LoRA delta added to its projection's columns of the fused
-  output, and the rotary embedding over q's and k's heads in one pass: 4 products per layer
-  instead of 7 and fewer small ops. Its logits equal the unfused path's (bit for bit on the tests'
-  machine).
+- a layer's q, k and v run as one product and its gate and up as another, each LoRA delta added to
+  its projection's columns of the fused output, and the rotary embedding over q's and k's heads in
+  one pass: 4 products per layer instead of 7 and fewer small ops. Float32 packed weights fuse for
+  one-row decode (one user chatting), where they keep dense one-row copies (`packed.fuse_one_row`:
+  the copies stacked, no extra memory); quantized weights for every shape, where they were
+  quantized together (`quantized.QuantizedSlice`). The logits equal the unfused path's (bit for bit
+  on the tests' machine).
 
 The projections are the model's own modules (`PackedLinear`, `MultiLoraLinear`), so packing and LoRA
 adapters work unchanged. Models it does not cover (another architecture, a non-default attention
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from bot.generation.kvcache import BatchKV
 from bot.generation.packed import FusedOneRow, fuse_one_row
+from bot.generation.quantized import QuantizedSlice
 
 _MODEL_CLASSES = ("LlamaForCausalLM",)
 
@@ -73,14 +75,23 @@ class LeanLlamaForward:
         sign[:half] = -1.0
         self.sign = sign
         self.half = half
-        # One-row decode (one user chatting) runs q, k, v as one product and gate, up as another, where
-        # the packed weights keep dense one-row copies (`packed.fuse_one_row`): a layer's 7 products
-        # become 4, and the rotary embedding covers q and k in one pass.
-        self.fused: list[tuple[FusedOneRow, FusedOneRow]] | None = []
+        # A layer's q, k, v run as one product and its gate, up as another: 7 products become 4, and
+        # the rotary embedding covers q and k in one pass. Float32 packed weights fuse for one-row
+        # decode (one user chatting), where they keep dense one-row copies (`packed.fuse_one_row`);
+        # quantized weights fuse for every shape where they were quantized together
+        # (`quantized.QuantizedSlice`).
+        self.fused: list[tuple[Fused, Fused]] | None = []
+        self.fused_any_rows = False
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = fuse_one_row([_base(attn.q_proj), _base(attn.k_proj), _base(attn.v_proj)])
-            gate_up = fuse_one_row([_base(mlp.gate_proj), _base(mlp.up_proj)])
+            qkv_group = [_base(attn.q_proj), _base(attn.k_proj), _base(attn.v_proj)]
+            gate_up_group = [_base(mlp.gate_proj), _base(mlp.up_proj)]
+            qkv: Fused | None = _shared(qkv_group)
+            gate_up: Fused | None = _shared(gate_up_group)
+            if qkv is not None and gate_up is not None:
+                self.fused_any_rows = True
+            else:
+                qkv, gate_up = fuse_one_row(qkv_group), fuse_one_row(gate_up_group)
             if qkv is None or gate_up is None:
                 self.fused = None
                 break
@@ -96,8 +107,8 @@ class LeanLlamaForward:
         cos, sin = inner.rotary_emb(x, positions)
         cos = cos.unsqueeze(1)  # [rows, 1, steps, head_dim]: broadcast over heads
         sin = (sin * self.sign.to(sin.device, sin.dtype)).unsqueeze(1)
-        if self.fused is not None and rows * steps == 1:
-            return self._one_row(cache, x, cos, sin)
+        if self.fused is not None and (self.fused_any_rows or rows * steps == 1):
+            return self._fused_forward(cache, x, cos, sin, mask)
         shape = (rows, steps, -1, self.head_dim)
         groups = self.heads // self.kv_heads
         for index, layer in enumerate(inner.layers):
@@ -117,32 +128,36 @@ class LeanLlamaForward:
         last = torch.rms_norm(x[:, -1:], (self.hidden,), inner.norm.weight, self.eps)
         return self.model.lm_head(last)[:, -1]
 
-    def _one_row(self, cache: BatchKV, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The forward for one row and one token, on the fused products (`self.fused`)."""
+    def _fused_forward(
+        self, cache: BatchKV, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The forward on the fused products (`self.fused`)."""
         assert self.fused is not None
         inner = self.model.model
+        rows, steps = x.shape[:2]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         q_width, k_width = heads * dim, kv_heads * dim
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [rows, steps, 1, dim]: over the heads
         for index, (layer, (qkv_proj, gate_up_proj)) in enumerate(zip(inner.layers, self.fused, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            qkv = qkv_proj(h)  # [1, 1, q | k | v]
+            qkv = qkv_proj(h)  # [rows, steps, q | k | v]
             _add_deltas(h, qkv, (attn.q_proj, attn.k_proj, attn.v_proj), qkv_proj.sizes)
-            qk = qkv[..., : q_width + k_width].view(1, 1, heads + kv_heads, dim)
+            qk = qkv[..., : q_width + k_width].view(rows, steps, heads + kv_heads, dim)
             qk = qk * cos + qk.roll(self.half, -1) * sin  # q's heads and k's in one pass
             q = qk[:, :, :heads].transpose(1, 2)
             k = qk[:, :, heads:].transpose(1, 2)
-            v = qkv[..., q_width + k_width :].view(1, 1, kv_heads, dim).transpose(1, 2)
+            v = qkv[..., q_width + k_width :].view(rows, steps, kv_heads, dim).transpose(1, 2)
             k, v = cache.update(k, v, index)
-            x = x + attn.o_proj(self._attend(attn.scaling, q, k, v, None, heads // kv_heads))
+            x = x + attn.o_proj(self._attend(attn.scaling, q, k, v, mask, heads // kv_heads))
             norm = layer.post_attention_layernorm
             h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            gate_up = gate_up_proj(h)  # [1, 1, gate | up]
+            gate_up = gate_up_proj(h)  # [rows, steps, gate | up]
             _add_deltas(h, gate_up, (mlp.gate_proj, mlp.up_proj), gate_up_proj.sizes)
             width = gate_up_proj.sizes[0]
             x = x + mlp.down_proj(F.silu(gate_up[..., :width]) * gate_up[..., width:])
-        last = torch.rms_norm(x, (self.hidden,), inner.norm.weight, self.eps)
+        last = torch.rms_norm(x[:, -1:], (self.hidden,), inner.norm.weight, self.eps)
         return self.model.lm_head(last)[:, -1]
 
     def _attend(
@@ -169,6 +184,36 @@ class LeanLlamaForward:
                 v = v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, mask, scale=scale)
         return out.reshape(rows, -1, steps, dim).transpose(1, 2).reshape(rows, steps, -1)
+
+
+class _SharedProduct:
+    """Sibling projections quantized as one matrix (`QuantizedSlice`s of one `QuantizedLinear`): the
+    shared product, with each projection's width."""
+
+    def __init__(self, shared: torch.nn.Module, sizes: tuple[int, ...]) -> None:
+        self.shared = shared
+        self.sizes = sizes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x)
+
+
+Fused = FusedOneRow | _SharedProduct
+
+
+def _shared(projections: list[Any]) -> _SharedProduct | None:
+    """The product that `projections` were quantized together as, in order and whole, or None."""
+    if not all(isinstance(p, QuantizedSlice) for p in projections):
+        return None
+    shared = projections[0].shared
+    start = 0
+    for p in projections:
+        if p.shared is not shared or p.start != start:
+            return None
+        start += p.out_features
+    if start != shared.out_features:
+        return None
+    return _SharedProduct(shared, tuple(p.out_features for p in projections))
 
 
 def _base(projection: Any) -> Any:

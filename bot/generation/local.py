@@ -21,6 +21,7 @@ from bot.errors import ConfigError
 from bot.generation.base import GenerationCallbacks, GenerationRequest, GenerationResult
 from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import KVCacheLRU
+from bot.generation.leanforward import unsupported_reason
 from bot.generation.lora import MultiLora
 from bot.generation.packed import pack_linears
 from bot.generation.quantized import WeightFormat, check_weight_format, quantize_linears
@@ -96,7 +97,9 @@ class LocalBackend:
         self.location = location
         self.weights = weights
         if weights != "auto":  # smaller weights for CPU serving (bot.generation.quantized)
-            self.packed_layers = quantize_linears(self.model, weights)
+            # q/k/v and gate/up quantized together where the lean forward runs (it calls them once)
+            lean = unsupported_reason(self.model) is None
+            self.packed_layers = quantize_linears(self.model, weights, fuse_siblings=lean)
         elif pack_weights is not False:
             # On the CPU, weights packed once for oneDNN make batched decoding ~1.5x faster.
             self.packed_layers = pack_linears(self.model)

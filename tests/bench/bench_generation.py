@@ -738,6 +738,7 @@ def print_serving(e: dict[str, Any]) -> None:
 
 def engine_model(model_path: Path, fmt: str) -> Any:
     """The worker's CPU model in one weight format: float32 packed for oneDNN, bfloat16, float16, int8, int4."""
+    from bot.generation.leanforward import unsupported_reason
     from bot.generation.quantized import quantize_linears
 
     model = load_model(model_path)
@@ -746,7 +747,8 @@ def engine_model(model_path: Path, fmt: str) -> Any:
     elif fmt == "bfloat16":
         model = model.to(torch.bfloat16)  # the `model.dtype = "bfloat16"` path (not packed)
     else:
-        quantize_linears(model, fmt)  # type: ignore[arg-type]
+        # as the worker does: siblings quantized together where the lean forward runs
+        quantize_linears(model, fmt, fuse_siblings=unsupported_reason(model) is None)  # type: ignore[arg-type]
     return model
 
 
