@@ -218,14 +218,11 @@ class BatchEngine:
         logits = self._prefill(cache, rows, end)
         prefill_s = time.perf_counter() - started
         live = list(rows)  # rows still in the batch (finished ones leave at compaction)
-        order = adapter_order([r.request.adapter for r in live]) if self.lora is not None else None
-        if order is not None and self.lora is not None:
+        order = adapter_order([r.request.adapter for r in live])
+        if order is not None:
             # Decode with each adapter's rows side by side: with as many rows per adapter, the LoRA
             # deltas are added without gathering and scattering rows (`lora._Plan.grouped`).
-            index = torch.tensor(order, device=self.device)
-            cache.keep_rows(index)
-            self.lora.keep_rows(index)
-            sampler.keep_rows(order)
+            index = self._keep_rows(order, cache, sampler)
             live = [live[i] for i in order]
             logits = logits.index_select(0, index)
         starts = torch.tensor([r.start for r in live], device=self.device)
@@ -246,11 +243,7 @@ class BatchEngine:
             if callbacks.should_stop is not None and callbacks.should_stop():
                 raise GenerationCancelled(f"stopped with {len(remaining)} of {len(rows)} replies unfinished")
             if (len(live) - len(remaining)) * 4 >= len(live):
-                index = torch.tensor(remaining, device=self.device)
-                cache.keep_rows(index)
-                if self.lora is not None:
-                    self.lora.keep_rows(index)
-                sampler.keep_rows(remaining)
+                index = self._keep_rows(remaining, cache, sampler)
                 live = [live[i] for i in remaining]
                 starts = starts.index_select(0, index)
                 masks = self._decode_masks(starts, capacity)
@@ -266,6 +259,17 @@ class BatchEngine:
         done = [r for r in results if r is not None]
         assert len(done) == len(results), "a row ended without a result"
         return done
+
+    def _keep_rows(self, order: list[int], cache: BatchKV, sampler: BatchSampler) -> torch.Tensor:
+        """Keep the batch's rows `order` (finished rows leave, or the rows are reordered): current row i
+        becomes old row `order[i]` in the cache, the LoRA plans and the sampler; returns `order` as an
+        index tensor."""
+        index = torch.tensor(order, device=self.device)
+        cache.keep_rows(index)
+        if self.lora is not None:
+            self.lora.keep_rows(index)
+        sampler.keep_rows(order)
+        return index
 
     def _decode_masks(self, starts: torch.Tensor, capacity: int) -> torch.Tensor | None:
         """Every decode step's mask `[rows, 1, 1, capacity]` (a step slices its columns); None: no padding."""

@@ -105,60 +105,46 @@ class LeanLlamaForward:
         x = inner.embed_tokens(ids)
         rows, steps = ids.shape
         cos, sin = inner.rotary_emb(x, positions)
-        cos = cos.unsqueeze(1)  # [rows, 1, steps, head_dim]: broadcast over heads
-        sin = (sin * self.sign.to(sin.device, sin.dtype)).unsqueeze(1)
-        if self.fused is not None and (self.fused_any_rows or rows * steps == 1):
-            return self._fused_forward(cache, x, cos, sin, mask)
-        shape = (rows, steps, -1, self.head_dim)
+        cos = cos.unsqueeze(2)  # [rows, steps, 1, head_dim]: broadcast over the heads of q and k
+        sin = (sin * self.sign.to(sin.device, sin.dtype)).unsqueeze(2)
+        fused = self.fused if self.fused_any_rows or rows * steps == 1 else None
         groups = self.heads // self.kv_heads
         for index, layer in enumerate(inner.layers):
+            qkv_proj, gate_up_proj = (None, None) if fused is None else fused[index]
             attn, mlp = layer.self_attn, layer.mlp
             norm = layer.input_layernorm
             h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            q = attn.q_proj(h).view(shape).transpose(1, 2)
-            k = attn.k_proj(h).view(shape).transpose(1, 2)
-            v = attn.v_proj(h).view(shape).transpose(1, 2)
-            q = q * cos + q.roll(self.half, -1) * sin
-            k = k * cos + k.roll(self.half, -1) * sin
+            q, k, v = self._qkv(attn, h, cos, sin, qkv_proj)
             k, v = cache.update(k, v, index)
             x = x + attn.o_proj(self._attend(attn.scaling, q, k, v, mask, groups))
             norm = layer.post_attention_layernorm
             h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+            x = x + mlp.down_proj(_gated(mlp, h, gate_up_proj))
         last = torch.rms_norm(x[:, -1:], (self.hidden,), inner.norm.weight, self.eps)
         return self.model.lm_head(last)[:, -1]
 
-    def _fused_forward(
-        self, cache: BatchKV, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The forward on the fused products (`self.fused`)."""
-        assert self.fused is not None
-        inner = self.model.model
-        rows, steps = x.shape[:2]
+    def _qkv(
+        self, attn: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: Fused | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k with the rotary embedding, and v, `[rows, heads, steps, head_dim]`: from one fused
+        product (the rotary embedding then covers q's heads and k's in one pass), or from three."""
+        rows, steps = h.shape[:2]
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
-        q_width, k_width = heads * dim, kv_heads * dim
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [rows, steps, 1, dim]: over the heads
-        for index, (layer, (qkv_proj, gate_up_proj)) in enumerate(zip(inner.layers, self.fused, strict=True)):
-            attn, mlp = layer.self_attn, layer.mlp
-            norm = layer.input_layernorm
-            h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            qkv = qkv_proj(h)  # [rows, steps, q | k | v]
-            _add_deltas(h, qkv, (attn.q_proj, attn.k_proj, attn.v_proj), qkv_proj.sizes)
-            qk = qkv[..., : q_width + k_width].view(rows, steps, heads + kv_heads, dim)
-            qk = qk * cos + qk.roll(self.half, -1) * sin  # q's heads and k's in one pass
-            q = qk[:, :, :heads].transpose(1, 2)
-            k = qk[:, :, heads:].transpose(1, 2)
-            v = qkv[..., q_width + k_width :].view(rows, steps, kv_heads, dim).transpose(1, 2)
-            k, v = cache.update(k, v, index)
-            x = x + attn.o_proj(self._attend(attn.scaling, q, k, v, mask, heads // kv_heads))
-            norm = layer.post_attention_layernorm
-            h = torch.rms_norm(x, (self.hidden,), norm.weight, norm.variance_epsilon)
-            gate_up = gate_up_proj(h)  # [rows, steps, gate | up]
-            _add_deltas(h, gate_up, (mlp.gate_proj, mlp.up_proj), gate_up_proj.sizes)
-            width = gate_up_proj.sizes[0]
-            x = x + mlp.down_proj(F.silu(gate_up[..., :width]) * gate_up[..., width:])
-        last = torch.rms_norm(x[:, -1:], (self.hidden,), inner.norm.weight, self.eps)
-        return self.model.lm_head(last)[:, -1]
+        if fused is None:
+            q = self._rotate(attn.q_proj(h).view(rows, steps, heads, dim), cos, sin)
+            k = self._rotate(attn.k_proj(h).view(rows, steps, kv_heads, dim), cos, sin)
+            v = attn.v_proj(h).view(rows, steps, kv_heads, dim)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qkv = fused(h)  # [rows, steps, q | k | v]
+        _add_deltas(h, qkv, (attn.q_proj, attn.k_proj, attn.v_proj), fused.sizes)
+        qk_width = (heads + kv_heads) * dim
+        qk = self._rotate(qkv[..., :qk_width].view(rows, steps, heads + kv_heads, dim), cos, sin)
+        v = qkv[..., qk_width:].view(rows, steps, kv_heads, dim)
+        return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The rotary embedding of `x` `[rows, steps, heads, head_dim]`."""
+        return x * cos + x.roll(self.half, -1) * sin
 
     def _attend(
         self,
@@ -214,6 +200,16 @@ def _shared(projections: list[Any]) -> _SharedProduct | None:
     if start != shared.out_features:
         return None
     return _SharedProduct(shared, tuple(p.out_features for p in projections))
+
+
+def _gated(mlp: Any, h: torch.Tensor, fused: Fused | None) -> torch.Tensor:
+    """`silu(gate(h)) * up(h)`, from one fused product or from two."""
+    if fused is None:
+        return F.silu(mlp.gate_proj(h)) * mlp.up_proj(h)
+    gate_up = fused(h)  # [rows, steps, gate | up]
+    _add_deltas(h, gate_up, (mlp.gate_proj, mlp.up_proj), fused.sizes)
+    width = fused.sizes[0]
+    return F.silu(gate_up[..., :width]) * gate_up[..., width:]
 
 
 def _base(projection: Any) -> Any:

@@ -289,11 +289,6 @@ class MultiLoraLinear(nn.Module):
         return y
 
 
-def _in_order(index: torch.Tensor, owner: torch.Tensor, rows: int) -> bool:
-    """Slots that are exactly the rows in order: no padding slot, no row left out."""
-    return len(index) == rows and bool((owner >= 0).all()) and index.tolist() == list(range(rows))
-
-
 @dataclass(frozen=True)
 class _Stack:
     names: tuple[str, ...]  # the adapters (of the batch) that adapt this projection
@@ -379,8 +374,9 @@ class MultiLora:
 
     def _slots(
         self, rows: Sequence[str | None], names: tuple[str, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(batch row of each slot, adapter of each slot or -1 for padding, slots per adapter m)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+        """(batch row of each slot, adapter of each slot or -1 for padding, slots per adapter m, whether
+        the slots are exactly the rows in order: no padding slot, no row left out)."""
         groups = [[i for i, n in enumerate(rows) if n == name] for name in names]
         m = max(len(g) for g in groups)
         index, owner = [], []
@@ -388,8 +384,9 @@ class MultiLora:
             pad = m - len(group)
             index += group + [group[0] if group else 0] * pad
             owner += [j] * len(group) + [-1] * pad
+        in_order = index == list(range(len(rows))) and -1 not in owner
         device = self.device
-        return torch.tensor(index, device=device), torch.tensor(owner, device=device), m
+        return torch.tensor(index, device=device), torch.tensor(owner, device=device), m, in_order
 
     def _plan(self, rows: Sequence[str | None]) -> None:
         """Give every wrapped projection its plan for a forward over `rows` (adapter name per row).
@@ -401,7 +398,7 @@ class MultiLora:
             for wrapper in self.wrapped.values():
                 wrapper.plan = None
             return
-        slots: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+        slots: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, int, bool]] = {}
         # One adapter on every row: its projections add their deltas without gathering rows (`_Plan.whole`).
         single = (rows[0],) if all(n == rows[0] for n in rows) else None
         for module_name, wrapper in self.wrapped.items():
@@ -411,14 +408,14 @@ class MultiLora:
                 continue
             if stack.names not in slots:
                 slots[stack.names] = self._slots(rows, stack.names)
-            index, owner, m = slots[stack.names]
+            index, owner, m, in_order = slots[stack.names]
             if m == 0:  # none of these rows uses an adapter of this projection
                 wrapper.plan = None
                 continue
             scale = torch.where(owner >= 0, stack.scaling[owner.clamp(min=0)], 0.0).view(-1, 1, 1)
             # The slots are then the rows in order: no padding, no gather.
             whole = float(stack.scaling[0]) if stack.names == single else None
-            grouped = whole is None and _in_order(index, owner, len(rows))
+            grouped = whole is None and in_order
             wrapper.plan = _Plan(
                 stack.a, stack.b, stack.b_scaled, index, scale, len(stack.names), m, whole, grouped
             )
