@@ -199,3 +199,34 @@ def test_a_mixed_batch_decodes_each_adapters_rows_side_by_side(
     together = [r.token_ids for r in lean.generate(batch, callbacks)]
     assert grouped and all(grouped)
     assert together == [greedy(lean, [r])[0] for r in batch]
+
+
+@pytest.mark.parametrize("one_row", [None, "dense", "blocks"], ids=lambda k: k or "plain")
+def test_lean_logits_equal_transformers_forward(
+    base: Any, tok: Any, folders: dict[str, Path], one_row: OneRow | None
+) -> None:
+    """The lean forward's logits (prefill, then one-row decode steps, fused where the weights allow)
+    are transformers' own on the same sequence to float rounding: an error in the maths both lean
+    paths share (the rotary embedding, the norms) cannot hide behind equal greedy tokens."""
+    model = copy.deepcopy(base)
+    if one_row is not None:
+        pack_linears(model, one_row=one_row)
+    lora = MultiLora(model)
+    lora.load("pirate", folders["pirate"])
+    lean = LeanLlamaForward(model)
+    lora.activate(["pirate"])
+    ids = tok(TEXTS[1])["input_ids"]
+    extra = [5, 17, 99, 3]
+    got, want = [], []
+    with torch.inference_mode():
+        cache = BatchKV(1, len(ids) + len(extra), device=torch.device("cpu"), dtype=torch.float32)
+        got.append(lean(cache, torch.tensor([ids]), torch.arange(len(ids))[None], None))
+        cache.start = len(ids)
+        for token in extra:
+            got.append(lean(cache, torch.tensor([[token]]), torch.tensor([[cache.start]]), None))
+            cache.start += 1
+        sequence = ids + extra
+        for end in range(len(ids), len(sequence) + 1):
+            want.append(model(torch.tensor([sequence[:end]])).logits[:, -1])
+    lora.deactivate()
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=1e-5)
