@@ -92,9 +92,8 @@ class Dispatcher:
             stored = await conversations.ingest(session, event)
             if not stored.created:
                 return DispatchResult(ignored="duplicate event")
-            bound = await conversations.bound_personas(session, stored.channel_id)
             answering = responders(
-                event, bound=bound, default=self.settings.default_persona, registry=self.registry
+                event, bound=list(stored.bound), default=self.settings.default_persona, registry=self.registry
             )
             if not answering:
                 return DispatchResult(stored=True)

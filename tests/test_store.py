@@ -364,3 +364,66 @@ async def test_a_reply_with_nul_characters_is_stored(store: Store) -> None:
     async with store.transaction() as s:
         reply = await s.get(Message, reply_id)
     assert reply is not None and reply.text == "ab\ufffd"
+
+
+async def test_ingest_names_the_bound_personas_and_completion_writes_every_field(store: Store) -> None:
+    """Ingest and completion are one round trip each on PostgreSQL (a statement per step on SQLite);
+    both paths must store the same things."""
+    postgres = store.engine.dialect.name == "postgresql"
+    async with store.transaction() as s:
+        first = await conversations.ingest(s, message("m0"))
+        await conversations.bind_persona(s, first.channel_id, "pirate", bound_by=None)
+        await conversations.bind_persona(s, first.channel_id, "assistant", bound_by=None, exclusive=False)
+    statements: list[str] = []
+    event.listen(store.engine.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    async with store.transaction() as s:
+        stored = await conversations.ingest(s, message("m1", "question"))
+        again = await conversations.ingest(s, message("m1", "question"))
+    assert stored.created and stored.bound == ("pirate", "assistant")
+    assert not again.created and again.message_id == stored.message_id and again.bound == stored.bound
+    if postgres:  # the redelivery adds the lookup of the message stored before
+        assert len(statements) == 3, statements
+    async with store.transaction() as s:
+        await jobs.enqueue(
+            s,
+            channel_id=stored.channel_id,
+            persona="pirate",
+            dedupe_key="k",
+            trigger_message_id=stored.message_id,
+        )
+    async with store.transaction() as s:
+        (job,) = await jobs.claim(s, owner="w1", limit=8, lease_seconds=60, max_attempts=3)
+    statements.clear()
+    async with store.transaction() as s:
+        reply_id = await jobs.complete(
+            s, job, text="arr", persona="pirate", platform="discord", note="cut", exclude_from_prompts=True
+        )
+    if postgres:  # the completion, then the NOTIFY of its wake-ups
+        assert len(statements) == 2, statements
+    async with store.transaction() as s:
+        row = (
+            await s.execute(select(OutboxDelivery).where(OutboxDelivery.message_id == reply_id))
+        ).scalar_one()
+        reply, done = await s.get(Message, reply_id), await s.get(ReplyJob, job.id)
+    assert reply is not None and done is not None
+    assert (reply.role, reply.persona, reply.text, reply.excluded_from_prompts) == (
+        "assistant",
+        "pirate",
+        "arr",
+        True,
+    )
+    assert (done.status, done.error, done.reply_message_id, done.lease_owner) == (
+        "done",
+        "cut",
+        reply_id,
+        None,
+    )
+    assert done.finished_at == reply.created_at == row.created_at == row.available_at
+    assert (row.status, row.attempts, row.delivered_ids, row.reply_to, row.platform) == (
+        "pending",
+        0,
+        [],
+        "m1",
+        "discord",
+    )
+    assert row.channel_id == stored.channel_id
