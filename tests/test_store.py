@@ -427,3 +427,30 @@ async def test_ingest_names_the_bound_personas_and_completion_writes_every_field
         "discord",
     )
     assert row.channel_id == stored.channel_id
+
+
+async def test_a_pooled_connection_killed_while_idle_is_replaced_before_use(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL pings a pooled connection only after it sat idle (not on every transaction); one the
+    server closed meanwhile (a restart) is then replaced, and the transaction never sees it."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has no server to lose the connection")
+    from sqlalchemy import text
+
+    from bot.store import engine as engine_module
+
+    backend_pid = text("SELECT pg_backend_pid()")
+    async with store.transaction() as s:
+        first = (await s.execute(backend_pid)).scalar_one()
+    async with store.transaction() as s:
+        assert (await s.execute(backend_pid)).scalar_one() == first  # in use: the same connection
+    other = Store(store.url)
+    try:
+        async with other.transaction() as s:
+            assert (await s.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})).scalar_one()
+    finally:
+        await other.close()
+    monkeypatch.setattr(engine_module, "IDLE_BEFORE_PING_SECONDS", 0.0)  # it has sat idle long enough
+    async with store.transaction() as s:
+        assert (await s.execute(backend_pid)).scalar_one() != first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -463,6 +464,9 @@ def _histories_sql(channels: int) -> Executable:
     return parts[0] if channels == 1 else union_all(*parts)
 
 
+_BY_CHANNEL_THEN_ID = operator.itemgetter(0, 1)  # a history row's channel_id and id, compared in C
+
+
 async def history(session: AsyncSession, channel_id: int, limit: int = 500) -> list[HistoryMessage]:
     """The channel's visible messages since its last `/reset`, oldest first (at most `limit`); replies
     marked `excluded_from_prompts` are left out."""
@@ -480,7 +484,7 @@ async def histories(
     params: dict[str, int] = {f"channel_{n}": channel_id for n, channel_id in enumerate(ids)}
     rows = (await session.execute(_histories_sql(len(ids)), {**params, "limit": limit})).all()
     found: dict[int, list[HistoryMessage]] = {}
-    for m in sorted(rows, key=lambda m: (m.channel_id, m.id)):
+    for m in sorted(rows, key=_BY_CHANNEL_THEN_ID):
         found.setdefault(m.channel_id, []).append(
             HistoryMessage(
                 id=m.id,

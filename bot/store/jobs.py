@@ -116,6 +116,29 @@ async def enqueue(
 _earlier = _jobs.alias("earlier")
 
 
+_CLAIMABLE = (
+    _jobs.c.attempts < bindparam("q_max_attempts"),
+    # One reply at a time per channel, in order: a later job waits until the earlier one's reply is
+    # written, so it sees that reply in its history and is posted after it.
+    ~exists().where(
+        _earlier.c.channel_id == _jobs.c.channel_id,
+        _earlier.c.id < _jobs.c.id,
+        _earlier.c.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
+    ),
+)
+
+
+_CLAIM_RETURNS = (
+    _jobs.c.channel_id,
+    _jobs.c.persona,
+    _jobs.c.kind,
+    _jobs.c.prompt,
+    _jobs.c.trigger_message_id,
+    _jobs.c.created_at,
+    _jobs.c.options,
+)
+
+
 async def claim(
     session: AsyncSession,
     *,
@@ -131,33 +154,17 @@ async def claim(
     does that once per poll, not on every claim: they are only found by time)."""
     if fail_exhausted:
         await _fail_exhausted(session, utcnow(), max_attempts)
-    c = _jobs.c
     claimed = await QUEUE.claim(
         session,
+        shape="reply jobs",
         owner=owner,
         limit=limit,
         lease_seconds=lease_seconds,
-        where=(
-            c.attempts < max_attempts,
-            # One reply at a time per channel, in order: a later job waits until the earlier one's
-            # reply is written, so it sees that reply in its history and is posted after it.
-            ~exists().where(
-                _earlier.c.channel_id == c.channel_id,
-                _earlier.c.id < c.id,
-                _earlier.c.status.in_((JobStatus.PENDING, JobStatus.RUNNING)),
-            ),
-        ),
-        order_by=(c.available_at,),
+        where=_CLAIMABLE,
+        order_by=(_jobs.c.available_at,),
         values={"started_at": utcnow()},
-        returning=(
-            c.channel_id,
-            c.persona,
-            c.kind,
-            c.prompt,
-            c.trigger_message_id,
-            c.created_at,
-            c.options,
-        ),
+        returning=_CLAIM_RETURNS,
+        params={"q_max_attempts": max_attempts},
     )
     return [
         ClaimedJob(

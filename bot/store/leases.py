@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ClauseElement, ColumnElement, Update, and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ClauseElement,
+    ColumnElement,
+    Update,
+    and_,
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.events import utcnow
@@ -57,8 +68,9 @@ class LeasedQueue:
         self.leased = leased  # the status of a claimed row
         # `update_held` statements by the columns they set, built once (see `held_update`).
         self._held_updates: dict[tuple[str, ...], Update] = {}
+        self._claims: dict[tuple[str, str], Update] = {}  # `claim` statements by dialect and shape
 
-    def due(self, now: datetime) -> ColumnElement[bool]:
+    def due(self, now: datetime | BindParameter[datetime]) -> ColumnElement[bool]:
         """Claimable now: waiting and due, or leased under a lease that has run out."""
         c = self.c
         return or_(
@@ -98,6 +110,7 @@ class LeasedQueue:
         self,
         session: AsyncSession,
         *,
+        shape: str,
         owner: str,
         limit: int,
         lease_seconds: float,
@@ -105,27 +118,67 @@ class LeasedQueue:
         order_by: Sequence[Any] = (),
         values: dict[str, Any] | None = None,
         returning: Sequence[Any] = (),
+        params: dict[str, Any] | None = None,
     ) -> list[tuple[Lease, tuple[Any, ...]]]:
-        """Lease up to `limit` due rows matching `where`; returns each lease with its `returning` columns."""
-        t, c = self.table, self.c
+        """Lease up to `limit` due rows matching `where`; returns each lease with its `returning` columns.
+
+        The statement is built once per `shape` (a name the caller gives its `where`, `order_by`,
+        `values` columns and `returning`): building it and its cache key cost more CPU than running
+        it. So `where` must take its values from bound parameters, given in `params`, named unlike
+        any column (an UPDATE takes a parameter named like a column as a value to SET)."""
         now = utcnow()
-        claimable = select(c.id).where(self.due(now), *where).order_by(*order_by, c.id).limit(limit)
-        if dialect_of(session) == "postgresql":
-            claimable = claimable.with_for_update(skip_locked=True)
+        values = values or {}
+        dialect = dialect_of(session)
+        stmt = self._claims.get((dialect, shape))
+        if stmt is None:
+            stmt = self._claims[(dialect, shape)] = self._claim_sql(
+                dialect, where, order_by, tuple(values), returning
+            )
         rows = await session.execute(
+            stmt,
+            {
+                "claim_now": now,
+                "claim_limit": limit,
+                "claim_owner": owner,
+                "claim_until": now + timedelta(seconds=lease_seconds),
+                **{f"v_{name}": value for name, value in values.items()},
+                **(params or {}),
+            },
+        )
+        claimed = [(Lease(row[0], owner, row[1]), tuple(row[2:])) for row in rows]
+        return sorted(claimed, key=lambda c: c[0].id)
+
+    def _claim_sql(
+        self,
+        dialect: str,
+        where: Sequence[ColumnElement[bool]],
+        order_by: Sequence[Any],
+        value_names: tuple[str, ...],
+        returning: Sequence[Any],
+    ) -> Update:
+        """`UPDATE ... WHERE id IN (SELECT the due rows ... FOR UPDATE SKIP LOCKED) RETURNING ...`."""
+        t, c = self.table, self.c
+        now = bindparam("claim_now", type_=c.available_at.type)
+        claimable = (
+            select(c.id)
+            .where(self.due(now), *where)
+            .order_by(*order_by, c.id)
+            .limit(bindparam("claim_limit"))
+        )
+        if dialect == "postgresql":
+            claimable = claimable.with_for_update(skip_locked=True)
+        return (
             update(t)
             .where(c.id.in_(claimable.scalar_subquery()))
             .values(
                 status=self.leased,
                 attempts=c.attempts + 1,
-                lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                **(values or {}),
+                lease_owner=bindparam("claim_owner", type_=c.lease_owner.type),
+                lease_expires_at=bindparam("claim_until", type_=c.lease_expires_at.type),
+                **{name: bindparam(f"v_{name}", type_=c[name].type) for name in value_names},
             )
             .returning(c.id, c.attempts, *returning)
         )
-        claimed = [(Lease(row[0], owner, row[1]), tuple(row[2:])) for row in rows]
-        return sorted(claimed, key=lambda c: c[0].id)
 
     async def renew(
         self, session: AsyncSession, leases: Iterable[Lease], *, lease_seconds: float

@@ -47,10 +47,12 @@ async def claim(
     """Lease up to `limit` undelivered replies of `platform`, oldest first."""
     claimed = await QUEUE.claim(
         session,
+        shape="outbox of a platform",
         owner=owner,
         limit=limit,
         lease_seconds=lease_seconds,
-        where=(_outbox.c.platform == platform,),
+        where=(_outbox.c.platform == bindparam("q_platform"),),
+        params={"q_platform": platform},
     )
     if not claimed:
         return []
