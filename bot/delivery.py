@@ -87,7 +87,7 @@ class OutboxPump:
         async with keep_leases(self.store, outbox.QUEUE, unsettled.values, lease_seconds=lease_seconds):
             try:
                 while True:
-                    async with self.store.transaction() as session:
+                    async with self.store.single_statement() as session:
                         due = await outbox.claim(
                             session,
                             platform=self.adapter.platform,

@@ -454,3 +454,18 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced_before_use(
     monkeypatch.setattr(engine_module, "IDLE_BEFORE_PING_SECONDS", 0.0)  # it has sat idle long enough
     async with store.transaction() as s:
         assert (await s.execute(backend_pid)).scalar_one() != first
+
+
+async def test_a_single_statement_commits_by_itself_on_postgresql(store: Store) -> None:
+    """`Store.single_statement` (the outbox pump's claim) runs without BEGIN and COMMIT on PostgreSQL:
+    its write is visible to other connections before the block ends. It may not wake anyone."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite runs it as a transaction")
+    stored = await _queue_one(store)
+    async with store.single_statement() as s:
+        await s.execute(update(ReplyJob).where(ReplyJob.id == stored).values(error="seen"))
+        async with store.transaction() as other:
+            assert (await other.get(ReplyJob, stored)).error == "seen"  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="cannot wake"):
+        async with store.single_statement() as s:
+            await jobs.enqueue(s, channel_id=1, persona="assistant", dedupe_key="wakes")

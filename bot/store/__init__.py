@@ -60,6 +60,22 @@ class Store:
             if topics:
                 self.wakeups.fire(topics)
 
+    @asynccontextmanager
+    async def single_statement(self) -> AsyncIterator[AsyncSession]:
+        """A session for work that is one statement, which commits by itself: on PostgreSQL in
+        autocommit mode, without the BEGIN and COMMIT round trips of `transaction`; elsewhere a
+        `transaction`. Its writes may not wake anyone (`bot.store.wakeups.wake`)."""
+        if self.dialect != "postgresql":
+            async with self.transaction() as session:
+                yield session
+            return
+        async with self.engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            async with AsyncSession(bind=connection, expire_on_commit=False) as session:
+                yield session
+                if committed_topics(session):
+                    raise RuntimeError("a single statement cannot wake anyone: use Store.transaction")
+
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration (Alembic)."""
         from bot.migrate import upgrade

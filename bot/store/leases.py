@@ -126,29 +126,50 @@ class LeasedQueue:
         `values` columns and `returning`): building it and its cache key cost more CPU than running
         it. So `where` must take its values from bound parameters, given in `params`, named unlike
         any column (an UPDATE takes a parameter named like a column as a value to SET)."""
-        now = utcnow()
         values = values or {}
-        dialect = dialect_of(session)
-        stmt = self._claims.get((dialect, shape))
-        if stmt is None:
-            stmt = self._claims[(dialect, shape)] = self._claim_sql(
-                dialect, where, order_by, tuple(values), returning
-            )
-        rows = await session.execute(
-            stmt,
-            {
-                "claim_now": now,
-                "claim_limit": limit,
-                "claim_owner": owner,
-                "claim_until": now + timedelta(seconds=lease_seconds),
-                **{f"v_{name}": value for name, value in values.items()},
-                **(params or {}),
-            },
-        )
+        stmt = self.claim_sql(dialect_of(session), shape, where, order_by, tuple(values), returning)
+        rows = await session.execute(stmt, self.claim_params(owner, limit, lease_seconds, values, params))
         claimed = [(Lease(row[0], owner, row[1]), tuple(row[2:])) for row in rows]
         return sorted(claimed, key=lambda c: c[0].id)
 
-    def _claim_sql(
+    @staticmethod
+    def claim_params(
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        values: dict[str, Any],
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The parameters of a `claim_sql` statement."""
+        now = utcnow()
+        return {
+            "claim_now": now,
+            "claim_limit": limit,
+            "claim_owner": owner,
+            "claim_until": now + timedelta(seconds=lease_seconds),
+            **{f"v_{name}": value for name, value in values.items()},
+            **(params or {}),
+        }
+
+    def claim_sql(
+        self,
+        dialect: str,
+        shape: str,
+        where: Sequence[ColumnElement[bool]] = (),
+        order_by: Sequence[Any] = (),
+        value_names: tuple[str, ...] = (),
+        returning: Sequence[Any] = (),
+    ) -> Update:
+        """`UPDATE ... WHERE id IN (SELECT the due rows ... FOR UPDATE SKIP LOCKED) RETURNING id,
+        attempts, ...`, built once per dialect and `shape` (see `claim`)."""
+        stmt = self._claims.get((dialect, shape))
+        if stmt is None:
+            stmt = self._claims[(dialect, shape)] = self._build_claim(
+                dialect, where, order_by, value_names, returning
+            )
+        return stmt
+
+    def _build_claim(
         self,
         dialect: str,
         where: Sequence[ColumnElement[bool]],
@@ -156,7 +177,6 @@ class LeasedQueue:
         value_names: tuple[str, ...],
         returning: Sequence[Any],
     ) -> Update:
-        """`UPDATE ... WHERE id IN (SELECT the due rows ... FOR UPDATE SKIP LOCKED) RETURNING ...`."""
         t, c = self.table, self.c
         now = bindparam("claim_now", type_=c.available_at.type)
         claimable = (

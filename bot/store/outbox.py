@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import Executable, bindparam, func, select, update
+from sqlalchemy import Executable, Row, Select, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.backoff import backoff
@@ -44,43 +44,48 @@ class ClaimedDelivery:
 async def claim(
     session: AsyncSession, *, platform: str, owner: str, limit: int, lease_seconds: float
 ) -> list[ClaimedDelivery]:
-    """Lease up to `limit` undelivered replies of `platform`, oldest first."""
+    """Lease up to `limit` undelivered replies of `platform`, oldest first. One statement on
+    PostgreSQL (`Store.single_statement` runs it without BEGIN and COMMIT), two on SQLite."""
+    if dialect_of(session) == "postgresql":
+        params = QUEUE.claim_params(owner, limit, lease_seconds, {}, {"q_platform": platform})
+        rows = await session.execute(_claim_and_read_pg(), params)
+        return [
+            ClaimedDelivery(Lease(row.id, owner, row.attempts), _outgoing(row), row.inflight_chunk)
+            for row in rows
+        ]
     claimed = await QUEUE.claim(
         session,
-        shape="outbox of a platform",
+        shape=_SHAPE,
         owner=owner,
         limit=limit,
         lease_seconds=lease_seconds,
-        where=(_outbox.c.platform == bindparam("q_platform"),),
+        where=_CLAIMABLE,
         params={"q_platform": platform},
     )
     if not claimed:
         return []
     leases = {lease.id: lease for lease, _ in claimed}
     rows = await session.execute(_CLAIMED, {"ids": list(leases)})
-    return [
-        ClaimedDelivery(
-            leases[row.id],
-            Outgoing(
-                outbox_id=row.id,
-                channel=ChannelRef(
-                    platform=row.platform,
-                    external_id=row.external_id,
-                    kind=ChannelKind(row.kind),
-                    thread_id=row.thread_id,
-                    title=row.title,
-                ),
-                text=row.text,
-                persona=row.persona,
-                reply_to=row.reply_to,
-                delivered_ids=tuple(row.delivered_ids or ()),
-                job_id=row.job_id,
-                streamed_id=row.streamed_id,
-            ),
-            row.inflight_chunk,
-        )
-        for row in rows
-    ]
+    return [ClaimedDelivery(leases[row.id], _outgoing(row), row.inflight_chunk) for row in rows]
+
+
+def _outgoing(row: Row[Any]) -> Outgoing:
+    return Outgoing(
+        outbox_id=row.id,
+        channel=ChannelRef(
+            platform=row.platform,
+            external_id=row.external_id,
+            kind=ChannelKind(row.kind),
+            thread_id=row.thread_id,
+            title=row.title,
+        ),
+        text=row.text,
+        persona=row.persona,
+        reply_to=row.reply_to,
+        delivered_ids=tuple(row.delivered_ids or ()),
+        job_id=row.job_id,
+        streamed_id=row.streamed_id,
+    )
 
 
 _outbox, _messages, _channels, _jobs = (
@@ -89,31 +94,48 @@ _outbox, _messages, _channels, _jobs = (
     table_of(Channel),
     table_of(ReplyJob),
 )
-# What a claimed delivery needs to be posted: plain columns (no ORM objects), one row each.
-_CLAIMED = (
-    select(
-        _outbox.c.id,
-        _outbox.c.reply_to,
-        _outbox.c.delivered_ids,
-        _outbox.c.inflight_chunk,
-        _messages.c.text,
-        _messages.c.persona,
-        _channels.c.platform,
-        _channels.c.external_id,
-        _channels.c.kind,
-        _channels.c.thread_id,
-        _channels.c.title,
-        _jobs.c.id.label("job_id"),
-        _jobs.c.streamed_id,
+_SHAPE = "outbox of a platform"
+_CLAIMABLE = (_outbox.c.platform == bindparam("q_platform"),)
+
+
+def _claimed_rows(*columns: Any) -> Select[Any]:
+    """What a claimed delivery needs to be posted: plain columns (no ORM objects), one row each."""
+    return (
+        select(
+            _outbox.c.id,
+            _outbox.c.reply_to,
+            _outbox.c.delivered_ids,
+            _outbox.c.inflight_chunk,
+            _messages.c.text,
+            _messages.c.persona,
+            _channels.c.platform,
+            _channels.c.external_id,
+            _channels.c.kind,
+            _channels.c.thread_id,
+            _channels.c.title,
+            _jobs.c.id.label("job_id"),
+            _jobs.c.streamed_id,
+            *columns,
+        )
+        .select_from(
+            _outbox.join(_messages, _messages.c.id == _outbox.c.message_id)
+            .join(_channels, _channels.c.id == _outbox.c.channel_id)
+            .outerjoin(_jobs, _jobs.c.reply_message_id == _outbox.c.message_id)
+        )
+        .order_by(_outbox.c.id)
     )
-    .select_from(
-        _outbox.join(_messages, _messages.c.id == _outbox.c.message_id)
-        .join(_channels, _channels.c.id == _outbox.c.channel_id)
-        .outerjoin(_jobs, _jobs.c.reply_message_id == _outbox.c.message_id)
-    )
-    .where(_outbox.c.id.in_(bindparam("ids", expanding=True)))
-    .order_by(_outbox.c.id)
-)
+
+
+_CLAIMED = _claimed_rows().where(_outbox.c.id.in_(bindparam("ids", expanding=True)))
+
+
+@functools.cache
+def _claim_and_read_pg() -> Executable:
+    """PostgreSQL: the claim and the read of what the claimed rows need, one statement (`WITH claimed
+    AS (UPDATE ... RETURNING id, attempts) SELECT ... JOIN claimed`). The columns read are ones the
+    claim does not change, so the statement's snapshot (from before the claim) is right for them."""
+    claimed = QUEUE.claim_sql("postgresql", _SHAPE, _CLAIMABLE).cte("claimed")
+    return _claimed_rows(claimed.c.attempts).join(claimed, claimed.c.id == _outbox.c.id)
 
 
 async def record_progress(
