@@ -398,8 +398,8 @@ async def test_ingest_names_the_bound_personas_and_completion_writes_every_field
         reply_id = await jobs.complete(
             s, job, text="arr", persona="pirate", platform="discord", note="cut", exclude_from_prompts=True
         )
-    if postgres:  # the completion, then the NOTIFY of its wake-ups
-        assert len(statements) == 2, statements
+    if postgres:  # the completion, its wake-ups NOTIFYed in its RETURNING
+        assert len(statements) == 1, statements
     async with store.transaction() as s:
         row = (
             await s.execute(select(OutboxDelivery).where(OutboxDelivery.message_id == reply_id))
@@ -469,3 +469,52 @@ async def test_a_single_statement_commits_by_itself_on_postgresql(store: Store) 
     with pytest.raises(RuntimeError, match="cannot wake"):
         async with store.single_statement() as s:
             await jobs.enqueue(s, channel_id=1, persona="assistant", dedupe_key="wakes")
+
+
+async def test_writes_notify_other_processes_once_they_commit(store: Store) -> None:
+    """On PostgreSQL a queued job and a written reply send their NOTIFYs from their own statements
+    (no NOTIFY statement before the commit): another connection hears them at the commit, not before."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite has no NOTIFY")
+    import asyncio
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from bot.store.wakeups import CHANNEL
+
+    url = make_url(store.url)
+    listener = await asyncpg.connect(
+        host=url.host, port=url.port or 5432, user=url.username, database=url.database
+    )
+    heard: list[str] = []
+    await listener.add_listener(CHANNEL, lambda _c, _pid, _ch, topic: heard.append(topic))
+
+    async def heard_soon(expected: set[str]) -> None:
+        for _ in range(100):
+            if expected <= set(heard):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"heard {heard}, expected {expected}")
+
+    try:
+        async with store.transaction() as s:
+            stored = await conversations.ingest(s, message("m1", "question"))
+            await jobs.enqueue(
+                s,
+                channel_id=stored.channel_id,
+                persona="assistant",
+                dedupe_key="k",
+                trigger_message_id=stored.message_id,
+            )
+            await asyncio.sleep(0.1)
+            assert heard == []  # not before the commit
+        await heard_soon({"jobs"})
+        heard.clear()
+        async with store.transaction() as s:
+            (job,) = await jobs.claim(s, owner="w1", limit=8, lease_seconds=60, max_attempts=3)
+        async with store.transaction() as s:
+            assert await jobs.complete(s, job, text="answer", persona="assistant", platform="discord")
+        await heard_soon({"outbox:discord", "jobs"})
+    finally:
+        await listener.close()

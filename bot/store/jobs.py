@@ -37,7 +37,8 @@ from bot.store.engine import dialect_of
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.outbox import topic as outbox_topic
-from bot.store.wakeups import wake
+from bot.store.wakeups import CHANNEL as NOTIFY_CHANNEL
+from bot.store.wakeups import notify_sql, wake
 
 QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
 JOBS = "jobs"  # the wake-up topic of workers
@@ -70,10 +71,13 @@ class ClaimedJob:
 
 @functools.cache
 def _enqueue_sql(dialect: str) -> Executable:
+    returning: tuple[Any, ...] = (_jobs.c.id,)
+    if dialect == "postgresql":  # a queued job wakes the workers with its own statement
+        returning += (notify_sql(bindparam("notify_jobs")),)
     return (
         _dialect_insert(dialect)(_jobs)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(_jobs.c.id)
+        .returning(*returning)
     )
 
 
@@ -105,12 +109,16 @@ async def enqueue(
                 "attempts": 0,
                 "available_at": now,
                 "created_at": now,
+                **_NOTIFY_JOBS,
             },
         )
     ).scalar_one_or_none()
     if job_id is not None:
-        await wake(session, JOBS)
+        await wake(session, JOBS, notified=dialect_of(session) == "postgresql")
     return job_id
+
+
+_NOTIFY_JOBS = {"notify_channel": NOTIFY_CHANNEL, "notify_jobs": JOBS}
 
 
 _earlier = _jobs.alias("earlier")
@@ -333,12 +341,14 @@ async def complete(
                     "p_done": JobStatus.DONE,
                     "p_pending": OutboxStatus.PENDING,
                     "p_attempts": 0,
+                    "notify_outbox": outbox_topic(platform),
+                    **_NOTIFY_JOBS,
                 },
             )
         ).scalar_one_or_none()
         if written is not None:
-            await wake(session, outbox_topic(platform))
-            await _settled(session)
+            await wake(session, outbox_topic(platform), notified=True)
+            await wake(session, JOBS, notified=True)
         return written
     message_id: int = (
         await session.execute(
@@ -458,7 +468,9 @@ def _complete_pg() -> Executable:
             ).select_from(reply),
         )
         .add_cte(settle)
-        .returning(o.message_id)
+        # The wake-ups travel with the write: the pump of the reply's platform, and the workers (the
+        # channel's next job may be claimable now).
+        .returning(o.message_id, notify_sql(bindparam("notify_outbox")), notify_sql(bindparam("notify_jobs")))
     )
 
 

@@ -17,7 +17,7 @@ import functools
 import logging
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import BindParameter, ColumnElement, String, TextClause, bindparam, func, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.backoff import backoff
@@ -29,15 +29,32 @@ CHANNEL = "personabot"
 _PENDING = "personabot.wake"  # session.info key: topics to wake once the transaction commits
 
 
-async def wake(session: AsyncSession, topic: str) -> None:
-    """Wake the waiters of `topic` once this transaction commits (in every process on PostgreSQL)."""
+_NOTIFIED = "personabot.notified"  # session.info key: topics a write of the transaction NOTIFYed itself
+
+
+async def wake(session: AsyncSession, topic: str, *, notified: bool = False) -> None:
+    """Wake the waiters of `topic` once this transaction commits (in every process on PostgreSQL).
+
+    `notified`: a statement of this transaction already sent the NOTIFY (`notify_sql` in its
+    RETURNING), so `notify_before_commit` need not."""
     session.info.setdefault(_PENDING, set()).add(topic)
+    if notified:
+        session.info.setdefault(_NOTIFIED, set()).add(topic)
+
+
+def notify_sql(topic: BindParameter[str]) -> ColumnElement[Any]:
+    """PostgreSQL: `pg_notify('personabot', <topic>)` for a write's RETURNING, evaluated only for the
+    rows it writes: the wake-up travels with the write instead of in a statement of its own. The
+    statement's parameters must give `notify_channel` (`CHANNEL`); PostgreSQL sends a transaction's
+    identical notifications once."""
+    return func.pg_notify(bindparam("notify_channel", type_=String), topic)
 
 
 async def notify_before_commit(session: AsyncSession) -> None:
     """PostgreSQL: send the transaction's wake-ups as NOTIFYs, all in one statement (delivered by
-    PostgreSQL at commit, dropped by a rollback). `Store.transaction` calls it last thing."""
-    topics = session.info.get(_PENDING)
+    PostgreSQL at commit, dropped by a rollback); those a write sent itself are left out.
+    `Store.transaction` calls it last thing."""
+    topics = session.info.get(_PENDING, set()) - session.info.get(_NOTIFIED, set())
     if topics and dialect_of(session) == "postgresql":
         ordered = sorted(topics)
         params = {f"t{i}": topic for i, topic in enumerate(ordered)}
@@ -51,6 +68,7 @@ def _notify_sql(count: int) -> TextClause:
 
 def committed_topics(session: AsyncSession) -> set[str]:
     """The topics a committed transaction woke (taken, so they are fired once)."""
+    session.info.pop(_NOTIFIED, None)
     topics: set[str] = session.info.pop(_PENDING, set())
     return topics
 
