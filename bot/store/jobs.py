@@ -402,8 +402,8 @@ def _complete_pg() -> Executable:
     """PostgreSQL: `complete` as one statement, one round trip instead of three. The job's row is
     locked only while its lease is held (`held`); the reply, the job's settling and the outbox row all
     read from it, so a lost lease writes nothing and the statement returns no row. Every value is a
-    named parameter (the compiled-statement cache does not carry literals of an `add_cte` CTE), named
-    unlike any column (an UPDATE would take a parameter named like a column as a value to SET)."""
+    named parameter, named unlike any column: the UPDATE in `settle` would take a parameter named
+    like one of its columns as a value to SET."""
     c, m, o = _jobs.c, _messages.c, _outbox.c
     job_id: BindParameter[int] = bindparam("held_id")
     now = bindparam("p_now", type_=m.created_at.type)
