@@ -140,12 +140,17 @@ def _insert_channel_sql(dialect: str) -> Executable:
 @functools.cache
 def _ingest_channel_sql(dialect: str) -> Executable:
     """Insert the channel or, when it exists, move its `last_message_at` forward: its id either way."""
-    stmt = _dialect_insert(dialect)(_channels)
+    return _channel_upsert(_dialect_insert(dialect)(_channels)).returning(_channels.c.id)
+
+
+def _channel_upsert(stmt: postgresql.Insert) -> postgresql.Insert:
+    """`stmt` (an INSERT of a channel) that, when the channel exists, moves its `last_message_at`
+    forward only (a redelivered older message does not move it back)."""
     last, new = _channels.c.last_message_at, stmt.excluded.last_message_at
     return stmt.on_conflict_do_update(
         index_elements=["platform", "external_id", "thread_id"],
         set_={"last_message_at": case((or_(last.is_(None), last < new), new), else_=last)},
-    ).returning(_channels.c.id)
+    )
 
 
 @functools.cache
@@ -312,15 +317,7 @@ def _ingest_pg_sql() -> Executable:
         created_at=p("now", type_=ch.created_at.type),
         last_message_at=p("m_sent_at", type_=ch.last_message_at.type),
     )
-    last, new = ch.last_message_at, channel_stmt.excluded.last_message_at
-    channel = (
-        channel_stmt.on_conflict_do_update(
-            index_elements=["platform", "external_id", "thread_id"],
-            set_={"last_message_at": case((or_(last.is_(None), last < new), new), else_=last)},
-        )
-        .returning(ch.id)
-        .cte("channel")
-    )
+    channel = _channel_upsert(channel_stmt).returning(ch.id).cte("channel")
     display_name = p("u_display_name", type_=us.display_name.type)
     found = (
         select(us.id, us.display_name)

@@ -17,13 +17,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
-    BindParameter,
     Executable,
     bindparam,
     delete,
     exists,
     func,
     insert,
+    literal,
     null,
     select,
     update,
@@ -37,7 +37,6 @@ from bot.store.engine import dialect_of
 from bot.store.leases import Lease, LeasedQueue
 from bot.store.models import JobStatus, Message, OutboxDelivery, OutboxStatus, ReplyJob, table_of
 from bot.store.outbox import topic as outbox_topic
-from bot.store.wakeups import CHANNEL as NOTIFY_CHANNEL
 from bot.store.wakeups import notify_sql, wake
 
 QUEUE = LeasedQueue(ReplyJob, waiting=JobStatus.PENDING, leased=JobStatus.RUNNING)
@@ -118,7 +117,7 @@ async def enqueue(
     return job_id
 
 
-_NOTIFY_JOBS = {"notify_channel": NOTIFY_CHANNEL, "notify_jobs": JOBS}
+_NOTIFY_JOBS = {"notify_jobs": JOBS}
 
 
 _earlier = _jobs.alias("earlier")
@@ -336,11 +335,6 @@ async def complete(
                     "p_error": note[:4000] if note else None,
                     "p_platform": platform,
                     "p_trigger_message_id": job.trigger_message_id,
-                    "p_delivered_ids": [],
-                    "p_role": "assistant",
-                    "p_done": JobStatus.DONE,
-                    "p_pending": OutboxStatus.PENDING,
-                    "p_attempts": 0,
                     "notify_outbox": outbox_topic(platform),
                     **_NOTIFY_JOBS,
                 },
@@ -401,23 +395,12 @@ def _insert_reply_sql(dialect: str) -> Executable:
 def _complete_pg() -> Executable:
     """PostgreSQL: `complete` as one statement, one round trip instead of three. The job's row is
     locked only while its lease is held (`held`); the reply, the job's settling and the outbox row all
-    read from it, so a lost lease writes nothing and the statement returns no row. Every value is a
-    named parameter, named unlike any column: the UPDATE in `settle` would take a parameter named
-    like one of its columns as a value to SET."""
+    read from it, so a lost lease writes nothing and the statement returns no row. Its parameters are
+    named unlike any column: the UPDATE in `settle` would take one named like its columns as a value
+    to SET."""
     c, m, o = _jobs.c, _messages.c, _outbox.c
-    job_id: BindParameter[int] = bindparam("held_id")
     now = bindparam("p_now", type_=m.created_at.type)
-    held = (
-        select(c.id)
-        .where(
-            c.id == job_id,
-            c.status == JobStatus.RUNNING,
-            c.lease_owner == bindparam("held_owner"),
-            c.attempts == bindparam("held_attempt"),
-        )
-        .with_for_update()
-        .cte("held")
-    )
+    held = select(c.id).where(*QUEUE.held_bound()).with_for_update().cte("held")
     channel_id = bindparam("p_channel_id", type_=m.channel_id.type)
     reply = (
         insert(_messages)
@@ -425,7 +408,7 @@ def _complete_pg() -> Executable:
             ["channel_id", "role", "persona", "text", "created_at", "excluded_from_prompts"],
             select(
                 channel_id,
-                bindparam("p_role", type_=m.role.type),
+                literal("assistant", m.role.type),
                 bindparam("p_persona", type_=m.persona.type),
                 bindparam("p_text", type_=m.text.type),
                 now,
@@ -437,9 +420,9 @@ def _complete_pg() -> Executable:
     )
     settle = (
         update(_jobs)
-        .where(c.id == job_id, c.id == held.c.id)
+        .where(c.id == held.c.id)
         .values(
-            status=bindparam("p_done", type_=c.status.type),
+            status=JobStatus.DONE,
             lease_owner=null(),
             lease_expires_at=null(),
             finished_at=now,
@@ -460,10 +443,10 @@ def _complete_pg() -> Executable:
                 select(m.platform_message_id)
                 .where(m.id == bindparam("p_trigger_message_id", type_=m.id.type))
                 .scalar_subquery(),
-                bindparam("p_pending", type_=o.status.type),
-                bindparam("p_attempts", type_=o.attempts.type),
+                literal(OutboxStatus.PENDING.value, o.status.type),
+                literal(0, o.attempts.type),
                 now,
-                bindparam("p_delivered_ids", type_=o.delivered_ids.type),
+                literal([], o.delivered_ids.type),
                 now,
             ).select_from(reply),
         )

@@ -96,15 +96,20 @@ class LeasedQueue:
             c = self.c
             stmt = self._held_updates[columns] = (
                 update(self.table)
-                .where(
-                    c.id == bindparam("held_id"),
-                    c.status == self.leased,
-                    c.lease_owner == bindparam("held_owner"),
-                    c.attempts == bindparam("held_attempt"),
-                )
+                .where(*self.held_bound())
                 .values({name: bindparam(f"v_{name}", type_=c[name].type) for name in columns})
             )
         return stmt
+
+    def held_bound(self) -> tuple[ColumnElement[bool], ...]:
+        """`held`, with the lease as bound parameters (`held_params` gives them), for statements built once."""
+        c = self.c
+        return (
+            c.id == bindparam("held_id"),
+            c.status == self.leased,
+            c.lease_owner == bindparam("held_owner"),
+            c.attempts == bindparam("held_attempt"),
+        )
 
     async def claim(
         self,

@@ -17,7 +17,7 @@ import functools
 import logging
 from typing import Any
 
-from sqlalchemy import BindParameter, ColumnElement, String, TextClause, bindparam, func, text
+from sqlalchemy import BindParameter, ColumnElement, String, TextClause, func, literal, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bot.backoff import backoff
@@ -44,10 +44,9 @@ async def wake(session: AsyncSession, topic: str, *, notified: bool = False) -> 
 
 def notify_sql(topic: BindParameter[str]) -> ColumnElement[Any]:
     """PostgreSQL: `pg_notify('personabot', <topic>)` for a write's RETURNING, evaluated only for the
-    rows it writes: the wake-up travels with the write instead of in a statement of its own. The
-    statement's parameters must give `notify_channel` (`CHANNEL`); PostgreSQL sends a transaction's
-    identical notifications once."""
-    return func.pg_notify(bindparam("notify_channel", type_=String), topic)
+    rows it writes: the wake-up travels with the write instead of in a statement of its own.
+    PostgreSQL sends a transaction's identical notifications once."""
+    return func.pg_notify(literal(CHANNEL, String), topic)
 
 
 async def notify_before_commit(session: AsyncSession) -> None:
