@@ -43,6 +43,11 @@ class ModelSettings(Section):
         description="CPU serving: the base model's linear weights as float16, int8 or int4 (LoRAs stay float32); "
         "auto: in model.dtype.",
     )
+    compile: bool = Field(
+        default=False,
+        description="CPU float32: batch-1 decode as one torch.compile'd step (faster decoding for one user "
+        "at a time; tens of seconds of compiling at start; needs a C++ compiler).",
+    )
     auto_pull: bool = Field(default=True, description="Pull the default model on first use when missing.")
 
 

@@ -105,5 +105,9 @@ def load_backend(settings: Settings, *, allow_pull: bool = False) -> GenerationB
     from bot.generation.local import LocalBackend
 
     return LocalBackend(
-        resolve_model(settings), settings.model.device, settings.model.dtype, weights=settings.model.weights
+        resolve_model(settings),
+        settings.model.device,
+        settings.model.dtype,
+        weights=settings.model.weights,
+        compile_decode=settings.model.compile,
     )

@@ -125,6 +125,17 @@ class BatchEngine:
             else:
                 log.info("transformers' forward for this model (the lean forward: %s)", reason)
 
+    def compile_decode(self) -> bool:
+        """Run batch-1 decode steps as one compiled step (`bot.generation.compiled`), compiling it now;
+        False (logged) where this model cannot have one."""
+        from bot.generation.compiled import compile_decode
+
+        if self._lean is None:
+            log.warning("model.compile: batch-1 decode stays eager: transformers' forward runs this model")
+            return False
+        self._lean.compiled = compile_decode(self._lean)
+        return self._lean.compiled is not None
+
     # -- one forward pass ---------------------------------------------------------------------------
 
     def _forward(

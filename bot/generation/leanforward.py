@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bot.generation.compiled import CompiledDecode
 from bot.generation.kvcache import BatchKV
 from bot.generation.packed import FusedOneRow, fuse_one_row
 from bot.generation.quantized import QuantizedSlice
@@ -96,11 +97,18 @@ class LeanLlamaForward:
                 self.fused = None
                 break
             self.fused.append((qkv, gate_up))
+        # Batch-1 decode as one compiled step, once `BatchEngine.compile_decode` has made it.
+        self.compiled: CompiledDecode | None = None
 
     def __call__(
         self, cache: BatchKV, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """One forward over `ids` `[rows, steps]`; `mask` `[rows, 1, steps, keys]` (None: causal, no padding)."""
+        compiled = self.compiled
+        if compiled is not None and compiled.covers(cache, ids, mask):
+            runs, loras = compiled.loras()
+            if runs:
+                return compiled(cache, ids, positions, loras)
         inner = self.model.model
         x = inner.embed_tokens(ids)
         rows, steps = ids.shape

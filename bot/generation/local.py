@@ -52,6 +52,18 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_compile(compile_decode: bool, device: torch.device, dtype: torch.dtype, weights: str) -> None:
+    """A `ConfigError` naming `model.compile` where the compiled decode step cannot run."""
+    if not compile_decode:
+        return
+    if device.type != "cpu" or dtype != torch.float32 or weights != "auto":
+        raise ConfigError(
+            "model.compile is for CPU serving of a float32 model with its own weights (here: "
+            f"{device.type}, {str(dtype).removeprefix('torch.')}, model.weights = {weights!r}); "
+            "set model.compile = false"
+        )
+
+
 def _cpu_threads() -> Any:
     """Torch threads that follow the cores other processes leave idle (`OMP_NUM_THREADS` fixes them)."""
     from bot.cpu_threads import IdleCoreThreads, fixed_threads
@@ -87,10 +99,12 @@ class LocalBackend:
         kv_cache_bytes: int = 0,
         pack_weights: bool | None = None,
         weights: WeightFormat = "auto",
+        compile_decode: bool = False,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device, dtype)
         check_weight_format(weights, self.device, self.dtype)
+        check_compile(compile_decode, self.device, self.dtype, weights)
         started = time.perf_counter()
         self.tokenizer = load_tokenizer(location)
         self.model = load_model(location, self.device, self.dtype)
@@ -112,6 +126,7 @@ class LocalBackend:
             pad = self.tokenizer.eos_token_id or 0
         self.engine = BatchEngine(self.model, self.tokenizer, lora=self.lora, kv=self.kv, pad_id=int(pad))
         self._threads = _cpu_threads() if self.device.type == "cpu" else None
+        self.compiled = compile_decode and self.engine.compile_decode()
         log.info(
             "loaded %s on %s (%s%s) in %.1fs",
             location.display,

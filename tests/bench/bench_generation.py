@@ -752,6 +752,19 @@ def engine_model(model_path: Path, fmt: str) -> Any:
     return model
 
 
+def _lora_engine(model_path: Path, tokenizer: Any, folder: Path) -> BatchEngine:
+    """The float32 engine with one LoRA adapter loaded as "persona"."""
+    model = engine_model(model_path, "float32")
+    lora = MultiLora(model)
+    lora.load("persona", folder)
+    return BatchEngine(model, tokenizer, lora=lora)
+
+
+def greedy_ids(engine: BatchEngine, prompt: list[int], adapter: str | None, tokens: int) -> list[int]:
+    sampling = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=tokens)
+    return engine.generate([GenerationRequest(prompt, sampling, (), adapter=adapter)])[0].token_ids
+
+
 def prefill_rate(engine: BatchEngine, prompt: list[int]) -> float:
     """Prompt tokens/s: time to the first token of a cold prompt (its prefill and one sampled token)."""
     one = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
@@ -781,6 +794,23 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
         if fmt != "bfloat16" or torch.cpu._is_avx512_bf16_supported():
             # Without native bf16 (AVX512-BF16/AMX) a bf16 prefill runs minutes on reference kernels.
             prefill[f"personabot {fmt}"] = lambda e=engine: prefill_rate(e, long_prompt)
+    # `model.compile`: batch-1 decode as one compiled step, beside the eager float32 engine, each also
+    # with a persona's LoRA adapter on the row (rank 16, every projection).
+    folder = make_adapters(load_model(model_path), Path(tempfile.mkdtemp()), 1, 16)[0]
+    eager, compiled = _lora_engine(model_path, tokenizer, folder), _lora_engine(model_path, tokenizer, folder)
+    decode["personabot float32 + LoRA"] = lambda: decode_rate(eager, prompt, "persona", args.decode_tokens)
+    started = time.perf_counter()
+    if compiled.compile_decode():
+        out["compile_seconds"] = time.perf_counter() - started
+        for label, adapter in (
+            ("personabot float32 compiled", None),
+            ("personabot compiled + LoRA", "persona"),
+        ):
+            decode[label] = lambda a=adapter: decode_rate(compiled, prompt, a, args.decode_tokens)
+        out["compiled_greedy_equal_to_eager"] = {
+            str(adapter): greedy_ids(compiled, prompt, adapter, 64) == greedy_ids(eager, prompt, adapter, 64)
+            for adapter in (None, "persona")
+        }
     weights = weight_bytes(load_model(model_path))
     runners = []
     why_not = llamacpp.available() if args.llamacpp != "off" else "--llamacpp off"
@@ -859,6 +889,11 @@ def print_engines(f: dict[str, Any]) -> None:
         f"    a plain read (sum over 1 GiB) of float32's weight bytes: {read_floor:.1f} tokens/s; "
         f"float32 decode reaches {shares} of it"
     )
+    if "compile_seconds" in f:
+        print(
+            f"    model.compile: compiled in {f['compile_seconds']:.0f} s; greedy tokens equal to the eager "
+            f"step's (base model, LoRA): {f['compiled_greedy_equal_to_eager']}"
+        )
     for key in ("f32", "q4_1"):
         if f"llamacpp_{key}_greedy_prefix_equal_to_transformers" in f:
             same = f[f"llamacpp_{key}_greedy_prefix_equal_to_transformers"]

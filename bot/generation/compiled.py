@@ -1,0 +1,306 @@
+"""Batch-1 decode as one compiled step (CPU, float32): `model.compile = true`.
+
+One user chatting decodes one token at a time, and on a 135M model most of such a step is not the
+arithmetic: the lean forward still runs some 40 tensor ops a layer, each a dispatch through PyTorch,
+and its products stream the weights at ~28 GB/s. `CompiledDecode` writes the whole step (30 layers, the
+final norm and the output layer) as one function of tensors and gives it to `torch.compile`; inductor
+fuses the small ops into a few C++ loops and turns each matrix-vector product, written as a product
+and a sum, into one pass over the weight at about the copy rate. (Written as `x @ w.T` it would go to
+MKL's matrix-vector product, about 3x slower on one row here.)
+
+- **Only where it pays and fits.** Float32 CPU models whose lean forward keeps dense one-row weights
+  (`packed.fuse_one_row`); a one-row, unpadded decode step. Prefill, batches of several rows and every
+  other model keep the eager forward.
+- **LoRA.** A row on a persona's adapter runs the same step with that adapter's A and B for each of
+  the seven projections of every layer (zeros where the adapter leaves a projection alone), so there
+  are two compiled graphs, with and without an adapter, whatever the adapter's rank.
+- **Cost.** Compiling takes tens of seconds (once per process; inductor caches its kernels on disk,
+  so later starts are quicker), and needs a C++ compiler: `warm_up` compiles both graphs when the
+  worker starts, and a failure there leaves the eager forward in place with a log line saying why.
+- **Results.** The maths is the lean forward's; the sums run in another order, so logits agree to
+  float rounding (the one-row kernels already differ from `F.linear` that much), and greedy replies
+  matched the eager forward's on SmolLM2-135M (`tests/test_generation_compiled.py`).
+
+The kernels take their thread count when they are compiled, so a compiled step does not follow the
+worker's idle-core thread adjustment (`bot.cpu_threads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bot.generation.kvcache import BatchKV
+from bot.generation.packed import FusedOneRow
+
+log = logging.getLogger(__name__)
+
+LoraPair = tuple[torch.Tensor, torch.Tensor]  # A [in, r], B scaled [r, out]
+
+# A layer's projections in the order the step reads their LoRA pairs.
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    eps: float
+    scale: float
+
+
+def unsupported_reason(lean: Any) -> str | None:
+    """Why `lean` (a `LeanLlamaForward`) has no compiled decode step, or None when it can have one."""
+    param = next(lean.model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:
+        return f"a {param.dtype} model on {param.device.type} (only float32 on the CPU)"
+    if lean.fused is None or lean.fused_any_rows:
+        return "the layers keep no dense one-row weights (quantized, or oneDNN's packed product chosen)"
+    if not all(isinstance(f, FusedOneRow) for pair in lean.fused for f in pair):
+        return "the layers keep no dense one-row weights"
+    for layer in lean.model.model.layers:
+        for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if _dense(_base(module)) is None:
+                return "the layers keep no dense one-row weights"
+    if _dense(_base(lean.model.lm_head)) is None:
+        return "the output layer keeps no dense weight"
+    return None
+
+
+class CompiledDecode:
+    """`(cache, ids, positions) -> logits [1, vocab]` for one unpadded row, one token, compiled."""
+
+    def __init__(self, lean: Any) -> None:
+        reason = unsupported_reason(lean)
+        if reason is not None:
+            raise ValueError(f"no compiled decode step for this model: {reason}")
+        self.lean = lean
+        inner = lean.model.model
+        layers = inner.layers
+        self.shape = _Shape(
+            layers=len(layers),
+            heads=lean.heads,
+            kv_heads=lean.kv_heads,
+            head_dim=lean.head_dim,
+            hidden=lean.hidden,
+            intermediate=int(_base(layers[0].mlp.gate_proj).out_features),
+            eps=lean.eps,
+            scale=float(layers[0].self_attn.scaling),
+        )
+        # Per layer: input norm, q|k|v, o, post-attention norm, gate|up, down; then the final norm and
+        # the output layer. Dense [out, in] views of the one-row weights: no copies.
+        weights: list[torch.Tensor] = []
+        for layer, (qkv, gate_up) in zip(layers, lean.fused, strict=True):
+            weights += [
+                layer.input_layernorm.weight.detach(),
+                _as_matrix(qkv.weight),
+                _as_matrix(_dense(_base(layer.self_attn.o_proj))),
+                layer.post_attention_layernorm.weight.detach(),
+                _as_matrix(gate_up.weight),
+                _as_matrix(_dense(_base(layer.mlp.down_proj))),
+            ]
+        weights += [inner.norm.weight.detach(), _as_matrix(_dense(_base(lean.model.lm_head)))]
+        self.weights = weights
+        self.projections = [
+            getattr(layer.self_attn if name in _PROJECTIONS[:4] else layer.mlp, name)
+            for layer in layers
+            for name in _PROJECTIONS
+        ]
+        self._pairs: list[LoraPair] | None = None  # the adapter's A and B as the step reads them
+        self._sources: list[LoraPair | None] | None = None  # the adapter tensors they were copied from
+        self._step = torch.compile(_make_step(self.shape), dynamic=True)
+
+    def loras(self) -> tuple[bool, list[LoraPair] | None]:
+        """(whether the step covers the row's adapter, and each projection's (A, B scaled) for it, zeros
+        where it has none, or None on the base model). Not covered: a plan that is not one adapter on
+        the whole row."""
+        plans = [getattr(p, "plan", None) for p in self.projections]
+        if all(plan is None for plan in plans):
+            return True, None
+        if any(plan is not None and plan.whole is None for plan in plans):
+            return False, None
+        sources = [None if plan is None else (plan.a, plan.b_scaled) for plan in plans]
+        if self._sources is None or any(
+            (x is None) != (y is None) or (x is not None and y is not None and x[0] is not y[0])
+            for x, y in zip(sources, self._sources, strict=True)
+        ):
+            self._fill(plans)
+            self._sources = sources  # kept alive, so identity says the adapter is the same
+        return True, self._pairs
+
+    def _fill(self, plans: list[Any]) -> None:
+        """Copy the adapter's A and B (scaled) into the step's own buffers, padded to one rank."""
+        rank = max(int(plan.a.shape[2]) for plan in plans if plan is not None)
+        pairs = self._buffers(rank)
+        for (a, b), plan in zip(pairs, plans, strict=True):
+            if plan is None:
+                a.zero_()
+                b.zero_()
+                continue
+            r = int(plan.a.shape[2])
+            a[:, :r].copy_(plan.a[0])
+            a[:, r:].zero_()
+            b[:r].copy_(plan.b_scaled[0])
+            b[r:].zero_()
+
+    def _buffers(self, rank: int) -> list[LoraPair]:
+        """Each projection's (A, B) buffers at `rank`. The compiled step always reads these: torch.compile
+        guards on how its tensors were made (inside inference mode or not) and on which of them alias,
+        and the adapters' own tensors differ in both from batch to batch."""
+        if self._pairs is None or int(self._pairs[0][0].shape[1]) != rank:
+            with torch.inference_mode(False):
+                self._pairs = [
+                    (torch.zeros(_base(p).in_features, rank), torch.zeros(rank, _base(p).out_features))
+                    for p in self.projections
+                ]
+            self._sources = None
+        return self._pairs
+
+    def covers(self, cache: BatchKV, ids: torch.Tensor, mask: torch.Tensor | None) -> bool:
+        """Whether this forward is a step it runs: one row, one token, no padding mask."""
+        # Not the step that fills the cache's last column: its keys would be the whole buffer, a
+        # contiguous tensor, for which torch.compile would compile another graph.
+        return ids.numel() == 1 and mask is None and cache.rows == 1 and 0 < cache.start < cache.capacity - 1
+
+    def __call__(
+        self, cache: BatchKV, ids: torch.Tensor, positions: torch.Tensor, loras: list[LoraPair] | None
+    ) -> torch.Tensor:
+        lean, shape = self.lean, self.shape
+        inner = lean.model.model
+        x = inner.embed_tokens(ids).view(1, shape.hidden)
+        cos, sin = inner.rotary_emb(x, positions)
+        cos = cos.view(1, shape.head_dim)
+        sin = sin.view(1, shape.head_dim) * lean.sign
+        keys, values = [], []
+        for index in range(shape.layers):
+            k, v = cache._layer(index, shape.kv_heads, shape.head_dim)
+            keys.append(k)
+            values.append(v)
+        return self._step(x, cos, sin, self.weights, loras, keys, values, cache.start)
+
+    def warm_up(self) -> float:
+        """Compile both graphs (base model, and a row on an adapter) now; returns the seconds it took."""
+        started = time.perf_counter()
+        shape = self.shape
+        # Sizes unlike any of the model's (a KV capacity, a position, a LoRA rank): torch.compile takes
+        # sizes 0 and 1 as constants, and two sizes that happen to be equal as equal for good, which
+        # would compile another graph for the first reply whose sizes differ.
+        capacity, start, rank = 37, 23, 7
+        with torch.inference_mode():
+            ids = torch.tensor([[0]])
+            positions = torch.tensor([[start]])
+            for loras in (None, [(a.zero_(), b.zero_()) for a, b in self._buffers(rank)]):
+                cache = BatchKV(1, capacity, device=torch.device("cpu"), dtype=torch.float32)
+                cache.start = start
+                self(cache, ids, positions, loras)
+                assert cache.keys[shape.layers - 1] is not None
+        return time.perf_counter() - started
+
+
+def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
+    heads, kv_heads, dim = shape.heads, shape.kv_heads, shape.head_dim
+    hidden, intermediate, eps = shape.hidden, shape.intermediate, shape.eps
+    groups, half, qk_width = heads // kv_heads, dim // 2, (heads + kv_heads) * dim
+
+    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        # [1, K] x [N, K] -> [1, N] as a product and a sum: one fused pass over w once compiled.
+        return (w * x).sum(-1).unsqueeze(0)
+
+    def delta(x: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+        # x [1, in] @ A [in, r] @ B [r, out], as products and sums too: fused loops, not 2 calls to MKL.
+        low = (pair[0] * x.view(-1, 1)).sum(0)
+        return (pair[1] * low.view(-1, 1)).sum(0).unsqueeze(0)
+
+    def step(
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        weights: Sequence[torch.Tensor],
+        loras: Sequence[LoraPair] | None,
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+        start: int,
+    ) -> torch.Tensor:
+        for i in range(shape.layers):
+            norm1, w_qkv, w_o, norm2, w_gate_up, w_down = weights[6 * i : 6 * i + 6]
+            h = torch.rms_norm(x, (hidden,), norm1, eps)
+            qkv = product(h, w_qkv)
+            if loras is not None:
+                lq, lk, lv = loras[7 * i : 7 * i + 3]
+                qkv = qkv + torch.cat([delta(h, lq), delta(h, lk), delta(h, lv)], -1)
+            qk = qkv[:, :qk_width].view(heads + kv_heads, dim)
+            qk = qk * cos + qk.roll(half, -1) * sin  # the rotary embedding, as the lean forward's
+            q = qk[:heads].view(1, kv_heads, groups, dim)  # a KV head's query heads as its rows
+            k = qk[heads:].view(1, kv_heads, 1, dim)
+            v = qkv[:, qk_width:].view(1, kv_heads, 1, dim)
+            keys[i][:, :, start : start + 1] = k
+            values[i][:, :, start : start + 1] = v
+            attended = F.scaled_dot_product_attention(
+                q, keys[i][:, :, : start + 1], values[i][:, :, : start + 1], scale=shape.scale
+            ).reshape(1, heads * dim)
+            out = product(attended, w_o)
+            if loras is not None:
+                out = out + delta(attended, loras[7 * i + 3])
+            x = x + out
+            h = torch.rms_norm(x, (hidden,), norm2, eps)
+            gate_up = product(h, w_gate_up)
+            if loras is not None:
+                lg, lu = loras[7 * i + 4 : 7 * i + 6]
+                gate_up = gate_up + torch.cat([delta(h, lg), delta(h, lu)], -1)
+            gated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+            out = product(gated, w_down)
+            if loras is not None:
+                out = out + delta(gated, loras[7 * i + 6])
+            x = x + out
+        x = torch.rms_norm(x, (hidden,), weights[-2], eps)
+        return product(x, weights[-1])
+
+    return step
+
+
+def _base(projection: Any) -> Any:
+    """The base linear of a projection (a LoRA wrapper's `base`, or the projection itself)."""
+    return getattr(projection, "base", projection)
+
+
+def _dense(linear: Any) -> torch.Tensor | None:
+    """A linear's dense weight for one-row products: its one-row copy, or its plain weight."""
+    row = getattr(linear, "row_weight", None)
+    if row is not None:
+        return row
+    weight = getattr(linear, "weight", None)
+    return weight.detach() if isinstance(weight, torch.Tensor) else None
+
+
+def _as_matrix(weight: torch.Tensor | None) -> torch.Tensor:
+    """`[N, K]` view of a dense weight or of its row blocks `[P, N/P, K]`."""
+    assert weight is not None
+    return weight.reshape(-1, weight.shape[-1])
+
+
+def compile_decode(lean: Any) -> CompiledDecode | None:
+    """A warmed-up compiled decode step for `lean`, or None (logged) where it cannot have one."""
+    reason = unsupported_reason(lean)
+    if reason is None:
+        try:
+            compiled = CompiledDecode(lean)
+            seconds = compiled.warm_up()
+        except Exception as exc:  # no C++ compiler, an inductor limitation: the eager step still works
+            reason = (
+                f"compiling failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            )
+        else:
+            log.info("model.compile: batch-1 decode compiled in %.1fs", seconds)
+            return compiled
+    log.warning("model.compile: batch-1 decode stays eager: %s", reason)
+    return None
