@@ -19,6 +19,7 @@ from bot.generation.engine import BatchEngine
 from bot.generation.local import check_compile
 from bot.generation.lora import MultiLora
 from bot.generation.packed import pack_linears
+from bot.generation.quantized import weight_only_kernels
 from personas.spec import Sampling
 from tests.test_generation_lora import make_lora_folder
 from tests.tiny import byte_level_tokenizer, tiny_llama
@@ -104,22 +105,31 @@ def test_compiled_decode_gives_the_eager_tokens_and_logits(
         torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
-def _decode_logits(engine: BatchEngine, ids: torch.Tensor, adapter: str | None) -> torch.Tensor:
-    """Logits of three teacher-forced one-row decode steps after a prefill of `ids`."""
+def _decode_logits(
+    engine: BatchEngine, ids: torch.Tensor, adapter: str | None, prefill: BatchEngine | None = None
+) -> torch.Tensor:
+    """Logits of three teacher-forced one-row decode steps after a prefill of `ids` (by `prefill`'s
+    forward, default `engine`'s)."""
     from bot.generation.kvcache import BatchKV
 
-    assert engine.lora is not None and engine._lean is not None
-    engine.lora.activate([adapter])
-    cache = BatchKV(1, ids.shape[1] + 3, device=torch.device("cpu"), dtype=torch.float32)
+    prefill = prefill or engine
+    engines = {id(e): e for e in (engine, prefill)}.values()
+    for e in engines:
+        assert e.lora is not None and e._lean is not None
+        e.lora.activate([adapter])
+    cache = BatchKV(1, ids.shape[1] + 4, device=torch.device("cpu"), dtype=torch.float32)
     out = []
     with torch.inference_mode():
         cache.start = 0
-        engine._lean(cache, ids, torch.arange(ids.shape[1])[None], None)
+        assert prefill._lean is not None and engine._lean is not None
+        prefill._lean(cache, ids, torch.arange(ids.shape[1])[None], None)
         for step, token in enumerate((5, 17, 42)):
             cache.start = ids.shape[1] + step
             positions = torch.tensor([[cache.start]])
             out.append(engine._lean(cache, torch.tensor([[token]]), positions, None))
-    engine.lora.deactivate()
+    for e in engines:
+        assert e.lora is not None
+        e.lora.deactivate()
     return torch.cat(out)
 
 
@@ -174,22 +184,70 @@ def test_model_compile_is_refused_where_it_cannot_run() -> None:
     cpu = torch.device("cpu")
     check_compile(True, cpu, torch.float32, "auto")
     check_compile(False, torch.device("cuda"), torch.bfloat16, "int8")
-    for device, dtype, weights in ((cpu, torch.float32, "int8"), (cpu, torch.bfloat16, "auto")):
+    check_compile(True, cpu, torch.float32, "int8")
+    for device, dtype, weights in (
+        (cpu, torch.float32, "int4"),
+        (cpu, torch.float32, "float16"),
+        (cpu, torch.bfloat16, "auto"),
+    ):
         with pytest.raises(ConfigError, match=r"model\.compile is for CPU serving of a float32 model"):
             check_compile(True, device, dtype, weights)
     with pytest.raises(ConfigError, match=r"here: cuda, bfloat16, model\.weights = 'auto'"):
         check_compile(True, torch.device("cuda"), torch.bfloat16, "auto")
 
 
-def test_unsupported_reason_names_the_quantized_weights(base: Any) -> None:
+def test_unsupported_reason_names_the_weights_it_cannot_read(base: Any) -> None:
     from bot.generation.leanforward import LeanLlamaForward
     from bot.generation.quantized import quantize_linears
 
     model = copy.deepcopy(base)
     quantize_linears(model, "float16", fuse_siblings=True)
     assert unsupported_reason(LeanLlamaForward(model)) == (
-        "the layers keep no dense one-row weights (quantized, or oneDNN's packed product chosen)"
+        "the layers' weights are in a form it cannot read (float16, int4, or fbgemm's int8)"
     )
+
+
+@pytest.mark.skipif(
+    not weight_only_kernels(), reason="int8 weights on torch's weight-only layout need AVX-512"
+)
+def test_int8_weights_compile_to_the_step_of_their_dequantized_model(
+    base: Any, tok: Any, folders: dict[str, Path]
+) -> None:
+    """`model.weights = "int8"` with `model.compile`: the compiled step reads the int8 weights and their
+    scales with float32 activations, so it computes the float32 model whose layer weights are the
+    dequantized ones (the output layer stays exact, from the float32 table)."""
+    from bot.generation.quantized import _int8_weight_only, quantize_linears
+
+    quantized = copy.deepcopy(base)
+    quantize_linears(quantized, "int8", fuse_siblings=True)
+    lora = MultiLora(quantized)
+    for name, folder in folders.items():
+        lora.load(name, folder)
+    int8 = BatchEngine(quantized, tok, lora=lora)
+    assert int8.compile_decode()
+    dequantized = copy.deepcopy(base)
+    with torch.no_grad():
+        for layer in dequantized.model.layers:
+            for linear in (*_attention(layer), *_mlp(layer)):
+                q, scale = _int8_weight_only(linear.weight)
+                linear.weight.copy_(q.float() * scale.float()[:, None])
+    reference = engine(dequantized, tok, folders)
+    ids = torch.tensor([tok(TEXTS[1])["input_ids"]])
+    # The prefill runs eagerly, on the weight-only kernel (bfloat16 activations): both steps continue
+    # from the reference's prefill.
+    for adapter in ("pirate", "poet", None):
+        got = _decode_logits(int8, ids, adapter, prefill=reference)
+        torch.testing.assert_close(got, _decode_logits(reference, ids, adapter), rtol=1e-4, atol=1e-4)
+
+
+def _attention(layer: Any) -> tuple[Any, ...]:
+    a = layer.self_attn
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+
+def _mlp(layer: Any) -> tuple[Any, ...]:
+    m = layer.mlp
+    return m.gate_proj, m.up_proj, m.down_proj
 
 
 def test_the_worker_backend_compiles_smollm2_and_answers_as_transformers_does() -> None:

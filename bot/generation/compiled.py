@@ -9,8 +9,14 @@ and a sum, into one pass over the weight at about the copy rate. (Written as `x 
 MKL's matrix-vector product, about 3x slower on one row here.)
 
 - **Only where it pays and fits.** Float32 CPU models whose lean forward keeps dense one-row weights
-  (`packed.fuse_one_row`); a one-row, unpadded decode step. Prefill, batches of several rows and every
+  (`packed.fuse_one_row`), or int8 weights on the weight-only kernels' layout (`model.weights =
+  "int8"` on AVX-512); a one-row, unpadded decode step. Prefill, batches of several rows and every
   other model keep the eager forward.
+- **int8.** The step reads the int8 weights and their per-channel scales, converting them in the same
+  loop as the product, so it reads a quarter of float32's bytes. Its activations stay float32, where
+  the eager weight-only kernel rounds them to bfloat16: the step computes the float32 model whose
+  layer weights are the dequantized ones, and the output layer comes exact from the float32 table
+  that a rescored output layer keeps.
 - **LoRA.** A row on a persona's adapter runs the same step with that adapter's A and B for each of
   the seven projections of every layer (zeros where the adapter leaves a projection alone), so there
   are two compiled graphs, with and without an adapter, whatever the adapter's rank.
@@ -42,6 +48,9 @@ from bot.generation.packed import FusedOneRow
 log = logging.getLogger(__name__)
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]  # A [in, r], B scaled [r, out]
+# A product's weight as the step reads it: float32 [out, in], or int8 [out, in] with a float32 scale
+# per output channel (`model.weights = "int8"` on the weight-only kernels' layout).
+Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 # A layer's projections in the order the step reads their LoRA pairs.
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,15 +73,14 @@ def unsupported_reason(lean: Any) -> str | None:
     param = next(lean.model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return f"a {param.dtype} model on {param.device.type} (only float32 on the CPU)"
-    if lean.fused is None or lean.fused_any_rows:
-        return "the layers keep no dense one-row weights (quantized, or oneDNN's packed product chosen)"
-    if not all(isinstance(f, FusedOneRow) for pair in lean.fused for f in pair):
-        return "the layers keep no dense one-row weights"
-    for layer in lean.model.model.layers:
-        for module in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            if _dense(_base(module)) is None:
-                return "the layers keep no dense one-row weights"
-    if _dense(_base(lean.model.lm_head)) is None:
+    if lean.fused is None:
+        return "the layers keep no dense one-row weights (oneDNN's packed product chosen)"
+    for layer, pair in zip(lean.model.model.layers, lean.fused, strict=True):
+        fused = [f.weight if isinstance(f, FusedOneRow) else _readable(f.shared) for f in pair]
+        own = [_readable(_base(m)) for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        if any(w is None for w in fused + own):
+            return "the layers' weights are in a form it cannot read (float16, int4, or fbgemm's int8)"
+    if _readable(_base(lean.model.lm_head)) is None:
         return "the output layer keeps no dense weight"
     return None
 
@@ -97,20 +105,21 @@ class CompiledDecode:
             eps=lean.eps,
             scale=float(layers[0].self_attn.scaling),
         )
-        # Per layer: input norm, q|k|v, o, post-attention norm, gate|up, down; then the final norm and
-        # the output layer. Dense [out, in] views of the one-row weights: no copies.
-        weights: list[torch.Tensor] = []
+        # Per layer: the input and post-attention norms' weights, and q|k|v, o, gate|up and down; then
+        # the final norm and the output layer. Views of the model's own weights: no copies.
+        norms: list[torch.Tensor] = []
+        products: list[Weight] = []
         for layer, (qkv, gate_up) in zip(layers, lean.fused, strict=True):
-            weights += [
-                layer.input_layernorm.weight.detach(),
-                _as_matrix(qkv.weight),
-                _as_matrix(_dense(_base(layer.self_attn.o_proj))),
-                layer.post_attention_layernorm.weight.detach(),
-                _as_matrix(gate_up.weight),
-                _as_matrix(_dense(_base(layer.mlp.down_proj))),
+            norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+            products += [
+                _weight(qkv),
+                _weight(_base(layer.self_attn.o_proj)),
+                _weight(gate_up),
+                _weight(_base(layer.mlp.down_proj)),
             ]
-        weights += [inner.norm.weight.detach(), _as_matrix(_dense(_base(lean.model.lm_head)))]
-        self.weights = weights
+        norms.append(inner.norm.weight.detach())
+        products.append(_weight(_base(lean.model.lm_head)))
+        self.norms, self.products = norms, products
         self.projections = [
             getattr(layer.self_attn if name in _PROJECTIONS[:4] else layer.mlp, name)
             for layer in layers
@@ -186,7 +195,7 @@ class CompiledDecode:
             k, v = cache._layer(index, shape.kv_heads, shape.head_dim)
             keys.append(k)
             values.append(v)
-        return self._step(x, cos, sin, self.weights, loras, keys, values, cache.start)
+        return self._step(x, cos, sin, self.norms, self.products, loras, keys, values, cache.start)
 
     def warm_up(self) -> float:
         """Compile both graphs (base model, and a row on an adapter) now; returns the seconds it took."""
@@ -212,8 +221,11 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
     hidden, intermediate, eps = shape.hidden, shape.intermediate, shape.eps
     groups, half, qk_width = heads // kv_heads, dim // 2, (heads + kv_heads) * dim
 
-    def product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # [1, K] x [N, K] -> [1, N] as a product and a sum: one fused pass over w once compiled.
+    def product(x: torch.Tensor, w: Weight) -> torch.Tensor:
+        # [1, K] x [N, K] -> [1, N] as a product and a sum: one fused pass over w once compiled (int8
+        # converted in the same loop, so it reads a quarter of the bytes).
+        if isinstance(w, tuple):
+            return ((w[0].to(torch.float32) * x).sum(-1) * w[1]).unsqueeze(0)
         return (w * x).sum(-1).unsqueeze(0)
 
     def delta(x: torch.Tensor, pair: LoraPair) -> torch.Tensor:
@@ -225,14 +237,16 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        weights: Sequence[torch.Tensor],
+        norms: Sequence[torch.Tensor],
+        products: Sequence[Weight],
         loras: Sequence[LoraPair] | None,
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         start: int,
     ) -> torch.Tensor:
         for i in range(shape.layers):
-            norm1, w_qkv, w_o, norm2, w_gate_up, w_down = weights[6 * i : 6 * i + 6]
+            norm1, norm2 = norms[2 * i : 2 * i + 2]
+            w_qkv, w_o, w_gate_up, w_down = products[4 * i : 4 * i + 4]
             h = torch.rms_norm(x, (hidden,), norm1, eps)
             qkv = product(h, w_qkv)
             if loras is not None:
@@ -262,8 +276,8 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
             if loras is not None:
                 out = out + delta(gated, loras[7 * i + 6])
             x = x + out
-        x = torch.rms_norm(x, (hidden,), weights[-2], eps)
-        return product(x, weights[-1])
+        x = torch.rms_norm(x, (hidden,), norms[-1], eps)
+        return product(x, products[-1])
 
     return step
 
@@ -273,8 +287,17 @@ def _base(projection: Any) -> Any:
     return getattr(projection, "base", projection)
 
 
-def _dense(linear: Any) -> torch.Tensor | None:
-    """A linear's dense weight for one-row products: its one-row copy, or its plain weight."""
+def _readable(linear: Any) -> Weight | None:
+    """A product's weight as the step can read it: a float32 one-row copy or plain weight, int8 with
+    its scales (weight-only kernels' layout), or, for an output layer held rounded, its float32 table."""
+    table = getattr(linear, "table", None)
+    if isinstance(table, torch.Tensor):
+        return table  # the exact table a rescored output layer keeps: exact logits, no rescoring
+    kernel, fmt = getattr(linear, "kernel", None), getattr(linear, "fmt", None)
+    if kernel is not None:
+        if kernel == "weight-only" and fmt == "int8" and getattr(linear, "bias", None) is None:
+            return linear.qweight, linear.qscale
+        return None
     row = getattr(linear, "row_weight", None)
     if row is not None:
         return row
@@ -282,10 +305,17 @@ def _dense(linear: Any) -> torch.Tensor | None:
     return weight.detach() if isinstance(weight, torch.Tensor) else None
 
 
-def _as_matrix(weight: torch.Tensor | None) -> torch.Tensor:
-    """`[N, K]` view of a dense weight or of its row blocks `[P, N/P, K]`."""
-    assert weight is not None
-    return weight.reshape(-1, weight.shape[-1])
+def _weight(source: Any) -> Weight:
+    """The step's argument for a product: `[N, K]` float32, or int8 `[N, K]` with float32 scales."""
+    if isinstance(source, FusedOneRow):
+        readable: Weight | None = source.weight
+    else:
+        readable = _readable(getattr(source, "shared", source))
+    assert readable is not None
+    if isinstance(readable, tuple):
+        q, scale = readable
+        return q, scale.float()
+    return readable.reshape(-1, readable.shape[-1])
 
 
 def compile_decode(lean: Any) -> CompiledDecode | None:

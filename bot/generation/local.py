@@ -56,9 +56,9 @@ def check_compile(compile_decode: bool, device: torch.device, dtype: torch.dtype
     """A `ConfigError` naming `model.compile` where the compiled decode step cannot run."""
     if not compile_decode:
         return
-    if device.type != "cpu" or dtype != torch.float32 or weights != "auto":
+    if device.type != "cpu" or dtype != torch.float32 or weights not in ("auto", "int8"):
         raise ConfigError(
-            "model.compile is for CPU serving of a float32 model with its own weights (here: "
+            "model.compile is for CPU serving of a float32 model, with model.weights auto or int8 (here: "
             f"{device.type}, {str(dtype).removeprefix('torch.')}, model.weights = {weights!r}); "
             "set model.compile = false"
         )

@@ -765,6 +765,11 @@ def greedy_ids(engine: BatchEngine, prompt: list[int], adapter: str | None, toke
     return engine.generate([GenerationRequest(prompt, sampling, (), adapter=adapter)])[0].token_ids
 
 
+def _same_prefix(a: list[int], b: list[int]) -> str:
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return f"{same}/{len(b)}"
+
+
 def prefill_rate(engine: BatchEngine, prompt: list[int]) -> float:
     """Prompt tokens/s: time to the first token of a cold prompt (its prefill and one sampled token)."""
     one = Sampling(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
@@ -807,6 +812,12 @@ def bench_engines(model_path: Path, tokenizer: Any, args: argparse.Namespace) ->
             ("personabot compiled + LoRA", "persona"),
         ):
             decode[label] = lambda a=adapter: decode_rate(compiled, prompt, a, args.decode_tokens)
+        int8 = BatchEngine(engine_model(model_path, "int8"), tokenizer)
+        if int8.compile_decode():  # int8 weights read in the compiled step (float32 activations)
+            decode["personabot int8 compiled"] = lambda: decode_rate(int8, prompt, None, args.decode_tokens)
+            out["int8_compiled_greedy_prefix_equal_to_float32"] = _same_prefix(
+                greedy_ids(int8, prompt, None, 64), greedy_ids(eager, prompt, None, 64)
+            )
         out["compiled_greedy_equal_to_eager"] = {
             str(adapter): greedy_ids(compiled, prompt, adapter, 64) == greedy_ids(eager, prompt, adapter, 64)
             for adapter in (None, "persona")
@@ -894,6 +905,9 @@ def print_engines(f: dict[str, Any]) -> None:
             f"    model.compile: compiled in {f['compile_seconds']:.0f} s; greedy tokens equal to the eager "
             f"step's (base model, LoRA): {f['compiled_greedy_equal_to_eager']}"
         )
+    if "int8_compiled_greedy_prefix_equal_to_float32" in f:
+        same = f["int8_compiled_greedy_prefix_equal_to_float32"]
+        print(f"    int8 compiled: greedy tokens equal to float32's for the first {same}")
     for key in ("f32", "q4_1"):
         if f"llamacpp_{key}_greedy_prefix_equal_to_transformers" in f:
             same = f[f"llamacpp_{key}_greedy_prefix_equal_to_transformers"]
