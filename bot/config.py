@@ -45,7 +45,7 @@ class ModelSettings(Section):
     )
     compile: bool = Field(
         default=False,
-        description="CPU float32: batch-1 decode as one torch.compile'd step (faster decoding for one user "
+        description="CPU float32 (model.weights auto or int8): batch-1 decode as one torch.compile'd step (faster decoding for one user "
         "at a time; tens of seconds of compiling at start; needs a C++ compiler).",
     )
     auto_pull: bool = Field(default=True, description="Pull the default model on first use when missing.")

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from bot.generation.kvcache import BatchKV
+from bot.generation.leanforward import _base
 from bot.generation.packed import FusedOneRow
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,8 @@ def unsupported_reason(lean: Any) -> str | None:
     if lean.fused is None:
         return "the layers keep no dense one-row weights (oneDNN's packed product chosen)"
     for layer, pair in zip(lean.model.model.layers, lean.fused, strict=True):
-        fused = [f.weight if isinstance(f, FusedOneRow) else _readable(f.shared) for f in pair]
-        own = [_readable(_base(m)) for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
-        if any(w is None for w in fused + own):
+        own = [_base(m) for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+        if any(_readable(source) is None for source in (*pair, *own)):
             return "the layers' weights are in a form it cannot read (float16, int4, or fbgemm's int8)"
     if _readable(_base(lean.model.lm_head)) is None:
         return "the output layer keeps no dense weight"
@@ -126,7 +126,7 @@ class CompiledDecode:
             for name in _PROJECTIONS
         ]
         self._pairs: list[LoraPair] | None = None  # the adapter's A and B as the step reads them
-        self._sources: list[LoraPair | None] | None = None  # the adapter tensors they were copied from
+        self._sources: list[torch.Tensor | None] | None = None  # the stacks' A they were copied from
         self._step = torch.compile(_make_step(self.shape), dynamic=True)
 
     def loras(self) -> tuple[bool, list[LoraPair] | None]:
@@ -138,11 +138,9 @@ class CompiledDecode:
             return True, None
         if any(plan is not None and plan.whole is None for plan in plans):
             return False, None
-        sources = [None if plan is None else (plan.a, plan.b_scaled) for plan in plans]
-        if self._sources is None or any(
-            (x is None) != (y is None) or (x is not None and y is not None and x[0] is not y[0])
-            for x, y in zip(sources, self._sources, strict=True)
-        ):
+        # A plan's A and B scaled come from one stack: the same A tensor, the same adapter weights.
+        sources = [None if plan is None else plan.a for plan in plans]
+        if self._sources is None or any(x is not y for x, y in zip(sources, self._sources, strict=True)):
             self._fill(plans)
             self._sources = sources  # kept alive, so identity says the adapter is the same
         return True, self._pairs
@@ -282,14 +280,14 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
     return step
 
 
-def _base(projection: Any) -> Any:
-    """The base linear of a projection (a LoRA wrapper's `base`, or the projection itself)."""
-    return getattr(projection, "base", projection)
-
-
-def _readable(linear: Any) -> Weight | None:
-    """A product's weight as the step can read it: a float32 one-row copy or plain weight, int8 with
-    its scales (weight-only kernels' layout), or, for an output layer held rounded, its float32 table."""
+def _readable(source: Any) -> Weight | None:
+    """A product's weight as the step can read it: a float32 one-row copy (a fused one's, or a
+    linear's) or plain weight, int8 with its scales (weight-only kernels' layout), or, for an output
+    layer held rounded, its float32 table. `source` is a linear, a `FusedOneRow`, or siblings quantized
+    as one (`shared`)."""
+    if isinstance(source, FusedOneRow):
+        return source.weight
+    linear = getattr(source, "shared", source)
     table = getattr(linear, "table", None)
     if isinstance(table, torch.Tensor):
         return table  # the exact table a rescored output layer keeps: exact logits, no rescoring
@@ -307,10 +305,7 @@ def _readable(linear: Any) -> Weight | None:
 
 def _weight(source: Any) -> Weight:
     """The step's argument for a product: `[N, K]` float32, or int8 `[N, K]` with float32 scales."""
-    if isinstance(source, FusedOneRow):
-        readable: Weight | None = source.weight
-    else:
-        readable = _readable(getattr(source, "shared", source))
+    readable = _readable(source)
     assert readable is not None
     if isinstance(readable, tuple):
         q, scale = readable
