@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from bot.generation.kvcache import BatchKV
-from bot.generation.leanforward import _base
 from bot.generation.packed import FusedOneRow
 
 log = logging.getLogger(__name__)
@@ -278,6 +277,12 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
         return product(x, products[-1])
 
     return step
+
+
+def _base(projection: Any) -> Any:
+    """The base linear of a projection (a LoRA wrapper's `base`, or the projection itself). The lean
+    forward has the same helper; it imports this module, so this one cannot import it back."""
+    return getattr(projection, "base", projection)
 
 
 def _readable(source: Any) -> Weight | None:

@@ -26,17 +26,15 @@ implementation) keep transformers' forward; `unsupported_reason` says why.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from bot.generation.compiled import CompiledDecode
 from bot.generation.kvcache import BatchKV
 from bot.generation.packed import FusedOneRow, fuse_one_row
 from bot.generation.quantized import QuantizedSlice
-
-if TYPE_CHECKING:  # compiled.py reads this module's helpers
-    from bot.generation.compiled import CompiledDecode
 
 _MODEL_CLASSES = ("LlamaForCausalLM",)
 
