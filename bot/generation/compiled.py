@@ -15,11 +15,15 @@ MKL's matrix-vector product, about 3x slower on one row here.)
 - **int8.** The step reads the int8 weights and their per-channel scales, converting them in the same
   loop as the product, so it reads a quarter of float32's bytes. Its activations stay float32, where
   the eager weight-only kernel rounds them to bfloat16: the step computes the float32 model whose
-  layer weights are the dequantized ones, and the output layer comes exact from the float32 table
-  that a rescored output layer keeps.
+  layer weights are the dequantized ones. The output layer is read as int8 too, with its 16 best
+  candidates recomputed exactly from the float32 table that a rescored output layer keeps
+  (`RescoredTable`), as the eager int8 model's float16 output layer is.
 - **LoRA.** A row on a persona's adapter runs the same step with that adapter's A and B for each of
   the seven projections of every layer (zeros where the adapter leaves a projection alone), so there
   are two compiled graphs, with and without an adapter, whatever the adapter's rank.
+- **Fewer tensors, fewer checks.** dynamo checks every tensor argument on every call (about 2-3 µs
+  each), so the norms are one stacked tensor and the adapter buffers one stacked pair per projection
+  name.
 - **Cost.** Compiling takes tens of seconds (once per process; inductor caches its kernels on disk,
   so later starts are quicker), and needs a C++ compiler: `warm_up` compiles both graphs when the
   worker starts, and a failure there leaves the eager forward in place with a log line saying why.
@@ -37,20 +41,45 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from bot.generation.kvcache import BatchKV
 from bot.generation.packed import FusedOneRow
+from bot.generation.quantized import RESCORE_TOP, int8_weight_only
 
 log = logging.getLogger(__name__)
 
-LoraPair = tuple[torch.Tensor, torch.Tensor]  # A [in, r], B scaled [r, out]
+# One projection's adapter weights, held transposed: A [r, in] and B scaled [out, r]; as the step reads
+# them, one pair per projection name with every layer's stacked: A [layers, r, in], B [layers, out, r].
+LoraPair = tuple[torch.Tensor, torch.Tensor]
 # A product's weight as the step reads it: float32 [out, in], or int8 [out, in] with a float32 scale
 # per output channel (`model.weights = "int8"` on the weight-only kernels' layout).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class RescoredTable(NamedTuple):
+    """An output layer read as int8 with its float32 table kept: the step computes every logit from the
+    int8 rows (a quarter of the table's bytes) and recomputes its `RESCORE_TOP` best exactly from the
+    table, as the eager int8 model's rescored output layer does with its float16 copy."""
+
+    q: torch.Tensor  # int8 [vocab, hidden]
+    scale: torch.Tensor  # float32 [vocab]
+    table: torch.Tensor  # float32 [vocab, hidden]
+
+
+# Inductor options for the step.
+# - realize_opcount_threshold 0: store each norm's output once. By default inductor inlines a norm into
+#   the product that reads it, recomputing the normalized row (a square root and a division per 16
+#   weights) for every output channel: the int8 step took 17 ms instead of 10 on SmolLM2-135M.
+# - size_asserts off: the wrapper otherwise checks the sizes and strides of its ~400 tensors on every
+#   call (0.4 ms a step), which dynamo's guards have already checked.
+_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "realize_opcount_threshold": 0,
+    "size_asserts": False,
+}
 
 # A layer's projections in the order the step reads their LoRA pairs.
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -117,22 +146,26 @@ class CompiledDecode:
                 _weight(_base(layer.mlp.down_proj)),
             ]
         norms.append(inner.norm.weight.detach())
-        products.append(_weight(_base(lean.model.lm_head)))
-        self.norms, self.products = norms, products
+        # one tensor (a 140 KB copy on SmolLM2): one for dynamo to check on every step instead of 61
+        self.norms, self.products = torch.stack(norms), products
+        self.head = _head(_base(lean.model.lm_head))
         self.projections = [
             getattr(layer.self_attn if name in _PROJECTIONS[:4] else layer.mlp, name)
             for layer in layers
             for name in _PROJECTIONS
         ]
-        self._pairs: list[LoraPair] | None = None  # the adapter's A and B as the step reads them
+        # The projections a persona's adapter can reach (`MultiLoraLinear`s), by index: read every step.
+        self._wrapped = [(i, p) for i, p in enumerate(self.projections) if "plan" in vars(p)]
+        # the adapter's A and B as the step reads them, a stacked pair per name in `_PROJECTIONS`
+        self._pairs: list[LoraPair] | None = None
         self._sources: list[torch.Tensor | None] | None = None  # the stacks' A they were copied from
-        self._step = torch.compile(_make_step(self.shape), dynamic=True)
+        self._step = torch.compile(_make_step(self.shape), dynamic=True, options=_OPTIONS)
 
     def loras(self) -> tuple[bool, list[LoraPair] | None]:
         """(whether the step covers the row's adapter, and each projection's (A, B scaled) for it, zeros
         where it has none, or None on the base model). Not covered: a plan that is not one adapter on
         the whole row."""
-        plans = [getattr(p, "plan", None) for p in self.projections]
+        plans = [p.plan for _, p in self._wrapped]
         if all(plan is None for plan in plans):
             return True, None
         if any(plan is not None and plan.whole is None for plan in plans):
@@ -144,30 +177,40 @@ class CompiledDecode:
             self._sources = sources  # kept alive, so identity says the adapter is the same
         return True, self._pairs
 
-    def _fill(self, plans: list[Any]) -> None:
+    def _fill(self, wrapped_plans: list[Any]) -> None:
         """Copy the adapter's A and B (scaled) into the step's own buffers, padded to one rank."""
+        plans: list[Any] = [None] * len(self.projections)
+        for (index, _), plan in zip(self._wrapped, wrapped_plans, strict=True):
+            plans[index] = plan
         rank = max(int(plan.a.shape[2]) for plan in plans if plan is not None)
         pairs = self._buffers(rank)
-        for (a, b), plan in zip(pairs, plans, strict=True):
+        for index, plan in enumerate(plans):
+            layer, name = divmod(index, len(_PROJECTIONS))
+            a, b = pairs[name][0][layer], pairs[name][1][layer]
             if plan is None:
                 a.zero_()
                 b.zero_()
                 continue
             r = int(plan.a.shape[2])
-            a[:, :r].copy_(plan.a[0])
-            a[:, r:].zero_()
-            b[:r].copy_(plan.b_scaled[0])
-            b[r:].zero_()
+            a[:r].copy_(plan.a[0].T)
+            a[r:].zero_()
+            b[:, :r].copy_(plan.b_scaled[0].T)
+            b[:, r:].zero_()
 
     def _buffers(self, rank: int) -> list[LoraPair]:
-        """Each projection's (A, B) buffers at `rank`. The compiled step always reads these: torch.compile
-        guards on how its tensors were made (inside inference mode or not) and on which of them alias,
-        and the adapters' own tensors differ in both from batch to batch."""
+        """The (A, B) buffers at `rank`, one stacked pair per projection name. The compiled step always
+        reads these: torch.compile guards on how its tensors were made (inside inference mode or not) and
+        on which of them alias, and the adapters' own tensors differ in both from batch to batch. Stacked,
+        they are 14 tensors for dynamo to check on every step instead of 14 a layer."""
         if self._pairs is None or int(self._pairs[0][0].shape[1]) != rank:
+            layers = self.shape.layers
             with torch.inference_mode(False):
                 self._pairs = [
-                    (torch.zeros(_base(p).in_features, rank), torch.zeros(rank, _base(p).out_features))
-                    for p in self.projections
+                    (
+                        torch.zeros(layers, rank, _base(p).in_features),
+                        torch.zeros(layers, _base(p).out_features, rank),
+                    )
+                    for p in self.projections[: len(_PROJECTIONS)]
                 ]
             self._sources = None
         return self._pairs
@@ -192,7 +235,7 @@ class CompiledDecode:
             k, v = cache._layer(index, shape.kv_heads, shape.head_dim)
             keys.append(k)
             values.append(v)
-        return self._step(x, cos, sin, self.norms, self.products, loras, keys, values, cache.start)
+        return self._step(x, cos, sin, self.norms, self.products, self.head, loras, keys, values, cache.start)
 
     def warm_up(self) -> float:
         """Compile both graphs (base model, and a row on an adapter) now; returns the seconds it took."""
@@ -225,30 +268,31 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
             return ((w[0].to(torch.float32) * x).sum(-1) * w[1]).unsqueeze(0)
         return (w * x).sum(-1).unsqueeze(0)
 
-    def delta(x: torch.Tensor, pair: LoraPair) -> torch.Tensor:
+    def delta(x: torch.Tensor, pairs: Sequence[LoraPair], name: int, layer: int) -> torch.Tensor:
         # x [1, in] @ A [in, r] @ B [r, out], as products and sums too: fused loops, not 2 calls to MKL.
-        low = (pair[0] * x.view(-1, 1)).sum(0)
-        return (pair[1] * low.view(-1, 1)).sum(0).unsqueeze(0)
+        # Both are held transposed, so each sum runs along contiguous memory, as the products' do.
+        low = (pairs[name][0][layer] * x).sum(-1)
+        return (pairs[name][1][layer] * low).sum(-1).unsqueeze(0)
 
     def step(
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        norms: Sequence[torch.Tensor],
+        norms: torch.Tensor,
         products: Sequence[Weight],
+        head: Weight | RescoredTable,
         loras: Sequence[LoraPair] | None,
         keys: Sequence[torch.Tensor],
         values: Sequence[torch.Tensor],
         start: int,
     ) -> torch.Tensor:
         for i in range(shape.layers):
-            norm1, norm2 = norms[2 * i : 2 * i + 2]
+            norm1, norm2 = norms[2 * i], norms[2 * i + 1]
             w_qkv, w_o, w_gate_up, w_down = products[4 * i : 4 * i + 4]
             h = torch.rms_norm(x, (hidden,), norm1, eps)
             qkv = product(h, w_qkv)
             if loras is not None:
-                lq, lk, lv = loras[7 * i : 7 * i + 3]
-                qkv = qkv + torch.cat([delta(h, lq), delta(h, lk), delta(h, lv)], -1)
+                qkv = qkv + torch.cat([delta(h, loras, name, i) for name in (0, 1, 2)], -1)
             qk = qkv[:, :qk_width].view(heads + kv_heads, dim)
             qk = qk * cos + qk.roll(half, -1) * sin  # the rotary embedding, as the lean forward's
             q = qk[:heads].view(1, kv_heads, groups, dim)  # a KV head's query heads as its rows
@@ -261,20 +305,24 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
             ).reshape(1, heads * dim)
             out = product(attended, w_o)
             if loras is not None:
-                out = out + delta(attended, loras[7 * i + 3])
+                out = out + delta(attended, loras, 3, i)
             x = x + out
             h = torch.rms_norm(x, (hidden,), norm2, eps)
             gate_up = product(h, w_gate_up)
             if loras is not None:
-                lg, lu = loras[7 * i + 4 : 7 * i + 6]
-                gate_up = gate_up + torch.cat([delta(h, lg), delta(h, lu)], -1)
+                gate_up = gate_up + torch.cat([delta(h, loras, 4, i), delta(h, loras, 5, i)], -1)
             gated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
             out = product(gated, w_down)
             if loras is not None:
-                out = out + delta(gated, loras[7 * i + 6])
+                out = out + delta(gated, loras, 6, i)
             x = x + out
         x = torch.rms_norm(x, (hidden,), norms[-1], eps)
-        return product(x, products[-1])
+        if isinstance(head, RescoredTable):
+            logits = product(x, (head.q, head.scale))
+            top = logits.topk(RESCORE_TOP, -1).indices
+            exact = (head.table[top[0]] * x).sum(-1)
+            return logits.scatter(-1, top, exact.unsqueeze(0))
+        return product(x, head)
 
     return step
 
@@ -295,7 +343,8 @@ def _readable(source: Any) -> Weight | None:
     linear = getattr(source, "shared", source)
     table = getattr(linear, "table", None)
     if isinstance(table, torch.Tensor):
-        return table  # the exact table a rescored output layer keeps: exact logits, no rescoring
+        # the float32 table a rescored output layer keeps (the step takes no output bias)
+        return table if getattr(linear, "table_bias", None) is None else None
     kernel, fmt = getattr(linear, "kernel", None), getattr(linear, "fmt", None)
     if kernel is not None:
         if kernel == "weight-only" and fmt == "int8" and getattr(linear, "bias", None) is None:
@@ -316,6 +365,16 @@ def _weight(source: Any) -> Weight:
         q, scale = readable
         return q, scale.float()
     return readable.reshape(-1, readable.shape[-1])
+
+
+def _head(source: Any) -> Weight | RescoredTable:
+    """The step's output layer: a rescored one (the int8 model's, held in float16 with its float32 table)
+    as int8 with that table, any other as `_weight` reads it."""
+    table = getattr(source, "table", None)
+    if not isinstance(table, torch.Tensor):
+        return _weight(source)
+    q, scale = int8_weight_only(table.float())
+    return RescoredTable(q, scale.float(), table)
 
 
 def compile_decode(lean: Any) -> CompiledDecode | None:

@@ -89,7 +89,7 @@ class QuantizedLinear(nn.Linear):
         else:
             self.kernel = "weight-only"
             self.qweight, self.qscale = (
-                _int8_weight_only(weight) if fmt == "int8" else _int4_weight_only(weight)
+                int8_weight_only(weight) if fmt == "int8" else _int4_weight_only(weight)
             )
         self.register_parameter("bias", None)
         if self.kernel == "weight-only" and bias is not None:
@@ -144,7 +144,7 @@ def quantizable(linear: nn.Linear, fmt: str) -> bool:
     return linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0
 
 
-def _int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel, for `torch._weight_int8pack_mm`.
 
     The kernel takes bfloat16 scales, so the integers are chosen for the rounded scale: a rounding error
