@@ -300,9 +300,11 @@ def _make_step(shape: _Shape) -> Callable[..., torch.Tensor]:
             v = qkv[:, qk_width:].view(1, kv_heads, 1, dim)
             keys[i][:, :, start : start + 1] = k
             values[i][:, :, start : start + 1] = v
-            attended = F.scaled_dot_product_attention(
-                q, keys[i][:, :, : start + 1], values[i][:, :, : start + 1], scale=shape.scale
-            ).reshape(1, heads * dim)
+            # One query per KV head's group: two small products and a fused softmax. SDPA's CPU kernel
+            # cost 0.3-0.4 ms more a step on SmolLM2 (30 calls of ~35 µs; measured side by side).
+            k_seen, v_seen = keys[i][:, :, : start + 1], values[i][:, :, : start + 1]
+            probs = (torch.matmul(q, k_seen.transpose(-1, -2)) * shape.scale).softmax(-1)
+            attended = torch.matmul(probs, v_seen).reshape(1, heads * dim)
             out = product(attended, w_o)
             if loras is not None:
                 out = out + delta(attended, loras, 3, i)
