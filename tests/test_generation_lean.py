@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from bot.generation.base import GenerationCallbacks, GenerationRequest
+from bot.generation.base import GenerationRequest
 from bot.generation.engine import BatchEngine
 from bot.generation.kvcache import BatchKV, KVCacheLRU
 from bot.generation.leanforward import LeanLlamaForward, unsupported_reason
@@ -185,19 +185,36 @@ def test_fused_one_row_decode_gives_the_unfused_logits(
 def test_a_mixed_batch_decodes_each_adapters_rows_side_by_side(
     base: Any, tok: Any, folders: dict[str, Path]
 ) -> None:
-    """Interleaved adapters are reordered after the prefill so each adapter's rows sit side by side (the
-    deltas then skip the gather), and every reply is still its own: the tokens of its request alone,
-    returned in the order asked."""
+    """Interleaved adapters are reordered so each adapter's rows sit side by side (the deltas then skip
+    the gather): in the prefill when the rows share one prefill group, and in every decode step; every
+    reply is still its own: the tokens of its request alone, returned in the order asked."""
     lean, _ = engines(base, tok, folders, pack=True)
     assert lean.lora is not None
     q = lean.lora.wrapped["model.layers.0.self_attn.q_proj"]  # adapted by both
-    grouped: list[bool] = []
-    callbacks = GenerationCallbacks(
-        on_first_token=lambda _i: grouped.append(q.plan is not None and q.plan.grouped)
-    )
+    seen: list[tuple[int, bool]] = []  # (tokens per row, whether the plan was grouped), per forward
+    add_delta = q.add_delta
+
+    def spy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append((x.shape[-2], q.plan is not None and q.plan.grouped))
+        return add_delta(x, y)
+
+    q.add_delta = spy  # type: ignore[method-assign]
+    # prompts of nearly one length: one prefill group
+    texts = [f"Tell me about the {w}, please." for w in ("sea", "moon", "rain", "wind")]
+    batch = [req(tok, t, a) for t, a in zip(texts, ["pirate", "poet", "pirate", "poet"], strict=True)]
+    together = [r.token_ids for r in lean.generate(batch)]
+    del q.add_delta
+    prefill = [grouped for tokens, grouped in seen if tokens > 1]
+    decode = [grouped for tokens, grouped in seen if tokens == 1]
+    assert prefill == [True] and len(decode) == GREEDY.max_new_tokens - 1 and all(decode)
+    assert together == [greedy(lean, [r])[0] for r in batch]
+    # Prompts of different lengths prefill in several groups, gathered; decode is still side by side.
+    seen.clear()
+    q.add_delta = spy  # type: ignore[method-assign]
     batch = [req(tok, t, a) for t, a in zip(TEXTS, ["pirate", "poet", "pirate", "poet"], strict=True)]
-    together = [r.token_ids for r in lean.generate(batch, callbacks)]
-    assert grouped and all(grouped)
+    together = [r.token_ids for r in lean.generate(batch)]
+    del q.add_delta
+    assert all(grouped for tokens, grouped in seen if tokens == 1)
     assert together == [greedy(lean, [r])[0] for r in batch]
 
 

@@ -11,6 +11,8 @@ One `generate` call runs a whole batch:
    the weights. A row whose new part is shorter than its group's re-computes a few cached tokens in
    place of padding, so a cached row and a cold row can share one pass without breaking the layout.
    Long prompts are prefilled in chunks of `prefill_chunk` tokens, which bounds activation memory.
+   Within a group each adapter's rows sit side by side (and again in the whole batch for decode), so
+   LoRA deltas are added without gathering rows where the adapters have as many rows each.
 4. **Decode.** One forward per step for all rows, each with its own adapter (`MultiLora`), sampling
    settings, stop ids and stop texts. The loop guard (`bot.generation.guard`) ends a row whose text
    starts repeating itself, at the last complete sentence before the loop. A row that stops hands its result and its keys/values (to the channel LRU)
@@ -205,8 +207,13 @@ class BatchEngine:
     def _run(
         self, rows: list[_Row], callbacks: GenerationCallbacks, started: float
     ) -> list[GenerationResult]:
-        # Sort by new-token count so that prefill groups are contiguous slices of the batch.
+        # Sort by new-token count so that prefill groups are contiguous slices of the batch; within a
+        # group, each adapter's rows side by side, so that a group holding as many rows of each adapter
+        # prefills without gathering rows, and decode needs no reordering when there is one group.
         rows.sort(key=lambda r: -r.new)
+        groups = plan_prefill_groups([r.new for r in rows], self.prefill_overhead_tokens)
+        for a, b in groups:
+            rows[a:b] = [rows[a + i] for i in _adapter_sorted([r.request.adapter for r in rows[a:b]])]
         end = max(len(r.ids) for r in rows)
         capacity = end + max(r.max_new for r in rows)
         cache = BatchKV(len(rows), capacity, device=self.device, dtype=self.dtype)
@@ -226,7 +233,7 @@ class BatchEngine:
             self.vocab_size,
             self.device,
         )
-        logits = self._prefill(cache, rows, end)
+        logits = self._prefill(cache, rows, groups, end)
         prefill_s = time.perf_counter() - started
         live = list(rows)  # rows still in the batch (finished ones leave at compaction)
         order = adapter_order([r.request.adapter for r in live])
@@ -289,12 +296,14 @@ class BatchEngine:
         columns = torch.arange(capacity, device=self.device)
         return (columns[None, :] >= starts[:, None]).view(len(starts), 1, 1, capacity)
 
-    def _prefill(self, cache: BatchKV, rows: list[_Row], end: int) -> torch.Tensor:
-        """Run every row's uncached tokens; returns each row's next-token logits `[rows, vocab]`."""
-        groups = plan_prefill_groups([r.new for r in rows], self.prefill_overhead_tokens)
+    def _prefill(
+        self, cache: BatchKV, rows: list[_Row], groups: list[tuple[int, int]], end: int
+    ) -> torch.Tensor:
+        """Run every row's uncached tokens, a forward per group of rows `[a, b)` padded to the group's
+        longest; returns each row's next-token logits `[rows, vocab]`."""
         parts = []
         for a, b in groups:
-            width = rows[a].new
+            width = max(r.new for r in rows[a:b])
             ids = torch.full((b - a, width), self.pad_id, dtype=torch.long)
             positions = torch.zeros((b - a, width), dtype=torch.long)
             for j, row in enumerate(rows[a:b]):
@@ -387,10 +396,15 @@ class BatchEngine:
             callbacks.on_finish(row.index, row.result)
 
 
+def _adapter_sorted(adapters: list[str | None]) -> list[int]:
+    """The rows' indices, each adapter's rows side by side (by name; base-model rows last), in a stable order."""
+    return sorted(range(len(adapters)), key=lambda i: (adapters[i] is None, adapters[i] or ""))
+
+
 def adapter_order(adapters: list[str | None]) -> list[int] | None:
-    """The rows reordered so each adapter's rows are side by side (by name; base-model rows last), or
-    None when they already are, or when only one adapter is used."""
+    """The rows reordered so each adapter's rows are side by side, or None when they already are, or
+    when only one adapter is used."""
     if len({a for a in adapters if a is not None}) < 2:
         return None
-    order = sorted(range(len(adapters)), key=lambda i: (adapters[i] is None, adapters[i] or ""))
+    order = _adapter_sorted(adapters)
     return None if order == list(range(len(adapters))) else order
