@@ -183,7 +183,7 @@ def test_fused_one_row_decode_gives_the_unfused_logits(
 
 
 def test_a_mixed_batch_decodes_each_adapters_rows_side_by_side(
-    base: Any, tok: Any, folders: dict[str, Path]
+    base: Any, tok: Any, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Interleaved adapters are reordered so each adapter's rows sit side by side (the deltas then skip
     the gather): in the prefill when the rows share one prefill group, and in every decode step; every
@@ -198,24 +198,25 @@ def test_a_mixed_batch_decodes_each_adapters_rows_side_by_side(
         seen.append((x.shape[-2], q.plan is not None and q.plan.grouped))
         return add_delta(x, y)
 
-    q.add_delta = spy  # type: ignore[method-assign]
-    # prompts of nearly one length: one prefill group
-    texts = [f"Tell me about the {w}, please." for w in ("sea", "moon", "rain", "wind")]
-    batch = [req(tok, t, a) for t, a in zip(texts, ["pirate", "poet", "pirate", "poet"], strict=True)]
-    together = [r.token_ids for r in lean.generate(batch)]
-    del q.add_delta
-    prefill = [grouped for tokens, grouped in seen if tokens > 1]
-    decode = [grouped for tokens, grouped in seen if tokens == 1]
+    monkeypatch.setattr(q, "add_delta", spy)
+
+    def generate(texts: list[str]) -> tuple[list[bool], list[bool]]:
+        """Each prefill forward's and each decode step's grouping, for a batch of `texts` alternating
+        the two adapters; checks every reply against its request alone."""
+        batch = [req(tok, t, a) for t, a in zip(texts, ["pirate", "poet", "pirate", "poet"], strict=True)]
+        seen.clear()
+        together = [r.token_ids for r in lean.generate(batch)]
+        prefill = [grouped for tokens, grouped in seen if tokens > 1]
+        decode = [grouped for tokens, grouped in seen if tokens == 1]
+        assert together == [greedy(lean, [r])[0] for r in batch]
+        return prefill, decode
+
+    # prompts of nearly one length: one prefill group, side by side
+    prefill, decode = generate([f"Tell me about the {w}, please." for w in ("sea", "moon", "rain", "wind")])
     assert prefill == [True] and len(decode) == GREEDY.max_new_tokens - 1 and all(decode)
-    assert together == [greedy(lean, [r])[0] for r in batch]
-    # Prompts of different lengths prefill in several groups, gathered; decode is still side by side.
-    seen.clear()
-    q.add_delta = spy  # type: ignore[method-assign]
-    batch = [req(tok, t, a) for t, a in zip(TEXTS, ["pirate", "poet", "pirate", "poet"], strict=True)]
-    together = [r.token_ids for r in lean.generate(batch)]
-    del q.add_delta
-    assert all(grouped for tokens, grouped in seen if tokens == 1)
-    assert together == [greedy(lean, [r])[0] for r in batch]
+    # prompts of different lengths: several prefill groups (gathered); decode is still side by side
+    prefill, decode = generate(TEXTS)
+    assert len(prefill) > 1 and len(decode) == GREEDY.max_new_tokens - 1 and all(decode)
 
 
 @pytest.mark.parametrize("one_row", [None, "dense", "blocks"], ids=lambda k: k or "plain")
